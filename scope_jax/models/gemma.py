@@ -1,0 +1,179 @@
+"""Gemma 2 / Gemma 3 text decoder in Flax NNX, with activation capture and splicing.
+
+Shapes use letters: B batch, T query positions, S key positions, D d_model, N query heads,
+K kv heads, G = N / K query heads per kv head, H head_dim, F d_ff, V vocab.
+All numerics follow the public reference implementations: RMSNorm in float32 with
+`(1 + scale)`, attention logits soft-capped after query scaling and before masking, softmax in
+float32, GeGLU with the tanh GELU, tied unembedding with a final soft-cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scope_jax.models.config import SLIDING, GemmaConfig
+from scope_jax.models.sites import Site
+
+# Logical axis names of every parameter, by its attribute name (see parallel.mesh).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", None),
+    "scale": (None,),
+    "q": (None, "heads", None),
+    "k": (None, "kv_heads", None),
+    "v": (None, "kv_heads", None),
+    "o": ("heads", None, None),
+    "gate": (None, "ff"),
+    "up": (None, "ff"),
+    "down": ("ff", None),
+}
+
+ReplaceFn = Callable[[jax.Array], jax.Array]
+
+
+def _param(shape: tuple[int, ...], dtype) -> nnx.Param:
+  # Values always come from a checkpoint; zeros keep abstract (eval_shape) construction cheap.
+  return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, dtype):
+    self.scale = _param((dim,), dtype)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float, scale: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention; angles in float32."""
+  h = x_btnh.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)) / scale
+  angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+  angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
+  cos, sin = jnp.cos(angles_bth)[:, :, None, :], jnp.sin(angles_bth)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x_btnh * cos.astype(x_btnh.dtype) + rotated * sin.astype(x_btnh.dtype)).astype(x_btnh.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: GemmaConfig, layer: int, dtype):
+    c = config
+    self.q = _param((c.d_model, c.n_heads, c.head_dim), dtype)
+    self.k = _param((c.d_model, c.n_kv_heads, c.head_dim), dtype)
+    self.v = _param((c.d_model, c.n_kv_heads, c.head_dim), dtype)
+    self.o = _param((c.n_heads, c.head_dim, c.d_model), dtype)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+      self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+    self.config = c
+    self.sliding = c.layer_types[layer] == SLIDING
+
+  def heads(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    """Per-head attention outputs before W_O, concatenated: [B, T, N*H] (the `att` site)."""
+    c = self.config
+    q = jnp.einsum("btd,dnh->btnh", x_btd, self.q[...])
+    k = jnp.einsum("bsd,dkh->bskh", x_btd, self.k[...])
+    v = jnp.einsum("bsd,dkh->bskh", x_btd, self.v[...])
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    theta, scale = ((c.rope_theta_local, c.rope_scale_local) if self.sliding
+                    else (c.rope_theta_global, c.rope_scale_global))
+    q, k = rope(q, positions_bt, theta, scale), rope(k, positions_bt, theta, scale)
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, c.n_kv_heads, n // c.n_kv_heads, h)  # head n = k * G + g
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = softcap(logits * c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcap)
+    qpos, kpos = positions_bt[:, None, None, :, None], positions_bt[:, None, None, None, :]
+    visible = kpos <= qpos
+    if self.sliding and c.sliding_window is not None:
+      visible &= qpos - kpos < c.sliding_window
+    logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+  def project_out(self, heads_btf: jax.Array) -> jax.Array:
+    b, t, _ = heads_btf.shape
+    c = self.config
+    return jnp.einsum("btnh,nhd->btd", heads_btf.reshape(b, t, c.n_heads, c.head_dim), self.o[...])
+
+
+class MLP(nnx.Module):
+  def __init__(self, config: GemmaConfig, dtype):
+    self.gate = _param((config.d_model, config.d_ff), dtype)
+    self.up = _param((config.d_model, config.d_ff), dtype)
+    self.down = _param((config.d_ff, config.d_model), dtype)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    gate_btf = jax.nn.gelu(x_btd @ self.gate[...], approximate=True)
+    return (gate_btf * (x_btd @ self.up[...])) @ self.down[...]
+
+
+class Block(nnx.Module):
+  def __init__(self, config: GemmaConfig, layer: int, dtype):
+    eps = config.rms_norm_eps
+    self.pre_attn_norm = RMSNorm(config.d_model, eps, dtype)
+    self.attn = Attention(config, layer, dtype)
+    self.post_attn_norm = RMSNorm(config.d_model, eps, dtype)
+    self.pre_ffw_norm = RMSNorm(config.d_model, eps, dtype)
+    self.mlp = MLP(config, dtype)
+    self.post_ffw_norm = RMSNorm(config.d_model, eps, dtype)
+
+  def __call__(self, x_btd, positions_bt, capture: set[str], replace: Mapping[str, ReplaceFn]):
+    """One residual block; returns (new residual, {kind: captured activation})."""
+    captured = {}
+
+    def site(kind: str, act: jax.Array) -> jax.Array:
+      if kind in capture:
+        captured[kind] = act
+      if kind in replace:
+        act = replace[kind](act).astype(act.dtype)
+      return act
+
+    heads = site("att", self.attn.heads(self.pre_attn_norm(x_btd), positions_bt))
+    x_btd = x_btd + self.post_attn_norm(self.attn.project_out(heads))
+    mlp_in = site("mlp_in", self.pre_ffw_norm(x_btd))
+    x_btd = x_btd + site("mlp", self.post_ffw_norm(self.mlp(mlp_in)))
+    return site("res", x_btd), captured
+
+
+class Gemma(nnx.Module):
+  """The decoder. `__call__` runs up to `stop_layer` and optionally the unembedding."""
+
+  def __init__(self, config: GemmaConfig, dtype=jnp.float32):
+    self.config = config
+    self.dtype = dtype
+    self.embed = _param((config.vocab_size, config.d_model), dtype)
+    self.layers = nnx.List([Block(config, i, dtype) for i in range(config.n_layers)])
+    self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps, dtype)
+
+  def __call__(self, tokens_bt: jax.Array, *, capture: tuple[Site, ...] = (),
+               replace: Mapping[Site, ReplaceFn] | None = None, with_logits: bool = True):
+    """Returns (logits [B, T, V] float32 or None, {Site: activation [B, T, width]})."""
+    replace = dict(replace or {})
+    last = self.config.n_layers - 1 if with_logits else max(s.layer for s in capture)
+    positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    x_btd = self.embed[...][tokens_bt]
+    x_btd = x_btd * jnp.asarray(self.config.d_model ** 0.5, x_btd.dtype)
+    acts = {}
+    for i in range(last + 1):
+      kinds = {s.kind for s in capture if s.layer == i}
+      fns = {s.kind: fn for s, fn in replace.items() if s.layer == i}
+      x_btd, captured = self.layers[i](x_btd, positions_bt, kinds, fns)
+      acts.update({Site(kind, i): act for kind, act in captured.items()})
+    if not with_logits:
+      return None, acts
+    x_btd = self.final_norm(x_btd)
+    logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
+    return softcap(logits, self.config.final_logit_softcap), acts

@@ -1,0 +1,161 @@
+"""`LanguageModel`: a loaded Gemma placed on a mesh, with jitted logits and activations."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scope_jax.models import checkpoints
+from scope_jax.models.config import GemmaConfig
+from scope_jax.models.embedded import EMBEDDED, embedded_gguf_path
+from scope_jax.models.gemma import PARAM_AXES, Gemma
+from scope_jax.models.gguf_file import GGUFModel
+from scope_jax.models.sites import Site, parse_site
+from scope_jax.models.tokenizer import Tokenizer
+from scope_jax.parallel import mesh as mesh_lib
+
+
+def _forward(state, tokens_bt, graphdef, capture, replace, with_logits, out_dtype):
+  model = nnx.merge(graphdef, state)
+  logits, acts = model(tokens_bt, capture=capture, replace=dict(replace), with_logits=with_logits)
+  acts = {site.name: act.astype(out_dtype) for site, act in acts.items()}
+  return (None if logits is None else logits.astype(out_dtype)), acts
+
+
+class LanguageModel:
+  """A Gemma 2 / Gemma 3 decoder whose parameters live on `mesh` (see `load_model`)."""
+
+  def __init__(self, model: Gemma, mesh: Mesh, tokenizer: Tokenizer | None, source: str):
+    self.config: GemmaConfig = model.config
+    self.dtype = model.dtype
+    self.mesh = mesh
+    self.tokenizer = tokenizer
+    self.source = source
+    self._graphdef, self._state = nnx.split(model)
+    state_shardings = jax.tree.map(lambda x: x.sharding, self._state)
+    self._batch_sharding = NamedSharding(mesh, P(mesh_lib.DATA))
+    self._jitted = jax.jit(
+        _forward,
+        in_shardings=(state_shardings, self._batch_sharding),
+        out_shardings=self._batch_sharding,
+        static_argnums=(2, 3, 4, 5, 6))  # graphdef, capture, replace, with_logits, out_dtype
+
+  def logits(self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
+             dtype=jnp.float32) -> jax.Array:
+    """int [B, T] -> [B, T, V]. `replace={site: fn}` splices `fn(activation)` in at that site.
+
+    Each distinct `fn` object compiles once; reuse the same function across calls.
+    """
+    replace_items = tuple((parse_site(name, self.config), fn) for name, fn in (replace or {}).items())
+    logits, _ = self._run(tokens, (), replace_items, True, dtype)
+    return logits
+
+  def activations(self, tokens, sites: Sequence[str], dtype=jnp.float32) -> dict[str, jax.Array]:
+    """int [B, T] -> {site: [B, T, width]}; the forward stops after the deepest site."""
+    if isinstance(sites, str):
+      sites = [sites]
+    if not sites:
+      raise ValueError("activations() needs at least one site")
+    capture = tuple(dict.fromkeys(parse_site(s, self.config) for s in sites))
+    _, acts = self._run(tokens, capture, (), False, dtype)
+    return {parse_site(s, self.config).name: acts[parse_site(s, self.config).name] for s in sites}
+
+  def _run(self, tokens, capture: tuple[Site, ...], replace, with_logits: bool, dtype):
+    tokens_bt = self.check_tokens(tokens)
+    batch = tokens_bt.shape[0]
+    data = self.mesh.shape[mesh_lib.DATA]
+    pad = -batch % data  # the batch axis shards over `data`: pad it to a multiple
+    if pad:
+      tokens_bt = np.concatenate([tokens_bt, np.full((pad, tokens_bt.shape[1]), self.config.pad_id, np.int32)])
+    tokens_bt = mesh_lib.put(tokens_bt, self.mesh, ("batch", None), what="tokens")
+    logits, acts = self._jitted(self._state, tokens_bt, self._graphdef, capture, replace, with_logits,
+                                jnp.dtype(dtype))
+    if pad:
+      logits = None if logits is None else logits[:batch]
+      acts = {k: v[:batch] for k, v in acts.items()}
+    return logits, acts
+
+  def check_tokens(self, tokens) -> np.ndarray:
+    """Validates token ids on the host: int32 [B, T] inside the vocabulary."""
+    tokens_bt = np.asarray(tokens)
+    if tokens_bt.ndim != 2 or not np.issubdtype(tokens_bt.dtype, np.integer):
+      raise ValueError(f"tokens must be an integer array [batch, seq]; got {tokens_bt.dtype} {tokens_bt.shape}")
+    bad = (tokens_bt < 0) | (tokens_bt >= self.config.vocab_size)
+    if bad.any():
+      b, t = np.argwhere(bad)[0]
+      raise ValueError(f"token id {tokens_bt[b, t]} at [{b}, {t}] is outside the vocabulary "
+                       f"[0, {self.config.vocab_size})")
+    return tokens_bt.astype(np.int32)
+
+
+def check_mesh(config: GemmaConfig, mesh: Mesh) -> None:
+  model = mesh.shape[mesh_lib.MODEL]
+  for what, size in (("num_attention_heads", config.n_heads), ("intermediate_size (d_ff)", config.d_ff)):
+    if size % model:
+      raise ValueError(f"mesh axis 'model' of size {model} does not divide {what}={size}")
+
+
+def place_parameters(config: GemmaConfig, reader: checkpoints.Reader, mesh: Mesh, dtype) -> Gemma:
+  """Builds the model abstractly, then reads and places one parameter at a time."""
+  check_mesh(config, mesh)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma(config, dtype)))
+  pure = nnx.to_pure_dict(state)
+
+  def place(path, abstract):
+    keys = tuple(k.key for k in path)
+    name = "/".join(map(str, keys))
+    x = reader(keys)
+    if x.shape != abstract.shape:
+      raise ValueError(f"parameter {name}: checkpoint gives shape {x.shape}, the config expects {abstract.shape}")
+    return mesh_lib.put(np.asarray(x, dtype=abstract.dtype), mesh, PARAM_AXES[keys[-1]], what=name)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(place, pure))
+  return nnx.merge(graphdef, state)
+
+
+def _find_tokenizer(directory: str) -> Tokenizer | None:
+  for candidate in (directory, os.path.dirname(os.path.abspath(directory))):
+    path = os.path.join(candidate, "tokenizer.model")
+    if os.path.exists(path):
+      return Tokenizer.from_file(path)
+  return None
+
+
+def load_model(source: str, *, dtype=jnp.float32, mesh: Mesh | None = None,
+               config: GemmaConfig | None = None) -> LanguageModel:
+  """Loads a Gemma from a HF directory, a google-deepmind/gemma checkpoint, a `.gguf` file,
+  or the name of an embedded model, and places it on `mesh` (default: all devices on `data`).
+
+  `config` overrides the config read from (or, for google-deepmind checkpoints, inferred
+  from) the checkpoint.
+  """
+  source = os.fspath(source)
+  mesh = mesh or mesh_lib.make_mesh()
+  tokenizer = None
+  if source in EMBEDDED:
+    source = embedded_gguf_path(source)
+  if source.endswith(".gguf"):
+    gguf_model = GGUFModel(source)
+    config = config or gguf_model.config
+    reader = gguf_model.reader(config)
+    tokenizer = Tokenizer(gguf_model.tokenizer_proto(), source=source)
+  elif os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
+    config = config or checkpoints.read_hf_config(source)
+    reader = checkpoints.hf_reader(source, config)
+  elif checkpoints.is_orbax_checkpoint(source):
+    params = checkpoints.read_orbax_params(source)
+    config = config or checkpoints.config_from_orbax_shapes(params, source)
+    reader = checkpoints.orbax_reader(params, config, source)
+  elif not os.path.exists(source):
+    raise FileNotFoundError(f"model source {source!r} does not exist")
+  else:
+    raise ValueError(f"model source {source!r} is not a HF directory (config.json + *.safetensors), "
+                     f"a google-deepmind/gemma orbax checkpoint, a .gguf file or one of {EMBEDDED}")
+  model = place_parameters(config, reader, mesh, dtype)
+  return LanguageModel(model, mesh, tokenizer or _find_tokenizer(source), source)

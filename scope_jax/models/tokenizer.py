@@ -1,0 +1,52 @@
+"""A sentencepiece tokenizer with the Gemma conventions (BOS prepended, special ids exposed)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import sentencepiece as spm
+
+
+class Tokenizer:
+  """Wraps a `sentencepiece.SentencePieceProcessor` (available as `.sp`)."""
+
+  def __init__(self, model_proto: bytes, source: str = "tokenizer"):
+    self.sp = spm.SentencePieceProcessor()
+    try:
+      self.sp.LoadFromSerializedProto(model_proto)
+    except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError
+      raise ValueError(f"{source}: not a valid sentencepiece model ({e})") from None
+    self.model_proto = model_proto
+    self.source = source
+
+  @classmethod
+  def from_file(cls, path: str) -> "Tokenizer":
+    with open(path, "rb") as f:
+      return cls(f.read(), source=path)
+
+  @property
+  def bos_id(self) -> int:
+    return self.sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self.sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self.sp.pad_id()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.GetPieceSize()
+
+  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    ids = self.sp.EncodeAsIds(text)
+    return [self.bos_id, *ids] if add_bos else ids
+
+  def decode(self, ids) -> str:
+    return self.sp.DecodeIds([int(i) for i in ids])
+
+  def hash(self) -> str:
+    """Content hash of the model proto, recorded in activation-store manifests."""
+    return hashlib.sha256(self.model_proto).hexdigest()[:16]

@@ -1,0 +1,74 @@
+"""The device mesh and the rules that map named array axes onto it.
+
+One mesh with axes `data` (batch) and `model` (attention heads, d_ff, SAE latents). Arrays
+declare *logical* axis names (`"heads"`, `"ff"`, ...); `LOGICAL_RULES` says which mesh axis
+each one shards over. Axes with `required=True` must divide evenly (a clear error otherwise);
+the others fall back to replication when they do not divide (e.g. 1 KV head on 4 devices,
+which is how GQA is usually served).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+# logical axis -> (mesh axis, must divide evenly)
+LOGICAL_RULES: dict[str, tuple[str, bool]] = {
+    "batch": (DATA, True),
+    "heads": (MODEL, True),
+    "ff": (MODEL, True),
+    "kv_heads": (MODEL, False),
+    "vocab": (MODEL, False),
+    "latents": (MODEL, True),
+}
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `data × model` mesh over `devices` (default: all); `data=-1` takes what `model` leaves.
+
+  Axes are `AxisType.Auto`: shardings are given at `jax.jit` boundaries and XLA propagates
+  them inside, which is what the model code is written for.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if model < 1 or len(devices) % model:
+    raise ValueError(f"mesh axis 'model'={model} does not divide the {len(devices)} devices")
+  if data == -1:
+    data = len(devices) // model
+  if data * model > len(devices):
+    raise ValueError(f"mesh data={data} × model={model} needs {data * model} devices; {len(devices)} available")
+  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices[: data * model])
+
+
+def logical_spec(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], what: str = "array") -> P:
+  """PartitionSpec for an array whose dimensions carry logical names `axes`."""
+  spec = []
+  for name, size in zip(axes, shape, strict=True):
+    rule = LOGICAL_RULES.get(name) if name else None
+    if rule is None:
+      spec.append(None)
+      continue
+    mesh_axis, required = rule
+    n = mesh.shape[mesh_axis]
+    if size % n == 0:
+      spec.append(mesh_axis if n > 1 else None)
+    elif required:
+      raise ValueError(f"{what}: {name} dimension {size} is not divisible by mesh axis {mesh_axis!r} of size {n}")
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def logical_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], what: str = "array") -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(mesh, axes, shape, what))
+
+
+def put(x: np.ndarray, mesh: Mesh, axes: Sequence[str | None], what: str = "array") -> jax.Array:
+  """Places a host array on the mesh by the logical rules (each process supplies the whole array)."""
+  sharding = logical_sharding(mesh, axes, x.shape, what)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -1,0 +1,99 @@
+"""Helpers shared by tests: tiny transformers models and their activations via forward hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.15, norm_std: float = 0.5) -> None:
+  """Random weights everywhere, norms included (HF initializes norm weights to zero)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      s = norm_std if "norm" in name else std
+      p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+def tiny_gemma2(path, seed: int = 0, **overrides):
+  """A small random transformers Gemma 2 saved to `path`; returns the torch model."""
+  from transformers import Gemma2Config, Gemma2ForCausalLM
+
+  kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                attn_logit_softcapping=4.0, final_logit_softcapping=2.0, query_pre_attn_scalar=24,
+                max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+  kwargs.update(overrides)
+  model = Gemma2ForCausalLM(Gemma2Config(**kwargs)).eval()
+  model.config._attn_implementation = "eager"
+  randomize_(model, seed)
+  model.save_pretrained(path)
+  return model
+
+
+def hf_run(model, tokens: np.ndarray, sites: list[str], edit: dict | None = None):
+  """Logits and site activations of a transformers Gemma, captured with forward hooks.
+
+  `edit={site: fn}` replaces that site's activation with fn(activation) inside the forward.
+  """
+  edit = edit or {}
+  layers = model.model.layers
+  captured, handles = {}, []
+
+  def output_hook(name):
+    def hook(module, args, out):
+      tensor = out[0] if isinstance(out, tuple) else out
+      captured[name] = tensor.detach().float().numpy().copy()
+      if name in edit:
+        new = edit[name](tensor)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    return hook
+
+  def input_hook(name):
+    def hook(module, args):
+      captured[name] = args[0].detach().float().numpy().copy()
+      if name in edit:
+        return (edit[name](args[0]), *args[1:])
+    return hook
+
+  for name in set(sites) | set(edit):
+    kind, layer = name.split(".")
+    layer = layers[int(layer)]
+    if kind == "att":
+      handles.append(layer.self_attn.o_proj.register_forward_pre_hook(input_hook(name)))
+    else:
+      module = {"mlp": layer.post_feedforward_layernorm, "mlp_in": layer.pre_feedforward_layernorm,
+                "res": layer}[kind]
+      handles.append(module.register_forward_hook(output_hook(name)))
+  try:
+    with torch.no_grad():
+      logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+  finally:
+    for h in handles:
+      h.remove()
+  return logits, {s: captured[s] for s in sites}
+
+
+def rel_err(ours, ref) -> float:
+  """Largest absolute difference relative to the largest reference magnitude."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def tiny_gemma3(path, seed: int = 0, **overrides):
+  """A small random transformers Gemma 3 (text) saved to `path`; returns the torch model."""
+  from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+  kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                query_pre_attn_scalar=24, max_position_embeddings=128,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                             "sliding_attention", "full_attention", "full_attention"],
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                 "full_attention": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}})
+  kwargs.update(overrides)
+  model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs)).eval()
+  model.config._attn_implementation = "eager"
+  randomize_(model, seed)
+  model.save_pretrained(path)
+  return model
