@@ -6,6 +6,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from scope_jax.parallel.mesh import use_xnnpack_on_cpu  # noqa: E402
+
+use_xnnpack_on_cpu()  # as the CLI does, so the tests cover what users run
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

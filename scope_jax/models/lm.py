@@ -66,6 +66,23 @@ class LanguageModel:
     _, acts = self._run(tokens, capture, (), False, dtype)
     return {parse_site(s, self.config).name: acts[parse_site(s, self.config).name] for s in sites}
 
+  def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of one prompt (no KV cache: a smoke test, not a serving path).
+
+    The sequence is padded to its final length up front so every step reuses one compilation;
+    causal attention makes the padding invisible to earlier positions.
+    """
+    ids = list(prompt_ids)
+    tokens = np.full((1, len(ids) + max_new_tokens), self.config.pad_id, np.int32)
+    tokens[0, : len(ids)] = ids
+    for _ in range(max_new_tokens):
+      next_id = int(jnp.argmax(self.logits(tokens)[0, len(ids) - 1]))
+      tokens[0, len(ids)] = next_id
+      ids.append(next_id)
+      if next_id == self.config.eos_id:
+        break
+    return ids
+
   def _run(self, tokens, capture: tuple[Site, ...], replace, with_logits: bool, dtype):
     tokens_bt = self.check_tokens(tokens)
     batch = tokens_bt.shape[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -26,6 +28,16 @@ LOGICAL_RULES: dict[str, tuple[str, bool]] = {
     "vocab": (MODEL, False),
     "latents": (MODEL, True),
 }
+
+
+def use_xnnpack_on_cpu() -> None:
+  """Asks XLA:CPU for its XNNPACK matmul kernels (~15-20% faster Gemma forward on this CPU).
+
+  XLA reads `XLA_FLAGS` when the backend starts, so call this before the first device query.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_use_xnnpack" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_xnnpack=true".strip()
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
