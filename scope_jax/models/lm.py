@@ -62,9 +62,9 @@ class LanguageModel:
       sites = [sites]
     if not sites:
       raise ValueError("activations() needs at least one site")
-    capture = tuple(dict.fromkeys(parse_site(s, self.config) for s in sites))
-    _, acts = self._run(tokens, capture, (), False, dtype)
-    return {parse_site(s, self.config).name: acts[parse_site(s, self.config).name] for s in sites}
+    parsed = [parse_site(s, self.config) for s in sites]
+    _, acts = self._run(tokens, tuple(dict.fromkeys(parsed)), (), False, dtype)
+    return {site.name: acts[site.name] for site in parsed}
 
   def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation of one prompt (no KV cache: a smoke test, not a serving path).
