@@ -33,7 +33,7 @@ _DM_NORMS = {
 }
 
 
-def _checked(source: str, key: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def checked_shape(source: str, key: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if tuple(x.shape) != tuple(shape):
     raise ValueError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, expected {tuple(shape)}")
   return x
@@ -69,7 +69,7 @@ def hf_reader(directory: str, config: GemmaConfig) -> Reader:
     if key not in where:
       raise ValueError(f"{directory}: tensor {key!r} is missing (expected shape {shape})")
     with safe_open(where[key], framework="flax") as f:
-      return _checked(directory, key, np.asarray(f.get_tensor(key)), shape)
+      return checked_shape(directory, key, np.asarray(f.get_tensor(key)), shape)
 
   return hf_layout_reader(get, config)
 
@@ -157,7 +157,7 @@ def orbax_reader(params: dict[str, np.ndarray], config: GemmaConfig, source: str
   def get(key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if key not in params:
       raise ValueError(f"{source}: parameter {key!r} is missing" + (f" (expected shape {shape})" if shape else ""))
-    return params[key] if shape is None else _checked(source, key, params[key], shape)
+    return params[key] if shape is None else checked_shape(source, key, params[key], shape)
 
   def tensor(path: ParamPath) -> np.ndarray:
     if path == ("embed",):
@@ -185,7 +185,7 @@ def orbax_reader(params: dict[str, np.ndarray], config: GemmaConfig, source: str
         index = 0 if proj == "gate" else 1
         if w.shape == (2, F, D):  # 9B / 27B layout
           return w[index].T
-        return _checked(source, p + "mlp/gating_einsum/w", w, (2, D, F))[index]  # 2B layout
+        return checked_shape(source, p + "mlp/gating_einsum/w", w, (2, D, F))[index]  # 2B layout
       case ["mlp", "down"]:
         return get(p + "mlp/linear/w", (F, D))
     raise KeyError(path)

@@ -119,7 +119,7 @@ class GGUFModel:
     except NotImplementedError:
       raise ValueError(f"{self.path}: tensor {name!r} has quantization type {t.tensor_type.name}, "
                        "which cannot be dequantized") from None
-    x = checkpoints._checked(self.path, name, x.reshape([int(n) for n in reversed(t.shape)]), shape)
+    x = checkpoints.checked_shape(self.path, name, x.reshape([int(n) for n in reversed(t.shape)]), shape)
     return x - 1.0 if name.endswith("norm.weight") else x
 
   def reader(self, config: GemmaConfig) -> checkpoints.Reader:
