@@ -7,8 +7,6 @@ checkpoint's config; the model code never hard-codes a Gemma value.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
 
 SLIDING = "sliding_attention"
@@ -59,12 +57,6 @@ class GemmaConfig:
   def attn_width(self) -> int:
     """Width of the `att.L` site: concatenated per-head outputs."""
     return self.n_heads * self.head_dim
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-  def hash(self) -> str:
-    return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
   def replace(self, **changes: Any) -> "GemmaConfig":
     return dataclasses.replace(self, **changes)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import sentencepiece as spm
 
 
@@ -46,7 +44,3 @@ class Tokenizer:
 
   def decode(self, ids) -> str:
     return self.sp.DecodeIds([int(i) for i in ids])
-
-  def hash(self) -> str:
-    """Content hash of the model proto, recorded in activation-store manifests."""
-    return hashlib.sha256(self.model_proto).hexdigest()[:16]

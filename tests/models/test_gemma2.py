@@ -1,7 +1,6 @@
 """Gemma 2 parity with the real transformers implementation, sharding, splicing, bad input."""
 
 import json
-import os
 import shutil
 
 import jax
