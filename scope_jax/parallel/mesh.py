@@ -9,9 +9,8 @@ which is how GQA is usually served).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
