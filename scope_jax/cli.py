@@ -1,4 +1,8 @@
-"""The `scope-jax` command."""
+"""The `scope-jax` command.
+
+    scope-jax demo [--model ...]
+    scope-jax train|export --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import time
 import numpy as np
 
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
+
+CONFIG_COMMANDS = ("train", "export")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -34,7 +40,53 @@ def demo(args: argparse.Namespace) -> None:
     print(f"{site:>10} {str(tuple(act.shape)):>16} {np.linalg.norm(x, axis=-1).mean():12.2f} {np.abs(x).max():10.2f}")
 
 
+def parse_config_command(command: str, argv: list[str]):
+  """`--config FILE[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]` -> (config, workdir)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  argv = [f"scope-jax {command}", *argv]
+  config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:ARGS]", flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and exports", flag_values=fv)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    sys.exit(f"scope-jax {command}: {e}")
+  if fv.config is None or fv.workdir is None:
+    sys.exit(f"scope-jax {command}: --config and --workdir are required")
+  return fv.config, fv.workdir
+
+
+def run_config_command(command: str, argv: list[str]) -> None:
+  config, workdir = parse_config_command(command, argv)
+  if command == "train":
+    from scope_jax.train import Preempted, TrainingDiverged, train
+    try:
+      state = train(config, workdir)
+    except TrainingDiverged as e:
+      sys.exit(f"scope-jax train: {e}")
+    except Preempted as e:
+      print(f"scope-jax train: {e}", file=sys.stderr)
+      sys.exit(143)
+    print(f"trained to step {int(state['step'])}; checkpoints and metrics.jsonl in {workdir}")
+  elif command == "export":
+    from scope_jax.train.export import export
+    entries = export(config, workdir)
+    for e in entries:
+      print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
+    print(f"{len(entries)} SAEs exported; index in {workdir}/export/index.json")
+
+
 def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in CONFIG_COMMANDS:
+    use_xnnpack_on_cpu()
+    try:
+      run_config_command(argv[0], argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+      sys.exit(f"scope-jax {argv[0]}: {e}")
+    return
   parser = argparse.ArgumentParser(prog="scope-jax", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   p = commands.add_parser("demo", help="generate text and print activation statistics at sites")
@@ -44,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--max-new-tokens", type=int, default=20)
   p.add_argument("--sites", default="res.6,mlp.6,att.6,mlp_in.6,res.12")
   p.set_defaults(run=demo)
+  for name in CONFIG_COMMANDS:
+    commands.add_parser(name, help=f"{name} (--config FILE[:ARGS] --workdir DIR [--config.FIELD=VALUE])")
   args = parser.parse_args(argv)
   use_xnnpack_on_cpu()
   args.run(args)

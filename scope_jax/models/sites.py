@@ -18,12 +18,12 @@ class Site(NamedTuple):
     return f"{self.kind}.{self.layer}"
 
 
-def parse_site(name: str, config: GemmaConfig) -> Site:
-  """`"res.12"` -> Site("res", 12), checked against the model's depth."""
+def parse_site(name: str, config: GemmaConfig | None = None) -> Site:
+  """`"res.12"` -> Site("res", 12), checked against the model's depth when `config` is given."""
   kind, _, layer = str(name).partition(".")
   if kind not in KINDS or not layer.isdigit():
     raise ValueError(f"site {name!r} is not of the form KIND.LAYER with KIND in {KINDS}")
-  if int(layer) >= config.n_layers:
+  if config is not None and int(layer) >= config.n_layers:
     raise ValueError(f"site {name!r}: layer {layer} is beyond the last layer ({config.n_layers - 1})")
   return Site(kind, int(layer))
 

@@ -83,3 +83,17 @@ def put(x: np.ndarray, mesh: Mesh, axes: Sequence[str | None], what: str = "arra
   """Places a host array on the mesh by the logical rules (each process supplies the whole array)."""
   sharding = logical_sharding(mesh, axes, x.shape, what)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def sae_model_axis(n_devices: int, widths: Sequence[int], latents_per_device: int = 16_384) -> int:
+  """Gemma Scope's rule of thumb (RECIPE §6) for the size of the `model` axis of an SAE sweep.
+
+  Sweeps of 16.4K-wide SAEs train data parallel; wider ones shard latents over `model` until
+  each device holds about `latents_per_device` of the widest SAE. The axis is a power of two
+  that divides the device count and every width.
+  """
+  model = 1
+  while (max(widths) // model > latents_per_device and n_devices % (2 * model) == 0
+         and all(w % (2 * model) == 0 for w in widths)):
+    model *= 2
+  return model

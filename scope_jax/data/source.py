@@ -1,0 +1,103 @@
+"""What the trainer reads: global batches addressed by step.
+
+A `BatchSource` gives the batch of step `s` as a pure function of (seed, s), so a resumed job
+asks for step `s` directly and sees what an uninterrupted one would have seen. Batches are
+global `[batch, width]` jax arrays sharded over the mesh's `data` axis; each process builds only
+the rows its own devices hold. `scale` is the normalization scalar C (RECIPE §3): batches come
+divided by it when `normalize` is on, and export folds it back into the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scope_jax.parallel.mesh import DATA
+
+
+class BatchSource(Protocol):
+  width: int
+  batch_size: int
+  scale: float           # C: E||x_raw / C||^2 = 1
+
+  def batch(self, step: int) -> jax.Array:
+    """Rows of step `step`, `[batch_size, width]` float32, divided by C when normalizing."""
+
+  def describe(self) -> dict:
+    """JSON-able identity of the data, checked when a run resumes."""
+
+
+def normalization_scale(mean_sq_norm: float) -> float:
+  """C with E||x / C||^2 = 1."""
+  if not np.isfinite(mean_sq_norm) or mean_sq_norm <= 0:
+    raise ValueError(f"activations have mean squared norm {mean_sq_norm}; cannot normalize")
+  return float(np.sqrt(mean_sq_norm))
+
+
+class ArraySource:
+  """Batches drawn from an in-memory (or memory-mapped) `[rows, width]` array.
+
+  Epoch e visits the rows in the permutation `default_rng([seed, e])`; step s takes global
+  positions `[s·B, (s+1)·B)` of the concatenated epochs, so every row appears once per epoch.
+  C is estimated from up to `scale_sample_rows` evenly spaced rows.
+  """
+
+  def __init__(self, rows_nd: np.ndarray, batch_size: int, mesh: Mesh, seed: int = 0,
+               normalize: bool = True, name: str = "array", scale_sample_rows: int = 65_536):
+    if rows_nd.ndim != 2 or rows_nd.shape[0] == 0:
+      raise ValueError(f"{name}: expected a non-empty [rows, width] array; got shape {rows_nd.shape}")
+    if batch_size % mesh.shape[DATA]:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
+    self.rows_nd, self.batch_size, self.mesh, self.seed, self.name = rows_nd, batch_size, mesh, seed, name
+    self.width = rows_nd.shape[1]
+    self.sharding = NamedSharding(mesh, P(DATA, None))
+    sample = np.asarray(rows_nd[:: max(1, rows_nd.shape[0] // scale_sample_rows)], np.float64)
+    self.scale = normalization_scale(float(np.mean(np.sum(sample**2, axis=-1))))
+    self._divisor = self.scale if normalize else 1.0
+    self._perm_cache: dict[int, np.ndarray] = {}
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perm_cache:
+      self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.rows_nd.shape[0])}
+    return self._perm_cache[epoch]
+
+  def _row_ids(self, start: int, stop: int) -> np.ndarray:
+    n = self.rows_nd.shape[0]
+    pos = np.arange(start, stop)
+    epochs = pos // n
+    out = np.empty(len(pos), np.int64)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      out[sel] = self._permutation(int(e))[pos[sel] % n]
+    return out
+
+  def batch(self, step: int) -> jax.Array:
+    first = step * self.batch_size
+
+    def rows(index):
+      lo, hi, _ = index[0].indices(self.batch_size)
+      ids = self._row_ids(first + lo, first + hi)
+      order = np.argsort(ids)  # sorted reads are kinder to memory maps
+      out = np.empty((len(ids), self.width), np.float32)
+      out[order] = self.rows_nd[ids[order]]
+      return out / np.float32(self._divisor)
+
+    return jax.make_array_from_callback((self.batch_size, self.width), self.sharding, rows)
+
+  def describe(self) -> dict:
+    return {"kind": "array", "name": self.name, "rows": int(self.rows_nd.shape[0]), "width": self.width,
+            "seed": self.seed, "batch_size": self.batch_size}
+
+
+def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: bool = True) -> BatchSource:
+  """A source for `path`: a `.npy` file of `[rows, width]` activations (memory-mapped)."""
+  p = Path(path)
+  if p.suffix == ".npy":
+    if not p.exists():
+      raise FileNotFoundError(f"data.path {path}: no such file")
+    return ArraySource(np.load(p, mmap_mode="r"), batch_size, mesh, seed, normalize, name=str(p))
+  raise ValueError(f"data.path {path}: expected a .npy file of [rows, width] activations")

@@ -1,0 +1,6 @@
+"""The sweep trainer: many JumpReLU SAEs in one sharded step, checkpointed and resumable."""
+
+from scope_jax.train.config import train_config
+from scope_jax.train.trainer import Preempted, TrainingDiverged, train
+
+__all__ = ["Preempted", "TrainingDiverged", "train", "train_config"]

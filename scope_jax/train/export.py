@@ -1,0 +1,93 @@
+"""Export a trained sweep: fold the normalization (RECIPE §3), measure L0 and latent densities,
+write each SAE as Gemma Scope `params.npz` in the hub layout and as a SAELens directory.
+
+    workdir/export/gemma-scope/res/layer_6/width_4k/average_l0_37/params.npz
+    workdir/export/saelens/res.6-w4096-l0.001-s0/{cfg.json,sae_weights.safetensors,sparsity.safetensors}
+    workdir/export/index.json     every SAE: name, width, λ, seed, L0, density summary, paths
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from scope_jax.data.source import BatchSource, open_source
+from scope_jax.models.sites import parse_site
+from scope_jax.sae.io import save_sae, width_name
+from scope_jax.sae.model import SAE, SAEInfo, fold, training_pre, unstack
+from scope_jax.train import sweep
+from scope_jax.train.config import groups_from, recipe_from
+from scope_jax.train.trainer import checkpoint_manager, make_train_mesh, restore_or_init, run_identity
+
+
+@jax.jit
+def _fire_counts(params: tuple[SAE, ...], x_bd: jax.Array) -> tuple[jax.Array, ...]:
+  """Per group `[saes, M]`: how many rows of the batch fire each latent."""
+  return tuple(jax.vmap(lambda sae: jnp.sum(training_pre(sae, x_bd) > sae.threshold, axis=0))(p) for p in params)
+
+
+def measure(params: tuple[SAE, ...], source: BatchSource, first_step: int, batches: int,
+            progress: bool = True) -> list[np.ndarray]:
+  """Firing densities `[saes, M]` per group on `batches` batches from `first_step` on."""
+  counts = None
+  for s in tqdm(range(first_step, first_step + batches), desc="measure L0", disable=not progress):
+    c = _fire_counts(params, source.batch(s))
+    counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
+  return [np.asarray(c, np.float64) / (batches * source.batch_size) for c in counts]
+
+
+def gemma_scope_dir(root: Path, site: str | None, width: int, l0: float) -> Path:
+  base = root / "gemma-scope"
+  if site:
+    s = parse_site(site)
+    base = base / s.kind / f"layer_{s.layer}"
+  return base / f"width_{width_name(width)}" / f"average_l0_{round(l0)}"
+
+
+def export(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchSource | None = None,
+           mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> list[dict]:
+  """Writes every SAE of the run's latest checkpoint; returns the index entries."""
+  workdir = Path(workdir)
+  groups, recipe = list(groups_from(config)), recipe_from(config)
+  mesh = mesh or make_train_mesh(config)
+  if source is None:
+    source = open_source(config.data.path, config.train.batch_size, mesh, config.seed, config.data.normalize)
+  init, shardings, _ = sweep.build(config.seed, source.width, groups, recipe, mesh)
+  mngr = checkpoint_manager(workdir, config)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to export; run `scope-jax train` first")
+  state = restore_or_init(mngr, run_identity(config, source), init, shardings)
+  mngr.close()
+  step = int(state["step"])
+  densities = measure(state["params"], source, step, config.export.batches, progress)
+  scale = source.scale if config.data.normalize else 1.0
+
+  params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
+  writer = jax.process_index() == 0
+  root, entries = workdir / "export", []
+  for group, stack, density_sm in zip(groups, params, densities):
+    for (lam, seed), name, sae, density_m in zip(group.members, group.names, unstack(stack), density_sm):
+      info = SAEInfo(site=config.site, model=config.model, context_size=config.data.context_size,
+                     dataset=config.data.dataset or config.data.path, l1_coefficient=lam)
+      released = jax.tree.map(np.asarray, fold(sae, scale)).replace(info=info)
+      l0 = float(density_m.sum())
+      npz_dir = gemma_scope_dir(root, config.site, group.width, l0)
+      if any(e["gemma_scope"] == str(npz_dir / "params.npz") for e in entries):
+        npz_dir = npz_dir.with_name(f"{npz_dir.name}_{name}")
+      npz, lens = npz_dir / "params.npz", root / "saelens" / (f"{config.site}-{name}" if config.site else name)
+      if writer:
+        save_sae(released, npz, format="gemma-scope")
+        save_sae(released, lens, format="saelens", sparsity_log10=np.log10(density_m + 1e-10))
+      entries.append({"name": name, "site": config.site, "width": group.width, "l1_coefficient": lam,
+                      "seed": seed, "step": step, "l0": l0, "dead_fraction": float(np.mean(density_m == 0)),
+                      "scale": scale, "gemma_scope": str(npz), "saelens": str(lens)})
+  if writer:
+    (root / "index.json").write_text(json.dumps(entries, indent=2) + "\n")
+  return entries

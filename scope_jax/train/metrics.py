@@ -1,0 +1,56 @@
+"""Training metrics: `metrics.jsonl` (one line per SAE per logged step) and TensorBoard events,
+written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  def __init__(self, workdir: Path, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if not self.enabled:
+      return
+    self._drop_lines_after(resume_step)
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+  def _drop_lines_after(self, step: int) -> None:
+    """A resumed run re-logs the steps after its checkpoint; keep each step once."""
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(self.path)
+
+  def write(self, step: int, per_sae: dict[str, dict[str, float]]) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      for name, values in per_sae.items():
+        f.write(json.dumps({"step": step, "sae": name, **values}) + "\n")
+        for key, value in values.items():
+          self._tb.add_scalar(f"{name}/{key}", value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def per_sae_metrics(names: list[list[str]], metrics: list[dict[str, jax.Array]]) -> dict[str, dict[str, float]]:
+  """Per-group stacked metric vectors -> {sae name: {metric: float}}."""
+  out = {}
+  for group_names, group_metrics in zip(names, metrics):
+    host = {k: np.asarray(v) for k, v in group_metrics.items()}
+    for i, name in enumerate(group_names):
+      out[name] = {k: float(v[i]) for k, v in host.items()}
+  return out

@@ -1,0 +1,170 @@
+"""The training loop: resume, step, log, checkpoint, stop cleanly on SIGTERM or divergence.
+
+    state = train(config, workdir)          # or train(config, workdir, source=ArraySource(...))
+
+Checkpoints (orbax `CheckpointManager`, asynchronous, every `train.checkpoint_every` steps,
+keeping `train.keep_checkpoints`) hold the whole state (SAE stacks, Adam state, step, dead-latent
+counters) and the run's identity. The loader position *is* the step: a source's batch for step
+`s` is a pure function of (seed, s), so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from scope_jax.data.source import BatchSource, open_source
+from scope_jax.parallel.mesh import make_mesh, sae_model_axis
+from scope_jax.train import sweep
+from scope_jax.train.config import groups_from, recipe_from
+from scope_jax.train.metrics import MetricWriter, per_sae_metrics
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss became NaN or Inf; the message names the SAE and step."""
+
+
+class Preempted(SystemExit):
+  """SIGTERM arrived; a checkpoint of the current step was saved."""
+
+
+def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  model = config.mesh.model or sae_model_axis(jax.device_count(), list(config.sweep.widths))
+  return make_mesh(data=config.mesh.data, model=model)
+
+
+def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
+  """What must not change between a run and its resumption."""
+  return {"seed": config.seed, "sweep": config.sweep.to_dict(), "recipe": config.recipe.to_dict(),
+          "batch_size": config.train.batch_size, "normalize": config.data.normalize, "data": source.describe()}
+
+
+def _differences(old, new, prefix="") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+                               item_names=("state", "identity"))
+
+
+def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
+  """The latest checkpoint's state (refusing a different run), else a fresh state."""
+  step = mngr.latest_step()
+  if step is None:
+    return init()
+  saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
+  if diffs := _differences(saved, json.loads(json.dumps(identity))):
+    raise ValueError(f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
+                     + "\n  ".join(diffs) + "\nuse a new --workdir, or restore the old config")
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init), shardings)
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+def check_finite(state: dict, groups: list[sweep.Group], last_checkpoint: int | None) -> None:
+  for group, bad in zip(groups, state["first_bad_step"]):
+    bad = np.asarray(bad)
+    if (bad >= 0).any():
+      i = int(np.argmax(bad >= 0))
+      raise TrainingDiverged(f"SAE {group.names[i]}: loss became NaN or Inf at step {int(bad[i])}; "
+                             f"the last checkpoint (step {last_checkpoint}) is kept, nothing later was saved")
+
+
+class _SigtermFlag:
+  """Set by SIGTERM (preemption); the loop checks it between steps."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchSource | None = None,
+          mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
+  """Trains the config's sweep to `train.steps`, resuming from `workdir`; returns the final state."""
+  workdir = Path(workdir)
+  groups, recipe = list(groups_from(config)), recipe_from(config)
+  mesh = mesh or make_train_mesh(config)
+  if source is None:
+    if not config.data.path:
+      raise ValueError("config.data.path is not set: point it at the activations to train on")
+    source = open_source(config.data.path, config.train.batch_size, mesh, config.seed, config.data.normalize)
+  if source.batch_size != config.train.batch_size:
+    raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
+  if config.data.width is not None and source.width != config.data.width:
+    raise ValueError(f"data width {source.width} ({source.describe().get('name')}) differs from "
+                     f"config.data.width {config.data.width}")
+  identity = run_identity(config, source)
+
+  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh)
+  mngr = checkpoint_manager(workdir, config)
+  latest = mngr.latest_step()
+  state = restore_or_init(mngr, identity, init, shardings)
+  start = int(state["step"])
+  names = [g.names for g in groups]
+  writer = MetricWriter(workdir, start)
+  flag = _SigtermFlag()
+  steps, every_log, every_ckpt = config.train.steps, config.train.log_every, config.train.checkpoint_every
+  bar = tqdm(total=steps, initial=start, desc=f"train {sum(len(n) for n in names)} SAEs", unit="step",
+             disable=not progress or jax.process_index() != 0)
+  t0, done = time.perf_counter(), 0
+
+  def save(step: int) -> None:
+    nonlocal latest
+    check_finite(state, groups, latest)
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            identity=ocp.args.JsonSave(identity)), force=True)
+    latest = step
+
+  try:
+    x_bd = source.batch(start) if start < steps else None
+    for s in range(start, steps):
+      state, metrics = step_fn(state, x_bd)
+      if s + 1 < steps:
+        x_bd = source.batch(s + 1)  # built on the host while the step runs
+      done += 1
+      if (s + 1) % every_log == 0 or s + 1 == steps:
+        values = per_sae_metrics(names, metrics)
+        writer.write(s + 1, values)
+        check_finite(state, groups, latest)
+        rate = done * source.batch_size / (time.perf_counter() - t0)
+        first = next(iter(values.values()))
+        bar.set_postfix_str(f"{rate:,.0f} tok/s, L0 {first['l0']:.1f}, FVU {first['fvu']:.3f} ({names[0][0]})")
+      bar.update(1)
+      if (s + 1) % every_ckpt == 0 and s + 1 < steps:
+        save(s + 1)
+      if flag.raised:
+        save(s + 1)
+        mngr.wait_until_finished()
+        raise Preempted(f"SIGTERM: saved a checkpoint at step {s + 1}; run the same command to resume")
+    if latest != steps and start < steps:
+      save(steps)
+    mngr.wait_until_finished()
+  finally:
+    flag.restore()
+    bar.close()
+    writer.close()
+    mngr.close()
+  return state
