@@ -2,6 +2,7 @@
 
 from scope_jax.models import GemmaConfig, LanguageModel, Tokenizer, load_model
 from scope_jax.parallel import make_mesh
+from scope_jax.sae import SAE, load_sae, save_sae
 
 __version__ = "0.1.0"
-__all__ = ["GemmaConfig", "LanguageModel", "Tokenizer", "load_model", "make_mesh"]
+__all__ = ["SAE", "GemmaConfig", "LanguageModel", "Tokenizer", "load_model", "load_sae", "make_mesh", "save_sae"]

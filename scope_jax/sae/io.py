@@ -21,6 +21,7 @@ from scope_jax.models.sites import parse_site
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
 FORMATS = ("gemma-scope", "saelens")
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write; older versions are read as pre-v6 configs
 
 # our site kind -> TransformerLens/SAELens hook name template
 HOOK_NAMES = {
@@ -165,6 +166,7 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope",
       "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
       "reshape_activations": "none",
       "metadata": {
+          "sae_lens_version": SAELENS_FORMAT_VERSION,
           "model_name": info.model, "hook_name": hook_name(info.site) if info.site else None,
           "hook_head_index": None, "context_size": info.context_size, "prepend_bos": True,
           "dataset_path": info.dataset, "exclude_special_tokens": True,

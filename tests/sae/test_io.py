@@ -1,0 +1,118 @@
+"""Folding the normalization, Gemma Scope npz and SAELens directories (read by the real sae_lens)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE as LensSAE
+
+import scope_jax as sj
+from scope_jax.sae import SAE, SAEInfo, fold, init_sae, jumprelu, training_pre, width_name
+
+
+def random_sae(d=24, m=80, seed=0) -> SAE:
+  """A training-form SAE with non-trivial biases and thresholds (so folding has work to do)."""
+  rng = np.random.default_rng(seed)
+  sae = init_sae(jax.random.key(seed), d, m)
+  return sae.replace(b_enc=jnp.asarray(rng.normal(0, 0.3, m), jnp.float32),
+                     b_dec=jnp.asarray(rng.normal(0, 0.5, d), jnp.float32),
+                     threshold=jnp.asarray(rng.uniform(0.05, 0.4, m), jnp.float32))
+
+
+def test_folded_sae_on_raw_inputs_gives_scaled_latents_and_the_same_reconstruction():
+  sae, scale = random_sae(), 7.3
+  x_raw = np.random.default_rng(1).normal(0, scale / np.sqrt(24), (50, 24)).astype(np.float32)
+  f_train = jumprelu(training_pre(sae, x_raw / scale), sae.threshold, 0.001)
+  xhat_train = f_train @ sae.W_dec + sae.b_dec
+  assert 0.2 < float(jnp.mean(f_train > 0)) < 0.8
+  released = fold(sae, scale)
+  np.testing.assert_allclose(released.encode(x_raw), scale * f_train, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(released(x_raw), scale * xhat_train, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(released.W_enc, sae.W_enc)
+
+
+def test_saelens_loads_our_export_with_the_same_encode_and_decode(tmp_path):
+  sae = fold(random_sae(), 3.0).replace(info=SAEInfo(site="res.6", model="gemma3-270m", context_size=128))
+  density = np.log10(np.random.default_rng(0).uniform(1e-4, 1, sae.width))
+  path = sj.save_sae(sae, tmp_path / "lens", format="saelens", sparsity_log10=density)
+  lens = LensSAE.load_from_disk(str(path), device="cpu")
+  assert lens.cfg.metadata.hook_name == "blocks.6.hook_resid_post"
+  assert lens.cfg.metadata.context_size == 128
+  x = np.random.default_rng(2).normal(0, 1, (40, sae.d_in)).astype(np.float32)
+  with torch.no_grad():
+    f_lens = lens.encode(torch.tensor(x)).numpy()
+    xhat_lens = lens.decode(torch.tensor(f_lens)).numpy()
+  assert 0 < (f_lens > 0).mean() < 1
+  np.testing.assert_allclose(sae.encode(x), f_lens, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sae.decode(f_lens), xhat_lens, rtol=1e-5, atol=1e-5)
+  back = sj.load_sae(path)
+  assert back.info.site == "res.6" and back.info.context_size == 128
+  np.testing.assert_array_equal(back.W_dec, sae.W_dec)
+
+
+def test_saelens_training_layout_with_b_dec_on_input_is_converted(tmp_path):
+  sae = random_sae(seed=3)
+  path = sj.save_sae(sae, tmp_path / "lens", format="saelens")
+  cfg = json.loads((path / "cfg.json").read_text())
+  (path / "cfg.json").write_text(json.dumps(cfg | {"apply_b_dec_to_input": True}))
+  lens = LensSAE.load_from_disk(str(path), device="cpu")
+  x = np.random.default_rng(4).normal(0, 1, (30, sae.d_in)).astype(np.float32)
+  with torch.no_grad():
+    f_lens = lens.encode(torch.tensor(x)).numpy()
+  np.testing.assert_allclose(sj.load_sae(path).encode(x), f_lens, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_official_gemma_scope_npz_matches_the_reference_formula(tmp_path, lowercase):
+  rng = np.random.default_rng(5)
+  d, m = 16, 48
+  arrays = {"W_enc": rng.normal(0, 0.3, (d, m)), "W_dec": rng.normal(0, 0.3, (m, d)),
+            "b_enc": rng.normal(0, 0.1, m), "b_dec": rng.normal(0, 0.1, d), "threshold": rng.uniform(0, 0.5, m)}
+  arrays = {(k.lower() if lowercase else k): v.astype(np.float32) for k, v in arrays.items()}
+  path = tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82" / "params.npz"
+  path.parent.mkdir(parents=True)
+  np.savez(path, **arrays)
+  sae = sj.load_sae(path.parent)
+  assert sae.info.site == "res.12"
+  a = {k.lower(): v for k, v in arrays.items()}
+  x = rng.normal(0, 1, (20, d)).astype(np.float32)
+  pre = x @ a["w_enc"] + a["b_enc"]
+  f = (pre > a["threshold"]) * np.maximum(pre, 0)
+  np.testing.assert_allclose(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sae(x), f @ a["w_dec"] + a["b_dec"], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_scope_export_round_trip(tmp_path):
+  sae = fold(random_sae(), 2.0)
+  path = sj.save_sae(sae, tmp_path / "res" / "layer_3" / "width_80" / "average_l0_9", format="gemma-scope")
+  back = sj.load_sae(path)
+  assert back.info.site == "res.3"
+  for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+    np.testing.assert_array_equal(getattr(back, k), getattr(sae, k))
+
+
+def test_width_names_follow_the_hub():
+  assert [width_name(2**k) for k in (14, 15, 16, 17, 18, 19, 20)] == \
+      ["16k", "32k", "65k", "131k", "262k", "524k", "1m"]
+
+
+def test_bad_sae_files_are_clear_errors(tmp_path):
+  np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8)), W_dec=np.zeros((8, 4)))
+  with pytest.raises(ValueError, match=r"params.npz: missing \['b_enc', 'b_dec', 'threshold'\]"):
+    sj.load_sae(tmp_path / "params.npz")
+  np.savez(tmp_path / "bad.npz", W_enc=np.zeros((4, 8)), W_dec=np.zeros((8, 5)), b_enc=np.zeros(8),
+           b_dec=np.zeros(4), threshold=np.zeros(8))
+  with pytest.raises(ValueError, match=r"bad.npz: W_dec has shape \(8, 5\); expected \(8, 4\)"):
+    sj.load_sae(tmp_path / "bad.npz")
+  with pytest.raises(FileNotFoundError, match="not an SAE"):
+    sj.load_sae(tmp_path / "nothing-here")
+  lens = sj.save_sae(random_sae(), tmp_path / "lens", format="saelens")
+  cfg = json.loads((lens / "cfg.json").read_text())
+  (lens / "cfg.json").write_text(json.dumps(cfg | {"architecture": "topk"}))
+  with pytest.raises(ValueError, match="architecture 'topk'"):
+    sj.load_sae(lens)
+  with pytest.raises(ValueError, match="format 'hf'"):
+    sj.save_sae(random_sae(), tmp_path / "x", format="hf")

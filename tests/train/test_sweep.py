@@ -1,0 +1,149 @@
+"""The sweep step: the loss against SAELens, decoder constraints, stacking, recovery of a planted
+dictionary, and bad sweep configs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+
+from scope_jax.data import ArraySource
+from scope_jax.parallel.mesh import make_mesh, sae_model_axis
+from scope_jax.sae import unstack
+from scope_jax.train import sweep, train, train_config
+from scope_jax.train.optim import lr_schedule, project_decoder_gradients
+from tests.sae.test_io import random_sae
+
+
+@pytest.mark.parametrize("mode", ["l0", "quadratic"])
+def test_loss_and_gradients_equal_saelens_jumprelu_training(mode):
+  d, m, lam, eps = 24, 80, 0.3, 0.05
+  sae = random_sae(d, m, seed=7)
+  x = np.random.default_rng(8).normal(0, 1, (64, d)).astype(np.float32)
+  recipe = sweep.Recipe(bandwidth=eps, sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
+  (loss, stats), grads = jax.value_and_grad(sweep.sae_loss, has_aux=True)(sae, x, jnp.float32(lam), recipe)
+
+  cfg = JumpReLUTrainingSAEConfig(d_in=d, d_sae=m, jumprelu_bandwidth=eps, apply_b_dec_to_input=True,
+                                  jumprelu_sparsity_loss_mode="quadratic" if mode == "quadratic" else "step",
+                                  target_l0=recipe.target_l0)
+  lens = JumpReLUTrainingSAE(cfg)
+  with torch.no_grad():
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+      getattr(lens, k).copy_(torch.tensor(np.asarray(getattr(sae, k))))
+  out = lens.training_forward_pass(TrainStepInput(sae_in=torch.tensor(x), coefficients={"l0": lam},
+                                                  dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+  out.loss.backward()
+  assert 5 < float(stats["l0"]) < 75
+  np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5)
+  np.testing.assert_allclose(stats["mse"], out.losses["mse_loss"].item(), rtol=1e-5)
+  for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+    np.testing.assert_allclose(getattr(grads, k), getattr(lens, k).grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_gradient_projection_removes_the_component_along_each_decoder_row():
+  sae = random_sae(16, 40)
+  grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(1), a.shape), sae)
+  projected, _ = project_decoder_gradients().update((grads,), None, (sae,))
+  g, w = np.asarray(projected[0].W_dec), np.asarray(sae.W_dec)
+  np.testing.assert_allclose(np.sum(g * w, axis=-1), 0, atol=1e-5)
+  removed = np.asarray(grads.W_dec) - g  # what was taken away is parallel to the row
+  np.testing.assert_allclose(np.abs(np.sum(removed * w, -1)), np.linalg.norm(removed, axis=-1), rtol=1e-4)
+  np.testing.assert_array_equal(projected[0].W_enc, grads.W_enc)
+
+
+def test_learning_rate_warms_up_along_a_cosine_from_a_tenth():
+  schedule = lr_schedule(7e-5, 1000)
+  np.testing.assert_allclose([schedule(0), schedule(500), schedule(1000), schedule(5000)],
+                             [7e-6, 7e-5 * 0.55, 7e-5, 7e-5], rtol=1e-5)
+
+
+def _data(n=4096, d=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d)).astype(np.float32)
+
+
+def test_decoder_rows_have_unit_norm_after_every_step():
+  mesh = make_mesh(data=4, model=2)
+  groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
+  recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0)
+  init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh)
+  state, source = init(), ArraySource(_data(), 64, mesh)
+  for s in range(5):
+    before = np.asarray(state["params"][0].W_dec).copy()
+    state, metrics = step_fn(state, source.batch(s))
+    for p in state["params"]:
+      np.testing.assert_allclose(np.linalg.norm(np.asarray(p.W_dec), axis=-1), 1, atol=1e-5)
+    assert not np.allclose(before, state["params"][0].W_dec)
+    assert np.all(np.asarray(state["params"][1].threshold) >= 0)
+
+
+def _train_sweep(widths, lambdas, tmp_path, steps=25):
+  mesh = make_mesh(data=4, model=2)
+  c = train_config()
+  c.sweep.widths, c.sweep.l1_coefficients = widths, lambdas
+  c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 1000
+  c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 5e-3, 5, 10
+  c.recipe.bandwidth = 0.05
+  return train(c, tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+
+
+def test_a_stacked_sweep_equals_each_sae_trained_alone(tmp_path):
+  widths, lambdas = [32, 64], [1e-3, 3e-2, 1e-1]
+  together = _train_sweep(widths, lambdas, tmp_path / "sweep")
+  l0s = []
+  for gi, width in enumerate(widths):
+    for li, lam in enumerate(lambdas):
+      alone = _train_sweep([width], [lam], tmp_path / f"{width}-{lam}")["params"][0]
+      stacked = unstack(together["params"][gi])[li]
+      for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        np.testing.assert_allclose(getattr(stacked, k), np.asarray(getattr(alone, k))[0], rtol=2e-4, atol=2e-5,
+                                   err_msg=f"width {width} λ {lam} {k}")
+      l0s.append(float(np.mean(np.asarray(stacked.threshold))))
+  # the SAEs really differ: λ pushes thresholds up
+  assert l0s[0] < l0s[2] and l0s[3] < l0s[5]
+
+
+def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
+  rng = np.random.default_rng(1)
+  d, k, n = 64, 64, 40_000
+  directions = rng.normal(size=(k, d))
+  directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+  magnitudes = rng.uniform(1, 3, (n, k)) * (rng.random((n, k)) < 4 / k)  # ~4 active features per row
+  x = (magnitudes @ directions).astype(np.float32)
+  mesh = make_mesh(devices=jax.devices()[:1])
+  c = train_config()
+  c.sweep.widths, c.sweep.l1_coefficients = [128], [1e-2, 3e-2, 1e-1]
+  c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 512, 3000, 500, 10**6
+  c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200
+  state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0), mesh, progress=False)
+  W_dec = np.asarray(state["params"][0].W_dec)                     # [λ, M, d]
+  matched = [(directions @ w.T).max(axis=1) >= 0.9 for w in W_dec]  # per planted direction
+  recovered = [float(np.mean(m)) for m in matched]
+  assert max(recovered) >= 0.9, recovered
+  l0 = [float(np.mean(np.sum(((x[:2048] / np.sqrt(np.mean(np.sum(x**2, 1)))) - p.b_dec) @ p.W_enc + p.b_enc
+                                   > p.threshold, axis=1))) for p in unstack(jax.device_get(state["params"][0]))]
+  assert l0[0] > l0[1] > l0[2], l0
+
+
+def test_model_axis_rule_of_thumb():
+  assert sae_model_axis(8, [16_384]) == 1
+  assert sae_model_axis(8, [131_072]) == 8
+  assert sae_model_axis(8, [32_768, 65_536]) == 4
+  assert sae_model_axis(6, [131_072]) == 2
+
+
+def test_bad_sweeps_are_clear_errors():
+  with pytest.raises(ValueError, match="l1_coefficients is empty"):
+    sweep.make_groups([64], [])
+  with pytest.raises(ValueError, match="widths"):
+    sweep.make_groups([64, 64], [1e-3])
+  with pytest.raises(ValueError, match=r"latents dimension 65 is not divisible by mesh axis 'model' of size 2"):
+    sweep.build(0, 16, sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2))
+  with pytest.raises(ValueError, match="quadratic' needs target_l0"):
+    sweep.Recipe(sparsity_loss="quadratic")
+  with pytest.raises(ValueError, match="sparsity_loss 'l1'"):
+    dataclasses.replace(sweep.Recipe(), sparsity_loss="l1")

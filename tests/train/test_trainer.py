@@ -1,0 +1,185 @@
+"""The training loop as users run it: preemption and kill -9 resume bit-identically, divergence
+stops with a message, metrics reach metrics.jsonl and TensorBoard, bad runs are refused."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboardX.proto.event_pb2 import Event
+
+from scope_jax.data import ArraySource
+from scope_jax.parallel.mesh import make_mesh
+from scope_jax.train import TrainingDiverged, train, train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(workdir, npy, *extra):
+  cfg = f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=1024+2048,l1=0.001+0.01,steps=60,batch_size=512,runlocal"
+  return [sys.executable, "-m", "scope_jax.cli", "train", "--config", cfg, "--workdir", str(workdir),
+          "--config.train.checkpoint_every=10", *extra]
+
+
+def _checkpoints(workdir) -> list[int]:
+  d = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _run_until(cmd, condition, sig, timeout=240):
+  """Starts `cmd`, sends `sig` once `condition()` holds, returns the exit code."""
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f"finished before the signal:\n{proc.stdout.read()}"
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def _final_state(workdir, step):
+  return jax.tree.leaves(ocp.StandardCheckpointer().restore(Path(workdir) / "checkpoints" / str(step) / "state"))
+
+
+@pytest.fixture(scope="module")
+def acts_npy(tmp_path_factory):
+  path = tmp_path_factory.mktemp("acts") / "acts.npy"
+  rng = np.random.default_rng(0)
+  np.save(path, (rng.normal(size=(20_000, 256)) * rng.uniform(0.2, 3, 256)).astype(np.float32))
+  return path
+
+
+def test_sigterm_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  subprocess.run(_cli(straight, acts_npy), cwd=REPO, check=True, capture_output=True)
+  assert _checkpoints(straight)[-1] == 60
+
+  rc, out = _run_until(_cli(interrupted, acts_npy), lambda: 10 in _checkpoints(interrupted), signal.SIGTERM)
+  assert rc == 143, out
+  preempted_at = _checkpoints(interrupted)[-1]
+  assert 10 <= preempted_at < 60 and f"saved a checkpoint at step {preempted_at}" in out
+
+  rc, out = _run_until(_cli(interrupted, acts_npy), lambda: _checkpoints(interrupted)[-1] > preempted_at,
+                       signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out
+  assert _checkpoints(interrupted)[-1] < 60, "killed too late to test anything"
+
+  subprocess.run(_cli(interrupted, acts_npy), cwd=REPO, check=True, capture_output=True)
+  for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
+    np.testing.assert_array_equal(a, b)
+  lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+  steps = [(r["step"], r["sae"]) for r in lines]
+  assert len(steps) == len(set(steps)) == 6 * 4  # logged every 10 steps, 4 SAEs, no step twice
+
+
+class _PoisonedSource(ArraySource):
+  """Finite batches until `bad_step`, then a batch with a NaN row."""
+
+  def __init__(self, *args, bad_step, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.bad_step = bad_step
+
+  def batch(self, step):
+    x = super().batch(step)
+    return x.at[3, 0].set(np.nan) if step >= self.bad_step else x
+
+
+def _small_config(steps=40):
+  c = train_config()
+  c.sweep.widths, c.sweep.l1_coefficients = [32, 64], [1e-3, 1e-2]
+  c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 10
+  c.recipe.lr = 1e-3
+  return c
+
+
+def _data(n=2048, d=16):
+  return np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+
+
+def test_a_nan_loss_stops_the_run_naming_sae_and_step_and_keeps_the_last_checkpoint(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  source = _PoisonedSource(_data(), 64, mesh, bad_step=23)
+  with pytest.raises(TrainingDiverged, match=r"SAE w32-l0.001-s0: loss became NaN or Inf at step 23; "
+                                             r"the last checkpoint \(step 20\) is kept"):
+    train(_small_config(), tmp_path, source, mesh, progress=False)
+  assert _checkpoints(tmp_path) == [10, 20]
+
+
+def _read_events(directory: Path) -> list[Event]:
+  events = []
+  for path in directory.glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      events.append(Event.FromString(data[i + 12:i + 12 + n]))
+      i += 12 + n + 4
+  return events
+
+
+def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  train(_small_config(20), tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert sorted({r["sae"] for r in rows}) == ["w32-l0.001-s0", "w32-l0.01-s0", "w64-l0.001-s0", "w64-l0.01-s0"]
+  assert sorted({r["step"] for r in rows}) == [5, 10, 15, 20]
+  for key in ("loss", "mse", "l0", "fvu", "dead_fraction", "threshold_mean", "threshold_min", "threshold_max",
+              "grad_norm", "l1_coefficient"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert all(0 < r["l0"] <= 64 for r in rows)
+  scalars = {(v.tag, e.step): v.simple_value for e in _read_events(tmp_path / "tensorboard") for v in e.summary.value}
+  last = rows[-1]
+  assert scalars[(f"{last['sae']}/fvu", 20)] == pytest.approx(last["fvu"], rel=1e-6)
+  assert len(scalars) == len(rows) * (len(last) - 2)
+
+
+def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  source = ArraySource(_data(), 64, mesh)
+  train(_small_config(10), tmp_path, source, mesh, progress=False)
+  changed = _small_config(20)
+  changed.sweep.l1_coefficients = [1e-3, 3e-2]
+  changed.recipe.lr = 3e-4
+  with pytest.raises(ValueError, match=r"another run; differing fields:\n  recipe.lr: 0.001 -> 0.0003\n"
+                                       r"  sweep.l1_coefficients: \[0.001, 0.01\] -> \[0.001, 0.03\]"):
+    train(changed, tmp_path, source, mesh, progress=False)
+  longer = train(_small_config(20), tmp_path, source, mesh, progress=False)  # more steps is fine
+  assert int(longer["step"]) == 20
+
+
+def test_data_of_another_width_is_refused(tmp_path):
+  c = _small_config()
+  c.data.width = 32
+  mesh = make_mesh(data=4, model=2)
+  with pytest.raises(ValueError, match="data width 16 .* differs from config.data.width 32"):
+    train(c, tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+
+
+def test_train_and_export_commands(tmp_path, acts_npy):
+  cfg = f"{REPO}/configs/sweep_from_npy.py:path={acts_npy},widths=512,l1=0.001+0.03,steps=30,batch_size=256,runlocal,site=res.4"
+  env = dict(os.environ)
+  for command in ("train", "export"):
+    done = subprocess.run([sys.executable, "-m", "scope_jax.cli", command, "--config", cfg, "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+  index = json.loads((tmp_path / "export" / "index.json").read_text())
+  assert [e["name"] for e in index] == ["w512-l0.001-s0", "w512-l0.03-s0"]
+  assert index[0]["l0"] > index[1]["l0"] > 0
+  for e in index:
+    npz = Path(e["gemma_scope"])
+    assert npz.relative_to(tmp_path / "export" / "gemma-scope").parts[:3] == ("res", "layer_4", "width_512")
+    assert npz.parent.name == f"average_l0_{round(e['l0'])}"
+    assert (Path(e["saelens"]) / "sparsity.safetensors").exists()
+  bad = subprocess.run([sys.executable, "-m", "scope_jax.cli", "train", "--config", cfg.replace(str(acts_npy), "/nope.npy"),
+                        "--workdir", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+  assert bad.returncode == 1 and "data.path /nope.npy: no such file" in bad.stderr
