@@ -35,6 +35,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4_096
   c.train.steps = 100_000
+  c.train.microbatches = 1           # >1: accumulate gradients over batch slices (less memory)
   c.train.log_every = 100
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3

@@ -45,8 +45,14 @@ def project_decoder_gradients() -> optax.GradientTransformation:
 
 def make_optimizer(lr: float, lr_warmup_steps: int, b1: float = 0.0, b2: float = 0.999,
                    eps: float = 1e-8) -> optax.GradientTransformation:
-  return optax.chain(project_decoder_gradients(),
-                     optax.adam(lr_schedule(lr, lr_warmup_steps), b1=b1, b2=b2, eps=eps))
+  """Adam; with β1 = 0 its first moment is just the gradient, so it is not stored (optax's
+  bias-corrected `scale_by_rms` is exactly Adam(β1=0) with a third less optimizer memory)."""
+  if b1 == 0:
+    scale = optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)
+  else:
+    scale = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  return optax.chain(project_decoder_gradients(), scale,
+                     optax.scale_by_learning_rate(lr_schedule(lr, lr_warmup_steps)))
 
 
 def constrain(sae: SAE) -> SAE:

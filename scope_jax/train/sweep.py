@@ -19,11 +19,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scope_jax.parallel.mesh import DATA, logical_spec
-from scope_jax.sae.jumprelu import jumprelu, step
-from scope_jax.sae.model import SAE, init_sae, training_pre
+from scope_jax.sae.loss import LossSpec, sae_loss
+from scope_jax.sae.model import SAE, init_sae
 from scope_jax.train.optim import constrain, make_optimizer, sparsity_warmup
-
-SPARSITY_LOSSES = ("l0", "quadratic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +39,12 @@ class Recipe:
   target_l0: float | None = None     # L0* of the quadratic loss
   dead_window_steps: int = 1_000     # a latent is dead when it has not fired for this many steps
 
+  @property
+  def loss(self) -> LossSpec:
+    return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0)
+
   def __post_init__(self):
-    if self.sparsity_loss not in SPARSITY_LOSSES:
-      raise ValueError(f"sparsity_loss {self.sparsity_loss!r}: expected one of {SPARSITY_LOSSES}")
-    if self.sparsity_loss == "quadratic" and not (self.target_l0 and self.target_l0 > 0):
-      raise ValueError(f"sparsity_loss 'quadratic' needs target_l0 > 0; got {self.target_l0}")
-    if self.bandwidth <= 0:
-      raise ValueError(f"bandwidth must be > 0; got {self.bandwidth}")
+    self.loss  # validates the loss fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,45 +124,49 @@ def init_state(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recip
 # ------------------------------------------------------------------ loss and step
 
 
-def sae_loss(sae: SAE, x_bd: jax.Array, lam: jax.Array, recipe: Recipe) -> tuple[jax.Array, dict]:
-  """Loss of one training-form SAE on a normalized batch, and its per-batch statistics."""
-  pre_bm = training_pre(sae, x_bd)
-  f_bm = jumprelu(pre_bm, sae.threshold, recipe.bandwidth)
-  xhat_bd = f_bm @ sae.W_dec + sae.b_dec
-  sq_err_b = jnp.sum(jnp.square(x_bd - xhat_bd), axis=-1)
-  l0_b = jnp.sum(step(pre_bm, sae.threshold, recipe.bandwidth), axis=-1)
-  if recipe.sparsity_loss == "quadratic":
-    sparsity_b = (2.0 / recipe.target_l0) * jnp.square(l0_b - recipe.target_l0)
-  else:
-    sparsity_b = l0_b
-  mse = jnp.mean(sq_err_b)
-  sparsity = jnp.mean(sparsity_b)
-  variance = jnp.mean(jnp.sum(jnp.square(x_bd - jnp.mean(x_bd, axis=0)), axis=-1))
-  stats = {"mse": mse, "l0": jnp.mean(l0_b), "sparsity_loss": sparsity, "fvu": mse / variance,
-           "fired_m": jnp.any(f_bm > 0, axis=0)}
-  return mse + lam * sparsity, stats
-
-
 def _tree_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(groups: Sequence[Group], recipe: Recipe, optimizer, shardings: dict, mesh: Mesh):
-  """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE."""
+def make_train_step(groups: Sequence[Group], recipe: Recipe, optimizer, shardings: dict, mesh: Mesh,
+                    microbatches: int = 1):
+  """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
+
+  `microbatches > 1` accumulates the gradient over that many slices of the batch (a `scan`), so
+  the `[rows, latents]` temporaries shrink by that factor; the update is the same up to rounding.
+  """
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
 
   def total_loss(params, x_bd, factor):
     losses, stats = [], []
     for sae, lam_s in zip(params, lambdas):
-      loss_s, stats_s = jax.vmap(sae_loss, in_axes=(0, None, 0, None))(sae, x_bd, factor * lam_s, recipe)
+      loss_s, stats_s = jax.vmap(sae_loss, in_axes=(0, None, 0, None))(sae, x_bd, factor * lam_s, recipe.loss)
       losses.append(loss_s)
       stats.append(stats_s | {"loss": loss_s})
     return sum(jnp.sum(l) for l in losses), stats
 
+  loss_grad = jax.grad(total_loss, has_aux=True)
+
+  def accumulated_grad(params, x_bd, factor):
+    """Mean gradient and statistics over `microbatches` slices; slice i holds rows i, k+i, 2k+i, ...
+    so every device keeps its own rows."""
+    rows, width = x_bd.shape
+    chunks = jnp.moveaxis(x_bd.reshape(rows // microbatches, microbatches, width), 1, 0)
+    chunks = jax.lax.with_sharding_constraint(chunks, NamedSharding(mesh, P(None, DATA, None)))
+
+    def body(acc, x_chunk):
+      grads, stats = loss_grad(params, x_chunk, factor)
+      return jax.tree.map(jnp.add, acc, grads), stats
+
+    grads, stats = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), chunks)
+    stats = [{k: (jnp.any(v, axis=0) if k == "fired_m" else jnp.mean(v, axis=0)) for k, v in s.items()} for s in stats]
+    return jax.tree.map(lambda g: g / microbatches, grads), stats
+
   def train_step(state, x_bd):
     factor = lam_factor(state["step"])
-    grads, stats = jax.grad(total_loss, has_aux=True)(state["params"], x_bd, factor)
+    grad_fn = loss_grad if microbatches == 1 else accumulated_grad
+    grads, stats = grad_fn(state["params"], x_bd, factor)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = tuple(constrain(p) for p in optax.apply_updates(state["params"], updates))
     metrics, since_fired, first_bad = [], [], []
@@ -189,9 +190,9 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, optimizer, sharding
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def build(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, mesh: Mesh):
+def build(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, microbatches: int = 1):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step)."""
   optimizer = make_optimizer(recipe.lr, recipe.lr_warmup_steps, recipe.adam_b1, recipe.adam_b2, recipe.adam_eps)
   init = functools.partial(init_state, base_seed, d_in, groups, recipe, optimizer)
   shardings = state_shardings(mesh, groups, optimizer, jax.eval_shape(init))
-  return jax.jit(init, out_shardings=shardings), shardings, make_train_step(groups, recipe, optimizer, shardings, mesh)
+  return jax.jit(init, out_shardings=shardings), shardings, make_train_step(groups, recipe, optimizer, shardings, mesh, microbatches)

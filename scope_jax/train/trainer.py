@@ -45,7 +45,8 @@ def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
   """What must not change between a run and its resumption."""
   return {"seed": config.seed, "sweep": config.sweep.to_dict(), "recipe": config.recipe.to_dict(),
-          "batch_size": config.train.batch_size, "normalize": config.data.normalize, "data": source.describe()}
+          "batch_size": config.train.batch_size, "microbatches": config.train.microbatches,
+          "normalize": config.data.normalize, "data": source.describe()}
 
 
 def _differences(old, new, prefix="") -> list[str]:
@@ -118,7 +119,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
                      f"config.data.width {config.data.width}")
   identity = run_identity(config, source)
 
-  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh)
+  slices = config.train.microbatches * mesh.shape["data"]
+  if config.train.batch_size % slices:
+    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by train.microbatches "
+                     f"({config.train.microbatches}) × the mesh's data axis ({mesh.shape['data']})")
+  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh, config.train.microbatches)
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, init, shardings)

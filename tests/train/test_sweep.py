@@ -13,7 +13,8 @@ from sae_lens.saes.sae import TrainStepInput
 
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
-from scope_jax.sae import unstack
+from scope_jax.sae import jumprelu, step, training_pre, unstack
+from scope_jax.sae.loss import LossSpec, sae_loss
 from scope_jax.train import sweep, train, train_config
 from scope_jax.train.optim import lr_schedule, project_decoder_gradients
 from tests.sae.test_io import random_sae
@@ -24,12 +25,12 @@ def test_loss_and_gradients_equal_saelens_jumprelu_training(mode):
   d, m, lam, eps = 24, 80, 0.3, 0.05
   sae = random_sae(d, m, seed=7)
   x = np.random.default_rng(8).normal(0, 1, (64, d)).astype(np.float32)
-  recipe = sweep.Recipe(bandwidth=eps, sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
-  (loss, stats), grads = jax.value_and_grad(sweep.sae_loss, has_aux=True)(sae, x, jnp.float32(lam), recipe)
+  spec = LossSpec(bandwidth=eps, sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
+  (loss, stats), grads = jax.value_and_grad(sae_loss, has_aux=True)(sae, x, jnp.float32(lam), spec)
 
   cfg = JumpReLUTrainingSAEConfig(d_in=d, d_sae=m, jumprelu_bandwidth=eps, apply_b_dec_to_input=True,
                                   jumprelu_sparsity_loss_mode="quadratic" if mode == "quadratic" else "step",
-                                  target_l0=recipe.target_l0)
+                                  target_l0=spec.target_l0)
   lens = JumpReLUTrainingSAE(cfg)
   with torch.no_grad():
     for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
@@ -42,6 +43,29 @@ def test_loss_and_gradients_equal_saelens_jumprelu_training(mode):
   np.testing.assert_allclose(stats["mse"], out.losses["mse_loss"].item(), rtol=1e-5)
   for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
     np.testing.assert_allclose(getattr(grads, k), getattr(lens, k).grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def _composed_loss(sae, x, lam, spec):
+  """The loss written with the public custom-VJP functions, differentiated by jax.grad."""
+  pre = training_pre(sae, x)
+  xhat = jumprelu(pre, sae.threshold, spec.bandwidth) @ sae.W_dec + sae.b_dec
+  l0_b = jnp.sum(step(pre, sae.threshold, spec.bandwidth), axis=-1)
+  return jnp.mean(jnp.sum(jnp.square(x - xhat), -1)) + lam * jnp.mean(spec.penalty(l0_b))
+
+
+@pytest.mark.parametrize("mode", ["l0", "quadratic"])
+def test_fused_backward_equals_jax_grad_of_the_custom_vjp_composition(mode):
+  d, m, eps = 24, 80, 0.05
+  sae = random_sae(d, m, seed=9)
+  x = np.random.default_rng(10).normal(0, 1, (48, d)).astype(np.float32)
+  spec = LossSpec(bandwidth=eps, sparsity_loss=mode, target_l0=8.0 if mode == "quadratic" else None)
+  lam = jnp.float32(0.2)
+  fused = jax.grad(lambda s, x, l: sae_loss(s, x, l, spec)[0], argnums=(0, 1, 2))(sae, x, lam)
+  composed = jax.grad(_composed_loss, argnums=(0, 1, 2))(sae, x, lam, spec)
+  in_window = np.abs(np.asarray(training_pre(sae, x)) - np.asarray(sae.threshold)) < eps / 2
+  assert in_window.sum() > 20  # threshold gradients really are exercised
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(composed), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_projection_removes_the_component_along_each_decoder_row():
@@ -145,5 +169,26 @@ def test_bad_sweeps_are_clear_errors():
     sweep.build(0, 16, sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2))
   with pytest.raises(ValueError, match="quadratic' needs target_l0"):
     sweep.Recipe(sparsity_loss="quadratic")
+  with pytest.raises(ValueError, match="bandwidth must be > 0"):
+    LossSpec(bandwidth=0)
   with pytest.raises(ValueError, match="sparsity_loss 'l1'"):
     dataclasses.replace(sweep.Recipe(), sparsity_loss="l1")
+
+
+def test_microbatched_steps_equal_whole_batch_steps():
+  mesh = make_mesh(data=4, model=2)
+  groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
+  recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05)
+  source = ArraySource(_data(), 128, mesh)
+  results = []
+  for k in (1, 4):
+    init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh, microbatches=k)
+    state = init()
+    for s in range(4):
+      state, metrics = step_fn(state, source.batch(s))
+    results.append((state, metrics))
+  (whole, m_whole), (sliced, m_sliced) = results
+  for a, b in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(sliced["params"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(m_whole[1]["l0"], m_sliced[1]["l0"], rtol=1e-5)
+  np.testing.assert_allclose(m_whole[1]["mse"], m_sliced[1]["mse"], rtol=1e-4)
