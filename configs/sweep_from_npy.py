@@ -8,17 +8,17 @@ batch_size, runlocal (short warm-ups for a CPU smoke run). Everything else: the 
 recipe (scope_jax/train/config.py); override any field with --config.FIELD=VALUE.
 """
 
-from scope_jax.train.config import parse_arg, train_config
+from scope_jax.config import default_config, parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, path="", site="", widths=[16_384], l1=[6e-4], steps=100_000, batch_size=4_096,
                   runlocal=False)
-  c = train_config()
+  c = default_config()
   c.data.path = arg.path or None
   c.site = arg.site or None
-  c.sweep.widths = list(arg.widths)
-  c.sweep.l1_coefficients = list(arg.l1)
+  c.sweep.widths = tuple(arg.widths)
+  c.sweep.l1_coefficients = tuple(arg.l1)
   c.train.steps = arg.steps
   c.train.batch_size = arg.batch_size
   if arg.runlocal:

@@ -1,7 +1,7 @@
 """The `scope-jax` command.
 
     scope-jax demo [--model ...]
-    scope-jax train|export --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+    scope-jax extract|train|export --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
-CONFIG_COMMANDS = ("train", "export")
+CONFIG_COMMANDS = ("extract", "train", "export")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -60,7 +60,20 @@ def parse_config_command(command: str, argv: list[str]):
 
 def run_config_command(command: str, argv: list[str]) -> None:
   config, workdir = parse_config_command(command, argv)
-  if command == "train":
+  if command == "extract":
+    from scope_jax.activations.extract import extract
+    from scope_jax.activations.writer import NonFiniteActivations
+    try:
+      s = extract(config, workdir)
+    except NonFiniteActivations as e:
+      sys.exit(f"scope-jax extract: {e}")
+    if s["already_finished"]:
+      print(f"{s['root']}: already finished ({s['rows']:,} rows); nothing to do")
+    else:
+      print(f"{s['root']}: {s['rows']:,} rows in this process's shard, {s['tokens_processed']:,} tokens "
+            f"in {s['seconds']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)" +
+            (f"; resumed at batch {s['resumed_at_batch']}" if s["resumed_at_batch"] else ""))
+  elif command == "train":
     from scope_jax.train import Preempted, TrainingDiverged, train
     try:
       state = train(config, workdir)
@@ -81,10 +94,12 @@ def run_config_command(command: str, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in CONFIG_COMMANDS:
+    from scope_jax.parallel.distributed import initialize_from_env
     use_xnnpack_on_cpu()
     try:
+      initialize_from_env()
       run_config_command(argv[0], argv[1:])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
       sys.exit(f"scope-jax {argv[0]}: {e}")
     return
   parser = argparse.ArgumentParser(prog="scope-jax", description=__doc__)

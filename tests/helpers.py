@@ -97,3 +97,29 @@ def tiny_gemma3(path, seed: int = 0, **overrides):
   randomize_(model, seed)
   model.save_pretrained(path)
   return model
+
+
+def train_sentencepiece(vocab_size: int = 300, text: list[str] | None = None) -> bytes:
+  """A real sentencepiece BPE model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
+  import io
+
+  import sentencepiece as spm
+
+  text = text or ["the quick brown fox jumps over the lazy dog", "sparse autoencoders find features",
+                  "Gemma Scope trains JumpReLU SAEs on every layer"] * 50
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=vocab_size,
+                                 pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
+                                 minloglevel=2)
+  return out.getvalue()
+
+
+def tiny_lm_dir(path, vocab_size: int = 512, seed: int = 0):
+  """A tiny random Gemma 2 with a sentencepiece tokenizer trained on the bundled corpus: a
+  complete model directory that loads, tokenizes and extracts in seconds."""
+  from scope_jax.data.text import iter_documents
+
+  lines = [line for _, t in iter_documents("builtin:python-docs") for line in t.splitlines() if line.strip()]
+  tiny_gemma2(path, seed=seed, vocab_size=vocab_size, num_hidden_layers=3, sliding_window=16)
+  (path / "tokenizer.model").write_bytes(train_sentencepiece(vocab_size, lines[:5000]))
+  return path

@@ -1,6 +1,5 @@
 """The sweep trainer: many JumpReLU SAEs in one sharded step, checkpointed and resumable."""
 
-from scope_jax.train.config import train_config
 from scope_jax.train.trainer import Preempted, TrainingDiverged, train
 
-__all__ = ["Preempted", "TrainingDiverged", "train", "train_config"]
+__all__ = ["Preempted", "TrainingDiverged", "train"]

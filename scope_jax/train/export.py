@@ -23,7 +23,6 @@ from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import save_sae, width_name
 from scope_jax.sae.model import SAE, SAEInfo, fold, training_pre, unstack
 from scope_jax.train import sweep
-from scope_jax.train.config import groups_from, recipe_from
 from scope_jax.train.trainer import checkpoint_manager, make_train_mesh, restore_or_init, run_identity
 
 
@@ -55,7 +54,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
            mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> list[dict]:
   """Writes every SAE of the run's latest checkpoint; returns the index entries."""
   workdir = Path(workdir)
-  groups, recipe = list(groups_from(config)), recipe_from(config)
+  groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
   mesh = mesh or make_train_mesh(config)
   if source is None:
     source = open_source(config.data.path, config.train.batch_size, mesh, config.seed, config.data.normalize)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -196,3 +197,12 @@ def build(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, me
   init = functools.partial(init_state, base_seed, d_in, groups, recipe, optimizer)
   shardings = state_shardings(mesh, groups, optimizer, jax.eval_shape(init))
   return jax.jit(init, out_shardings=shardings), shardings, make_train_step(groups, recipe, optimizer, shardings, mesh, microbatches)
+
+
+def recipe_from(config: ml_collections.ConfigDict) -> Recipe:
+  return Recipe(**config.recipe.to_dict())
+
+
+def groups_from(config: ml_collections.ConfigDict):
+  s = config.sweep
+  return make_groups(list(s.widths), list(s.l1_coefficients), list(s.seeds))

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from scope_jax.data.source import BatchSource, open_source
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import sweep
-from scope_jax.train.config import groups_from, recipe_from
 from scope_jax.train.metrics import MetricWriter, per_sae_metrics
 
 
@@ -106,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
           mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
   """Trains the config's sweep to `train.steps`, resuming from `workdir`; returns the final state."""
   workdir = Path(workdir)
-  groups, recipe = list(groups_from(config)), recipe_from(config)
+  groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
   mesh = mesh or make_train_mesh(config)
   if source is None:
     if not config.data.path:

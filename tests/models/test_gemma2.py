@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import scope_jax as sj
-from tests.helpers import hf_run, rel_err, tiny_gemma2
+from tests.helpers import hf_run, rel_err, tiny_gemma2, train_sentencepiece
 
 SITES = ["att.0", "mlp_in.1", "mlp.1", "res.1", "att.2", "mlp_in.3", "mlp.3", "res.3"]
 
@@ -174,20 +174,6 @@ def test_deepmind_checkpoint_without_config_names_the_problem(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------- tokenizer
-
-
-def train_sentencepiece(vocab_size: int = 300) -> bytes:
-  import io
-
-  import sentencepiece as spm
-
-  text = ["the quick brown fox jumps over the lazy dog", "sparse autoencoders find features",
-          "Gemma Scope trains JumpReLU SAEs on every layer"] * 50
-  out = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=vocab_size,
-                                 pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
-                                 minloglevel=2)
-  return out.getvalue()
 
 
 def test_tokenizer_beside_checkpoint(tiny, tmp_path):

@@ -15,7 +15,8 @@ from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.sae import jumprelu, step, training_pre, unstack
 from scope_jax.sae.loss import LossSpec, sae_loss
-from scope_jax.train import sweep, train, train_config
+from scope_jax.config import default_config
+from scope_jax.train import sweep, train
 from scope_jax.train.optim import lr_schedule, project_decoder_gradients
 from tests.sae.test_io import random_sae
 
@@ -107,7 +108,7 @@ def test_decoder_rows_have_unit_norm_after_every_step():
 
 def _train_sweep(widths, lambdas, tmp_path, steps=25):
   mesh = make_mesh(data=4, model=2)
-  c = train_config()
+  c = default_config()
   c.sweep.widths, c.sweep.l1_coefficients = widths, lambdas
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 1000
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 5e-3, 5, 10
@@ -139,7 +140,7 @@ def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
   magnitudes = rng.uniform(1, 3, (n, k)) * (rng.random((n, k)) < 4 / k)  # ~4 active features per row
   x = (magnitudes @ directions).astype(np.float32)
   mesh = make_mesh(devices=jax.devices()[:1])
-  c = train_config()
+  c = default_config()
   c.sweep.widths, c.sweep.l1_coefficients = [128], [1e-2, 3e-2, 1e-1]
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 512, 3000, 500, 10**6
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200

@@ -18,7 +18,8 @@ from tensorboardX.proto.event_pb2 import Event
 
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh
-from scope_jax.train import TrainingDiverged, train, train_config
+from scope_jax.config import default_config
+from scope_jax.train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,7 @@ class _PoisonedSource(ArraySource):
 
 
 def _small_config(steps=40):
-  c = train_config()
+  c = default_config()
   c.sweep.widths, c.sweep.l1_coefficients = [32, 64], [1e-3, 1e-2]
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 10
   c.recipe.lr = 1e-3

@@ -1,0 +1,236 @@
+"""`scope-jax extract`: text -> sharded Gemma forward -> the activation store.
+
+Three stages overlap: a thread tokenizes and batches the next sequences, the main thread runs
+the forward (stopping after the deepest site), a writer thread moves the previous batch's
+activations to the host, buffers its process's rows and flushes write buckets. Both queues are
+bounded, so memory stays at a few batches plus one bucket.
+
+Every process runs the same program: it tokenizes the same stream, joins the same sharded
+forward, and writes only the rows its own devices computed into its own shard. Process 0
+writes config.json first and manifest.json last, once every shard is finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+import scope_jax
+from scope_jax.activations.sequences import batches, sequences
+from scope_jax.activations.store import CONFIG, KV, LEDGER, MANIFEST, TRACE_COLUMNS, StoreError, merge_stats, shard_key
+from scope_jax.activations.writer import ShardWriter, ledger_batches
+from scope_jax.data.text import iter_documents
+from scope_jax.models.sites import parse_site, site_width
+from scope_jax.parallel.mesh import make_mesh
+
+DTYPES = ("float32", "bfloat16")
+
+
+def store_root(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
+  return config.extract.store or str(Path(workdir) / "activations")
+
+
+def kept_documents(config: ml_collections.ConfigDict):
+  """The documents extraction reads: all but the held-out ones (id % holdout_every == 0)."""
+  every = config.data.holdout_every
+  for doc_id, text in iter_documents(list(config.data.text), config.data.text_field):
+    if not (every and doc_id % every == 0):
+      yield doc_id, text
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def store_identity(config: ml_collections.ConfigDict, lm) -> dict:
+  """Everything that decides the store's content; a resumed run must match it exactly."""
+  e = config.extract
+  if e.dtype not in DTYPES:
+    raise ValueError(f"extract.dtype {e.dtype!r}: expected one of {DTYPES}")
+  sites = [parse_site(s, lm.config) for s in config.sites]
+  if not sites:
+    raise ValueError("config.sites is empty: list the sites to extract, e.g. ['res.6']")
+  model_config = json.dumps(dataclasses.asdict(lm.config), sort_keys=True, default=list).encode()
+  return {
+      "model": config.model, "model_config_sha256": _sha256(model_config),
+      "tokenizer_sha256": _sha256(lm.tokenizer.model_proto), "sites": [s.name for s in sites],
+      "widths": {s.name: site_width(s, lm.config) for s in sites}, "dtype": e.dtype,
+      "seq_len": e.seq_len, "mode": e.mode, "batch_size": e.batch_size, "max_batches": max_batches(config),
+      "bucket_rows": e.bucket_rows, "chunk_rows": e.chunk_rows, "seed": config.seed,
+      "text": list(config.data.text), "text_field": config.data.text_field,
+      "holdout_every": config.data.holdout_every, "processes": jax.process_count(),
+  }
+
+
+def max_batches(config: ml_collections.ConfigDict) -> int | None:
+  e = config.extract
+  return math.ceil(e.tokens / (e.batch_size * (e.seq_len - 1))) if e.tokens else None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _local_rows(batch, acts: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """This process's stored rows of one batch: `{site: [n, width]}` and the trace `[n, 5]`."""
+  first = next(iter(acts.values()))
+  slices = sorted({s.index[0].indices(first.shape[0])[:2] for s in first.addressable_shards if s.replica_id == 0})
+  out: dict[str, list[np.ndarray]] = {site: [] for site in acts}
+  traces = []
+  for lo, hi in slices:
+    keep = batch.keep[lo:hi]
+    for site, arr in acts.items():
+      shard = next(s for s in arr.addressable_shards if s.replica_id == 0 and s.index[0].indices(arr.shape[0])[0] == lo)
+      out[site].append(np.asarray(shard.data)[keep])
+    g, t = np.nonzero(keep)
+    seq = batch.index * first.shape[0] + lo + g
+    traces.append(np.stack([batch.tokens[lo:hi][keep], batch.doc[lo:hi][keep], batch.pos[lo:hi][keep],
+                            seq, t], axis=1).astype(np.int32))
+  return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(traces)
+
+
+class _Worker(threading.Thread):
+  """Runs `fn(item)` for items from a bounded queue; remembers the first error."""
+
+  def __init__(self, fn, maxsize: int):
+    super().__init__(daemon=True)
+    self.fn, self.queue, self.error = fn, queue.Queue(maxsize), None
+
+  def run(self):
+    while (item := self.queue.get()) is not None:
+      if self.error is None:
+        try:
+          self.fn(item)
+        except BaseException as e:  # surfaced by the main thread
+          self.error = e
+
+  def put(self, item):
+    if self.error is not None:
+      raise self.error
+    self.queue.put(item)
+
+  def finish(self):
+    self.queue.put(None)
+    self.join()
+    if self.error is not None:
+      raise self.error
+
+
+def _prefetch(iterator, depth: int):
+  """Iterates `iterator` in a background thread, `depth` items ahead."""
+  q: queue.Queue = queue.Queue(depth)
+  sentinel = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        q.put(item)
+      q.put(sentinel)
+    except BaseException as e:
+      q.put(e)
+
+  threading.Thread(target=produce, daemon=True).start()
+  while (item := q.get()) is not sentinel:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def load_extraction_model(config: ml_collections.ConfigDict):
+  from scope_jax.models.lm import load_model
+  dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[config.model_dtype]
+  return load_model(config.model, dtype=dtype, mesh=make_mesh(config.model_mesh.data, config.model_mesh.model))
+
+
+def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, progress: bool = True) -> dict:
+  """Runs (or resumes, or confirms) the extraction; returns a summary dict."""
+  root = store_root(config, workdir)
+  kv = KV(root)
+  lm = lm or load_extraction_model(config)
+  if lm.tokenizer is None:
+    raise ValueError(f"model {config.model}: no tokenizer found; extraction needs one")
+  identity = store_identity(config, lm)
+  existing = kv.read_json(CONFIG)
+  if existing is not None and (diffs := _differences(existing, identity)):
+    raise StoreError(f"{root} was made with another config; differing fields:\n  " + "\n  ".join(diffs)
+                     + "\nuse another store (extract.store or --workdir) or restore the old config")
+  if (manifest := kv.read_json(MANIFEST)) is not None:
+    return {"root": root, "already_finished": True, "rows": manifest["rows"], "rows_per_shard": manifest["rows_per_shard"]}
+  process = jax.process_index()
+  if next(kept_documents(config), None) is None:
+    raise ValueError(f"no documents in data.text {list(config.data.text)} (after holdout_every="
+                     f"{config.data.holdout_every}); nothing to extract")
+  if existing is None and process == 0:
+    kv.probe()
+    kv.write_json(CONFIG, identity)
+  multihost_utils.sync_global_devices("scope_jax extract: config written")
+
+  e = config.extract
+  global_batch = e.batch_size
+  if global_batch % lm.mesh.shape["data"]:
+    raise ValueError(f"extract.batch_size {global_batch} is not divisible by the mesh's data axis ({lm.mesh.shape['data']})")
+  rows_per_batch = max(1, global_batch // jax.process_count() * (e.seq_len - 1))
+  bucket_batches = max(1, math.ceil(e.bucket_rows / rows_per_batch))
+  writer = ShardWriter(kv, process, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed)
+  start = min(ledger_batches(kv, jax.process_count()))
+  writer.rewind(start)
+  summary = {"root": root, "already_finished": False, "resumed_at_batch": start}
+  t0, tokens_seen = time.perf_counter(), 0
+  if not writer.ledger["finished"]:
+    limit = max_batches(config)
+    stream = batches(sequences(kept_documents(config), lm.tokenizer, e.seq_len, e.mode), global_batch,
+                     lm.tokenizer.pad_id, limit)
+    bar = tqdm(total=limit, initial=start, unit="batch", desc=f"extract {','.join(identity['sites'])}",
+               disable=not progress or process != 0)
+
+    def write(item):
+      batch, acts = item
+      writer.add(*_local_rows(batch, acts))
+      if (batch.index + 1) % bucket_batches == 0:
+        writer.flush(batch.index + 1)
+
+    worker = _Worker(write, maxsize=2)
+    worker.start()
+    done = start
+    try:
+      for batch in _prefetch((b for b in stream if b.index >= start), depth=2):
+        acts = lm.activations(batch.tokens, identity["sites"])
+        worker.put((batch, acts))
+        done = batch.index + 1
+        tokens_seen += int(batch.keep.sum())
+        bar.update(1)
+        bar.set_postfix_str(f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, "
+                            f"{writer.ledger['rows']:,} rows committed")
+    finally:
+      try:
+        worker.finish()
+      finally:
+        bar.close()
+    writer.flush(done, finished=True)
+  multihost_utils.sync_global_devices("scope_jax extract: shards finished")
+  seconds = time.perf_counter() - t0
+  if process == 0:
+    ledgers = [kv.read_json(f"{shard_key(p)}/{LEDGER}") for p in range(jax.process_count())]
+    manifest = {
+        "config": identity, "rows_per_shard": [lg["rows"] for lg in ledgers], "rows": sum(lg["rows"] for lg in ledgers),
+        "stats": {s: merge_stats([lg["stats"][s] for lg in ledgers]) for s in identity["sites"]},
+        "trace_columns": list(TRACE_COLUMNS), "model_source": lm.source,
+        "scope_jax": scope_jax.__version__, "python": sys.version.split()[0], "created": time.time(),
+    }
+    kv.write_json(MANIFEST, manifest)
+  multihost_utils.sync_global_devices("scope_jax extract: manifest written")
+  return summary | {"rows": writer.ledger["rows"], "tokens_processed": tokens_seen, "seconds": seconds,
+                    "tokens_per_s": tokens_seen / seconds if seconds else 0.0}

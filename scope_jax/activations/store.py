@@ -1,0 +1,185 @@
+"""The activation store: zarr3 arrays written through tensorstore, on local disk or GCS.
+
+    ROOT/config.json                  what the store is (checked when a run resumes)
+    ROOT/manifest.json                written by process 0 once every shard is finished
+    ROOT/shards/P/ledger.json         shard P (one per process): flush history, statistics, finished
+    ROOT/shards/P/SITE/               zarr3 float32|bfloat16 [rows, width] (chunks [chunk_rows, width])
+    ROOT/shards/P/trace/              zarr3 int32 [rows, 5]: TRACE_COLUMNS of every row
+
+Row r of a shard is the same token in every site array and in `trace`. A store is finished
+(immutable, readable) exactly when manifest.json exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorstore as ts
+
+TRACE_COLUMNS = ("token", "doc", "pos", "seq", "col")  # token id, document, position in it, sequence, column
+MANIFEST, CONFIG, LEDGER = "manifest.json", "config.json", "ledger.json"
+
+
+class StoreError(RuntimeError):
+  """A store that cannot be used as asked (unfinished, unreachable, made by another config)."""
+
+
+def kvstore_spec(root: str) -> dict:
+  """tensorstore kvstore spec for a local path or `gs://bucket/prefix` (the GCS driver honours
+  TENSORSTORE_GCS_HTTP_URL, which points tests at an emulator)."""
+  if root.startswith("gs://"):
+    bucket, _, prefix = root.removeprefix("gs://").partition("/")
+    if not bucket:
+      raise ValueError(f"store root {root!r}: no bucket")
+    return {"driver": "gcs", "bucket": bucket, "path": prefix.strip("/") + "/" if prefix.strip("/") else ""}
+  return {"driver": "file", "path": os.path.abspath(os.path.expanduser(root)) + "/"}
+
+
+def _child(spec: dict, key: str) -> dict:
+  return {**spec, "path": spec["path"] + key}
+
+
+class KV:
+  """JSON and bytes under a store root."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.spec = kvstore_spec(root)
+    self._kv = ts.KvStore.open(self.spec).result()
+
+  def read_json(self, key: str) -> dict | None:
+    try:
+      result = self._kv.read(key).result()
+    except Exception as e:
+      raise StoreError(f"{self.root}/{key}: cannot read ({e})") from e
+    if result.state == "missing":
+      return None
+    try:
+      return json.loads(bytes(result.value))
+    except json.JSONDecodeError as e:
+      raise StoreError(f"{self.root}/{key}: not valid JSON ({e})") from e
+
+  def write_json(self, key: str, value: dict) -> None:
+    try:
+      self._kv.write(key, json.dumps(value, indent=1, sort_keys=True).encode()).result()
+    except Exception as e:
+      raise StoreError(f"{self.root}/{key}: cannot write ({e})") from e
+
+  def probe(self) -> None:
+    """Fails early, naming the root, if it cannot be written (missing bucket, no permission)."""
+    key = ".scope_jax_probe"
+    try:
+      self._kv.write(key, b"ok").result()
+      self._kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+    except Exception as e:
+      raise StoreError(f"store root {self.root}: not writable or unreachable ({e})") from e
+
+
+def shard_key(process: int) -> str:
+  return f"shards/{process:05d}"
+
+
+def array_spec(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: int) -> dict:
+  return {
+      "driver": "zarr3",
+      "kvstore": _child(root_spec, key + "/"),
+      "metadata": {"shape": [0, width], "data_type": dtype,
+                   "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}}},
+  }
+
+
+def open_array(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: int, create: bool) -> ts.TensorStore:
+  """Opens the array at `key`; creates it (0 rows) when it does not exist and `create`."""
+  spec = array_spec(root_spec, key, width, dtype, chunk_rows)
+  existing = {k: v for k, v in spec.items() if k != "metadata"}
+  try:
+    return ts.open(existing, open=True).result()
+  except ValueError as e:
+    if not create or "NOT_FOUND" not in str(e):
+      raise StoreError(f"{key}: cannot open ({e})") from e
+  return ts.open(spec, create=True).result()
+
+
+class Store:
+  """A finished store: `open_store(root)`; rows addressed per site, shards in order."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.kv = KV(root)
+    manifest = self.kv.read_json(MANIFEST)
+    if manifest is None:
+      ledgers = [k for k in ("shards/00000/" + LEDGER,) if self.kv.read_json(k) is not None]
+      state = "unfinished (an extraction has not completed)" if ledgers else "not a store (no manifest.json)"
+      raise StoreError(f"{root}: {state}; run or resume `scope-jax extract` first")
+    self.manifest = manifest
+    self.config = manifest["config"]
+    self.shard_rows: list[int] = manifest["rows_per_shard"]
+    self.offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
+    self._arrays: dict[tuple[str, int], ts.TensorStore] = {}
+
+  @property
+  def sites(self) -> list[str]:
+    return list(self.config["sites"])
+
+  def width(self, site: str) -> int:
+    return int(self.config["widths"][self._check_site(site)])
+
+  @property
+  def rows(self) -> int:
+    return int(self.offsets[-1])
+
+  def stats(self, site: str) -> dict:
+    """{"count", "mean" [width], "mean_sq_norm"} over every stored row of `site`."""
+    s = self.manifest["stats"][self._check_site(site)]
+    return {"count": s["count"], "mean": np.asarray(s["mean"], np.float64), "mean_sq_norm": s["mean_sq_norm"]}
+
+  def _check_site(self, site: str) -> str:
+    if site not in self.config["sites"]:
+      raise KeyError(f"{self.root}: no site {site!r}; the store holds {self.config['sites']}")
+    return site
+
+  def array(self, site: str, shard: int) -> ts.TensorStore:
+    """The tensorstore of one shard's site (or 'trace') array, opened once."""
+    if (site, shard) not in self._arrays:
+      key = f"{shard_key(shard)}/{site if site == 'trace' else self._check_site(site)}"
+      try:
+        self._arrays[site, shard] = ts.open({"driver": "zarr3", "kvstore": _child(self.kv.spec, key + "/")},
+                                            open=True).result()
+      except Exception as e:
+        raise StoreError(f"{self.root}/{key}: cannot open ({e})") from e
+    return self._arrays[site, shard]
+
+  def read(self, site: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of `site` (or 'trace'), numbered across shards in order."""
+    if not 0 <= start <= stop <= self.rows:
+      raise IndexError(f"rows [{start}, {stop}) outside the store's {self.rows} rows")
+    parts = []
+    for shard in range(len(self.shard_rows)):
+      lo, hi = max(start, self.offsets[shard]), min(stop, self.offsets[shard + 1])
+      if lo < hi:
+        base = self.offsets[shard]
+        parts.append(self.array(site, shard)[lo - base:hi - base].read())
+    parts = [p.result() for p in parts]
+    if not parts:
+      return np.zeros((0, self.width(site) if site != "trace" else len(TRACE_COLUMNS)), np.float32)
+    return np.concatenate(parts)
+
+  def trace(self, start: int, stop: int) -> dict[str, np.ndarray]:
+    """{column: [stop - start]} for TRACE_COLUMNS."""
+    t = self.read("trace", start, stop)
+    return {name: t[:, i] for i, name in enumerate(TRACE_COLUMNS)}
+
+
+def open_store(root: str) -> Store:
+  return Store(root)
+
+
+def merge_stats(parts: Sequence[dict]) -> dict:
+  """Per-shard running sums -> {"count", "mean", "mean_sq_norm"}."""
+  count = sum(p["count"] for p in parts)
+  total = np.sum([np.asarray(p["sum"], np.float64) for p in parts], axis=0)
+  sq = sum(p["sum_sq_norm"] for p in parts)
+  return {"count": int(count), "mean": (total / max(count, 1)).tolist(), "mean_sq_norm": sq / max(count, 1)}

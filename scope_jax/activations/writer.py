@@ -1,0 +1,103 @@
+"""One process's shard: buffered, bucket-shuffled, ledgered writes of activations and traces.
+
+Rows of `bucket_batches` consecutive global batches form a write bucket; the bucket is
+permuted with `default_rng([seed, process, bucket])` and appended to every array of the shard
+with tensorstore's asynchronous writes. After the arrays are written the ledger is rewritten:
+rows committed, batches done, running statistics. On resume the arrays are trimmed back to
+the ledger, so a half-written bucket disappears and is written again identically.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from scope_jax.activations.store import KV, LEDGER, TRACE_COLUMNS, StoreError, open_array, shard_key
+
+
+class NonFiniteActivations(ValueError):
+  """Activations with NaN or Inf; the message names the site, document and position."""
+
+
+class ShardWriter:
+  def __init__(self, kv: KV, process: int, sites: list[str], widths: dict[str, int], dtype: str,
+               chunk_rows: int, seed: int):
+    self.kv, self.process, self.sites, self.seed = kv, process, sites, seed
+    self.key = shard_key(process)
+    self.ledger = kv.read_json(f"{self.key}/{LEDGER}") or {
+        "rows": 0, "batches": 0, "buckets": 0, "finished": False,
+        "stats": {s: {"count": 0, "sum": [0.0] * widths[s], "sum_sq_norm": 0.0} for s in sites}}
+    create = not self.ledger["finished"]
+    self.arrays = {s: open_array(kv.spec, f"{self.key}/{s}", widths[s], dtype, chunk_rows, create) for s in sites}
+    self.arrays["trace"] = open_array(kv.spec, f"{self.key}/trace", len(TRACE_COLUMNS), "int32", chunk_rows, create)
+    self._dtype = {s: self.arrays[s].dtype.numpy_dtype for s in sites}
+    self._buffer: dict[str, list[np.ndarray]] = {k: [] for k in self.arrays}
+    self._sums = {s: np.asarray(self.ledger["stats"][s]["sum"], np.float64) for s in sites}
+
+  def rewind(self, batches: int) -> None:
+    """Goes back to the flush that ended at `batches` (the ledger's last or the one before; hosts
+    flush at the same batches, so after a crash they differ by one flush at most) and drops the
+    rows written after it."""
+    if self.ledger["batches"] != batches:
+      previous = self.ledger.get("previous")
+      if not previous or previous["batches"] != batches:
+        raise StoreError(f"{self.kv.root}/{self.key}: ledger at batch {self.ledger['batches']} cannot be "
+                         f"rewound to batch {batches}; start the extraction in a new store")
+      self.ledger = previous
+      self._sums = {s: np.asarray(self.ledger["stats"][s]["sum"], np.float64) for s in self.sites}
+    rows = self.ledger["rows"]
+    resized = {k: a.resize(exclusive_max=[rows, None], shrink_only=True)
+               for k, a in self.arrays.items() if a.shape[0] > rows}
+    self.arrays.update({k: f.result() for k, f in resized.items()})
+
+  def add(self, acts: dict[str, np.ndarray], trace: np.ndarray) -> None:
+    """Buffers the rows of one batch: `acts[site] [n, width]`, `trace [n, 5]`."""
+    for site in self.sites:
+      bad = ~np.isfinite(acts[site]).all(axis=1)
+      if bad.any():
+        row = int(np.argmax(bad))
+        t = dict(zip(TRACE_COLUMNS, trace[row].tolist()))
+        raise NonFiniteActivations(
+            f"{int(bad.sum())} rows of site {site} hold NaN or Inf; the first: document {t['doc']}, "
+            f"position {t['pos']} (sequence {t['seq']}, column {t['col']}, token {t['token']}). "
+            f"Nothing of this bucket was written; the store keeps {self.ledger['rows']} committed rows")
+      self._buffer[site].append(acts[site])
+    self._buffer["trace"].append(trace)
+
+  def flush(self, batches_done: int, finished: bool = False) -> int:
+    """Shuffles the buffered rows, writes them, then the ledger; returns rows written."""
+    previous = json.loads(json.dumps({k: v for k, v in self.ledger.items() if k != "previous"}))
+    rows = previous["rows"]
+    n = sum(len(t) for t in self._buffer["trace"])
+    stats = {s: dict(v) for s, v in previous["stats"].items()}
+    if n:
+      order = np.random.default_rng([self.seed, self.process, previous["buckets"]]).permutation(n)
+      resized = {k: a.resize(exclusive_max=[rows + n, None], expand_only=True) for k, a in self.arrays.items()}
+      self.arrays = {k: f.result() for k, f in resized.items()}
+      writes = []
+      for key, parts in self._buffer.items():
+        block = np.concatenate(parts)[order]
+        if key != "trace":
+          self._sums[key] += block.sum(axis=0, dtype=np.float64)
+          stats[key] = {"count": stats[key]["count"] + n, "sum": self._sums[key].tolist(),
+                        "sum_sq_norm": stats[key]["sum_sq_norm"] + float(np.sum(np.square(block, dtype=np.float64)))}
+          block = block.astype(self._dtype[key])
+        writes.append(self.arrays[key][rows:rows + n].write(block))
+      try:
+        for w in writes:
+          w.result()
+      except Exception as e:
+        raise StoreError(f"{self.kv.root}/{self.key}: writing rows [{rows}, {rows + n}) failed ({e})") from e
+    self.ledger = {**previous, "rows": rows + n, "batches": batches_done, "finished": finished, "stats": stats,
+                   "buckets": previous["buckets"] + (1 if n else 0), "previous": previous}
+    self.kv.write_json(f"{self.key}/{LEDGER}", self.ledger)
+    self._buffer = {k: [] for k in self.arrays}
+    return n
+
+
+def ledger_batches(kv: KV, process_count: int) -> list[int]:
+  """Batches done per shard (0 for a shard that has no ledger yet)."""
+  return [(kv.read_json(f"{shard_key(p)}/{LEDGER}") or {"batches": 0})["batches"] for p in range(process_count)]
+
+

@@ -1,0 +1,98 @@
+"""Every config field of the pipeline, with Gemma Scope defaults (RECIPE §2).
+
+Config files in `configs/` start from `default_config()` and override what they need; each
+command reads its sections (extract: model, sites, data.text*, extract, model_mesh; train:
+site, data, sweep, recipe, train, mesh; export: export). Every field is documented here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from scope_jax.train.sweep import Recipe
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Sequences are tuples so that `--config.sites="('res.6','res.12')"` can override them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                         # init, shuffles, buckets: every random choice derives from it
+  c.model = "gemma3-270m"            # HF dir, .gguf, google-deepmind checkpoint or embedded name
+  c.model_dtype = "float32"          # forward dtype: float32 | bfloat16
+  c.sites = ("res.6",)                # extract: every site written by one forward
+  c.site = ml_collections.FieldReference(None, field_type=str)  # train/export: the site to train on
+
+  c.data = ml_collections.ConfigDict()
+  c.data.text = ("builtin:python-docs",)  # text sources (scope_jax/data/text.py)
+  c.data.text_field = "text"         # field of .jsonl / .parquet / HF records
+  c.data.holdout_every = 0           # >0: documents with id % holdout_every == 0 are kept out (eval text)
+  c.data.path = ml_collections.FieldReference(None, field_type=str)  # train on: a store root or a .npy [rows, d];
+                                                                     # unset = the extract store
+  c.data.width = ml_collections.FieldReference(None, field_type=int)  # expected d; checked against the data
+  c.data.normalize = True            # divide by C so that E||x||^2 = 1 (RECIPE §3)
+  c.data.context_size = ml_collections.FieldReference(None, field_type=int)  # export metadata
+  c.data.dataset = ml_collections.FieldReference(None, field_type=str)       # export metadata
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.widths = (16_384,)          # one stacked group per width
+  c.sweep.l1_coefficients = (6e-4,)   # λ values; every width trains every λ
+  c.sweep.seeds = (0,)                # init seeds; every (width, λ) trains every seed
+
+  c.recipe = ml_collections.ConfigDict({f.name: f.default for f in Recipe.__dataclass_fields__.values()})
+  c.recipe.target_l0 = ml_collections.FieldReference(None, field_type=float)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 4_096
+  c.train.steps = 100_000
+  c.train.microbatches = 1           # >1: accumulate gradients over batch slices (less memory)
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1_000
+  c.train.keep_checkpoints = 3
+
+  c.mesh = ml_collections.ConfigDict()  # the trainer's mesh
+  c.mesh.data = -1                   # -1: whatever `model` leaves
+  c.mesh.model = 0                   # 0: Gemma Scope's rule of thumb (see parallel.mesh.sae_model_axis)
+
+  c.extract = ml_collections.ConfigDict()
+  c.extract.store = ""               # store root (local path or gs://bucket/prefix); "" = WORKDIR/activations
+  c.extract.seq_len = 1024           # tokens per sequence, BOS included
+  c.extract.mode = "pack"            # pack | truncate (scope_jax/activations/sequences.py)
+  c.extract.batch_size = 8           # sequences per forward, across all hosts
+  c.extract.tokens = 0               # token budget (sequences × (seq_len - 1)); 0 = the whole corpus
+  c.extract.bucket_rows = 2**20      # rows per shuffled write bucket (per process)
+  c.extract.chunk_rows = 1024        # rows per zarr chunk
+  c.extract.dtype = "float32"        # stored dtype: float32 | bfloat16
+  c.model_mesh = ml_collections.ConfigDict()  # the language model's mesh during extraction
+  c.model_mesh.data = -1
+  c.model_mesh.model = 1
+
+  c.export = ml_collections.ConfigDict()
+  c.export.batches = 16              # batches after training on which L0 and densities are measured
+  return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """big_vision-style config arguments: `"runlocal,widths=1024+2048,steps=500"` -> ConfigDict.
+
+  Each key must be one of `defaults`; values take the default's type (lists split on `+`,
+  a bare key sets a boolean). Unknown keys are an error naming the allowed ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r}: expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, (list, tuple)):
+      kind = type(default[0]) if default else str
+      out[key] = [kind(v) for v in value.split("+")]
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out
