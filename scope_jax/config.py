@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.path = ml_collections.FieldReference(None, field_type=str)  # train on: a store root or a .npy [rows, d];
                                                                      # unset = the extract store
   c.data.width = ml_collections.FieldReference(None, field_type=int)  # expected d; checked against the data
+  c.data.window_chunks = 16          # loader shuffle window, in store chunks (scope_jax/data/loader.py)
+  c.data.nonfinite = "error"         # rows with NaN/Inf in the store: error | skip (counted)
   c.data.normalize = True            # divide by C so that E||x||^2 = 1 (RECIPE §3)
   c.data.context_size = ml_collections.FieldReference(None, field_type=int)  # export metadata
   c.data.dataset = ml_collections.FieldReference(None, field_type=str)       # export metadata

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import queue
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,9 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-import scope_jax
 from scope_jax.activations.sequences import batches, sequences
-from scope_jax.activations.store import CONFIG, KV, LEDGER, MANIFEST, TRACE_COLUMNS, StoreError, merge_stats, shard_key
+from scope_jax.activations.store import CONFIG, KV, MANIFEST, StoreError, write_manifest
 from scope_jax.activations.writer import ShardWriter, ledger_batches
 from scope_jax.data.text import iter_documents
 from scope_jax.models.sites import parse_site, site_width
@@ -223,14 +221,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
   multihost_utils.sync_global_devices("scope_jax extract: shards finished")
   seconds = time.perf_counter() - t0
   if process == 0:
-    ledgers = [kv.read_json(f"{shard_key(p)}/{LEDGER}") for p in range(jax.process_count())]
-    manifest = {
-        "config": identity, "rows_per_shard": [lg["rows"] for lg in ledgers], "rows": sum(lg["rows"] for lg in ledgers),
-        "stats": {s: merge_stats([lg["stats"][s] for lg in ledgers]) for s in identity["sites"]},
-        "trace_columns": list(TRACE_COLUMNS), "model_source": lm.source,
-        "scope_jax": scope_jax.__version__, "python": sys.version.split()[0], "created": time.time(),
-    }
-    kv.write_json(MANIFEST, manifest)
+    write_manifest(kv, identity, jax.process_count(), model_source=lm.source)
   multihost_utils.sync_global_devices("scope_jax extract: manifest written")
   return summary | {"rows": writer.ledger["rows"], "tokens_processed": tokens_seen, "seconds": seconds,
                     "tokens_per_s": tokens_seen / seconds if seconds else 0.0}

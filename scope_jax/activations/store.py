@@ -146,7 +146,8 @@ class Store:
     if (site, shard) not in self._arrays:
       key = f"{shard_key(shard)}/{site if site == 'trace' else self._check_site(site)}"
       try:
-        self._arrays[site, shard] = ts.open({"driver": "zarr3", "kvstore": _child(self.kv.spec, key + "/")},
+        self._arrays[site, shard] = ts.open({"driver": "zarr3", "kvstore": _child(self.kv.spec, key + "/"),
+                                             "fill_missing_data_reads": False},  # a lost chunk is an error, not zeros
                                             open=True).result()
       except Exception as e:
         raise StoreError(f"{self.root}/{key}: cannot open ({e})") from e
@@ -183,3 +184,24 @@ def merge_stats(parts: Sequence[dict]) -> dict:
   total = np.sum([np.asarray(p["sum"], np.float64) for p in parts], axis=0)
   sq = sum(p["sum_sq_norm"] for p in parts)
   return {"count": int(count), "mean": (total / max(count, 1)).tolist(), "mean_sq_norm": sq / max(count, 1)}
+
+
+def write_manifest(kv: KV, identity: dict, process_count: int, **extra) -> dict:
+  """Merges every shard's ledger into manifest.json, which marks the store finished."""
+  import sys
+  import time
+
+  import scope_jax
+
+  ledgers = [kv.read_json(f"{shard_key(p)}/{LEDGER}") for p in range(process_count)]
+  unfinished = [p for p, lg in enumerate(ledgers) if not (lg and lg["finished"])]
+  if unfinished:
+    raise StoreError(f"{kv.root}: shards {unfinished} are not finished; no manifest written")
+  manifest = {
+      "config": identity, "rows_per_shard": [lg["rows"] for lg in ledgers], "rows": sum(lg["rows"] for lg in ledgers),
+      "stats": {s: merge_stats([lg["stats"][s] for lg in ledgers]) for s in identity["sites"]},
+      "trace_columns": list(TRACE_COLUMNS), "scope_jax": scope_jax.__version__,
+      "python": sys.version.split()[0], "created": time.time(), **extra,
+  }
+  kv.write_json(MANIFEST, manifest)
+  return manifest

@@ -93,11 +93,18 @@ class ArraySource:
             "seed": self.seed, "batch_size": self.batch_size}
 
 
-def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: bool = True) -> BatchSource:
-  """A source for `path`: a `.npy` file of `[rows, width]` activations (memory-mapped)."""
+def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: bool = True,
+                site: str | None = None, expected_width: int | None = None, **loader_options) -> BatchSource:
+  """A source for `path`: an activation store root (local or gs://; one `site` of it) or a
+  `.npy` file of `[rows, width]` activations (memory-mapped)."""
   p = Path(path)
   if p.suffix == ".npy":
     if not p.exists():
       raise FileNotFoundError(f"data.path {path}: no such file")
     return ArraySource(np.load(p, mmap_mode="r"), batch_size, mesh, seed, normalize, name=str(p))
-  raise ValueError(f"data.path {path}: expected a .npy file of [rows, width] activations")
+  if path.startswith("gs://") or p.is_dir():
+    from scope_jax.data.loader import StoreLoader
+    if not site:
+      raise ValueError(f"data.path {path} is a store: set config.site to the site to train on")
+    return StoreLoader(path, site, batch_size, mesh, seed, normalize, expected_width=expected_width, **loader_options)
+  raise FileNotFoundError(f"data.path {path}: neither an activation store nor a .npy file")

@@ -18,12 +18,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from scope_jax.data.source import BatchSource, open_source
+from scope_jax.data.source import BatchSource
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import save_sae, width_name
 from scope_jax.sae.model import SAE, SAEInfo, fold, training_pre, unstack
 from scope_jax.train import sweep
-from scope_jax.train.trainer import checkpoint_manager, make_train_mesh, restore_or_init, run_identity
+from scope_jax.train.trainer import (checkpoint_manager, make_train_mesh, restore_or_init, run_identity,
+                                     source_from_config)
 
 
 @jax.jit
@@ -56,8 +57,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
   workdir = Path(workdir)
   groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
   mesh = mesh or make_train_mesh(config)
-  if source is None:
-    source = open_source(config.data.path, config.train.batch_size, mesh, config.seed, config.data.normalize)
+  source = source or source_from_config(config, workdir, mesh)
   init, shardings, _ = sweep.build(config.seed, source.width, groups, recipe, mesh)
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is None:
@@ -70,11 +70,14 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
   writer = jax.process_index() == 0
+  store = getattr(source, "store", None)  # a store knows where its activations came from
+  model = store.config["model"] if store else config.model
+  context = store.config["seq_len"] if store else config.data.context_size
+  dataset = ",".join(store.config["text"]) if store else (config.data.dataset or config.data.path)
   root, entries = workdir / "export", []
   for group, stack, density_sm in zip(groups, params, densities):
     for (lam, seed), name, sae, density_m in zip(group.members, group.names, unstack(stack), density_sm):
-      info = SAEInfo(site=config.site, model=config.model, context_size=config.data.context_size,
-                     dataset=config.data.dataset or config.data.path, l1_coefficient=lam)
+      info = SAEInfo(site=config.site, model=model, context_size=context, dataset=dataset, l1_coefficient=lam)
       released = jax.tree.map(np.asarray, fold(sae, scale)).replace(info=info)
       l0 = float(density_m.sum())
       npz_dir = gemma_scope_dir(root, config.site, group.width, l0)

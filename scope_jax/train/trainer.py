@@ -41,6 +41,15 @@ def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return make_mesh(data=config.mesh.data, model=model)
 
 
+def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
+  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config."""
+  from scope_jax.activations.extract import store_root
+  path = config.data.path or store_root(config, workdir)
+  return open_source(path, config.train.batch_size, mesh, config.seed, config.data.normalize, site=config.site,
+                     expected_width=config.data.width, window_chunks=config.data.window_chunks,
+                     nonfinite=config.data.nonfinite)
+
+
 def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
   """What must not change between a run and its resumption."""
   return {"seed": config.seed, "sweep": config.sweep.to_dict(), "recipe": config.recipe.to_dict(),
@@ -107,13 +116,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
   workdir = Path(workdir)
   groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
   mesh = mesh or make_train_mesh(config)
-  if source is None:
-    if not config.data.path:
-      raise ValueError("config.data.path is not set: point it at the activations to train on")
-    source = open_source(config.data.path, config.train.batch_size, mesh, config.seed, config.data.normalize)
+  source = source or source_from_config(config, workdir, mesh)
   if source.batch_size != config.train.batch_size:
     raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
-  if config.data.width is not None and source.width != config.data.width:
+  if config.data.width is not None and source.width != config.data.width:  # .npy sources
     raise ValueError(f"data width {source.width} ({source.describe().get('name')}) differs from "
                      f"config.data.width {config.data.width}")
   identity = run_identity(config, source)

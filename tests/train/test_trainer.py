@@ -18,6 +18,7 @@ from tensorboardX.proto.event_pb2 import Event
 
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh
+from scope_jax.activations.store import StoreError
 from scope_jax.config import default_config
 from scope_jax.train import TrainingDiverged, train
 
@@ -184,3 +185,29 @@ def test_train_and_export_commands(tmp_path, acts_npy):
   bad = subprocess.run([sys.executable, "-m", "scope_jax.cli", "train", "--config", cfg.replace(str(acts_npy), "/nope.npy"),
                         "--workdir", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode == 1 and "data.path /nope.npy: no such file" in bad.stderr
+
+
+def test_a_store_of_another_width_or_an_unfinished_store_is_refused(tmp_path):
+  from tests.data.stores import SITE, write_store
+
+  write_store(tmp_path / "done")
+  write_store(tmp_path / "half", finish=False)
+  c = _small_config()
+  c.site, c.data.width = SITE, 16
+  c.data.path = str(tmp_path / "done")
+  with pytest.raises(ValueError, match=r"site res.0: width 8, but the config expects 16"):
+    train(c, tmp_path / "w1", progress=False)
+  c.data.path, c.data.width = str(tmp_path / "half"), None
+  with pytest.raises(StoreError, match=r"half: unfinished"):
+    train(c, tmp_path / "w2", progress=False)
+
+
+def test_training_from_a_store(tmp_path):
+  from tests.data.stores import SITE, write_store
+
+  write_store(tmp_path / "store")
+  c = _small_config(12)
+  c.site, c.data.path = SITE, str(tmp_path / "store")
+  state = train(c, tmp_path / "w", progress=False)
+  assert int(state["step"]) == 12
+  assert (tmp_path / "w" / "checkpoints" / "12").exists()

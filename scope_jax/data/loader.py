@@ -1,0 +1,211 @@
+"""The bucketed shuffle loader: per-host, deterministic, resumable batches from a finished store.
+
+Guarantees (documented in the README):
+- Each process owns a disjoint set of chunks per epoch: the store's chunks (the zarr chunks of
+  every shard) are permuted with `default_rng([seed, epoch])` and dealt round-robin to the
+  processes. Within one process's epoch every one of its rows appears exactly once, so across
+  processes every row of the store appears exactly once per epoch.
+- Rows are shuffled twice: at write time within buckets (extraction), and here within windows
+  of `window_chunks` consecutive chunks of the permuted order (`default_rng([seed, epoch, process,
+  window])`). Memory holds about two windows.
+- The local batch of step s is rows [s·b, (s+1)·b) of the process's stream (b = batch / processes),
+  a pure function of (seed, s): a resumed job starts at step s directly.
+- A missing or corrupt chunk is an error naming shard and chunk (never zeros); rows with NaN or
+  Inf are an error with counts, or with `nonfinite="skip"` are replaced by other rows of the same
+  window and counted in `loader.skipped`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scope_jax.activations.store import Store, StoreError, open_store
+from scope_jax.data.source import normalization_scale
+from scope_jax.parallel.mesh import DATA
+
+NONFINITE = ("error", "skip")
+
+
+class StoreLoader:
+  """A `BatchSource` over one site of a finished store."""
+
+  def __init__(self, root: str | Store, site: str, batch_size: int, mesh: Mesh, seed: int = 0,
+               normalize: bool = True, window_chunks: int = 16, prefetch: int = 2, nonfinite: str = "error",
+               expected_width: int | None = None):
+    self.store = open_store(root) if isinstance(root, str) else root
+    if nonfinite not in NONFINITE:
+      raise ValueError(f"nonfinite {nonfinite!r}: expected one of {NONFINITE}")
+    self.site, self.seed, self.mesh, self.nonfinite = site, seed, mesh, nonfinite
+    self.width = self.store.width(site)
+    if expected_width is not None and expected_width != self.width:
+      raise ValueError(f"store {self.store.root} site {site}: width {self.width}, but the config expects "
+                       f"{expected_width}")
+    processes = jax.process_count()
+    if batch_size % mesh.shape[DATA] or batch_size % processes:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]}) "
+                       f"and the process count ({processes})")
+    self.batch_size, self.local_batch = batch_size, batch_size // processes
+    self.process, self.processes = jax.process_index(), processes
+    self.window_chunks, self.prefetch_depth = max(1, window_chunks), prefetch
+    self.scale = normalization_scale(self.store.stats(site)["mean_sq_norm"])
+    self._divisor = np.float32(self.scale if normalize else 1.0)
+    self.sharding = NamedSharding(mesh, P(DATA, None))
+    chunk_rows = self.store.config["chunk_rows"]
+    # every chunk of every shard: (shard, first row in shard, rows)
+    self.chunks = [(shard, lo, min(chunk_rows, rows - lo))
+                   for shard, rows in enumerate(self.store.shard_rows) for lo in range(0, rows, chunk_rows)]
+    if len(self.chunks) < processes:
+      raise StoreError(f"{self.store.root}: {len(self.chunks)} chunks cannot feed {processes} processes")
+    self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._epoch_starts = [0]  # stream position where each epoch starts, extended as needed
+    self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+    self.skipped = 0
+    self._queue: queue.Queue | None = None
+    self._thread: threading.Thread | None = None
+    self._next_step: int | None = None
+    self._stop = threading.Event()
+
+  # ---------------------------------------------------------------- the pure (seed, step) -> rows map
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """The chunks this process reads in `epoch`, in order: its round-robin share of the permutation."""
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))[self.process::self.processes]
+
+  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's chunk ids in the epoch's order and their cumulative row ends."""
+    if epoch not in self._epochs:
+      order = self._order(epoch)
+      ends = np.cumsum([self.chunks[c][2] for c in order])
+      self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+      self._epochs[epoch] = (order, ends)
+    return self._epochs[epoch]
+
+  def _locate(self, position: int) -> tuple[int, int]:
+    """(epoch, offset in that epoch) of a position in this process's stream."""
+    while position >= self._epoch_starts[-1]:
+      epoch = len(self._epoch_starts) - 1
+      self._epoch_starts.append(self._epoch_starts[-1] + sum(self.chunks[c][2] for c in self._order(epoch)))
+    epoch = int(np.searchsorted(self._epoch_starts, position, side="right")) - 1
+    return epoch, position - self._epoch_starts[epoch]
+
+  def _window(self, epoch: int, window: int) -> np.ndarray:
+    """Rows `[n, width]` of one window, shuffled (and normalized)."""
+    key = (epoch, window)
+    if key not in self._windows:
+      order, _ = self._epoch(epoch)
+      ids = order[window * self.window_chunks:(window + 1) * self.window_chunks]
+      reads = [(c, self.store.array(self.site, self.chunks[c][0])[self.chunks[c][1]:self.chunks[c][1] + self.chunks[c][2]]
+                .read()) for c in ids]
+      parts = []
+      for c, future in reads:
+        try:
+          parts.append(np.asarray(future.result(), np.float32))
+        except Exception as e:
+          shard, lo, _ = self.chunks[c]
+          raise StoreError(f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.config['chunk_rows']} "
+                           f"(rows {lo}..) cannot be read: {e}") from e
+      rows = np.concatenate(parts)
+      rows = self._check_finite(rows, epoch, window, ids)
+      rng = np.random.default_rng([self.seed, epoch, self.process, window])
+      self._windows[key] = rows[rng.permutation(len(rows))] / self._divisor
+      while len(self._windows) > 2:
+        self._windows.popitem(last=False)
+    return self._windows[key]
+
+  def _check_finite(self, rows: np.ndarray, epoch: int, window: int, ids) -> np.ndarray:
+    bad = ~np.isfinite(rows).all(axis=1)
+    if not bad.any():
+      return rows
+    if self.nonfinite == "error":
+      ends = np.cumsum([self.chunks[c][2] for c in ids])
+      where = {}
+      for row in np.flatnonzero(bad):
+        shard, lo, _ = self.chunks[ids[int(np.searchsorted(ends, row, side="right"))]]
+        key = f"shard {shard} chunk {lo // self.store.config['chunk_rows']}"
+        where[key] = where.get(key, 0) + 1
+      detail = ", ".join(f"{k} ({n} rows)" for k, n in sorted(where.items()))
+      raise StoreError(f"{self.store.root}: {int(bad.sum())} rows of site {self.site} hold NaN or Inf: {detail}; "
+                       f"set data.nonfinite='skip' to skip such rows")
+    good = np.flatnonzero(~bad)
+    if not len(good):
+      raise StoreError(f"{self.store.root}: every row of a window of site {self.site} holds NaN or Inf")
+    rng = np.random.default_rng([self.seed, epoch, self.process, window, 1])
+    rows = rows.copy()
+    rows[bad] = rows[rng.choice(good, int(bad.sum()))]
+    self.skipped += int(bad.sum())
+    return rows
+
+  def local_rows(self, step: int) -> np.ndarray:
+    """This process's rows of step `step`, `[local_batch, width]` float32."""
+    out, position, need = [], step * self.local_batch, self.local_batch
+    while need:
+      epoch, offset = self._locate(position)
+      _, ends = self._epoch(epoch)
+      chunk_index = int(np.searchsorted(ends, offset, side="right"))
+      window = chunk_index // self.window_chunks
+      window_start = int(ends[window * self.window_chunks - 1]) if window else 0
+      rows = self._window(epoch, window)
+      take = min(need, window_start + len(rows) - offset)
+      out.append(rows[offset - window_start:offset - window_start + take])
+      position, need = position + take, need - take
+    return np.concatenate(out)
+
+  # ---------------------------------------------------------------- BatchSource
+
+  def _make_array(self, local: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(self.sharding, local, (self.batch_size, self.width))
+
+  def batch(self, step: int) -> jax.Array:
+    """The global batch of `step` (prefetched in the background when read in order)."""
+    if self._next_step != step:
+      self._restart(step)
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    self._next_step = step + 1
+    return self._make_array(item)
+
+  def _restart(self, step: int) -> None:
+    self.close()
+    self._stop = threading.Event()
+    self._queue = queue.Queue(self.prefetch_depth)
+    stop, q = self._stop, self._queue
+
+    def produce():
+      s = step
+      while not stop.is_set():
+        try:
+          item = self.local_rows(s)
+        except BaseException as e:
+          item = e
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if isinstance(item, BaseException):
+          return
+        s += 1
+
+    self._thread = threading.Thread(target=produce, daemon=True)
+    self._thread.start()
+
+  def close(self) -> None:
+    """Stops the prefetch thread (also when a new `batch(step)` jumps elsewhere)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+    self._next_step = None
+
+  def describe(self) -> dict:
+    return {"kind": "store", "root": self.store.root, "site": self.site, "rows": self.store.rows,
+            "seed": self.seed, "batch_size": self.batch_size, "window_chunks": self.window_chunks,
+            "processes": self.processes}

@@ -1,0 +1,28 @@
+"""One of two real processes reading the first epoch of a store: `python -m tests.data.loader_worker ROOT OUT`."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+from scope_jax.parallel.distributed import initialize_from_env  # noqa: E402
+
+initialize_from_env()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scope_jax.data.loader import StoreLoader  # noqa: E402
+from scope_jax.parallel.mesh import make_mesh  # noqa: E402
+from tests.data.stores import SITE  # noqa: E402
+
+root, out = sys.argv[1], sys.argv[2]
+loader = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=False)
+loader._locate(0)
+epoch_rows = loader._epoch_starts[1]
+steps = -(-epoch_rows // loader.local_batch)
+ids = np.concatenate([loader.local_rows(s)[:, 0] for s in range(steps)])[:epoch_rows]
+batch = loader.batch(0)  # a real global array built from both processes' rows
+assert batch.shape == (40, 8) and len(batch.addressable_shards) == 2
+loader.close()
+np.save(f"{out}.{jax.process_index()}.npy", ids)
