@@ -1,7 +1,7 @@
 """The `scope-jax` command.
 
     scope-jax demo [--model ...]
-    scope-jax extract|train|export --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+    scope-jax extract|train|export|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
-CONFIG_COMMANDS = ("extract", "train", "export")
+CONFIG_COMMANDS = ("extract", "train", "export", "eval", "run")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -58,37 +58,80 @@ def parse_config_command(command: str, argv: list[str]):
   return fv.config, fv.workdir
 
 
+def stage_extract(config, workdir) -> None:
+  from scope_jax.activations.extract import extract
+  from scope_jax.activations.writer import NonFiniteActivations
+  try:
+    s = extract(config, workdir)
+  except NonFiniteActivations as e:
+    sys.exit(f"scope-jax extract: {e}")
+  if s["already_finished"]:
+    print(f"extract: {s['root']} already finished ({s['rows']:,} rows); nothing to do")
+  else:
+    print(f"extract: {s['root']}: {s['rows']:,} rows in this process's shard, {s['tokens_processed']:,} tokens "
+          f"in {s['seconds']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)" +
+          (f"; resumed at batch {s['resumed_at_batch']}" if s["resumed_at_batch"] else ""))
+
+
+def stage_train(config, workdir) -> None:
+  from scope_jax.train import Preempted, TrainingDiverged, train
+  try:
+    state = train(config, workdir)
+  except TrainingDiverged as e:
+    sys.exit(f"scope-jax train: {e}")
+  except Preempted as e:
+    print(f"scope-jax train: {e}", file=sys.stderr)
+    sys.exit(143)
+  print(f"train: step {int(state['step'])}; checkpoints and metrics.jsonl in {workdir}")
+
+
+def stage_export(config, workdir) -> None:
+  from scope_jax.train.export import export
+  entries = export(config, workdir)
+  for e in entries:
+    print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
+  print(f"export: {len(entries)} SAEs; index in {workdir}/export/index.json")
+
+
+def stage_eval(config, workdir) -> None:
+  from scope_jax.eval import run_eval
+  out = run_eval(config, workdir)
+  for name, r in sorted(out["results"].items()):
+    print(f"{name:>24}  L0 {r['l0']:8.1f}  FVU {r['fvu']:.3f}  Δloss {r['delta_loss']:+.4f}  "
+          f"recovered {r['loss_recovered']:.1%}")
+  if out["files"]:
+    print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
+
+
+def stage_run(config, workdir) -> None:
+  """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
+  from pathlib import Path
+
+  workdir = Path(workdir)
+  stage_extract(config, workdir)
+  stage_train(config, workdir)
+  index, metrics = workdir / "export" / "index.json", workdir / "report" / "metrics.json"
+  latest = max((int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), default=None)
+  import json
+  if index.exists() and {e["step"] for e in json.loads(index.read_text())} == {latest}:
+    print(f"export: {index} is up to date; skipped")
+  else:
+    stage_export(config, workdir)
+  if metrics.exists() and metrics.stat().st_mtime >= index.stat().st_mtime:
+    print(f"eval: {metrics} is up to date; skipped")
+  else:
+    stage_eval(config, workdir)
+  print(f"\ndone: exports in {workdir / 'export'} (Gemma Scope npz and SAELens), "
+        f"report in {workdir / 'report' / 'report.html'}")
+
+
+STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval,
+          "run": stage_run}
+
+
 def run_config_command(command: str, argv: list[str]) -> None:
   config, workdir = parse_config_command(command, argv)
-  if command == "extract":
-    from scope_jax.activations.extract import extract
-    from scope_jax.activations.writer import NonFiniteActivations
-    try:
-      s = extract(config, workdir)
-    except NonFiniteActivations as e:
-      sys.exit(f"scope-jax extract: {e}")
-    if s["already_finished"]:
-      print(f"{s['root']}: already finished ({s['rows']:,} rows); nothing to do")
-    else:
-      print(f"{s['root']}: {s['rows']:,} rows in this process's shard, {s['tokens_processed']:,} tokens "
-            f"in {s['seconds']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)" +
-            (f"; resumed at batch {s['resumed_at_batch']}" if s["resumed_at_batch"] else ""))
-  elif command == "train":
-    from scope_jax.train import Preempted, TrainingDiverged, train
-    try:
-      state = train(config, workdir)
-    except TrainingDiverged as e:
-      sys.exit(f"scope-jax train: {e}")
-    except Preempted as e:
-      print(f"scope-jax train: {e}", file=sys.stderr)
-      sys.exit(143)
-    print(f"trained to step {int(state['step'])}; checkpoints and metrics.jsonl in {workdir}")
-  elif command == "export":
-    from scope_jax.train.export import export
-    entries = export(config, workdir)
-    for e in entries:
-      print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
-    print(f"{len(entries)} SAEs exported; index in {workdir}/export/index.json")
+  STAGES[command](config, workdir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.extract.bucket_rows = 2**20      # rows per shuffled write bucket (per process)
   c.extract.chunk_rows = 1024        # rows per zarr chunk
   c.extract.dtype = "float32"        # stored dtype: float32 | bfloat16
+  c.eval = ml_collections.ConfigDict()
+  c.eval.text = ()                   # evaluation text; () = the documents extraction held out
+  c.eval.strict = False              # refuse (instead of warn) when eval text may overlap training text
+  c.eval.sequences = 64              # evaluation sequences (Gemma Scope: 2,048 of 1,024 tokens)
+  c.eval.seq_len = 1024
+  c.eval.batch_size = 8
+  c.eval.bfloat16 = True             # also evaluate with the model and SAEs in bfloat16
+  c.eval.saes = ()                   # more SAEs to evaluate: Gemma Scope npz / SAELens dirs / our exports
   c.model_mesh = ml_collections.ConfigDict()  # the language model's mesh during extraction
   c.model_mesh.data = -1
   c.model_mesh.model = 1

@@ -28,6 +28,15 @@ def _forward(state, tokens_bt, graphdef, capture, replace, with_logits, out_dtyp
   return (None if logits is None else logits.astype(out_dtype)), acts
 
 
+def _losses_forward(state, tokens_bt, graphdef, replace):
+  """Next-token cross-entropy `[B, T-1]` in float32, computed inside the jit so the `[B, T, V]`
+  logits never reach the host."""
+  model = nnx.merge(graphdef, state)
+  logits, _ = model(tokens_bt, replace=dict(replace), with_logits=True)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+
+
 class LanguageModel:
   """A Gemma 2 / Gemma 3 decoder whose parameters live on `mesh` (see `load_model`)."""
 
@@ -45,6 +54,8 @@ class LanguageModel:
         in_shardings=(state_shardings, self._batch_sharding),
         out_shardings=self._batch_sharding,
         static_argnums=(2, 3, 4, 5, 6))  # graphdef, capture, replace, with_logits, out_dtype
+    self._jitted_losses = jax.jit(_losses_forward, in_shardings=(state_shardings, self._batch_sharding),
+                                  out_shardings=self._batch_sharding, static_argnums=(2, 3))
 
   def logits(self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
              dtype=jnp.float32) -> jax.Array:
@@ -55,6 +66,12 @@ class LanguageModel:
     replace_items = tuple((parse_site(name, self.config), fn) for name, fn in (replace or {}).items())
     logits, _ = self._run(tokens, (), replace_items, True, dtype)
     return logits
+
+  def token_losses(self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None) -> jax.Array:
+    """int [B, T] -> float32 [B, T-1]: -log p(token[t+1] | tokens[:t+1]), optionally spliced."""
+    replace_items = tuple((parse_site(name, self.config), fn) for name, fn in (replace or {}).items())
+    tokens_bt, batch = self._place(tokens)
+    return self._jitted_losses(self._state, tokens_bt, self._graphdef, replace_items)[:batch]
 
   def activations(self, tokens, sites: Sequence[str], dtype=jnp.float32) -> dict[str, jax.Array]:
     """int [B, T] -> {site: [B, T, width]}; the forward stops after the deepest site."""
@@ -83,14 +100,18 @@ class LanguageModel:
         break
     return ids
 
-  def _run(self, tokens, capture: tuple[Site, ...], replace, with_logits: bool, dtype):
+  def _place(self, tokens) -> tuple[jax.Array, int]:
+    """Checked tokens on the mesh, the batch padded to a multiple of the `data` axis."""
     tokens_bt = self.check_tokens(tokens)
     batch = tokens_bt.shape[0]
-    data = self.mesh.shape[mesh_lib.DATA]
-    pad = -batch % data  # the batch axis shards over `data`: pad it to a multiple
+    pad = -batch % self.mesh.shape[mesh_lib.DATA]
     if pad:
       tokens_bt = np.concatenate([tokens_bt, np.full((pad, tokens_bt.shape[1]), self.config.pad_id, np.int32)])
-    tokens_bt = mesh_lib.put(tokens_bt, self.mesh, ("batch", None), what="tokens")
+    return mesh_lib.put(tokens_bt, self.mesh, ("batch", None), what="tokens"), batch
+
+  def _run(self, tokens, capture: tuple[Site, ...], replace, with_logits: bool, dtype):
+    tokens_bt, batch = self._place(tokens)
+    pad = tokens_bt.shape[0] - batch
     logits, acts = self._jitted(self._state, tokens_bt, self._graphdef, capture, replace, with_logits,
                                 jnp.dtype(dtype))
     if pad:

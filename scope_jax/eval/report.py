@@ -1,0 +1,111 @@
+"""Plots (matplotlib, PNG), `metrics.json`, `report.md` and a self-contained `report.html`.
+
+    WORKDIR/report/metrics.json          every SAE's numbers (float32 and bfloat16)
+    WORKDIR/report/pareto_delta_loss.png delta LM loss against L0, one curve per width
+    WORKDIR/report/pareto_fvu.png        FVU against L0, one curve per width
+    WORKDIR/report/density_NAME.png      log10 firing-density histogram of each SAE
+    WORKDIR/report/report.md, report.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scope_jax.eval.metrics import log10_density_histogram  # noqa: E402
+
+COLUMNS = [("width", "width", "{:d}"), ("l1_coefficient", "λ", "{:g}"), ("l0", "L0", "{:.1f}"),
+           ("fvu", "FVU", "{:.3f}"), ("mse", "MSE", "{:.4g}"), ("delta_loss", "Δ loss", "{:.4f}"),
+           ("loss_recovered", "loss recovered", "{:.1%}"), ("dead_fraction", "dead", "{:.1%}"),
+           ("dense_fraction", "dense", "{:.1%}")]
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def pareto_plot(results: dict, y: str, ylabel: str, path: Path) -> None:
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+  widths = sorted({r["width"] for r in results.values()})
+  for width in widths:
+    points = sorted((r["l0"], r[y]) for r in results.values() if r["width"] == width)
+    ax.plot(*zip(*points), marker="o", label=f"width {width}")
+  ax.set_xscale("log")
+  ax.set_xlabel("L0 (active latents per token)")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def density_plot(name: str, density_m: np.ndarray, path: Path) -> None:
+  counts, edges, dead = log10_density_histogram(density_m)
+  fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+  ax.stairs(counts, edges, fill=True)
+  ax.set_xlabel("log10 firing density")
+  ax.set_ylabel("latents")
+  ax.set_title(f"{name} ({dead} dead)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _table(results: dict) -> list[list[str]]:
+  rows = []
+  for name, r in sorted(results.items(), key=lambda kv: (kv[1]["width"], kv[1]["l0"])):
+    rows.append([name] + [fmt.format(r[key]) if r.get(key) is not None else "—" for key, _, fmt in COLUMNS])
+  return rows
+
+
+def write_report(results: dict, results_bf16: dict | None, out: Path, title: str) -> dict[str, Path]:
+  """Writes everything; `results[name]` holds the metrics plus "width" and "l1_coefficient"."""
+  out.mkdir(parents=True, exist_ok=True)
+  images = {"pareto_delta_loss.png": ("delta_loss", "Δ LM loss (spliced − clean)"),
+            "pareto_fvu.png": ("fvu", "fraction of variance unexplained")}
+  for file, (key, label) in images.items():
+    pareto_plot(results, key, label, out / file)
+  densities = {}
+  for name, r in results.items():
+    densities[name] = out / f"density_{_safe(name)}.png"
+    density_plot(name, r["density"], densities[name])
+  strip = lambda rs: {n: {k: v for k, v in r.items() if k != "density"} for n, r in rs.items()}
+  (out / "metrics.json").write_text(json.dumps({"float32": strip(results), "bfloat16": strip(results_bf16 or {})},
+                                               indent=2, default=float) + "\n")
+  header = ["SAE"] + [label for _, label, _ in COLUMNS]
+  rows = _table(results)
+  md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  md += ["| " + " | ".join(row) + " |" for row in rows]
+  if results_bf16:
+    md += ["", "## bfloat16 (model and SAEs)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in _table(results_bf16)]
+  md += ["", "![delta loss vs L0](pareto_delta_loss.png)", "![FVU vs L0](pareto_fvu.png)", ""]
+  md += [f"![{n}]({p.name})" for n, p in densities.items()]
+  (out / "report.md").write_text("\n".join(md) + "\n")
+
+  def img(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+  def table(rows) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+  parts = [f"<h1>{html.escape(title)}</h1>", table(rows)]
+  if results_bf16:
+    parts += ["<h2>bfloat16 (model and SAEs)</h2>", table(_table(results_bf16))]
+  parts += [img(out / f) for f in images] + [img(p) for p in densities.values()]
+  style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+  (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                   f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+  return {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
