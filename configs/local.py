@@ -11,7 +11,7 @@ from scope_jax.config import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, tokens=0, steps=2_000, widths=[2_048, 4_096], l1=[3e-4, 1e-3, 3e-3], site="res.6")
+  arg = parse_arg(arg, tokens=0, steps=400, widths=[1_024, 2_048], l1=[1e-3, 3e-3, 1e-2], site="res.6")
   c = default_config()
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
@@ -27,10 +27,14 @@ def get_config(arg=None):
   c.sweep.l1_coefficients = tuple(arg.l1)
   c.train.batch_size = 1_024
   c.train.steps = arg.steps
-  c.train.log_every = 50
-  c.train.checkpoint_every = 500
-  c.recipe.lr = 1e-3                  # short runs need a faster start than Gemma Scope's 7e-5
-  c.recipe.lr_warmup_steps = 100
-  c.recipe.sparsity_warmup_steps = 500
-  c.recipe.dead_window_steps = 500
+  c.train.log_every = 20
+  c.train.checkpoint_every = 100
+  c.recipe.lr = 2e-3                  # a 400-step run needs a faster start than Gemma Scope's 7e-5
+  c.recipe.lr_warmup_steps = 30
+  c.recipe.sparsity_warmup_steps = 150
+  c.recipe.dead_window_steps = 200
+  c.export.batches = 32
+  c.eval.sequences = 16               # one batch of 16 × 128 tokens, in float32 and bfloat16
+  c.eval.seq_len = 128
+  c.eval.batch_size = 16
   return c

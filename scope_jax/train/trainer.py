@@ -124,11 +124,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
                      f"config.data.width {config.data.width}")
   identity = run_identity(config, source)
 
-  slices = config.train.microbatches * mesh.shape["data"]
-  if config.train.batch_size % slices:
+  microbatches = config.train.microbatches or sweep.auto_microbatches(config.train.batch_size, mesh.shape["data"])
+  if config.train.batch_size % (microbatches * mesh.shape["data"]):
     raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by train.microbatches "
-                     f"({config.train.microbatches}) × the mesh's data axis ({mesh.shape['data']})")
-  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh, config.train.microbatches)
+                     f"({microbatches}) × the mesh's data axis ({mesh.shape['data']})")
+  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh, microbatches)
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, init, shardings)

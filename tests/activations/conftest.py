@@ -1,16 +1,9 @@
-"""Fixtures for store tests: a tiny model directory with a real tokenizer, and a GCS emulator."""
+"""Fixtures for store tests: a GCS emulator."""
 
 import os
 import threading
 
 import pytest
-
-from tests.helpers import tiny_lm_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-  return tiny_lm_dir(tmp_path_factory.mktemp("tiny_lm"))
 
 
 @pytest.fixture(scope="session")

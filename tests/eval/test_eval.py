@@ -1,0 +1,163 @@
+"""Evaluation: metrics on hand-computed inputs, splicing identities, official vs exported files,
+bad input, and the local pipeline end to end on the embedded model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scope_jax as sj
+from scope_jax.activations.extract import extract
+from scope_jax.config import default_config
+from scope_jax.eval.evaluate import OverlapError, eval_batches, evaluate_saes, run_eval
+from scope_jax.eval.metrics import SAEStats
+from scope_jax.sae import SAE, fold, init_sae
+from scope_jax.train import train
+from scope_jax.train.export import export
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_l0_fvu_mse_and_density_on_hand_computed_inputs():
+  # d = 2, M = 3; latent 0 reads x0, latent 1 reads x1 (threshold 1.5), latent 2 never fires
+  sae = SAE(W_enc=jnp.array([[1.0, 0, 0], [0, 1.0, 0]]), b_enc=jnp.zeros(3), W_dec=jnp.array([[1.0, 0], [0, 1.0], [1, 1]]),
+            b_dec=jnp.zeros(2), threshold=jnp.array([0.5, 1.5, 0.5]))
+  x = np.array([[1.0, 1.0], [2.0, 2.0], [0.0, 3.0], [1.0, 0.0]], np.float32)
+  # latents: [1,0,0] [2,2,0] [0,3,0] [1,0,0] -> recon [1,0] [2,2] [0,3] [1,0]; errors: 1, 0, 0, 0
+  stats = SAEStats()
+  stats.add(sae, x[:2])
+  stats.add(sae, x[2:])
+  r = stats.result()
+  assert r["tokens"] == 4 and r["l0"] == pytest.approx(5 / 4) and r["mse"] == pytest.approx(1 / 4)
+  variance = np.mean(np.sum((x - x.mean(0)) ** 2, 1))  # 0.6875 + 1.25 = 1.9375
+  assert r["fvu"] == pytest.approx(0.25 / variance)
+  np.testing.assert_allclose(r["density"], [3 / 4, 2 / 4, 0])
+  assert r["dead_fraction"] == pytest.approx(1 / 3) and r["dense_fraction"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+  return sj.load_model(tiny_model)
+
+
+def eval_config(tiny_model, **fields):
+  c = default_config()
+  c.model, c.site, c.sites = str(tiny_model), "res.1", ("res.1",)
+  c.data.holdout_every = 4
+  c.eval.sequences, c.eval.seq_len, c.eval.batch_size, c.eval.bfloat16 = 8, 48, 8, False
+  for k, v in fields.items():
+    setattr(c.eval, k, v)
+  return c
+
+
+def perfect_sae(d: int) -> SAE:
+  """f = [relu(x), relu(-x)], xhat = relu(x) - relu(-x) = x."""
+  eye = jnp.eye(d)
+  return SAE(W_enc=jnp.concatenate([eye, -eye], 1), b_enc=jnp.zeros(2 * d), W_dec=jnp.concatenate([eye, -eye], 0),
+             b_dec=jnp.zeros(d), threshold=jnp.zeros(2 * d))
+
+
+def test_identity_splice_is_exactly_zero_and_a_perfect_sae_nearly(lm, tiny_model):
+  batches = eval_batches(eval_config(tiny_model), lm.tokenizer)
+  tokens = batches[0].tokens
+  np.testing.assert_array_equal(lm.token_losses(tokens, replace={"res.1": lambda a: a}), lm.token_losses(tokens))
+  d = lm.config.d_model
+  random = fold(init_sae(jax.random.key(0), d, 4 * d), 3.0)
+  r = evaluate_saes(lm, {"perfect": (perfect_sae(d), "res.1"), "random": (random, "res.1")}, batches, progress=False)
+  perfect = r["perfect"]
+  assert perfect["fvu"] < 1e-10 and abs(perfect["delta_loss"]) < 1e-5
+  assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+  assert perfect["ce_zero_ablation"] > perfect["ce_clean"] + 0.05
+  assert perfect["ce_zero_ablation"] > r["random"]["ce_spliced"] > perfect["ce_spliced"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(lm, tiny_model, tmp_path_factory):
+  """extract -> train -> export on the tiny model: a real trained sweep to evaluate."""
+  workdir = tmp_path_factory.mktemp("run")
+  c = eval_config(tiny_model)
+  c.extract.seq_len, c.extract.batch_size, c.extract.tokens, c.extract.bucket_rows = 48, 8, 6_000, 1_024
+  c.sweep.widths, c.sweep.l1_coefficients = (128,), (1e-3, 3e-2)
+  c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 128, 40, 20, 1_000
+  c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 5, 10
+  c.export.batches = 4
+  extract(c, workdir, lm=lm, progress=False)
+  train(c, workdir, progress=False)
+  export(c, workdir, progress=False)
+  return c, workdir
+
+
+def test_official_gemma_scope_layout_gives_the_same_metrics_as_our_export(lm, tiny_run, tmp_path):
+  c, workdir = tiny_run
+  ours = json.loads((workdir / "export" / "index.json").read_text())[0]["gemma_scope"]
+  official = tmp_path / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_9" / "params.npz"
+  official.parent.mkdir(parents=True)
+  with np.load(ours) as z:
+    np.savez(official, **{k.lower(): z[k] for k in z.files})  # official files use w_enc / w_dec too
+  batches = eval_batches(c, lm.tokenizer)
+  r = evaluate_saes(lm, {"ours": (sj.load_sae(ours), "res.1"), "official": (sj.load_sae(official), "res.1")},
+                    batches, progress=False)
+  assert sj.load_sae(official).info.site == "res.1"
+  for key in ("l0", "mse", "fvu", "ce_spliced", "delta_loss", "dead_fraction"):
+    assert r["ours"][key] == r["official"][key], key
+
+
+def test_run_eval_writes_the_report(lm, tiny_run):
+  c, workdir = tiny_run
+  out = run_eval(c, workdir, lm=lm, progress=False)
+  metrics = json.loads((workdir / "report" / "metrics.json").read_text())
+  assert sorted(metrics["float32"]) == ["w128-l0.001-s0", "w128-l0.03-s0"]
+  low, high = metrics["float32"]["w128-l0.001-s0"], metrics["float32"]["w128-l0.03-s0"]
+  assert low["l0"] > high["l0"]
+  for name in ("pareto_delta_loss.png", "pareto_fvu.png", "report.md", "report.html"):
+    assert (workdir / "report" / name).exists()
+  assert "w128-l0.03-s0" in (workdir / "report" / "report.md").read_text()
+  assert out["files"]["html"].read_text().count("data:image/png;base64,") == 4
+
+
+def test_bad_input(lm, tiny_model, tiny_run, tmp_path):
+  c, _ = tiny_run
+  batches = eval_batches(c, lm.tokenizer)
+  wrong = fold(init_sae(jax.random.key(0), 32, 64), 1.0)
+  with pytest.raises(ValueError, match=r"SAE w: input width 32 does not match site res.1 .* \(width 64\)"):
+    evaluate_saes(lm, {"w": (wrong, "res.1")}, batches, progress=False)
+  with pytest.raises(ValueError, match=r"site 'res.40': layer 40 is beyond the last layer \(2\)"):
+    evaluate_saes(lm, {"p": (perfect_sae(64), "res.40")}, batches, progress=False)
+  overlapping = eval_config(tiny_model)
+  overlapping.data.holdout_every = 0
+  with pytest.warns(UserWarning, match="the evaluation text is the training text"):
+    eval_batches(overlapping, lm.tokenizer)
+  overlapping.eval.strict = True
+  with pytest.raises(OverlapError, match="data.holdout_every is 0"):
+    eval_batches(overlapping, lm.tokenizer)
+
+
+def _is_png(path: Path) -> bool:
+  import matplotlib.image
+  return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(path).ndim == 3
+
+
+def test_local_pipeline_end_to_end(tmp_path):
+  """The README's main job on the embedded Gemma 3 270M, with a tiny budget."""
+  cmd = [sys.executable, "-m", "scope_jax.cli", "run", "--config", f"{REPO}/configs/local.py:tokens=1500,steps=20",
+         "--workdir", str(tmp_path), "--config.train.batch_size=256", "--config.train.log_every=10",
+         "--config.export.batches=2", "--config.eval.sequences=4", "--config.eval.seq_len=64",
+         "--config.eval.batch_size=4"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "report in" in done.stdout
+  assert (tmp_path / "activations" / "manifest.json").exists()
+  assert (tmp_path / "checkpoints" / "20").exists() and (tmp_path / "metrics.jsonl").exists()
+  index = json.loads((tmp_path / "export" / "index.json").read_text())
+  assert len(index) == 6 and all(Path(e["gemma_scope"]).exists() and Path(e["saelens"]).exists() for e in index)
+  metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+  assert len(metrics["float32"]) == len(metrics["bfloat16"]) == 6
+  pngs = list((tmp_path / "report").glob("*.png"))
+  assert len(pngs) == 2 + 6 and all(_is_png(p) for p in pngs)
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and "already finished" in again.stdout and "up to date; skipped" in again.stdout
