@@ -2,6 +2,7 @@
 bad input, and the local pipeline end to end on the embedded model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,18 +63,21 @@ def perfect_sae(d: int) -> SAE:
              b_dec=jnp.zeros(d), threshold=jnp.zeros(2 * d))
 
 
-def test_identity_splice_is_exactly_zero_and_a_perfect_sae_nearly(lm, tiny_model):
-  batches = eval_batches(eval_config(tiny_model), lm.tokenizer)
+def test_identity_splice_is_exactly_zero_and_a_perfect_sae_nearly(tiny_model):
+  """On the real 270M (a random model is no better than zero-ablation, so it cannot show it)."""
+  lm = sj.load_model("gemma3-270m", mesh=sj.make_mesh(devices=jax.devices()[:1]))
+  c = eval_config(tiny_model, sequences=4, seq_len=48, batch_size=4)
+  batches = eval_batches(c, lm.tokenizer)
   tokens = batches[0].tokens
   np.testing.assert_array_equal(lm.token_losses(tokens, replace={"res.1": lambda a: a}), lm.token_losses(tokens))
   d = lm.config.d_model
-  random = fold(init_sae(jax.random.key(0), d, 4 * d), 3.0)
+  random = fold(init_sae(jax.random.key(0), d, 2 * d), 30.0)
   r = evaluate_saes(lm, {"perfect": (perfect_sae(d), "res.1"), "random": (random, "res.1")}, batches, progress=False)
   perfect = r["perfect"]
   assert perfect["fvu"] < 1e-10 and abs(perfect["delta_loss"]) < 1e-5
   assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
-  assert perfect["ce_zero_ablation"] > perfect["ce_clean"] + 0.05
-  assert perfect["ce_zero_ablation"] > r["random"]["ce_spliced"] > perfect["ce_spliced"]
+  assert perfect["ce_zero_ablation"] > perfect["ce_clean"] + 1.0
+  assert perfect["ce_zero_ablation"] > perfect["ce_spliced"] and r["random"]["ce_spliced"] > perfect["ce_spliced"]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,8 @@ def test_local_pipeline_end_to_end(tmp_path):
          "--workdir", str(tmp_path), "--config.train.batch_size=256", "--config.train.log_every=10",
          "--config.export.batches=2", "--config.eval.sequences=4", "--config.eval.seq_len=64",
          "--config.eval.batch_size=4"]
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as a user's laptop runs it
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "report in" in done.stdout
   assert (tmp_path / "activations" / "manifest.json").exists()
@@ -159,5 +164,5 @@ def test_local_pipeline_end_to_end(tmp_path):
   assert len(metrics["float32"]) == len(metrics["bfloat16"]) == 6
   pngs = list((tmp_path / "report").glob("*.png"))
   assert len(pngs) == 2 + 6 and all(_is_png(p) for p in pngs)
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0 and "already finished" in again.stdout and "up to date; skipped" in again.stdout
