@@ -81,7 +81,10 @@ def _paragraphs(path: str) -> Iterator[str]:
 
 def _records(path: str, text_field: str) -> Iterator[str]:
   if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
+    try:
+      import pyarrow.parquet as pq
+    except ImportError as e:
+      raise ImportError(f"text source {path}: reading .parquet needs pyarrow (pip install pyarrow)") from e
     with _open(path) as f:
       table = pq.ParquetFile(f)
       if text_field not in table.schema_arrow.names:

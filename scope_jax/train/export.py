@@ -57,6 +57,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
   workdir = Path(workdir)
   groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
   mesh = mesh or make_train_mesh(config)
+  own_source = source is None
   source = source or source_from_config(config, workdir, mesh)
   init, shardings, _ = sweep.build(config.seed, source.width, groups, recipe, mesh)
   mngr = checkpoint_manager(workdir, config)
@@ -66,6 +67,8 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
   mngr.close()
   step = int(state["step"])
   densities = measure(state["params"], source, step, config.export.batches, progress)
+  if own_source and hasattr(source, "close"):
+    source.close()
   scale = source.scale if config.data.normalize else 1.0
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process

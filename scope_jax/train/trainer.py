@@ -116,6 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
   workdir = Path(workdir)
   groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
   mesh = mesh or make_train_mesh(config)
+  own_source = source is None
   source = source or source_from_config(config, workdir, mesh)
   if source.batch_size != config.train.batch_size:
     raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
@@ -177,4 +178,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
     bar.close()
     writer.close()
     mngr.close()
+    if own_source and hasattr(source, "close"):
+      source.close()  # the loader's prefetch thread
   return state
