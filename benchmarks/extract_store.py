@@ -25,7 +25,7 @@ def config(store: str):
   c = default_config()
   c.model, c.sites = "gemma3-270m", ("res.6",)
   c.extract.seq_len, c.extract.batch_size, c.extract.tokens = 128, 8, TOKENS
-  c.extract.bucket_rows, c.extract.chunk_rows, c.extract.store = 16_384, 512, store
+  c.extract.bucket_rows, c.extract.chunk_rows, c.extract.store = 4_096, 512, store  # flushes overlap the forward
   return c
 
 
