@@ -7,13 +7,15 @@ site, data, sweep, recipe, train, mesh; export: export). Every field is document
 
 from __future__ import annotations
 
-import ml_collections
+import json
 
-from scope_jax.train.sweep import Recipe
+import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Sequences are tuples so that `--config.sites="('res.6','res.12')"` can override them."""
+  from scope_jax.train.sweep import Recipe  # here: the trainer imports this module's helpers
+
   c = ml_collections.ConfigDict()
   c.seed = 0                         # init, shuffles, buckets: every random choice derives from it
   c.model = "gemma3-270m"            # HF dir, .gguf, google-deepmind checkpoint or embedded name
@@ -79,6 +81,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.batches = 16              # batches after training on which L0 and densities are measured
   return c
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """`["field.sub: old -> new", ...]` for every leaf that differs between two JSON-like records
+  (what a resumed run compares: `new` is taken through JSON first, as `old` was when saved)."""
+  new = json.loads(json.dumps(new)) if not prefix else new
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new))
+            for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def parse_arg(arg: str | None, **defaults):

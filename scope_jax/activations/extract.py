@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from scope_jax.activations.sequences import batches, sequences
 from scope_jax.activations.store import CONFIG, KV, MANIFEST, StoreError, write_manifest
 from scope_jax.activations.writer import ShardWriter, ledger_batches
+from scope_jax.config import config_differences
 from scope_jax.data.text import iter_documents
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import make_mesh
@@ -76,10 +77,6 @@ def store_identity(config: ml_collections.ConfigDict, lm) -> dict:
 def max_batches(config: ml_collections.ConfigDict) -> int | None:
   e = config.extract
   return math.ceil(e.tokens / (e.batch_size * (e.seq_len - 1))) if e.tokens else None
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def _local_rows(batch, acts: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -162,7 +159,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
     raise ValueError(f"model {config.model}: no tokenizer found; extraction needs one")
   identity = store_identity(config, lm)
   existing = kv.read_json(CONFIG)
-  if existing is not None and (diffs := _differences(existing, identity)):
+  if existing is not None and (diffs := config_differences(existing, identity)):
     raise StoreError(f"{root} was made with another config; differing fields:\n  " + "\n  ".join(diffs)
                      + "\nuse another store (extract.store or --workdir) or restore the old config")
   if (manifest := kv.read_json(MANIFEST)) is not None:

@@ -111,8 +111,8 @@ class Store:
     self.kv = KV(root)
     manifest = self.kv.read_json(MANIFEST)
     if manifest is None:
-      ledgers = [k for k in ("shards/00000/" + LEDGER,) if self.kv.read_json(k) is not None]
-      state = "unfinished (an extraction has not completed)" if ledgers else "not a store (no manifest.json)"
+      started = self.kv.read_json(f"{shard_key(0)}/{LEDGER}") is not None
+      state = "unfinished (an extraction has not completed)" if started else "not a store (no manifest.json)"
       raise StoreError(f"{root}: {state}; run or resume `scope-jax extract` first")
     self.manifest = manifest
     self.config = manifest["config"]

@@ -10,7 +10,6 @@ counters) and the run's identity. The loader position *is* the step: a source's 
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from scope_jax.config import config_differences
 from scope_jax.data.source import BatchSource, open_source
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import sweep
@@ -57,12 +57,6 @@ def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict
           "normalize": config.data.normalize, "data": source.describe()}
 
 
-def _differences(old, new, prefix="") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                          enable_async_checkpointing=True)
@@ -76,7 +70,7 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   if step is None:
     return init()
   saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
-  if diffs := _differences(saved, json.loads(json.dumps(identity))):
+  if diffs := config_differences(saved, identity):
     raise ValueError(f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
                      + "\n  ".join(diffs) + "\nuse a new --workdir, or restore the old config")
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

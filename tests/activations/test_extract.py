@@ -6,7 +6,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from scope_jax.activations.store import StoreError, open_store
 from scope_jax.activations.writer import NonFiniteActivations
 from scope_jax.config import default_config
 from scope_jax.data.text import iter_documents
+from tests.helpers import run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["res.1", "att.2", "mlp_in.0"]
@@ -165,26 +165,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path):
   assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_write_disjoint_shards_whose_union_is_the_single_process_store(tiny_model, tmp_path):
   single, double = tmp_path / "single", tmp_path / "double"
   tokens = "--config.extract.tokens=6000"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   subprocess.run(_extract_cmd(tiny_model, single, tokens), cwd=REPO, check=True, capture_output=True, env=env)
-  port = _free_port()
-  procs = [subprocess.Popen(_extract_cmd(tiny_model, double, tokens), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                     SCOPE_JAX_COORDINATOR=f"127.0.0.1:{port}", SCOPE_JAX_NUM_PROCESSES="2",
-                                     SCOPE_JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  run_processes(_extract_cmd(tiny_model, double, tokens), cwd=REPO)
   one, manifest_one = _shard_content(single / "activations")
   two, manifest_two = _shard_content(double / "activations")
   assert len(manifest_two["rows_per_shard"]) == 2 and min(manifest_two["rows_per_shard"]) > 0

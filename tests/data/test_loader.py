@@ -2,9 +2,6 @@
 shuffle quality, and every validation error triggered for real."""
 
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from scope_jax.activations.store import StoreError
 from scope_jax.data.loader import StoreLoader
 from scope_jax.parallel.mesh import make_mesh
 from tests.data.stores import SITE, write_store
+from tests.helpers import run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 N = 1_700
@@ -66,23 +64,10 @@ def test_normalization_divides_by_the_manifest_scale(store_root):
   raw.close(), normalized.close()
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_cover_each_row_once_per_epoch(store_root, tmp_path):
-  port = _free_port()
   out = tmp_path / "ids"
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.data.loader_worker", store_root, str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                     SCOPE_JAX_COORDINATOR=f"127.0.0.1:{port}", SCOPE_JAX_NUM_PROCESSES="2",
-                                     SCOPE_JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
-  logs = [p.communicate(timeout=180)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], logs
+  run_processes([sys.executable, "-m", "tests.data.loader_worker", store_root, str(out)], cwd=REPO, timeout=180)
   parts = [np.load(f"{out}.{i}.npy").astype(int) for i in range(2)]
   assert min(len(p) for p in parts) > 0 and not set(parts[0]) & set(parts[1])
   assert sorted(np.concatenate(parts)) == list(range(N))
