@@ -68,7 +68,7 @@ def stage_extract(config, workdir) -> None:
   if s["already_finished"]:
     print(f"extract: {s['root']} already finished ({s['rows']:,} rows); nothing to do")
   else:
-    print(f"extract: {s['root']}: {s['rows']:,} rows in this process's shard, {s['tokens_processed']:,} tokens "
+    print(f"extract: {s['root']}: {s['rows']:,} rows in this process's shards, {s['tokens_processed']:,} tokens "
           f"in {s['seconds']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)" +
           (f"; resumed at batch {s['resumed_at_batch']}" if s["resumed_at_batch"] else ""))
 

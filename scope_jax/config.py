@@ -31,6 +31,9 @@ def default_config() -> ml_collections.ConfigDict:
                                                                      # unset = the extract store
   c.data.width = ml_collections.FieldReference(None, field_type=int)  # expected d; checked against the data
   c.data.window_chunks = 16          # loader shuffle window, in store chunks (scope_jax/data/loader.py)
+  c.data.streams = 0                 # the loader's disjoint read streams; 0 = one per process. Fix it (to a
+                                     # multiple of every process count you use) and batches do not depend
+                                     # on the process count: a job can resume on another slice size
   c.data.nonfinite = "error"         # rows with NaN/Inf in the store: error | skip (counted)
   c.data.normalize = True            # divide by C so that E||x||^2 = 1 (RECIPE §3)
   c.data.context_size = ml_collections.FieldReference(None, field_type=int)  # export metadata
@@ -63,7 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.extract.mode = "pack"            # pack | truncate (scope_jax/activations/sequences.py)
   c.extract.batch_size = 8           # sequences per forward, across all hosts
   c.extract.tokens = 0               # token budget (sequences × (seq_len - 1)); 0 = the whole corpus
-  c.extract.bucket_rows = 2**20      # rows per shuffled write bucket (per process)
+  c.extract.shards = 0               # store shards (each written by the process whose devices compute its
+                                     # slice of the batch); 0 = one per process. Fixed, the store's content
+                                     # does not depend on the process count
+  c.extract.bucket_rows = 2**20      # rows per shuffled write bucket (per shard)
   c.extract.chunk_rows = 1024        # rows per zarr chunk
   c.extract.dtype = "float32"        # stored dtype: float32 | bfloat16
   c.eval = ml_collections.ConfigDict()

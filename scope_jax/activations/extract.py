@@ -6,8 +6,10 @@ activations to the host, buffers its process's rows and flushes write buckets. B
 bounded, so memory stays at a few batches plus one bucket.
 
 Every process runs the same program: it tokenizes the same stream, joins the same sharded
-forward, and writes only the rows its own devices computed into its own shard. Process 0
-writes config.json first and manifest.json last, once every shard is finished.
+forward, and writes only the rows its own devices computed, into its own shards. The batch is
+split into `extract.shards` equal blocks of sequences, one per shard; with that number fixed the
+store's content does not depend on how many processes wrote it. Process 0 writes config.json
+first and manifest.json last, once every shard is finished.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.activations.sequences import batches, sequences
-from scope_jax.activations.store import CONFIG, KV, MANIFEST, StoreError, write_manifest
+from scope_jax.activations.store import CONFIG, KV, MANIFEST, TRACE_COLUMNS, StoreError, write_manifest
 from scope_jax.activations.writer import ShardWriter, ledger_batches
 from scope_jax.config import config_differences
 from scope_jax.data.text import iter_documents
 from scope_jax.models.sites import parse_site, site_width
-from scope_jax.parallel.mesh import make_mesh
+from scope_jax.parallel.mesh import make_mesh, owned_blocks
 
 DTYPES = ("float32", "bfloat16")
 
@@ -70,7 +72,7 @@ def store_identity(config: ml_collections.ConfigDict, lm) -> dict:
       "seq_len": e.seq_len, "mode": e.mode, "batch_size": e.batch_size, "max_batches": max_batches(config),
       "bucket_rows": e.bucket_rows, "chunk_rows": e.chunk_rows, "seed": config.seed,
       "text": list(config.data.text), "text_field": config.data.text_field,
-      "holdout_every": config.data.holdout_every, "processes": jax.process_count(),
+      "holdout_every": config.data.holdout_every, "shards": config.extract.shards or jax.process_count(),
   }
 
 
@@ -177,14 +179,18 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
   global_batch = e.batch_size
   if global_batch % lm.mesh.shape["data"]:
     raise ValueError(f"extract.batch_size {global_batch} is not divisible by the mesh's data axis ({lm.mesh.shape['data']})")
-  rows_per_batch = max(1, global_batch // jax.process_count() * (e.seq_len - 1))
-  bucket_batches = max(1, math.ceil(e.bucket_rows / rows_per_batch))
-  writer = ShardWriter(kv, process, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed)
-  start = min(ledger_batches(kv, jax.process_count()))
-  writer.rewind(start)
+  shards = identity["shards"]
+  owned = owned_blocks(lm.mesh, global_batch, shards, "extract.shards")
+  sequences_per_shard = global_batch // shards
+  writers = {k: ShardWriter(kv, k, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed)
+             for k in owned}
+  bucket_batches = max(1, math.ceil(e.bucket_rows / (sequences_per_shard * (e.seq_len - 1))))
+  start = min(ledger_batches(kv, shards))
+  for writer in writers.values():
+    writer.rewind(start)
   summary = {"root": root, "already_finished": False, "resumed_at_batch": start}
   t0, tokens_seen = time.perf_counter(), 0
-  if not writer.ledger["finished"]:
+  if not all(w.ledger["finished"] for w in writers.values()):
     limit = max_batches(config)
     stream = batches(sequences(kept_documents(config), lm.tokenizer, e.seq_len, e.mode), global_batch,
                      lm.tokenizer.pad_id, limit)
@@ -193,9 +199,13 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
 
     def write(item):
       batch, acts = item
-      writer.add(*_local_rows(batch, acts))
-      if (batch.index + 1) % bucket_batches == 0:
-        writer.flush(batch.index + 1)
+      rows, trace = _local_rows(batch, acts)
+      shard_of_row = trace[:, TRACE_COLUMNS.index("seq")] % global_batch // sequences_per_shard
+      for k, writer in writers.items():
+        mine = shard_of_row == k
+        writer.add({site: r[mine] for site, r in rows.items()}, trace[mine])
+        if (batch.index + 1) % bucket_batches == 0:
+          writer.flush(batch.index + 1)
 
     worker = _Worker(write, maxsize=2)
     worker.start()
@@ -214,11 +224,12 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
         worker.finish()
       finally:
         bar.close()
-    writer.flush(done, finished=True)
+    for writer in writers.values():
+      writer.flush(done, finished=True)
   multihost_utils.sync_global_devices("scope_jax extract: shards finished")
   seconds = time.perf_counter() - t0
   if process == 0:
-    write_manifest(kv, identity, jax.process_count(), model_source=lm.source)
+    write_manifest(kv, identity, shards, model_source=lm.source)
   multihost_utils.sync_global_devices("scope_jax extract: manifest written")
-  return summary | {"rows": writer.ledger["rows"], "tokens_processed": tokens_seen, "seconds": seconds,
+  return summary | {"rows": sum(w.ledger["rows"] for w in writers.values()), "tokens_processed": tokens_seen, "seconds": seconds,
                     "tokens_per_s": tokens_seen / seconds if seconds else 0.0}

@@ -2,9 +2,9 @@
 
     ROOT/config.json                  what the store is (checked when a run resumes)
     ROOT/manifest.json                written by process 0 once every shard is finished
-    ROOT/shards/P/ledger.json         shard P (one per process): flush history, statistics, finished
-    ROOT/shards/P/SITE/               zarr3 float32|bfloat16 [rows, width] (chunks [chunk_rows, width])
-    ROOT/shards/P/trace/              zarr3 int32 [rows, 5]: TRACE_COLUMNS of every row
+    ROOT/shards/K/ledger.json         shard K (extract.shards; written by one process): flush history, statistics, finished
+    ROOT/shards/K/SITE/               zarr3 float32|bfloat16 [rows, width] (chunks [chunk_rows, width])
+    ROOT/shards/K/trace/              zarr3 int32 [rows, 5]: TRACE_COLUMNS of every row
 
 Row r of a shard is the same token in every site array and in `trace`. A store is finished
 (immutable, readable) exactly when manifest.json exists.
@@ -78,8 +78,8 @@ class KV:
       raise StoreError(f"store root {self.root}: not writable or unreachable ({e})") from e
 
 
-def shard_key(process: int) -> str:
-  return f"shards/{process:05d}"
+def shard_key(shard: int) -> str:
+  return f"shards/{shard:05d}"
 
 
 def array_spec(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: int) -> dict:
@@ -186,14 +186,14 @@ def merge_stats(parts: Sequence[dict]) -> dict:
   return {"count": int(count), "mean": (total / max(count, 1)).tolist(), "mean_sq_norm": sq / max(count, 1)}
 
 
-def write_manifest(kv: KV, identity: dict, process_count: int, **extra) -> dict:
+def write_manifest(kv: KV, identity: dict, shards: int, **extra) -> dict:
   """Merges every shard's ledger into manifest.json, which marks the store finished."""
   import sys
   import time
 
   import scope_jax
 
-  ledgers = [kv.read_json(f"{shard_key(p)}/{LEDGER}") for p in range(process_count)]
+  ledgers = [kv.read_json(f"{shard_key(k)}/{LEDGER}") for k in range(shards)]
   unfinished = [p for p, lg in enumerate(ledgers) if not (lg and lg["finished"])]
   if unfinished:
     raise StoreError(f"{kv.root}: shards {unfinished} are not finished; no manifest written")

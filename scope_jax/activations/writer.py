@@ -1,7 +1,7 @@
-"""One process's shard: buffered, bucket-shuffled, ledgered writes of activations and traces.
+"""One shard of the store: buffered, bucket-shuffled, ledgered writes of activations and traces.
 
 Rows of `bucket_batches` consecutive global batches form a write bucket; the bucket is
-permuted with `default_rng([seed, process, bucket])` and appended to every array of the shard
+permuted with `default_rng([seed, shard, bucket])` and appended to every array of the shard
 with tensorstore's asynchronous writes. After the arrays are written the ledger is rewritten:
 rows committed, batches done, running statistics. On resume the arrays are trimmed back to
 the ledger, so a half-written bucket disappears and is written again identically.
@@ -21,10 +21,10 @@ class NonFiniteActivations(ValueError):
 
 
 class ShardWriter:
-  def __init__(self, kv: KV, process: int, sites: list[str], widths: dict[str, int], dtype: str,
+  def __init__(self, kv: KV, shard: int, sites: list[str], widths: dict[str, int], dtype: str,
                chunk_rows: int, seed: int):
-    self.kv, self.process, self.sites, self.seed = kv, process, sites, seed
-    self.key = shard_key(process)
+    self.kv, self.shard, self.sites, self.seed = kv, shard, sites, seed
+    self.key = shard_key(shard)
     self.ledger = kv.read_json(f"{self.key}/{LEDGER}") or {
         "rows": 0, "batches": 0, "buckets": 0, "finished": False,
         "stats": {s: {"count": 0, "sum": [0.0] * widths[s], "sum_sq_norm": 0.0} for s in sites}}
@@ -72,7 +72,7 @@ class ShardWriter:
     n = sum(len(t) for t in self._buffer["trace"])
     stats = {s: dict(v) for s, v in previous["stats"].items()}
     if n:
-      order = np.random.default_rng([self.seed, self.process, previous["buckets"]]).permutation(n)
+      order = np.random.default_rng([self.seed, self.shard, previous["buckets"]]).permutation(n)
       resized = {k: a.resize(exclusive_max=[rows + n, None], expand_only=True) for k, a in self.arrays.items()}
       self.arrays = {k: f.result() for k, f in resized.items()}
       writes = []
@@ -96,8 +96,8 @@ class ShardWriter:
     return n
 
 
-def ledger_batches(kv: KV, process_count: int) -> list[int]:
+def ledger_batches(kv: KV, shards: int) -> list[int]:
   """Batches done per shard (0 for a shard that has no ledger yet)."""
-  return [(kv.read_json(f"{shard_key(p)}/{LEDGER}") or {"batches": 0})["batches"] for p in range(process_count)]
+  return [(kv.read_json(f"{shard_key(k)}/{LEDGER}") or {"batches": 0})["batches"] for k in range(shards)]
 
 

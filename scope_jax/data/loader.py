@@ -1,15 +1,17 @@
 """The bucketed shuffle loader: per-host, deterministic, resumable batches from a finished store.
 
 Guarantees (documented in the README):
-- Each process owns a disjoint set of chunks per epoch: the store's chunks (the zarr chunks of
-  every shard) are permuted with `default_rng([seed, epoch])` and dealt round-robin to the
-  processes. Within one process's epoch every one of its rows appears exactly once, so across
-  processes every row of the store appears exactly once per epoch.
+- The data is read as `streams` disjoint streams (default: one per process). Per epoch the
+  store's chunks (the zarr chunks of every shard) are permuted with `default_rng([seed, epoch])`
+  and dealt round-robin to the streams; within a stream's epoch every one of its rows appears
+  exactly once, so every row of the store appears exactly once per epoch.
 - Rows are shuffled twice: at write time within buckets (extraction), and here within windows
-  of `window_chunks` consecutive chunks of the permuted order (`default_rng([seed, epoch, process,
-  window])`). Memory holds about two windows.
-- The local batch of step s is rows [s·b, (s+1)·b) of the process's stream (b = batch / processes),
-  a pure function of (seed, s): a resumed job starts at step s directly.
+  of `window_chunks` consecutive chunks of a stream's permuted order (`default_rng([seed, epoch,
+  stream, window])`). Memory holds about two windows per stream.
+- The global batch of step s is, stream after stream, rows [s·b, (s+1)·b) of every stream
+  (b = batch / streams): a pure function of (seed, streams, s). A resumed job starts at step s
+  directly, and with `streams` fixed the batches do not depend on how many processes read them
+  (each process reads the streams that feed its devices).
 - A missing or corrupt chunk is an error naming shard and chunk (never zeros); rows with NaN or
   Inf are an error with counts, or with `nonfinite="skip"` are replaced by other rows of the same
   window and counted in `loader.skipped`.
@@ -27,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scope_jax.activations.store import Store, StoreError, open_store
 from scope_jax.data.source import normalization_scale
-from scope_jax.parallel.mesh import DATA
+from scope_jax.parallel.mesh import DATA, owned_blocks
 
 NONFINITE = ("error", "skip")
 
@@ -37,7 +39,7 @@ class StoreLoader:
 
   def __init__(self, root: str | Store, site: str, batch_size: int, mesh: Mesh, seed: int = 0,
                normalize: bool = True, window_chunks: int = 16, prefetch: int = 2, nonfinite: str = "error",
-               expected_width: int | None = None):
+               expected_width: int | None = None, streams: int = 0):
     self.store = open_store(root) if isinstance(root, str) else root
     if nonfinite not in NONFINITE:
       raise ValueError(f"nonfinite {nonfinite!r}: expected one of {NONFINITE}")
@@ -47,24 +49,27 @@ class StoreLoader:
       raise ValueError(f"store {self.store.root} site {site}: width {self.width}, but the config expects "
                        f"{expected_width}")
     processes = jax.process_count()
-    if batch_size % mesh.shape[DATA] or batch_size % processes:
+    self.streams = streams or processes
+    if self.streams % processes:
+      raise ValueError(f"data.streams {self.streams} is not a multiple of the process count ({processes})")
+    if batch_size % mesh.shape[DATA] or batch_size % self.streams:
       raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]}) "
-                       f"and the process count ({processes})")
-    self.batch_size, self.local_batch = batch_size, batch_size // processes
-    self.process, self.processes = jax.process_index(), processes
+                       f"and the number of streams ({self.streams})")
+    self.batch_size, self.stream_batch = batch_size, batch_size // self.streams
+    self.sharding = NamedSharding(mesh, P(DATA, None))
+    self.own_streams = owned_blocks(mesh, batch_size, self.streams, "data.streams")
     self.window_chunks, self.prefetch_depth = max(1, window_chunks), prefetch
     self.scale = normalization_scale(self.store.stats(site)["mean_sq_norm"])
     self._divisor = np.float32(self.scale if normalize else 1.0)
-    self.sharding = NamedSharding(mesh, P(DATA, None))
     chunk_rows = self.store.config["chunk_rows"]
     # every chunk of every shard: (shard, first row in shard, rows)
     self.chunks = [(shard, lo, min(chunk_rows, rows - lo))
                    for shard, rows in enumerate(self.store.shard_rows) for lo in range(0, rows, chunk_rows)]
-    if len(self.chunks) < processes:
-      raise StoreError(f"{self.store.root}: {len(self.chunks)} chunks cannot feed {processes} processes")
-    self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    self._epoch_starts = [0]  # stream position where each epoch starts, extended as needed
-    self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+    if len(self.chunks) < self.streams:
+      raise StoreError(f"{self.store.root}: {len(self.chunks)} chunks cannot feed {self.streams} streams")
+    self._epochs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    self._epoch_starts = {k: [0] for k in self.own_streams}  # where each epoch starts, extended as needed
+    self._windows: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
     self.skipped = 0
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
@@ -73,32 +78,32 @@ class StoreLoader:
 
   # ---------------------------------------------------------------- the pure (seed, step) -> rows map
 
-  def _order(self, epoch: int) -> np.ndarray:
-    """The chunks this process reads in `epoch`, in order: its round-robin share of the permutation."""
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))[self.process::self.processes]
+  def _order(self, stream: int, epoch: int) -> np.ndarray:
+    """The chunks a stream reads in `epoch`, in order: its round-robin share of the permutation."""
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))[stream::self.streams]
 
-  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """This process's chunk ids in the epoch's order and their cumulative row ends."""
-    if epoch not in self._epochs:
-      order = self._order(epoch)
+  def _epoch(self, stream: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stream's chunk ids in the epoch's order and their cumulative row ends."""
+    if (stream, epoch) not in self._epochs:
+      order = self._order(stream, epoch)
       ends = np.cumsum([self.chunks[c][2] for c in order])
-      self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
-      self._epochs[epoch] = (order, ends)
-    return self._epochs[epoch]
+      self._epochs = {k: v for k, v in self._epochs.items() if k[0] != stream or k[1] >= epoch - 1}
+      self._epochs[stream, epoch] = (order, ends)
+    return self._epochs[stream, epoch]
 
-  def _locate(self, position: int) -> tuple[int, int]:
-    """(epoch, offset in that epoch) of a position in this process's stream."""
-    while position >= self._epoch_starts[-1]:
-      epoch = len(self._epoch_starts) - 1
-      self._epoch_starts.append(self._epoch_starts[-1] + sum(self.chunks[c][2] for c in self._order(epoch)))
-    epoch = int(np.searchsorted(self._epoch_starts, position, side="right")) - 1
-    return epoch, position - self._epoch_starts[epoch]
+  def _locate(self, stream: int, position: int) -> tuple[int, int]:
+    """(epoch, offset in that epoch) of a position in a stream."""
+    starts = self._epoch_starts[stream]
+    while position >= starts[-1]:
+      starts.append(starts[-1] + sum(self.chunks[c][2] for c in self._order(stream, len(starts) - 1)))
+    epoch = int(np.searchsorted(starts, position, side="right")) - 1
+    return epoch, position - starts[epoch]
 
-  def _window(self, epoch: int, window: int) -> np.ndarray:
-    """Rows `[n, width]` of one window, shuffled (and normalized)."""
-    key = (epoch, window)
+  def _window(self, stream: int, epoch: int, window: int) -> np.ndarray:
+    """Rows `[n, width]` of one window of a stream, shuffled (and normalized)."""
+    key = (stream, epoch, window)
     if key not in self._windows:
-      order, _ = self._epoch(epoch)
+      order, _ = self._epoch(stream, epoch)
       ids = order[window * self.window_chunks:(window + 1) * self.window_chunks]
       reads = [(c, self.store.array(self.site, self.chunks[c][0])[self.chunks[c][1]:self.chunks[c][1] + self.chunks[c][2]]
                 .read()) for c in ids]
@@ -111,14 +116,14 @@ class StoreLoader:
           raise StoreError(f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.config['chunk_rows']} "
                            f"(rows {lo}..) cannot be read: {e}") from e
       rows = np.concatenate(parts)
-      rows = self._check_finite(rows, epoch, window, ids)
-      rng = np.random.default_rng([self.seed, epoch, self.process, window])
+      rows = self._check_finite(rows, key, ids)
+      rng = np.random.default_rng([self.seed, epoch, stream, window])
       self._windows[key] = rows[rng.permutation(len(rows))] / self._divisor
-      while len(self._windows) > 2:
+      while len(self._windows) > 2 * len(self.own_streams):
         self._windows.popitem(last=False)
     return self._windows[key]
 
-  def _check_finite(self, rows: np.ndarray, epoch: int, window: int, ids) -> np.ndarray:
+  def _check_finite(self, rows: np.ndarray, key: tuple[int, int, int], ids) -> np.ndarray:
     bad = ~np.isfinite(rows).all(axis=1)
     if not bad.any():
       return rows
@@ -135,22 +140,27 @@ class StoreLoader:
     good = np.flatnonzero(~bad)
     if not len(good):
       raise StoreError(f"{self.store.root}: every row of a window of site {self.site} holds NaN or Inf")
-    rng = np.random.default_rng([self.seed, epoch, self.process, window, 1])
+    rng = np.random.default_rng([self.seed, *key, 1])
     rows = rows.copy()
     rows[bad] = rows[rng.choice(good, int(bad.sum()))]
     self.skipped += int(bad.sum())
     return rows
 
   def local_rows(self, step: int) -> np.ndarray:
-    """This process's rows of step `step`, `[local_batch, width]` float32."""
-    out, position, need = [], step * self.local_batch, self.local_batch
+    """This process's rows of step `step` (its streams' rows, in stream order), float32
+    `[batch_size / processes, width]`."""
+    return np.concatenate([self.stream_rows(k, step) for k in self.own_streams])
+
+  def stream_rows(self, stream: int, step: int) -> np.ndarray:
+    """Rows [step·b, (step+1)·b) of one stream, `[batch_size / streams, width]`."""
+    out, position, need = [], step * self.stream_batch, self.stream_batch
     while need:
-      epoch, offset = self._locate(position)
-      _, ends = self._epoch(epoch)
+      epoch, offset = self._locate(stream, position)
+      _, ends = self._epoch(stream, epoch)
       chunk_index = int(np.searchsorted(ends, offset, side="right"))
       window = chunk_index // self.window_chunks
       window_start = int(ends[window * self.window_chunks - 1]) if window else 0
-      rows = self._window(epoch, window)
+      rows = self._window(stream, epoch, window)
       take = min(need, window_start + len(rows) - offset)
       out.append(rows[offset - window_start:offset - window_start + take])
       position, need = position + take, need - take
@@ -208,4 +218,4 @@ class StoreLoader:
   def describe(self) -> dict:
     return {"kind": "store", "root": self.store.root, "site": self.site, "rows": self.store.rows,
             "seed": self.seed, "batch_size": self.batch_size, "window_chunks": self.window_chunks,
-            "processes": self.processes}
+            "streams": self.streams}

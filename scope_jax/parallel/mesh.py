@@ -97,3 +97,25 @@ def sae_model_axis(n_devices: int, widths: Sequence[int], latents_per_device: in
          and all(w % (2 * model) == 0 for w in widths)):
     model *= 2
   return model
+
+
+def owned_blocks(mesh: Mesh, rows: int, blocks: int, what: str) -> list[int]:
+  """The blocks (equal row ranges of a `[rows, ...]` array sharded over `data`, `blocks` of
+  them) held by this process's devices, in row order.
+
+  This is how a process finds the store shards it writes and the loader streams it reads: the
+  split of the data into blocks stays fixed while the number of processes changes. Each block
+  must sit wholly on one process; otherwise the error names `what` to change.
+  """
+  if rows % blocks:
+    raise ValueError(f"{what}={blocks} does not divide the batch of {rows} rows")
+  size = rows // blocks
+  held = set()
+  for index in NamedSharding(mesh, P(DATA)).addressable_devices_indices_map((rows,)).values():
+    lo, hi, _ = index[0].indices(rows)
+    held.update(range(lo, hi))
+  owned = sorted({r // size for r in held})
+  if len(held) != len(owned) * size or not all(set(range(b * size, (b + 1) * size)) <= held for b in owned):
+    raise ValueError(f"{what}={blocks}: a block of {size} rows would span processes; use a multiple of the "
+                     f"process count ({jax.process_count()}) that divides the batch")
+  return owned

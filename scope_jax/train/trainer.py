@@ -47,6 +47,7 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
   path = config.data.path or store_root(config, workdir)
   return open_source(path, config.train.batch_size, mesh, config.seed, config.data.normalize, site=config.site,
                      expected_width=config.data.width, window_chunks=config.data.window_chunks,
+                     streams=config.data.streams,
                      nonfinite=config.data.nonfinite)
 
 

@@ -11,6 +11,7 @@ initialize_from_env()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 from scope_jax.data.loader import StoreLoader  # noqa: E402
 from scope_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -18,11 +19,18 @@ from tests.data.stores import SITE  # noqa: E402
 
 root, out = sys.argv[1], sys.argv[2]
 loader = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=False)
-loader._locate(0)
-epoch_rows = loader._epoch_starts[1]
-steps = -(-epoch_rows // loader.local_batch)
-ids = np.concatenate([loader.local_rows(s)[:, 0] for s in range(steps)])[:epoch_rows]
+(stream,) = loader.own_streams  # one stream per process by default
+loader._locate(stream, 0)
+epoch_rows = loader._epoch_starts[stream][1]
+steps = -(-epoch_rows // loader.stream_batch)
+ids = np.concatenate([loader.stream_rows(stream, s)[:, 0] for s in range(steps)])[:epoch_rows]
 batch = loader.batch(0)  # a real global array built from both processes' rows
 assert batch.shape == (40, 8) and len(batch.addressable_shards) == 2
 loader.close()
 np.save(f"{out}.{jax.process_index()}.npy", ids)
+
+# with the number of streams fixed, the global batches do not depend on the process count
+fixed = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=False, streams=4)
+batches = np.stack([multihost_utils.process_allgather(fixed.batch(s), tiled=True) for s in range(3)])
+fixed.close()
+np.save(f"{out}.streams4.{jax.process_index()}.npy", batches)

@@ -71,6 +71,11 @@ def test_two_processes_cover_each_row_once_per_epoch(store_root, tmp_path):
   parts = [np.load(f"{out}.{i}.npy").astype(int) for i in range(2)]
   assert min(len(p) for p in parts) > 0 and not set(parts[0]) & set(parts[1])
   assert sorted(np.concatenate(parts)) == list(range(N))
+  one_process = StoreLoader(store_root, SITE, 40, make_mesh(data=2, model=4), seed=3, normalize=False, streams=4)
+  expected = np.stack([np.asarray(one_process.batch(s)) for s in range(3)])
+  one_process.close()
+  for i in range(2):
+    np.testing.assert_array_equal(np.load(f"{out}.streams4.{i}.npy"), expected)
 
 
 def test_rows_of_a_document_spread_across_batches_like_a_uniform_shuffle(tmp_path):
