@@ -2,6 +2,10 @@
 
     scope-jax demo [--model ...]
     scope-jax extract|train|export|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+    scope-jax sweep --config configs/FILE.py[:ARGS] --workdir DIR [--dry_run] [--jobs PATTERNS]
+
+Multi-process runs add --coordinator HOST:PORT --num_processes N --process_id I (or the
+SCOPE_JAX_* variables; scope_jax/parallel/distributed.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
-CONFIG_COMMANDS = ("extract", "train", "export", "eval", "run")
+CONFIG_COMMANDS = ("extract", "train", "export", "eval", "run", "sweep")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -49,13 +53,20 @@ def parse_config_command(command: str, argv: list[str]):
   argv = [f"scope-jax {command}", *argv]
   config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:ARGS]", flag_values=fv, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and exports", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "multi-process: the coordinator's host:port", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-process: how many processes run this command", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
+  if command == "sweep":
+    flags.DEFINE_boolean("dry_run", False, "print the job table and exit", flag_values=fv)
+    flags.DEFINE_string("jobs", None, "run only jobs whose names match these comma-separated fnmatch patterns",
+                        flag_values=fv)
   try:
     fv(argv)
   except flags.Error as e:
     sys.exit(f"scope-jax {command}: {e}")
   if fv.config is None or fv.workdir is None:
     sys.exit(f"scope-jax {command}: --config and --workdir are required")
-  return fv.config, fv.workdir
+  return fv
 
 
 def stage_extract(config, workdir) -> None:
@@ -103,26 +114,47 @@ def stage_eval(config, workdir) -> None:
     print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
 
 
-def stage_run(config, workdir) -> None:
-  """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
+def stage_train_export_eval(config, workdir) -> None:
+  """train -> export -> eval; up-to-date exports and reports are skipped."""
   from pathlib import Path
 
+  from scope_jax.jobs import export_current, train_outputs_current
+
   workdir = Path(workdir)
-  stage_extract(config, workdir)
   stage_train(config, workdir)
-  index, metrics = workdir / "export" / "index.json", workdir / "report" / "metrics.json"
-  latest = max((int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), default=None)
-  import json
-  if index.exists() and {e["step"] for e in json.loads(index.read_text())} == {latest}:
-    print(f"export: {index} is up to date; skipped")
+  if export_current(workdir):
+    print(f"export: {workdir / 'export' / 'index.json'} is up to date; skipped")
   else:
     stage_export(config, workdir)
-  if metrics.exists() and metrics.stat().st_mtime >= index.stat().st_mtime:
-    print(f"eval: {metrics} is up to date; skipped")
+  if train_outputs_current(workdir):
+    print(f"eval: {workdir / 'report' / 'metrics.json'} is up to date; skipped")
   else:
     stage_eval(config, workdir)
-  print(f"\ndone: exports in {workdir / 'export'} (Gemma Scope npz and SAELens), "
-        f"report in {workdir / 'report' / 'report.html'}")
+
+
+def stage_run(config, workdir) -> None:
+  """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
+  stage_extract(config, workdir)
+  stage_train_export_eval(config, workdir)
+  print(f"\ndone: exports in {workdir}/export (Gemma Scope npz and SAELens), report in {workdir}/report/report.html")
+
+
+def stage_sweep(config, workdir, dry_run: bool, patterns: str | None) -> None:
+  """Prints the job table; without `dry_run` runs every unfinished job in order."""
+  from scope_jax import jobs as sweep_jobs
+
+  planned = sweep_jobs.select(sweep_jobs.plan(config, workdir), patterns)
+  print(sweep_jobs.table(planned))
+  if dry_run:
+    return
+  for i, job in enumerate(planned):
+    print(f"\n=== job {i + 1}/{len(planned)}: {job.name} ({job.workdir})")
+    if sweep_jobs.is_finished(job):
+      print("finished earlier; skipped")
+    elif job.kind == "extract":
+      stage_extract(job.config, job.workdir)
+    else:
+      stage_train_export_eval(job.config, job.workdir)
 
 
 STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval,
@@ -130,20 +162,25 @@ STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export
 
 
 def run_config_command(command: str, argv: list[str]) -> None:
-  config, workdir = parse_config_command(command, argv)
-  STAGES[command](config, workdir)
+  """Parses the flags, joins the other processes (if any), runs the stage."""
+  from scope_jax.parallel.distributed import initialize
+
+  fv = parse_config_command(command, argv)
+  try:
+    initialize(fv.coordinator, fv.num_processes, fv.process_id)
+    if command == "sweep":
+      stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs)
+    else:
+      STAGES[command](fv.config, fv.workdir)
+  except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    sys.exit(f"scope-jax {command}: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in CONFIG_COMMANDS:
-    from scope_jax.parallel.distributed import initialize_from_env
     use_xnnpack_on_cpu()
-    try:
-      initialize_from_env()
-      run_config_command(argv[0], argv[1:])
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-      sys.exit(f"scope-jax {argv[0]}: {e}")
+    run_config_command(argv[0], argv[1:])
     return
   parser = argparse.ArgumentParser(prog="scope-jax", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)

@@ -80,6 +80,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.bfloat16 = True             # also evaluate with the model and SAEs in bfloat16
   c.eval.saes = ()                   # more SAEs to evaluate: Gemma Scope npz / SAELens dirs / our exports
+  c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/jobs.py); other commands ignore it
+  c.grid.layers = ()                 # layers to train SAEs at
+  c.grid.kinds = ("res",)            # site kinds at every layer: res | mlp | att | mlp_in
+  c.grid.widths = ()                 # widths every site trains; () = sweep.widths
+  c.grid.site_widths = ()            # ((site, (width, ...)), ...): sites that train other widths
+  c.grid.tokens_by_width = ()        # ((up_to_width, tokens), ...): a width's token budget (the first
+                                     # entry covering it; the last beyond); () = extract.tokens for all
+  c.grid.extract_by = "layer"        # sites sharing a store: layer (a layer's sites with the same budget
+                                     # in one forward) | site | all
   c.model_mesh = ml_collections.ConfigDict()  # the language model's mesh during extraction
   c.model_mesh.data = -1
   c.model_mesh.model = 1

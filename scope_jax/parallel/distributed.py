@@ -1,47 +1,86 @@
-"""`jax.distributed` from the environment: one program, N processes.
+"""`jax.distributed` from flags or the environment: one program, N processes.
 
-- Cloud TPU pods: `jax.distributed.initialize()` finds its peers itself (SCOPE_JAX_DISTRIBUTED=auto,
-  or the TPU environment being present).
-- Elsewhere (GPU clusters, several processes on one machine) set
-  SCOPE_JAX_COORDINATOR=host:port, SCOPE_JAX_NUM_PROCESSES=N and SCOPE_JAX_PROCESS_ID=i
-  (SLURM's SLURM_NTASKS / SLURM_PROCID are used when the last two are unset).
+- Cloud TPU VMs: `jax.distributed.initialize()` finds its peers itself. Used when
+  SCOPE_JAX_DISTRIBUTED=auto, or when nothing explicit is given and the machine has TPU chips
+  (`/dev/accel*` or `/dev/vfio/*`).
+- Elsewhere (GPU clusters, several processes on one machine): the coordinator `host:port`, the
+  process count and this process's id, from the flags `--coordinator`, `--num_processes`,
+  `--process_id`, or from SCOPE_JAX_COORDINATOR / SCOPE_JAX_NUM_PROCESSES / SCOPE_JAX_PROCESS_ID,
+  or (count and id) from SLURM's SLURM_NTASKS / SLURM_PROCID. When two of these give a value
+  for the same thing and disagree, that is an error naming both.
 
-On CPU the collectives run over gloo. Call before anything touches a device.
+A process whose peer dies stops when the coordination service misses the peer's heartbeats for
+SCOPE_JAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's own); it does not hang. On CPU the
+collectives run over gloo. Call before anything touches a device.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 import jax
 
-
-def _env_int(*names: str) -> int | None:
-  for name in names:
-    if os.environ.get(name, "") != "":
-      try:
-        return int(os.environ[name])
-      except ValueError as e:
-        raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from e
-  return None
+SOURCES = {  # what -> (flag, environment variables in order of precedence)
+    "coordinator": ("--coordinator", ("SCOPE_JAX_COORDINATOR",)),
+    "num_processes": ("--num_processes", ("SCOPE_JAX_NUM_PROCESSES", "SLURM_NTASKS")),
+    "process_id": ("--process_id", ("SCOPE_JAX_PROCESS_ID", "SLURM_PROCID")),
+}
 
 
-def initialize_from_env() -> bool:
-  """Initializes jax.distributed when the environment asks for it; True if it did."""
-  coordinator = os.environ.get("SCOPE_JAX_COORDINATOR")
-  auto = os.environ.get("SCOPE_JAX_DISTRIBUTED") == "auto"
-  if not coordinator and not auto:
+def _resolve(what: str, flag_value: str | int | None) -> str | None:
+  """The one value given for `what` by its flag and variables; an error if they disagree."""
+  flag, names = SOURCES[what]
+  given = [(flag, str(flag_value))] if flag_value not in (None, "") else []
+  given += [(name, os.environ[name]) for name in names if os.environ.get(name, "") != ""]
+  if len({value for _, value in given}) > 1:
+    raise ValueError(f"{what} is given differently by " + " and ".join(f"{k}={v}" for k, v in given)
+                     + "; set one, or make them agree")
+  return given[0][1] if given else None
+
+
+def _as_int(what: str, value: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{what}={value!r} is not an integer") from None
+
+
+def on_cloud_tpu() -> bool:
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Initializes jax.distributed when flags or the environment ask for it; True if it did."""
+  address = _resolve("coordinator", coordinator)
+  count, index = _resolve("num_processes", num_processes), _resolve("process_id", process_id)
+  mode = os.environ.get("SCOPE_JAX_DISTRIBUTED", "")
+  if mode not in ("", "auto", "off"):
+    raise ValueError(f"SCOPE_JAX_DISTRIBUTED={mode!r}: expected auto, off or unset")
+  heartbeat = _as_int("SCOPE_JAX_HEARTBEAT_TIMEOUT", os.environ.get("SCOPE_JAX_HEARTBEAT_TIMEOUT", "100"))
+  if mode == "off":
     return False
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if auto:
-    jax.distributed.initialize()
+  if not address and mode != "auto" and not on_cloud_tpu():
+    if count not in (None, "1"):
+      raise ValueError(f"{count} processes are expected but no coordinator is given (--coordinator or "
+                       "SCOPE_JAX_COORDINATOR=host:port; SCOPE_JAX_DISTRIBUTED=off runs one process alone)")
+    return False
+  if jax.distributed.is_initialized():
     return True
-  count = _env_int("SCOPE_JAX_NUM_PROCESSES", "SLURM_NTASKS")
-  index = _env_int("SCOPE_JAX_PROCESS_ID", "SLURM_PROCID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if not address:  # Cloud TPU: the cluster is detected from the VM's metadata
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+    return True
   if count is None or index is None:
-    raise ValueError("SCOPE_JAX_COORDINATOR is set but SCOPE_JAX_NUM_PROCESSES / SCOPE_JAX_PROCESS_ID are not")
+    raise ValueError(f"coordinator {address} is given but the process count or id is not "
+                     "(--num_processes/--process_id or SCOPE_JAX_NUM_PROCESSES/SCOPE_JAX_PROCESS_ID)")
+  count, index = _as_int("num_processes", count), _as_int("process_id", index)
   if not 0 <= index < count:
-    raise ValueError(f"SCOPE_JAX_PROCESS_ID={index} is outside [0, SCOPE_JAX_NUM_PROCESSES={count})")
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index,
-                             initialization_timeout=int(os.environ.get("SCOPE_JAX_INIT_TIMEOUT", "120")))
+    raise ValueError(f"process_id {index} is outside [0, num_processes={count})")
+  jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
+                             initialization_timeout=_as_int("SCOPE_JAX_INIT_TIMEOUT",
+                                                            os.environ.get("SCOPE_JAX_INIT_TIMEOUT", "120")),
+                             heartbeat_timeout_seconds=heartbeat)
   return True
+

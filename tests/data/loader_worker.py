@@ -5,9 +5,9 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
-from scope_jax.parallel.distributed import initialize_from_env  # noqa: E402
+from scope_jax.parallel.distributed import initialize  # noqa: E402
 
-initialize_from_env()
+initialize()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

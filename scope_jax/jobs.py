@@ -1,0 +1,174 @@
+"""Config sweeps: a grid of sites × widths × λ turned into extraction and trainer jobs.
+
+    scope-jax sweep --config configs/gemma2.py:size=2b --workdir DIR --dry-run   # the job table
+    scope-jax sweep --config configs/gemma2.py:size=2b --workdir DIR             # run (or resume) them
+    scope-jax sweep ... --jobs 'train/res.12-*'                                  # only some (fnmatch)
+
+A config declares the grid in `config.grid` (scope_jax/config.py): layers × kinds give the
+sites; every site trains `grid.widths` (or its own widths from `grid.site_widths`) at every λ of
+`sweep.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget.
+
+Jobs:
+- one extraction per (model, token budget, site set): the sites of one layer (`grid.extract_by`)
+  that need the same budget are written by one forward into one store;
+- one trainer job per (site, token budget): every SAE that shares the site and the budget is
+  stacked into one sweep step (scope_jax/train/sweep.py), then exported and evaluated.
+
+Every job is idempotent: a finished store (manifest written) or a trainer job whose report is
+newer than its export is skipped, an unfinished one resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from pathlib import Path
+
+import ml_collections
+
+from scope_jax.models.sites import KINDS
+
+EXTRACT_BY = ("layer", "site", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  kind: str                      # "extract" | "train" (train + export + eval)
+  name: str                      # e.g. "extract/L12-8B", "train/res.12-8B"
+  workdir: str
+  config: ml_collections.ConfigDict
+  sites: tuple[str, ...]
+  widths: tuple[int, ...] = ()
+  tokens: int = 0
+
+  @property
+  def saes(self) -> int:
+    c = self.config
+    return len(self.widths) * len(c.sweep.l1_coefficients) * len(c.sweep.seeds)
+
+
+def _tokens_name(tokens: int) -> str:
+  for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+    if tokens >= size:
+      return f"{tokens / size:g}{unit}"
+  return str(tokens)
+
+
+def site_widths(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """Every site of the grid and the widths it trains."""
+  g = config.grid
+  if not g.layers:
+    raise ValueError("config.grid.layers is empty: a sweep config lists the layers (and grid.kinds) to train")
+  unknown = sorted(set(g.kinds) - set(KINDS))
+  if unknown or not g.kinds:
+    raise ValueError(f"config.grid.kinds {list(g.kinds)}: expected a non-empty subset of {list(KINDS)}")
+  widths = tuple(g.widths) or tuple(config.sweep.widths)
+  out = {f"{kind}.{layer}": widths for layer in g.layers for kind in g.kinds}
+  for site, own in g.site_widths:
+    if site not in out:
+      raise ValueError(f"config.grid.site_widths names {site}, which is not in the grid's layers × kinds")
+    out[site] = tuple(own)
+  if not all(out.values()):
+    raise ValueError("config.grid: a site has no widths (grid.widths or sweep.widths is empty)")
+  return out
+
+
+def width_tokens(config: ml_collections.ConfigDict, width: int) -> int:
+  """The token budget of a width: the first `(up_to_width, tokens)` of grid.tokens_by_width that
+  covers it (the last one beyond), else extract.tokens."""
+  budgets = sorted(config.grid.tokens_by_width)
+  if not budgets:
+    if not config.extract.tokens:
+      raise ValueError("a sweep needs a token budget: extract.tokens or grid.tokens_by_width")
+    return int(config.extract.tokens)
+  return int(next((t for w, t in budgets if width <= w), budgets[-1][1]))
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
+  """The extraction jobs, then the trainer jobs, of a sweep config."""
+  if config.grid.extract_by not in EXTRACT_BY:
+    raise ValueError(f"config.grid.extract_by {config.grid.extract_by!r}: expected one of {EXTRACT_BY}")
+  if not config.sweep.l1_coefficients:
+    raise ValueError("config.sweep.l1_coefficients is empty: list the λ values to train")
+  workdir = str(workdir).rstrip("/")
+  # (site, budget) -> widths; site -> the largest budget it needs
+  train_groups: dict[tuple[str, int], list[int]] = {}
+  for site, widths in site_widths(config).items():
+    for w in widths:
+      train_groups.setdefault((site, width_tokens(config, w)), []).append(w)
+  budget = {}
+  for site, tokens in train_groups:
+    budget[site] = max(budget.get(site, 0), tokens)
+  extraction_sets: dict[tuple[str, int], list[str]] = {}
+  for site, tokens in budget.items():
+    group = {"layer": f"L{site.split('.')[1]}", "site": site, "all": "all"}[config.grid.extract_by]
+    extraction_sets.setdefault((group, tokens), []).append(site)
+
+  jobs, store_of = [], {}
+  for (group, tokens), sites in extraction_sets.items():
+    name = f"extract/{group}-{_tokens_name(tokens)}"
+    store = f"{workdir}/stores/{group}-{_tokens_name(tokens)}"
+    c = _copy(config)
+    c.sites, c.extract.tokens, c.extract.store = tuple(sites), tokens, store
+    jobs.append(Job("extract", name, store, c, tuple(sites), tokens=tokens))
+    store_of.update({site: c for site in sites})
+  for (site, tokens), widths in train_groups.items():
+    name = f"train/{site}-{_tokens_name(tokens)}"
+    c = _copy(store_of[site])  # the extraction's config: same store, data, model
+    c.site, c.sweep.widths = site, tuple(widths)
+    c.train.steps = max(1, tokens // c.train.batch_size)
+    jobs.append(Job("train", name, f"{workdir}/{name}", c, (site,), tuple(widths), tokens))
+  return jobs
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def select(jobs: list[Job], patterns: str | None) -> list[Job]:
+  """Jobs whose name matches one of the comma-separated fnmatch patterns (all when None)."""
+  if not patterns:
+    return jobs
+  wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+  chosen = [j for j in jobs if any(fnmatch.fnmatch(j.name, p) for p in wanted)]
+  if not chosen:
+    raise ValueError(f"--jobs {patterns!r} matches none of the {len(jobs)} jobs (names like {jobs[0].name!r})")
+  return chosen
+
+
+def is_finished(job: Job) -> bool:
+  if job.kind == "extract":
+    from scope_jax.activations.store import KV, MANIFEST
+    return KV(job.workdir).read_json(MANIFEST) is not None
+  return train_outputs_current(Path(job.workdir))
+
+
+def train_outputs_current(workdir: Path) -> bool:
+  """True when the export holds the latest checkpoint and the report is newer than the export."""
+  index, metrics = workdir / "export" / "index.json", workdir / "report" / "metrics.json"
+  return export_current(workdir) and metrics.exists() and metrics.stat().st_mtime >= index.stat().st_mtime
+
+
+def export_current(workdir: Path) -> bool:
+  index, checkpoints = workdir / "export" / "index.json", workdir / "checkpoints"
+  if not index.exists() or not checkpoints.is_dir():
+    return False
+  latest = max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=None)
+  return {e["step"] for e in json.loads(index.read_text())} == {latest}
+
+
+def table(jobs: list[Job]) -> str:
+  """The job table `scope-jax sweep --dry-run` prints."""
+  rows = [("#", "job", "sites", "widths", "λ", "SAEs", "tokens", "status")]
+  for i, j in enumerate(jobs):
+    rows.append((str(i), j.name, ",".join(j.sites), "+".join(map(str, j.widths)) or "-",
+                 str(len(j.config.sweep.l1_coefficients)) if j.kind == "train" else "-",
+                 str(j.saes) if j.kind == "train" else "-", _tokens_name(j.tokens),
+                 "done" if is_finished(j) else "to do"))
+  sizes = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+  lines = ["  ".join(v.ljust(n) for v, n in zip(r, sizes)).rstrip() for r in rows]
+  n_extract = sum(j.kind == "extract" for j in jobs)
+  lines.append(f"{n_extract} extraction jobs, {len(jobs) - n_extract} trainer jobs, "
+               f"{sum(j.saes for j in jobs if j.kind == 'train')} SAEs")
+  return "\n".join(lines)
