@@ -49,7 +49,8 @@ for ((i = 0; i < processes; i++)); do
   log="${logdir:+$logdir/process_$i.log}"
   (
     export SCOPE_JAX_COORDINATOR="127.0.0.1:$port" SCOPE_JAX_NUM_PROCESSES="$processes" SCOPE_JAX_PROCESS_ID="$i"
-    export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu
+    other_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XLA_FLAGS:-}")"
+    export XLA_FLAGS="$other_flags --xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu
     if [[ -n "$log" ]]; then
       exec "$@" > >(tee "$log" | sed -u "s/^/[$i] /") 2>&1
     else

@@ -30,8 +30,9 @@ gcloud_tpu() {
   local args=(gcloud compute tpus tpu-vm "$@" --zone "$ZONE")
   [[ -n "${PROJECT:-}" ]] && args+=(--project "$PROJECT")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%q ' "${args[@]}"
-    echo
+    local quoted
+    printf -v quoted '%q ' "${args[@]}"
+    echo "${quoted% }"
   else
     "${args[@]}"
   fi

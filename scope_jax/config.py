@@ -61,7 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.model = 0                   # 0: Gemma Scope's rule of thumb (see parallel.mesh.sae_model_axis)
 
   c.extract = ml_collections.ConfigDict()
-  c.extract.store = ""               # store root (local path or gs://bucket/prefix); "" = WORKDIR/activations
+  c.extract.store = ""               # store root (local path or gs://bucket/prefix); "" = WORKDIR/activations.
+                                     # `scope-jax sweep`: the directory of its stores ("" = WORKDIR/stores)
   c.extract.seq_len = 1024           # tokens per sequence, BOS included
   c.extract.mode = "pack"            # pack | truncate (scope_jax/activations/sequences.py)
   c.extract.batch_size = 8           # sequences per forward, across all hosts

@@ -10,7 +10,8 @@ sites; every site trains `grid.widths` (or its own widths from `grid.site_widths
 
 Jobs:
 - one extraction per (model, token budget, site set): the sites of one layer (`grid.extract_by`)
-  that need the same budget are written by one forward into one store;
+  that need the same budget are written by one forward into one store, under `extract.store`
+  (a local path or gs://bucket/prefix; default WORKDIR/stores);
 - one trainer job per (site, token budget): every SAE that shares the site and the budget is
   stacked into one sweep step (scope_jax/train/sweep.py), then exported and evaluated.
 
@@ -106,9 +107,10 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
     extraction_sets.setdefault((group, tokens), []).append(site)
 
   jobs, store_of = [], {}
+  stores = (config.extract.store or f"{workdir}/stores").rstrip("/")
   for (group, tokens), sites in extraction_sets.items():
     name = f"extract/{group}-{_tokens_name(tokens)}"
-    store = f"{workdir}/stores/{group}-{_tokens_name(tokens)}"
+    store = f"{stores}/{group}-{_tokens_name(tokens)}"
     c = _copy(config)
     c.sites, c.extract.tokens, c.extract.store = tuple(sites), tokens, store
     jobs.append(Job("extract", name, store, c, tuple(sites), tokens=tokens))

@@ -125,9 +125,9 @@ def tiny_lm_dir(path, vocab_size: int = 512, seed: int = 0):
   return path
 
 
-def run_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, timeout: float = 300) -> list[str]:
-  """Runs `args` as `n` real jax.distributed processes (SCOPE_JAX_* variables, `devices` fake CPU
-  devices each) and returns their outputs; fails unless every one exits 0."""
+def start_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, **env) -> list:
+  """Starts `args` as `n` real jax.distributed processes (SCOPE_JAX_* variables, `devices` fake
+  CPU devices each, `env` added); their stdout and stderr are one text pipe each."""
   import os
   import socket
   import subprocess
@@ -135,11 +135,17 @@ def run_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, timeo
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  procs = [subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                                     SCOPE_JAX_COORDINATOR=f"127.0.0.1:{port}", SCOPE_JAX_NUM_PROCESSES=str(n),
-                                     SCOPE_JAX_PROCESS_ID=str(i)))
-           for i in range(n)]
+  return [subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                                    SCOPE_JAX_COORDINATOR=f"127.0.0.1:{port}", SCOPE_JAX_NUM_PROCESSES=str(n),
+                                    SCOPE_JAX_PROCESS_ID=str(i), **env))
+          for i in range(n)]
+
+
+def run_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, timeout: float = 300) -> list[str]:
+  """Runs `args` as `n` real jax.distributed processes and returns their outputs; fails unless
+  every one exits 0."""
+  procs = start_processes(args, n, devices, cwd)
   outs = [p.communicate(timeout=timeout)[0] for p in procs]
   assert [p.returncode for p in procs] == [0] * n, outs
   return outs

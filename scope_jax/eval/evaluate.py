@@ -26,6 +26,7 @@ from scope_jax.activations.sequences import batches, sequences
 from scope_jax.data.text import iter_documents
 from scope_jax.eval.metrics import SAEStats
 from scope_jax.models.sites import parse_site, site_width
+from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE
 
@@ -96,12 +97,12 @@ def evaluate_saes(lm, saes: dict[str, tuple[SAE, str]], token_batches: list, dty
     pred_bt = keep_bt[:, 1:]                                # predictions of text tokens
     n_pred += int(pred_bt.sum())
     acts = lm.activations(batch.tokens, sites, dtype=dtype)
-    ce["clean"] += float(np.sum(np.asarray(lm.token_losses(batch.tokens))[pred_bt]))
+    ce["clean"] += float(np.sum(host_array(lm.token_losses(batch.tokens))[pred_bt]))
     for s in sites:
-      ce[f"zero:{s}"] += float(np.sum(np.asarray(lm.token_losses(batch.tokens, replace={s: _zero}))[pred_bt]))
+      ce[f"zero:{s}"] += float(np.sum(host_array(lm.token_losses(batch.tokens, replace={s: _zero}))[pred_bt]))
     for name, (sae, site) in saes.items():
-      stats[name].add(sae, np.asarray(acts[site])[keep_bt])
-      ce[name] += float(np.sum(np.asarray(lm.token_losses(batch.tokens, replace={site: splices[name]}))[pred_bt]))
+      stats[name].add(sae, host_array(acts[site])[keep_bt])
+      ce[name] += float(np.sum(host_array(lm.token_losses(batch.tokens, replace={site: splices[name]}))[pred_bt]))
   out = {}
   for name, (_, site) in saes.items():
     clean, zero, spliced = ce["clean"] / n_pred, ce[f"zero:{site}"] / n_pred, ce[name] / n_pred
@@ -134,6 +135,7 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
 def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, progress: bool = True) -> dict:
   """Evaluates every SAE of the run in float32 (and bfloat16 when `eval.bfloat16`); writes the report."""
   import jax
+  from jax.experimental import multihost_utils
 
   from scope_jax.activations.extract import load_extraction_model
   from scope_jax.eval.report import write_report
@@ -156,4 +158,5 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   files = {}
   if jax.process_index() == 0:
     files = write_report(results, results_bf16, Path(workdir) / "report", f"scope_jax report: {config.model}")
+  multihost_utils.sync_global_devices("scope_jax eval: report written")  # later jobs check it
   return {"results": results, "results_bf16": results_bf16, "files": files}

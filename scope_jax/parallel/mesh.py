@@ -119,3 +119,11 @@ def owned_blocks(mesh: Mesh, rows: int, blocks: int, what: str) -> list[int]:
     raise ValueError(f"{what}={blocks}: a block of {size} rows would span processes; use a multiple of the "
                      f"process count ({jax.process_count()}) that divides the batch")
   return owned
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array on this host: every process gets every row."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -95,4 +95,5 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
                       "scale": scale, "gemma_scope": str(npz), "saelens": str(lens)})
   if writer:
     (root / "index.json").write_text(json.dumps(entries, indent=2) + "\n")
+  multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them
   return entries

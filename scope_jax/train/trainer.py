@@ -129,6 +129,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, init, shardings)
   start = int(state["step"])
+  if start:
+    tqdm.write(f"train: resuming from the checkpoint of step {start} in {workdir / 'checkpoints'}")
   names = [g.names for g in groups]
   writer = MetricWriter(workdir, start)
   flag = _SigtermFlag()

@@ -1,0 +1,70 @@
+"""`scope-jax sweep`: the job table of each Gemma 2 preset, grouping rules, selection, bad grids."""
+
+import pytest
+
+from scope_jax import cli, jobs
+from tests.test_configs import load
+
+
+@pytest.mark.parametrize("size, n_extract, n_train, n_saes", [
+    # 26 layers × {res, mlp, att}; res.5/12/19 train 2^14..2^20 (1M needs 16B tokens), the rest
+    # 16.4K (4B) and 65.5K (8B). Stores: one per layer at 8B (23 layers) plus, at layers 5/12/19,
+    # res alone at 16B and mlp+att at 8B (6). Trainer jobs: 75 sites × 2 budgets + 3 sites × 3
+    # budgets (4B: 16K; 8B: 32K..512K; 16B: 1M). SAEs: (75 × 2 + 3 × 7) widths × 5 λ.
+    ("2b", 23 + 6, 75 * 2 + 3 * 3, (75 * 2 + 3 * 7) * 5),
+    # 42 layers, wide res layers 9/20/31, 16.4K and 131K elsewhere
+    ("9b", 39 + 6, 123 * 2 + 3 * 3, (123 * 2 + 3 * 7) * 5),
+    # res at layers 10, 22, 34; 131K at 8B tokens
+    ("27b", 3, 3, 3 * 5),
+])
+def test_preset_dry_run_prints_the_release_job_table(size, n_extract, n_train, n_saes, capsys, tmp_path):
+  cli.main(["sweep", "--config", f"configs/gemma2.py:size={size}", "--workdir", str(tmp_path), "--dry_run"])
+  out = capsys.readouterr().out.splitlines()
+  assert out[-1] == f"{n_extract} extraction jobs, {n_train} trainer jobs, {n_saes} SAEs"
+  assert len(out) == 1 + n_extract + n_train + 1  # header, jobs, totals
+  assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_runlocal_preset_is_one_store_and_one_trainer_job_per_site(tmp_path):
+  planned = jobs.plan(load("gemma2", "size=9b,layer=3,runlocal"), tmp_path)
+  assert [j.name for j in planned] == ["extract/L3-51.2K", "train/res.3-51.2K", "train/mlp.3-51.2K"]
+  assert planned[0].config.sites == ("res.3", "mlp.3")
+  train = planned[1].config
+  assert train.site == "res.3" and train.sweep.widths == (1024, 2048) and train.train.steps == 100
+  assert train.extract.store == planned[0].workdir == f"{tmp_path}/stores/L3-51.2K"
+
+
+def test_grouping_by_site_and_all_and_store_root():
+  c = load("gemma2", "size=2b")
+  c.grid.layers, c.grid.site_widths = (3, 4), ()
+  c.extract.store = "gs://bucket/acts/"
+  by_site = [j for j in jobs.plan(c, "runs") if j.kind == "extract"]
+  c.grid.extract_by = "site"
+  assert len([j for j in jobs.plan(c, "runs") if j.kind == "extract"]) == 6 and len(by_site) == 2
+  c.grid.extract_by = "all"
+  (everything,) = [j for j in jobs.plan(c, "runs") if j.kind == "extract"]
+  assert len(everything.sites) == 6 and everything.workdir == "gs://bucket/acts/all-8B"
+
+
+def test_select_by_pattern():
+  planned = jobs.plan(load("gemma2", "size=2b"), "runs")
+  chosen = jobs.select(planned, "train/res.12-*,extract/L12-*")
+  assert [j.name for j in chosen] == ["extract/L12-16B", "extract/L12-8B", "train/res.12-4B", "train/res.12-8B",
+                                      "train/res.12-16B"]
+  with pytest.raises(ValueError, match="--jobs 'train/res.99' matches none of the 188 jobs"):
+    jobs.select(planned, "train/res.99")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("grid.layers", (), "config.grid.layers is empty"),
+    ("grid.kinds", ("resid",), r"config.grid.kinds \['resid'\]: expected a non-empty subset"),
+    ("grid.extract_by", "model", "config.grid.extract_by 'model': expected one of"),
+    ("grid.site_widths", (("res.99", (1024,)),), "names res.99, which is not in the grid"),
+    ("sweep.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),
+])
+def test_bad_grids_are_clear_errors(field, value, message):
+  c = load("gemma2", "size=2b")
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    jobs.plan(c, "runs")
