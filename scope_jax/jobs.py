@@ -139,10 +139,10 @@ def select(jobs: list[Job], patterns: str | None) -> list[Job]:
   return chosen
 
 
-def is_finished(job: Job) -> bool:
+def is_finished(job: Job, timeout: float | None = None) -> bool:
   if job.kind == "extract":
     from scope_jax.activations.store import KV, MANIFEST
-    return KV(job.workdir).read_json(MANIFEST) is not None
+    return KV(job.workdir).read_json(MANIFEST, timeout=timeout) is not None
   return train_outputs_current(Path(job.workdir))
 
 
@@ -163,13 +163,21 @@ def export_current(workdir: Path) -> bool:
 def table(jobs: list[Job]) -> str:
   """The job table `scope-jax sweep --dry-run` prints."""
   rows = [("#", "job", "sites", "widths", "λ", "SAEs", "tokens", "status")]
+  unreachable = None
   for i, j in enumerate(jobs):
+    status = "?"
+    if unreachable is None:
+      try:
+        status = "done" if is_finished(j, timeout=20) else "to do"
+      except Exception as e:  # e.g. a bucket this machine cannot reach: the table is still useful
+        unreachable = f"status '?': cannot read {j.workdir} ({str(e).splitlines()[0][:200]})"
     rows.append((str(i), j.name, ",".join(j.sites), "+".join(map(str, j.widths)) or "-",
                  str(len(j.config.sweep.l1_coefficients)) if j.kind == "train" else "-",
-                 str(j.saes) if j.kind == "train" else "-", _tokens_name(j.tokens),
-                 "done" if is_finished(j) else "to do"))
+                 str(j.saes) if j.kind == "train" else "-", _tokens_name(j.tokens), status))
   sizes = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
   lines = ["  ".join(v.ljust(n) for v, n in zip(r, sizes)).rstrip() for r in rows]
+  if unreachable:
+    lines.append(unreachable)
   n_extract = sum(j.kind == "extract" for j in jobs)
   lines.append(f"{n_extract} extraction jobs, {len(jobs) - n_extract} trainer jobs, "
                f"{sum(j.saes for j in jobs if j.kind == 'train')} SAEs")

@@ -50,11 +50,11 @@ class KV:
     self.spec = kvstore_spec(root)
     self._kv = ts.KvStore.open(self.spec).result()
 
-  def read_json(self, key: str) -> dict | None:
+  def read_json(self, key: str, timeout: float | None = None) -> dict | None:
     try:
-      result = self._kv.read(key).result()
+      result = self._kv.read(key).result(timeout=timeout)
     except Exception as e:
-      raise StoreError(f"{self.root}/{key}: cannot read ({e})") from e
+      raise StoreError(f"{self.root}/{key}: cannot read ({e or type(e).__name__})") from e
     if result.state == "missing":
       return None
     try:
