@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.config import config_differences
@@ -88,17 +89,27 @@ def check_finite(state: dict, groups: list[sweep.Group], last_checkpoint: int | 
                              f"the last checkpoint (step {last_checkpoint}) is kept, nothing later was saved")
 
 
-class _SigtermFlag:
-  """Set by SIGTERM (preemption); the loop checks it between steps."""
+class _Preemption:
+  """SIGTERM (preemption), acted on by every process at the same step.
+
+  One process: a Python SIGTERM handler sets a flag the loop checks between steps. Several:
+  JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any
+  process and agrees with the others on a step at which all of them stop, so their checkpoint
+  is of one step. It must be asked at every step.
+  """
 
   def __init__(self):
     self.raised = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self.shared = jax.process_count() > 1
+    if not self.shared and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.raised = True
+
+  def reached(self, step: int) -> bool:
+    return multihost_utils.reached_preemption_sync_point(step) if self.shared else self.raised
 
   def restore(self):
     if self._previous is not None:
@@ -133,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
     tqdm.write(f"train: resuming from the checkpoint of step {start} in {workdir / 'checkpoints'}")
   names = [g.names for g in groups]
   writer = MetricWriter(workdir, start)
-  flag = _SigtermFlag()
+  preemption = _Preemption()
   steps, every_log, every_ckpt = config.train.steps, config.train.log_every, config.train.checkpoint_every
   bar = tqdm(total=steps, initial=start, desc=f"train {sum(len(n) for n in names)} SAEs", unit="step",
              disable=not progress or jax.process_index() != 0)
@@ -163,15 +174,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
       bar.update(1)
       if (s + 1) % every_ckpt == 0 and s + 1 < steps:
         save(s + 1)
-      if flag.raised:
-        save(s + 1)
+      if preemption.reached(s + 1):
+        if latest != s + 1:
+          save(s + 1)
         mngr.wait_until_finished()
         raise Preempted(f"SIGTERM: saved a checkpoint at step {s + 1}; run the same command to resume")
     if latest != steps and start < steps:
       save(steps)
     mngr.wait_until_finished()
   finally:
-    flag.restore()
+    preemption.restore()
     bar.close()
     writer.close()
     mngr.close()

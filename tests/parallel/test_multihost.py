@@ -127,3 +127,26 @@ def test_kill_9_of_one_process_stops_the_other_in_bounded_time_and_a_relaunch_re
   steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # one line per SAE and logged step: none lost, none repeated by the resumed run
   assert steps == sorted(steps) and steps == [s for s in range(10, 401, 10) for _ in range(4)]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+  """Preemption reaches hosts one by one; JAX's preemption service makes them agree on a step."""
+  npy = tmp_path / "acts.npy"
+  np.save(npy, np.random.default_rng(1).normal(size=(20_000, 64)).astype(np.float32))
+  workdir = tmp_path / "run"
+  procs = start_processes(_train_cmd(npy, workdir), cwd=REPO)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4 * 5):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs
+  stops = [int(out.split("SIGTERM: saved a checkpoint at step ")[1].split(";")[0]) for out in outs]
+  assert stops[0] == stops[1] and 50 <= stops[0] < 400
+  assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == stops[0]
+  procs = start_processes(_train_cmd(npy, workdir), cwd=REPO)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert f"resuming from the checkpoint of step {stops[0]}" in outs[1]
