@@ -86,8 +86,11 @@ def array_spec(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: in
   return {
       "driver": "zarr3",
       "kvstore": _child(root_spec, key + "/"),
+      # Plain little-endian bytes, one file per chunk. (Left to itself tensorstore picks a
+      # sharding codec with one-row inner chunks, which reads 4-5x slower.)
       "metadata": {"shape": [0, width], "data_type": dtype,
-                   "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}}},
+                   "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}},
+                   "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
   }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -32,6 +33,12 @@ from scope_jax.data.source import normalization_scale
 from scope_jax.parallel.mesh import DATA, owned_blocks
 
 NONFINITE = ("error", "skip")
+
+
+class _Window(NamedTuple):
+  parts: list[np.ndarray]   # the window's chunks as read, [rows_j, width] each
+  ends: np.ndarray          # cumulative rows of `parts`
+  perm: np.ndarray          # the window's row permutation
 
 
 class StoreLoader:
@@ -69,7 +76,8 @@ class StoreLoader:
       raise StoreError(f"{self.store.root}: {len(self.chunks)} chunks cannot feed {self.streams} streams")
     self._epochs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     self._epoch_starts = {k: [0] for k in self.own_streams}  # where each epoch starts, extended as needed
-    self._windows: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+    self._windows: OrderedDict[tuple[int, int, int], _Window] = OrderedDict()
+    self._pending: dict[tuple[int, int, int], list] = {}  # reads started ahead of use
     self.skipped = 0
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
@@ -99,14 +107,24 @@ class StoreLoader:
     epoch = int(np.searchsorted(starts, position, side="right")) - 1
     return epoch, position - starts[epoch]
 
-  def _window(self, stream: int, epoch: int, window: int) -> np.ndarray:
-    """Rows `[n, width]` of one window of a stream, shuffled (and normalized)."""
-    key = (stream, epoch, window)
+  def _window_ids(self, key: tuple[int, int, int]) -> np.ndarray | None:
+    """The chunk ids of window `key` = (stream, epoch, window); None past the epoch's end."""
+    stream, epoch, window = key
+    order, _ = self._epoch(stream, epoch)
+    ids = order[window * self.window_chunks:(window + 1) * self.window_chunks]
+    return ids if len(ids) else None
+
+  def _read(self, ids: np.ndarray) -> list:
+    """Starts tensorstore's asynchronous reads of chunks `ids`; returns (chunk id, future) pairs."""
+    return [(c, self.store.array(self.site, self.chunks[c][0])[self.chunks[c][1]:self.chunks[c][1] + self.chunks[c][2]]
+             .read()) for c in ids]
+
+  def _window(self, key: tuple[int, int, int]) -> _Window:
+    """One window of a stream: its chunks as read and the window's row permutation. The next
+    window's reads start as soon as this one is in hand, so they overlap its batches."""
     if key not in self._windows:
-      order, _ = self._epoch(stream, epoch)
-      ids = order[window * self.window_chunks:(window + 1) * self.window_chunks]
-      reads = [(c, self.store.array(self.site, self.chunks[c][0])[self.chunks[c][1]:self.chunks[c][1] + self.chunks[c][2]]
-                .read()) for c in ids]
+      ids = self._window_ids(key)
+      reads = self._pending.pop(key, None) or self._read(ids)
       parts = []
       for c, future in reads:
         try:
@@ -115,56 +133,78 @@ class StoreLoader:
           shard, lo, _ = self.chunks[c]
           raise StoreError(f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.config['chunk_rows']} "
                            f"(rows {lo}..) cannot be read: {e}") from e
-      rows = np.concatenate(parts)
-      rows = self._check_finite(rows, key, ids)
-      rng = np.random.default_rng([self.seed, epoch, stream, window])
-      self._windows[key] = rows[rng.permutation(len(rows))] / self._divisor
+      self._check_finite(parts, key, ids)
+      ends = np.cumsum([len(p) for p in parts])
+      perm = np.random.default_rng([self.seed, key[1], key[0], key[2]]).permutation(int(ends[-1]))
+      self._windows[key] = _Window(parts, ends, perm)
       while len(self._windows) > 2 * len(self.own_streams):
         self._windows.popitem(last=False)
+      following = (key[0], key[1], key[2] + 1)
+      if self._window_ids(following) is None:
+        following = (key[0], key[1] + 1, 0)
+      if following not in self._windows and following not in self._pending:
+        self._pending[following] = self._read(self._window_ids(following))
     return self._windows[key]
 
-  def _check_finite(self, rows: np.ndarray, key: tuple[int, int, int], ids) -> np.ndarray:
-    bad = ~np.isfinite(rows).all(axis=1)
-    if not bad.any():
-      return rows
+  def _check_finite(self, parts: list[np.ndarray], key: tuple[int, int, int], ids) -> None:
+    """Raises on rows with NaN or Inf, or (nonfinite="skip") overwrites them with other rows of
+    the window. A NaN or Inf anywhere in a row makes its sum non-finite, so one BLAS pass finds
+    the candidates; the exact test runs on those alone."""
+    ones, bad = np.ones(self.width, np.float32), []
+    for p in parts:
+      suspects = np.flatnonzero(~np.isfinite(p @ ones))
+      bad.append(suspects[~np.isfinite(p[suspects]).all(axis=1)])
+    n_bad = sum(len(b) for b in bad)
+    if not n_bad:
+      return
     if self.nonfinite == "error":
-      ends = np.cumsum([self.chunks[c][2] for c in ids])
-      where = {}
-      for row in np.flatnonzero(bad):
-        shard, lo, _ = self.chunks[ids[int(np.searchsorted(ends, row, side="right"))]]
-        key = f"shard {shard} chunk {lo // self.store.config['chunk_rows']}"
-        where[key] = where.get(key, 0) + 1
-      detail = ", ".join(f"{k} ({n} rows)" for k, n in sorted(where.items()))
-      raise StoreError(f"{self.store.root}: {int(bad.sum())} rows of site {self.site} hold NaN or Inf: {detail}; "
+      detail = ", ".join(f"shard {self.chunks[c][0]} chunk {self.chunks[c][1] // self.store.config['chunk_rows']} "
+                         f"({len(b)} rows)" for c, b in sorted(zip(ids, bad), key=lambda t: self.chunks[t[0]]) if len(b))
+      raise StoreError(f"{self.store.root}: {n_bad} rows of site {self.site} hold NaN or Inf: {detail}; "
                        f"set data.nonfinite='skip' to skip such rows")
-    good = np.flatnonzero(~bad)
-    if not len(good):
+    good = [(j, r) for j, (p, b) in enumerate(zip(parts, bad)) for r in np.setdiff1d(np.arange(len(p)), b)]
+    if not good:
       raise StoreError(f"{self.store.root}: every row of a window of site {self.site} holds NaN or Inf")
     rng = np.random.default_rng([self.seed, *key, 1])
-    rows = rows.copy()
-    rows[bad] = rows[rng.choice(good, int(bad.sum()))]
-    self.skipped += int(bad.sum())
-    return rows
+    for j, b in enumerate(bad):
+      for r, pick in zip(b, rng.choice(len(good), len(b))):
+        parts[j][r] = parts[good[pick][0]][good[pick][1]]
+    self.skipped += n_bad
 
-  def local_rows(self, step: int) -> np.ndarray:
+  def local_rows(self, step: int, out: np.ndarray | None = None) -> np.ndarray:
     """This process's rows of step `step` (its streams' rows, in stream order), float32
-    `[batch_size / processes, width]`."""
-    return np.concatenate([self.stream_rows(k, step) for k in self.own_streams])
+    `[batch_size / processes, width]` (into `out` when given)."""
+    if out is None:
+      out = np.empty((len(self.own_streams) * self.stream_batch, self.width), np.float32)
+    for i, k in enumerate(self.own_streams):
+      self.stream_rows(k, step, out[i * self.stream_batch:(i + 1) * self.stream_batch])
+    return out
 
-  def stream_rows(self, stream: int, step: int) -> np.ndarray:
-    """Rows [step·b, (step+1)·b) of one stream, `[batch_size / streams, width]`."""
-    out, position, need = [], step * self.stream_batch, self.stream_batch
-    while need:
+  def stream_rows(self, stream: int, step: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [step·b, (step+1)·b) of one stream, `[batch_size / streams, width]` (normalized).
+
+    Which rows a batch holds is fixed by the window permutation; within the batch they are
+    grouped by chunk, so each is gathered in one sequential sweep and scaled while in cache."""
+    out = np.empty((self.stream_batch, self.width), np.float32) if out is None else out
+    position, filled = step * self.stream_batch, 0
+    while filled < self.stream_batch:
       epoch, offset = self._locate(stream, position)
       _, ends = self._epoch(stream, epoch)
-      chunk_index = int(np.searchsorted(ends, offset, side="right"))
-      window = chunk_index // self.window_chunks
+      window = int(np.searchsorted(ends, offset, side="right")) // self.window_chunks
       window_start = int(ends[window * self.window_chunks - 1]) if window else 0
-      rows = self._window(stream, epoch, window)
-      take = min(need, window_start + len(rows) - offset)
-      out.append(rows[offset - window_start:offset - window_start + take])
-      position, need = position + take, need - take
-    return np.concatenate(out)
+      w = self._window((stream, epoch, window))
+      take = min(self.stream_batch - filled, window_start + int(w.ends[-1]) - offset)
+      rows = np.sort(w.perm[offset - window_start:offset - window_start + take])
+      part_of_row = np.searchsorted(w.ends, rows, side="right")
+      for j in np.unique(part_of_row):
+        local = rows[part_of_row == j] - (w.ends[j - 1] if j else 0)
+        block = out[filled:filled + len(local)]
+        np.take(w.parts[j], local, axis=0, out=block, mode="clip")  # "raise" would buffer `out`
+        if self._divisor != 1:
+          np.divide(block, self._divisor, out=block)
+        filled += len(local)
+      position += take
+    return out
 
   # ---------------------------------------------------------------- BatchSource
 
@@ -187,11 +227,17 @@ class StoreLoader:
     self._queue = queue.Queue(self.prefetch_depth)
     stop, q = self._stop, self._queue
 
+    # The consumer copies a batch onto the device before it asks for the next, so at most
+    # depth + 2 buffers are in use at once: a ring of them is never overwritten while read, and
+    # the batches land in memory that is already paged in.
+    ring = [np.empty((len(self.own_streams) * self.stream_batch, self.width), np.float32)
+            for _ in range(self.prefetch_depth + 2)]
+
     def produce():
       s = step
       while not stop.is_set():
         try:
-          item = self.local_rows(s)
+          item = self.local_rows(s, out=ring[s % len(ring)])
         except BaseException as e:
           item = e
         while not stop.is_set():
