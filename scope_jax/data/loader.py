@@ -171,11 +171,10 @@ class StoreLoader:
         parts[j][r] = parts[good[pick][0]][good[pick][1]]
     self.skipped += n_bad
 
-  def local_rows(self, step: int, out: np.ndarray | None = None) -> np.ndarray:
+  def local_rows(self, step: int) -> np.ndarray:
     """This process's rows of step `step` (its streams' rows, in stream order), float32
-    `[batch_size / processes, width]` (into `out` when given)."""
-    if out is None:
-      out = np.empty((len(self.own_streams) * self.stream_batch, self.width), np.float32)
+    `[batch_size / processes, width]`."""
+    out = np.empty((len(self.own_streams) * self.stream_batch, self.width), np.float32)
     for i, k in enumerate(self.own_streams):
       self.stream_rows(k, step, out[i * self.stream_batch:(i + 1) * self.stream_batch])
     return out
@@ -227,17 +226,13 @@ class StoreLoader:
     self._queue = queue.Queue(self.prefetch_depth)
     stop, q = self._stop, self._queue
 
-    # The consumer copies a batch onto the device before it asks for the next, so at most
-    # depth + 2 buffers are in use at once: a ring of them is never overwritten while read, and
-    # the batches land in memory that is already paged in.
-    ring = [np.empty((len(self.own_streams) * self.stream_batch, self.width), np.float32)
-            for _ in range(self.prefetch_depth + 2)]
-
+    # Every batch gets fresh memory: JAX on CPU may keep using (zero-copy) the host buffer an
+    # array was made from, so a buffer handed to it is never written again.
     def produce():
       s = step
       while not stop.is_set():
         try:
-          item = self.local_rows(s, out=ring[s % len(ring)])
+          item = self.local_rows(s)
         except BaseException as e:
           item = e
         while not stop.is_set():

@@ -56,6 +56,18 @@ def test_same_seed_same_batches_other_seed_other_order_and_resume(store_root):
     ld.close()
 
 
+@pytest.mark.parametrize("data, model", [(2, 4), (8, 1)])
+def test_batches_handed_out_never_change_while_later_ones_are_made(store_root, data, model):
+  """JAX on CPU may keep using the host memory an array was made from: the loader must never
+  write into memory it has handed out."""
+  ld = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize=True)
+  kept = [ld.batch(s) for s in range(12)]  # held as jax arrays while the prefetch thread runs on
+  late = np.stack([np.asarray(b) for b in kept])
+  ld.close()
+  fresh = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize=True)
+  np.testing.assert_array_equal(late, np.stack([fresh.local_rows(s) for s in range(12)]))
+
+
 def test_normalization_divides_by_the_manifest_scale(store_root):
   raw = loader(store_root)
   normalized = StoreLoader(store_root, SITE, 50, make_mesh(data=2, model=4), normalize=True)
@@ -133,7 +145,7 @@ def test_nonfinite_rows_are_an_error_with_counts_or_skipped_and_counted(tmp_path
   with pytest.raises(StoreError, match=r"3 rows of site res.0 hold NaN or Inf: shard 0 chunk 0 \(3 rows\)"):
     ids_of(loader(str(tmp_path), window_chunks=64), 2)
   ld = loader(str(tmp_path), nonfinite="skip")
-  x = np.concatenate([np.asarray(ld.batch(s)) for s in range(N // 50)])
+  x = np.concatenate([ld.local_rows(s) for s in range(N // 50)])  # no prefetch thread reading on into epoch 2
   assert np.isfinite(x).all() and ld.skipped == 3
   assert len(np.unique(x[:, 0])) == N - 3  # the three rows are gone, their slots refilled
   ld.close()
