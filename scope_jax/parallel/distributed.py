@@ -1,8 +1,8 @@
 """`jax.distributed` from flags or the environment: one program, N processes.
 
-- Cloud TPU VMs: `jax.distributed.initialize()` finds its peers itself. Used when
-  SCOPE_JAX_DISTRIBUTED=auto, or when nothing explicit is given and the machine has TPU chips
-  (`/dev/accel*` or `/dev/vfio/*`).
+- Cloud TPU VMs: `jax.distributed.initialize()` finds its peers itself, from the VM's metadata.
+  Used when SCOPE_JAX_DISTRIBUTED=auto, which `launch/tpu.sh` sets on every worker. (Not guessed
+  from device files: laptops with NPUs and Gaudi hosts have `/dev/accel*` too.)
 - Elsewhere (GPU clusters, several processes on one machine): the coordinator `host:port`, the
   process count and this process's id, from the flags `--coordinator`, `--num_processes`,
   `--process_id`, or from SCOPE_JAX_COORDINATOR / SCOPE_JAX_NUM_PROCESSES / SCOPE_JAX_PROCESS_ID,
@@ -16,7 +16,6 @@ collectives run over gloo. Call before anything touches a device.
 
 from __future__ import annotations
 
-import glob
 import os
 
 import jax
@@ -46,10 +45,6 @@ def _as_int(what: str, value: str) -> int:
     raise ValueError(f"{what}={value!r} is not an integer") from None
 
 
-def on_cloud_tpu() -> bool:
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
   """Initializes jax.distributed when flags or the environment ask for it; True if it did."""
@@ -61,7 +56,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   heartbeat = _as_int("SCOPE_JAX_HEARTBEAT_TIMEOUT", os.environ.get("SCOPE_JAX_HEARTBEAT_TIMEOUT", "100"))
   if mode == "off":
     return False
-  if not address and mode != "auto" and not on_cloud_tpu():
+  if not address and mode != "auto":
     if count not in (None, "1"):
       raise ValueError(f"{count} processes are expected but no coordinator is given (--coordinator or "
                        "SCOPE_JAX_COORDINATOR=host:port; SCOPE_JAX_DISTRIBUTED=off runs one process alone)")
