@@ -182,6 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
     if latest != steps and start < steps:
       save(steps)
     mngr.wait_until_finished()
+    multihost_utils.sync_global_devices("scope_jax train: checkpoints final")  # later stages list them
   finally:
     preemption.restore()
     bar.close()
