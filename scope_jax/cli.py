@@ -141,10 +141,13 @@ def stage_run(config, workdir) -> None:
 
 def stage_sweep(config, workdir, dry_run: bool, patterns: str | None) -> None:
   """Prints the job table; without `dry_run` runs every unfinished job in order."""
+  import jax
+
   from scope_jax import jobs as sweep_jobs
 
   planned = sweep_jobs.select(sweep_jobs.plan(config, workdir), patterns)
-  print(sweep_jobs.table(planned))
+  if jax.process_index() == 0:  # one table in a pod's merged log, not one per host
+    print(sweep_jobs.table(planned))
   if dry_run:
     return
   for i, job in enumerate(planned):

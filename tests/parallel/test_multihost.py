@@ -89,6 +89,7 @@ def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model,
   logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
   assert "eval: report in" in logs[0] and "eval: report in" not in logs[1]
   assert "export: 4 SAEs" in logs[0]
+  assert "2 trainer jobs" in logs[0] and "2 trainer jobs" not in logs[1]  # one job table per run
 
 
 def _train_cmd(npy, workdir):
