@@ -140,10 +140,12 @@ class StoreLoader:
       while len(self._windows) > 2 * len(self.own_streams):
         self._windows.popitem(last=False)
       following = (key[0], key[1], key[2] + 1)
-      if self._window_ids(following) is None:
+      following_ids = self._window_ids(following)
+      if following_ids is None:
         following = (key[0], key[1] + 1, 0)
+        following_ids = self._window_ids(following)
       if following not in self._windows and following not in self._pending:
-        self._pending[following] = self._read(self._window_ids(following))
+        self._pending[following] = self._read(following_ids)
     return self._windows[key]
 
   def _check_finite(self, parts: list[np.ndarray], key: tuple[int, int, int], ids) -> None:
@@ -255,6 +257,7 @@ class StoreLoader:
       self._thread.join()
       self._thread = None
     self._next_step = None
+    self._pending.clear()  # reads started for where the stream was; a jump may never use them
 
   def describe(self) -> dict:
     return {"kind": "store", "root": self.store.root, "site": self.site, "rows": self.store.rows,
