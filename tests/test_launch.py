@@ -40,8 +40,9 @@ def test_local_launcher_runs_n_processes_and_reports_a_failure():
   assert bad.returncode == 5 and "process 1 exited with status 5" in bad.stderr
 
 
-def test_tpu_script_runs_the_command_on_every_worker_and_deletes_the_slice():
-  env = dict(os.environ, DRY_RUN="1", ZONE="europe-west4-a", ACCELERATOR_TYPE="v5p-16", PROJECT="my-project")
+def test_tpu_script_runs_the_command_on_every_worker_and_deletes_the_slice(tmp_path):
+  env = dict(os.environ, DRY_RUN="1", ZONE="europe-west4-a", ACCELERATOR_TYPE="v5p-16", PROJECT="my-project",
+             LOGDIR=str(tmp_path / "logs"))
   out = subprocess.run([str(LAUNCH / "tpu.sh"), "all", "sj-test", "--", "scope-jax", "sweep", "--config",
                         "configs/gemma2.py:size=2b", "--workdir", "/mnt/runs/2b"],
                        capture_output=True, text=True, env=env, timeout=60, check=True).stdout.splitlines()
@@ -50,3 +51,4 @@ def test_tpu_script_runs_the_command_on_every_worker_and_deletes_the_slice():
   assert "ssh sj-test --worker=all" in run and "scope-jax\\ sweep" in run and "--project my-project" in run
   assert out[-1] == "gcloud compute tpus tpu-vm delete sj-test --quiet --zone europe-west4-a --project my-project"
   assert sum("--worker=all" in line for line in out) >= 3  # wheel + configs copied, installed, run
+  assert len(list((tmp_path / "logs").glob("sj-test-*.log"))) == 1  # the run's log is kept
