@@ -50,8 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4_096
   c.train.steps = 100_000
-  c.train.microbatches = 0           # gradient accumulated over this many batch slices; 0 = ~512 rows
-                                     # per device per slice (sweep.auto_microbatches); 1 = whole batch
+  c.train.latent_block = 0           # latents per block of the blocked step; 0 = automatic (temporaries
+                                     # of ~8 MiB, train/blocked.py latent_block)
   c.train.log_every = 100
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3

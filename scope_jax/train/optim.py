@@ -1,5 +1,10 @@
 """Gemma Scope's optimizer (RECIPE §2): Adam with β1 = 0 behind a cosine learning-rate warm-up,
-decoder-gradient projection before the update and unit-norm decoder rows after it."""
+decoder-gradient projection before the update (unit-norm decoder rows after it: `blocked.py`).
+
+Adam is written out rather than taken from optax because the step applies it one latent block
+at a time, in place, inside the loop that forms the block's gradients (`train/blocked.py`);
+optax supplies the schedules.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
-
-from scope_jax.sae.model import SAE
 
 
 def lr_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
@@ -27,35 +30,34 @@ def sparsity_warmup(warmup_steps: int) -> optax.Schedule:
   return optax.linear_schedule(0.0, 1.0, warmup_steps)
 
 
-def _project_rows(g_md: jax.Array, w_md: jax.Array) -> jax.Array:
-  """Removes from each row of g its component along the (unit) row of w."""
-  return g_md - jnp.sum(g_md * w_md, axis=-1, keepdims=True) * w_md
+@dataclasses.dataclass(frozen=True)
+class Adam:
+  """Adam with bias correction (RECIPE §2: β1 = 0, whose first moment would equal the gradient
+  and is therefore not kept)."""
+  b1: float = 0.0
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  @property
+  def moment_names(self) -> tuple[str, ...]:
+    return ("mu", "nu") if self.b1 else ("nu",)
+
+  def init(self, params):
+    return {k: jax.tree.map(jnp.zeros_like, params) for k in self.moment_names}
+
+  def moments(self, g: jax.Array, m: dict) -> dict:
+    new = {"nu": self.b2 * m["nu"] + (1 - self.b2) * jnp.square(g)}
+    if self.b1:
+      new["mu"] = self.b1 * m["mu"] + (1 - self.b1) * g
+    return new
+
+  def apply(self, p: jax.Array, g: jax.Array, m: dict, t: jax.Array, lr: jax.Array) -> jax.Array:
+    """`p` after update number `t` (1-based), given the moments already updated with `g`."""
+    mean = m["mu"] / (1 - self.b1**t) if self.b1 else g
+    return p - lr * mean / (jnp.sqrt(m["nu"] / (1 - self.b2**t)) + self.eps)
 
 
-def project_decoder_gradients() -> optax.GradientTransformation:
-  """Keeps decoder updates tangent to the unit sphere of each latent's row."""
-
-  def update(updates, state, params):
-    projected = jax.tree.map(lambda g, p: g.replace(W_dec=_project_rows(g.W_dec, p.W_dec)),
-                             updates, params, is_leaf=lambda x: isinstance(x, SAE))
-    return projected, state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(lr: float, lr_warmup_steps: int, b1: float = 0.0, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """Adam; with β1 = 0 its first moment is just the gradient, so it is not stored (optax's
-  bias-corrected `scale_by_rms` is exactly Adam(β1=0) with a third less optimizer memory)."""
-  if b1 == 0:
-    scale = optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)
-  else:
-    scale = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  return optax.chain(project_decoder_gradients(), scale,
-                     optax.scale_by_learning_rate(lr_schedule(lr, lr_warmup_steps)))
-
-
-def constrain(sae: SAE) -> SAE:
-  """After an update: unit-norm decoder rows and a non-negative threshold."""
-  W_dec = sae.W_dec / jnp.linalg.norm(sae.W_dec, axis=-1, keepdims=True)
-  return dataclasses.replace(sae, W_dec=W_dec, threshold=jnp.maximum(sae.threshold, 0.0))
+def project_rows(g_kd: jax.Array, w_kd: jax.Array) -> jax.Array:
+  """Removes from each row of g its component along the (unit) row of w, so the update stays
+  tangent to the unit sphere of each latent's decoder row."""
+  return g_kd - jnp.sum(g_kd * w_kd, axis=-1, keepdims=True) * w_kd

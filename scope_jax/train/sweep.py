@@ -1,9 +1,9 @@
 """A sweep of JumpReLU SAEs trained together: one jitted, sharded step updates all of them.
 
 SAEs of one width are stacked on a leading axis (a *group*); the step loops over groups and
-`vmap`s over each stack, so every SAE sees the same batch and gets exactly the gradient of its
-own loss (the total loss is a sum of independent terms). Shardings: batch on `data`, latents
-on `model`; the stack axis is replicated.
+over each stack with the blocked single-SAE step (`blocked.py`), so every SAE sees the same
+batch and gets exactly the update it would get alone. Shardings: batch on `data`, latents on
+`model`; the stack axis is replicated.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from scope_jax.parallel.mesh import DATA, logical_spec
-from scope_jax.sae.loss import LossSpec, sae_loss
+from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
+from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, init_sae
-from scope_jax.train.optim import constrain, make_optimizer, sparsity_warmup
+from scope_jax.train.blocked import latent_block, train_group
+from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,10 @@ class Recipe:
   @property
   def loss(self) -> LossSpec:
     return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0)
+
+  @property
+  def adam(self) -> Adam:
+    return Adam(self.adam_b1, self.adam_b2, self.adam_eps)
 
   def __post_init__(self):
     self.loss  # validates the loss fields
@@ -95,93 +99,84 @@ def group_spec(mesh: Mesh, width: int) -> SAE:
              b_dec=P(None, None), threshold=P(None, latents))
 
 
-def state_shardings(mesh: Mesh, groups: Sequence[Group], optimizer, abstract_state) -> dict:
-  param_specs = tuple(group_spec(mesh, g.width) for g in groups)
+def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
   to_sharding = lambda spec: NamedSharding(mesh, spec)
-  params = jax.tree.map(to_sharding, param_specs, is_leaf=lambda x: isinstance(x, P))
+  params = tuple(jax.tree.map(to_sharding, group_spec(mesh, g.width)) for g in groups)
   replicated = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"], params,
-                              transform_non_params=lambda _: replicated)
   return {
       "step": replicated,
       "params": params,
-      "opt_state": opt,
-      "since_fired": tuple(to_sharding(s.b_enc) for s in param_specs),
+      "opt_state": {k: params for k in adam.moment_names},
+      "since_fired": tuple(p.b_enc for p in params),
       "first_bad_step": tuple(replicated for _ in groups),
   }
 
 
-def init_state(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, optimizer) -> dict:
+def init_state(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe) -> dict:
   params = tuple(init_group(base_seed, d_in, g, recipe) for g in groups)
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
-      "opt_state": optimizer.init(params),
+      "opt_state": recipe.adam.init(params),
       "since_fired": tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params),
       "first_bad_step": tuple(jnp.full(p.b_enc.shape[:1], -1, jnp.int32) for p in params),
   }
 
 
-# ------------------------------------------------------------------ loss and step
+# ------------------------------------------------------------------ the step
 
 
-def _tree_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int):
+  """`(params, moments, x_bd, lam_s, lr, t) -> (params, moments, stats)` for one stacked group:
+  `blocked.train_group` under `shard_map` (rows on `data`, latents on `model`)."""
+  spec = group_spec(mesh, group.width)
+  width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
+  block = latent_block(width_local, batch // mesh.shape[DATA], requested_block)
+
+  def step(params, moments, x_bd, lam_s, lr, t):
+    params, moments, stats = train_group(params, moments, x_bd, lam_s, lr, t, recipe.loss, recipe.adam, block, batch)
+    mean_d = jax.lax.psum(jnp.sum(x_bd, axis=0), DATA) / batch
+    variance = jax.lax.psum(jnp.sum(jnp.square(x_bd - mean_d)), DATA) / batch
+    return params, moments, stats | {"fvu": stats["mse"] / variance}
+
+  moment_specs = {k: spec for k in recipe.adam.moment_names}
+  stat_specs = {k: P() for k in ("loss", "mse", "l0", "sparsity_loss", "grad_norm", "fvu")} | {"fired_m": spec.b_enc}
+  return jax.shard_map(step, mesh=mesh, check_vma=False,
+                       in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P()),
+                       out_specs=(spec, moment_specs, stat_specs))
 
 
-def make_train_step(groups: Sequence[Group], recipe: Recipe, optimizer, shardings: dict, mesh: Mesh,
-                    microbatches: int = 1):
+def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, mesh: Mesh, batch: int,
+                    requested_block: int = 0):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
-  `microbatches > 1` accumulates the gradient over that many slices of the batch (a `scan`), so
-  the `[rows, latents]` temporaries shrink by that factor; the update is the same up to rounding.
-  """
+  `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`)."""
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
-
-  def total_loss(params, x_bd, factor):
-    losses, stats = [], []
-    for sae, lam_s in zip(params, lambdas):
-      loss_s, stats_s = jax.vmap(sae_loss, in_axes=(0, None, 0, None))(sae, x_bd, factor * lam_s, recipe.loss)
-      losses.append(loss_s)
-      stats.append(stats_s | {"loss": loss_s})
-    return sum(jnp.sum(l) for l in losses), stats
-
-  loss_grad = jax.grad(total_loss, has_aux=True)
-
-  def accumulated_grad(params, x_bd, factor):
-    """Mean gradient and statistics over `microbatches` slices; slice i holds rows i, k+i, 2k+i, ...
-    so every device keeps its own rows."""
-    rows, width = x_bd.shape
-    chunks = jnp.moveaxis(x_bd.reshape(rows // microbatches, microbatches, width), 1, 0)
-    chunks = jax.lax.with_sharding_constraint(chunks, NamedSharding(mesh, P(None, DATA, None)))
-
-    def body(acc, x_chunk):
-      grads, stats = loss_grad(params, x_chunk, factor)
-      return jax.tree.map(jnp.add, acc, grads), stats
-
-    grads, stats = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), chunks)
-    stats = [{k: (jnp.any(v, axis=0) if k == "fired_m" else jnp.mean(v, axis=0)) for k, v in s.items()} for s in stats]
-    return jax.tree.map(lambda g: g / microbatches, grads), stats
+  lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps)
+  group_steps = [_group_step(mesh, g, recipe, batch, requested_block) for g in groups]
 
   def train_step(state, x_bd):
-    factor = lam_factor(state["step"])
-    grad_fn = loss_grad if microbatches == 1 else accumulated_grad
-    grads, stats = grad_fn(state["params"], x_bd, factor)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = tuple(constrain(p) for p in optax.apply_updates(state["params"], updates))
-    metrics, since_fired, first_bad = [], [], []
-    for g, p, s, since, bad, lam_s in zip(grads, params, stats, state["since_fired"], state["first_bad_step"], lambdas):
-      since = jnp.where(s.pop("fired_m"), 0, since + 1)
-      finite = jnp.isfinite(s["loss"])
-      bad = jnp.where((bad < 0) & ~finite, state["step"], bad)
-      s |= {"grad_norm": jax.vmap(_tree_norm)(g), "dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
+    step = state["step"]
+    factor, lr, t = lam_factor(step), lr_at(step), (step + 1).astype(jnp.float32)
+    params, since_fired, first_bad, metrics = [], [], [], []
+    moments = {k: [] for k in state["opt_state"]}
+    for gi, (group_step, lam_s) in enumerate(zip(group_steps, lambdas)):
+      group_moments = {k: v[gi] for k, v in state["opt_state"].items()}
+      p, m, s = group_step(state["params"][gi], group_moments, x_bd, factor * lam_s, lr, t)
+      since = jnp.where(s.pop("fired_m"), 0, state["since_fired"][gi] + 1)
+      bad = state["first_bad_step"][gi]
+      bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)
+      s |= {"dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
             "threshold_mean": jnp.mean(p.threshold, axis=-1), "threshold_min": jnp.min(p.threshold, axis=-1),
             "threshold_max": jnp.max(p.threshold, axis=-1), "l1_coefficient": factor * lam_s}
-      metrics.append(s)
+      params.append(p)
+      for k in moments:
+        moments[k].append(m[k])
       since_fired.append(since)
       first_bad.append(bad)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+      metrics.append(s)
+    new_state = {"step": step + 1, "params": tuple(params), "opt_state": {k: tuple(v) for k, v in moments.items()},
                  "since_fired": tuple(since_fired), "first_bad_step": tuple(first_bad)}
     return new_state, metrics
 
@@ -191,22 +186,16 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, optimizer, sharding
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def build(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, microbatches: int = 1):
-  """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step)."""
-  optimizer = make_optimizer(recipe.lr, recipe.lr_warmup_steps, recipe.adam_b1, recipe.adam_b2, recipe.adam_eps)
-  init = functools.partial(init_state, base_seed, d_in, groups, recipe, optimizer)
-  shardings = state_shardings(mesh, groups, optimizer, jax.eval_shape(init))
-  return jax.jit(init, out_shardings=shardings), shardings, make_train_step(groups, recipe, optimizer, shardings, mesh, microbatches)
-
-
-def auto_microbatches(batch_size: int, data: int, rows_per_slice: int = 512) -> int:
-  """Slices of about `rows_per_slice` rows per device: on CPU this is faster than one big step
-  (the [rows, latents] temporaries stay in cache) and needs far less memory."""
-  per_device = batch_size // data
-  k = max(1, per_device // rows_per_slice)
-  while batch_size % (k * data):
-    k -= 1
-  return k
+def build(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int,
+          requested_block: int = 0):
+  """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
+  for `batch`-row batches)."""
+  if batch % mesh.shape[DATA]:
+    raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
+  shardings = state_shardings(mesh, groups, recipe.adam)
+  init = functools.partial(init_state, base_seed, d_in, groups, recipe)
+  step_fn = make_train_step(groups, recipe, shardings, mesh, batch, requested_block)
+  return jax.jit(init, out_shardings=shardings), shardings, step_fn
 
 
 def recipe_from(config: ml_collections.ConfigDict) -> Recipe:

@@ -55,8 +55,7 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
 def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
   """What must not change between a run and its resumption."""
   return {"seed": config.seed, "sweep": config.sweep.to_dict(), "recipe": config.recipe.to_dict(),
-          "batch_size": config.train.batch_size, "microbatches": config.train.microbatches,
-          "normalize": config.data.normalize, "data": source.describe()}
+          "batch_size": config.train.batch_size, "normalize": config.data.normalize, "data": source.describe()}
 
 
 def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -131,11 +130,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
                      f"config.data.width {config.data.width}")
   identity = run_identity(config, source)
 
-  microbatches = config.train.microbatches or sweep.auto_microbatches(config.train.batch_size, mesh.shape["data"])
-  if config.train.batch_size % (microbatches * mesh.shape["data"]):
-    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by train.microbatches "
-                     f"({microbatches}) × the mesh's data axis ({mesh.shape['data']})")
-  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh, microbatches)
+  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh, config.train.batch_size,
+                                         config.train.latent_block)
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, init, shardings)

@@ -13,71 +13,72 @@ from sae_lens.saes.sae import TrainStepInput
 
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
-from scope_jax.sae import jumprelu, step, training_pre, unstack
-from scope_jax.sae.loss import LossSpec, sae_loss
+from scope_jax.sae import training_pre, unstack
+from scope_jax.sae.loss import LossSpec
+from scope_jax.sae.model import PARAM_NAMES
 from scope_jax.config import default_config
 from scope_jax.train import sweep, train
-from scope_jax.train.optim import lr_schedule, project_decoder_gradients
+from scope_jax.train.optim import lr_schedule, project_rows
 from tests.sae.test_io import random_sae
 
 
-@pytest.mark.parametrize("mode", ["l0", "quadratic"])
-def test_loss_and_gradients_equal_saelens_jumprelu_training(mode):
-  d, m, lam, eps = 24, 80, 0.3, 0.05
-  sae = random_sae(d, m, seed=7)
-  x = np.random.default_rng(8).normal(0, 1, (64, d)).astype(np.float32)
-  spec = LossSpec(bandwidth=eps, sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
-  (loss, stats), grads = jax.value_and_grad(sae_loss, has_aux=True)(sae, x, jnp.float32(lam), spec)
-
-  cfg = JumpReLUTrainingSAEConfig(d_in=d, d_sae=m, jumprelu_bandwidth=eps, apply_b_dec_to_input=True,
-                                  jumprelu_sparsity_loss_mode="quadratic" if mode == "quadratic" else "step",
-                                  target_l0=spec.target_l0)
+def _saelens_loss_and_gradients(sae, x, lam, spec):
+  cfg = JumpReLUTrainingSAEConfig(d_in=sae.d_in, d_sae=sae.width, jumprelu_bandwidth=spec.bandwidth,
+                                  apply_b_dec_to_input=True, target_l0=spec.target_l0,
+                                  jumprelu_sparsity_loss_mode="quadratic" if spec.sparsity_loss == "quadratic" else "step")
   lens = JumpReLUTrainingSAE(cfg)
   with torch.no_grad():
-    for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+    for k in PARAM_NAMES:
       getattr(lens, k).copy_(torch.tensor(np.asarray(getattr(sae, k))))
   out = lens.training_forward_pass(TrainStepInput(sae_in=torch.tensor(x), coefficients={"l0": lam},
                                                   dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
   out.loss.backward()
-  assert 5 < float(stats["l0"]) < 75
-  np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5)
-  np.testing.assert_allclose(stats["mse"], out.losses["mse_loss"].item(), rtol=1e-5)
-  for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
-    np.testing.assert_allclose(getattr(grads, k), getattr(lens, k).grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+  return out, {k: getattr(lens, k).grad.numpy() for k in PARAM_NAMES}
 
 
-def _composed_loss(sae, x, lam, spec):
-  """The loss written with the public custom-VJP functions, differentiated by jax.grad."""
-  pre = training_pre(sae, x)
-  xhat = jumprelu(pre, sae.threshold, spec.bandwidth) @ sae.W_dec + sae.b_dec
-  l0_b = jnp.sum(step(pre, sae.threshold, spec.bandwidth), axis=-1)
-  return jnp.mean(jnp.sum(jnp.square(x - xhat), -1)) + lam * jnp.mean(spec.penalty(l0_b))
+def _with_params(state, group_params, shardings):
+  return state | {"params": jax.device_put(group_params, shardings["params"])}
 
 
 @pytest.mark.parametrize("mode", ["l0", "quadratic"])
-def test_fused_backward_equals_jax_grad_of_the_custom_vjp_composition(mode):
-  d, m, eps = 24, 80, 0.05
-  sae = random_sae(d, m, seed=9)
-  x = np.random.default_rng(10).normal(0, 1, (48, d)).astype(np.float32)
-  spec = LossSpec(bandwidth=eps, sparsity_loss=mode, target_l0=8.0 if mode == "quadratic" else None)
-  lam = jnp.float32(0.2)
-  fused = jax.grad(lambda s, x, l: sae_loss(s, x, l, spec)[0], argnums=(0, 1, 2))(sae, x, lam)
-  composed = jax.grad(_composed_loss, argnums=(0, 1, 2))(sae, x, lam, spec)
+@pytest.mark.parametrize("mesh_shape,block", [((1, 1), 0), ((4, 2), 8)])
+def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
+  """With Adam's ε far above |g| the update is -lr/ε · g, so one real training step (blocked,
+  sharded, stacked) reveals the gradient it used; it must be SAELens' autograd gradient."""
+  d, m, lambdas, eps, batch = 24, 80, [0.3, 0.05], 0.05, 64
+  step_size = 1e-3  # lr / ε
+  sae = random_sae(d, m, seed=7)
+  x = np.random.default_rng(8).normal(0, 1, (batch, d)).astype(np.float32)
+  recipe = sweep.Recipe(lr=1e3, adam_eps=1e6, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=eps,
+                        sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
+  mesh = make_mesh(*mesh_shape)
+  init, shardings, step_fn = sweep.build(0, d, sweep.make_groups([m], lambdas), recipe, mesh, batch, block)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
+  state, metrics = step_fn(_with_params(init(), (stacked,), shardings), x)
   in_window = np.abs(np.asarray(training_pre(sae, x)) - np.asarray(sae.threshold)) < eps / 2
   assert in_window.sum() > 20  # threshold gradients really are exercised
-  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(composed), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for i, lam in enumerate(lambdas):
+    out, grads = _saelens_loss_and_gradients(sae, x, lam, recipe.loss)
+    new = unstack(jax.device_get(state["params"][0]))[i]
+    assert 5 < float(metrics[0]["l0"][i]) < 75
+    np.testing.assert_allclose(metrics[0]["loss"][i], out.loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(metrics[0]["mse"][i], out.losses["mse_loss"].item(), rtol=1e-5)
+    for k in ("W_enc", "b_enc", "b_dec", "threshold"):
+      used = (np.asarray(getattr(sae, k)) - np.asarray(getattr(new, k))) / step_size
+      np.testing.assert_allclose(used, grads[k], rtol=2e-3, atol=2e-4, err_msg=f"λ {lam} {k}")
+    W_dec = np.asarray(sae.W_dec)
+    g = grads["W_dec"] - np.sum(grads["W_dec"] * W_dec, -1, keepdims=True) * W_dec  # projected
+    expected = W_dec - step_size * g
+    np.testing.assert_allclose(new.W_dec, expected / np.linalg.norm(expected, axis=-1, keepdims=True), atol=1e-6)
 
 
 def test_gradient_projection_removes_the_component_along_each_decoder_row():
-  sae = random_sae(16, 40)
-  grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(1), a.shape), sae)
-  projected, _ = project_decoder_gradients().update((grads,), None, (sae,))
-  g, w = np.asarray(projected[0].W_dec), np.asarray(sae.W_dec)
-  np.testing.assert_allclose(np.sum(g * w, axis=-1), 0, atol=1e-5)
-  removed = np.asarray(grads.W_dec) - g  # what was taken away is parallel to the row
+  w = np.asarray(random_sae(16, 40).W_dec)
+  g = np.random.default_rng(1).normal(size=w.shape).astype(np.float32)
+  projected = np.asarray(project_rows(g, w))
+  np.testing.assert_allclose(np.sum(projected * w, axis=-1), 0, atol=1e-5)
+  removed = g - projected  # what was taken away is parallel to the row
   np.testing.assert_allclose(np.abs(np.sum(removed * w, -1)), np.linalg.norm(removed, axis=-1), rtol=1e-4)
-  np.testing.assert_array_equal(projected[0].W_enc, grads.W_enc)
 
 
 def test_learning_rate_warms_up_along_a_cosine_from_a_tenth():
@@ -95,7 +96,7 @@ def test_decoder_rows_have_unit_norm_after_every_step():
   mesh = make_mesh(data=4, model=2)
   groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
   recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0)
-  init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh)
+  init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh, 64)
   state, source = init(), ArraySource(_data(), 64, mesh)
   for s in range(5):
     before = np.asarray(state["params"][0].W_dec).copy()
@@ -167,7 +168,7 @@ def test_bad_sweeps_are_clear_errors():
   with pytest.raises(ValueError, match="widths"):
     sweep.make_groups([64, 64], [1e-3])
   with pytest.raises(ValueError, match=r"latents dimension 65 is not divisible by mesh axis 'model' of size 2"):
-    sweep.build(0, 16, sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2))
+    sweep.build(0, 16, sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64)
   with pytest.raises(ValueError, match="quadratic' needs target_l0"):
     sweep.Recipe(sparsity_loss="quadratic")
   with pytest.raises(ValueError, match="bandwidth must be > 0"):
@@ -176,20 +177,29 @@ def test_bad_sweeps_are_clear_errors():
     dataclasses.replace(sweep.Recipe(), sparsity_loss="l1")
 
 
-def test_microbatched_steps_equal_whole_batch_steps():
-  mesh = make_mesh(data=4, model=2)
+def test_latent_blocks_and_meshes_do_not_change_the_result():
   groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
   recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05)
-  source = ArraySource(_data(), 128, mesh)
+  x = _data()
   results = []
-  for k in (1, 4):
-    init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh, microbatches=k)
+  for mesh_shape, block in [((1, 1), 0), ((4, 2), 4), ((2, 4), 2)]:
+    mesh = make_mesh(*mesh_shape)
+    init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh, 128, block)
     state = init()
     for s in range(4):
-      state, metrics = step_fn(state, source.batch(s))
-    results.append((state, metrics))
-  (whole, m_whole), (sliced, m_sliced) = results
-  for a, b in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(sliced["params"]), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(m_whole[1]["l0"], m_sliced[1]["l0"], rtol=1e-5)
-  np.testing.assert_allclose(m_whole[1]["mse"], m_sliced[1]["mse"], rtol=1e-4)
+      state, metrics = step_fn(state, x[128 * s:128 * (s + 1)])
+    results.append((jax.device_get(state), metrics))
+  (whole, m_whole), *others = results
+  for state, metrics in others:
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(state), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for k in ("l0", "mse", "grad_norm", "fvu", "dead_fraction"):
+      np.testing.assert_allclose(m_whole[1][k], metrics[1][k], rtol=1e-4, err_msg=k)
+  assert not np.allclose(whole["params"][0].W_enc, sweep.init_group(0, 16, groups[0], recipe).W_enc)
+
+
+def test_a_latent_block_that_does_not_divide_the_local_width_is_a_clear_error():
+  with pytest.raises(ValueError, match="train.latent_block 5 does not divide the 32 latents each device holds"):
+    sweep.build(0, 16, sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64, 5)
+  with pytest.raises(ValueError, match="train.batch_size 30 is not divisible by the mesh's data axis \\(4\\)"):
+    sweep.build(0, 16, sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 30)
