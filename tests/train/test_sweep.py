@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -13,7 +14,7 @@ from sae_lens.saes.sae import TrainStepInput
 
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
-from scope_jax.sae import training_pre, unstack
+from scope_jax.sae import jumprelu, step, training_pre, unstack
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import PARAM_NAMES
 from scope_jax.config import default_config
@@ -70,6 +71,41 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
     g = grads["W_dec"] - np.sum(grads["W_dec"] * W_dec, -1, keepdims=True) * W_dec  # projected
     expected = W_dec - step_size * g
     np.testing.assert_allclose(new.W_dec, expected / np.linalg.norm(expected, axis=-1, keepdims=True), atol=1e-6)
+
+
+def _composed_loss(sae, x, lam, spec):
+  """The loss written with the public custom-VJP functions, differentiated by jax.grad."""
+  pre = training_pre(sae, x)
+  xhat = jumprelu(pre, sae.threshold, spec.bandwidth) @ sae.W_dec + sae.b_dec
+  l0_b = jnp.sum(step(pre, sae.threshold, spec.bandwidth), axis=-1)
+  return jnp.mean(jnp.sum(jnp.square(x - xhat), -1)) + lam * jnp.mean(spec.penalty(l0_b))
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1):
+  """Several real steps (blocked, sharded) against optax's Adam fed `jax.grad` through the public
+  `jumprelu`/`step`, with the decoder projection and renormalization around it."""
+  d, m, lam, batch = 16, 32, 0.05, 64
+  recipe = sweep.Recipe(lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1)
+  mesh = make_mesh(4, 2)
+  init, shardings, step_fn = sweep.build(0, d, sweep.make_groups([m], [lam]), recipe, mesh, batch, 4)
+  sae = random_sae(d, m, seed=3)
+  state = _with_params(init(), (jax.tree.map(lambda a: a[None], sae),), shardings)
+  scale = optax.scale_by_adam(b1, recipe.adam_b2, recipe.adam_eps) if b1 else optax.scale_by_rms(
+      decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True)
+  opt = optax.chain(scale, optax.scale(-recipe.lr))
+  opt_state, ref = opt.init(sae), sae
+  for s, x in enumerate(np.split(_data(4 * batch, d, seed=4), 4)):
+    state, _ = step_fn(state, x)
+    g = jax.grad(_composed_loss)(ref, x, lam, recipe.loss)
+    updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
+    ref = optax.apply_updates(ref, updates)
+    ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True),
+                      threshold=jnp.maximum(ref.threshold, 0.0))
+    got = unstack(jax.device_get(state["params"][0]))[0]
+    for k in PARAM_NAMES:
+      np.testing.assert_allclose(getattr(got, k), getattr(ref, k), rtol=1e-4, atol=2e-6, err_msg=f"step {s} {k}")
+  assert not np.allclose(ref.threshold, sae.threshold)
 
 
 def test_gradient_projection_removes_the_component_along_each_decoder_row():
