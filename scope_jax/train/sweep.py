@@ -133,14 +133,9 @@ def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_
   width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
   block = latent_block(width_local, batch // mesh.shape[DATA], requested_block)
 
-  def step(params, moments, x_bd, lam_s, lr, t):
-    params, moments, stats = train_group(params, moments, x_bd, lam_s, lr, t, recipe.loss, recipe.adam, block, batch)
-    mean_d = jax.lax.psum(jnp.sum(x_bd, axis=0), DATA) / batch
-    variance = jax.lax.psum(jnp.sum(jnp.square(x_bd - mean_d)), DATA) / batch
-    return params, moments, stats | {"fvu": stats["mse"] / variance}
-
+  step = functools.partial(train_group, spec=recipe.loss, adam=recipe.adam, block=block, batch=batch)
   moment_specs = {k: spec for k in recipe.adam.moment_names}
-  stat_specs = {k: P() for k in ("loss", "mse", "l0", "sparsity_loss", "grad_norm", "fvu")} | {"fired_m": spec.b_enc}
+  stat_specs = {k: P() for k in ("loss", "mse", "l0", "sparsity_loss", "grad_norm")} | {"fired_m": spec.b_enc}
   return jax.shard_map(step, mesh=mesh, check_vma=False,
                        in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P()),
                        out_specs=(spec, moment_specs, stat_specs))
@@ -159,6 +154,7 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
   def train_step(state, x_bd):
     step = state["step"]
     factor, lr, t = lam_factor(step), lr_at(step), (step + 1).astype(jnp.float32)
+    variance = jnp.mean(jnp.sum(jnp.square(x_bd - jnp.mean(x_bd, axis=0)), axis=-1))  # FVU's denominator, once
     params, since_fired, first_bad, metrics = [], [], [], []
     moments = {k: [] for k in state["opt_state"]}
     for gi, (group_step, lam_s) in enumerate(zip(group_steps, lambdas)):
@@ -167,7 +163,7 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
       since = jnp.where(s.pop("fired_m"), 0, state["since_fired"][gi] + 1)
       bad = state["first_bad_step"][gi]
       bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)
-      s |= {"dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
+      s |= {"fvu": s["mse"] / variance, "dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
             "threshold_mean": jnp.mean(p.threshold, axis=-1), "threshold_min": jnp.min(p.threshold, axis=-1),
             "threshold_max": jnp.max(p.threshold, axis=-1), "l1_coefficient": factor * lam_s}
       params.append(p)
