@@ -57,7 +57,7 @@ def loader_rows_per_s(root: str) -> float:
 
 def trainer_tokens_per_s() -> float:
   mesh = make_mesh(devices=jax.devices()[:1])
-  init, _, step_fn = sweep.build(0, D, sweep.make_groups([M], [6e-4]), sweep.Recipe(), mesh, BATCH)
+  init, _, step_fn = sweep.build(0, np.zeros(D), sweep.make_groups([M], [6e-4]), sweep.Recipe(), mesh, BATCH)
   box = [init()]
   x = jax.device_put(np.random.default_rng(0).standard_normal((BATCH, D), np.float32) / np.sqrt(D))
 

@@ -39,7 +39,7 @@ def ours(d, m, batch, n_saes=1, repeats=5):
   mesh = make_mesh(devices=jax.devices()[:1])
   groups = sweep.make_groups([m], [6e-4 * (1 + i) for i in range(n_saes)])
   recipe = sweep.Recipe(lr_warmup_steps=10, sparsity_warmup_steps=10, bandwidth=0.001)
-  init, _, step_fn = sweep.build(0, d, groups, recipe, mesh, batch)
+  init, _, step_fn = sweep.build(0, np.zeros(d), groups, recipe, mesh, batch)
   state = init()
   x = jax.device_put(np.random.default_rng(0).normal(0, 1 / np.sqrt(d), (batch, d)).astype(np.float32))
   compiled = step_fn.lower(state, x).compile()

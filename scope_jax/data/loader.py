@@ -54,7 +54,7 @@ class StoreLoader:
   """A `BatchSource` over one site of a finished store."""
 
   def __init__(self, root: str | Store, site: str, batch_size: int, mesh: Mesh, seed: int = 0,
-               normalize: bool = True, window_chunks: int = 16, prefetch: int = 2, nonfinite: str = "error",
+               normalize: str | None = "raw", window_chunks: int = 16, prefetch: int = 2, nonfinite: str = "error",
                expected_width: int | None = None, streams: int = 0):
     self.store = open_store(root) if isinstance(root, str) else root
     if nonfinite not in NONFINITE:
@@ -75,8 +75,10 @@ class StoreLoader:
     self.sharding = NamedSharding(mesh, P(DATA, None))
     self.own_streams = owned_blocks(mesh, batch_size, self.streams, "data.streams")
     self.window_chunks, self.prefetch_depth = max(1, window_chunks), prefetch
-    self.scale = normalization_scale(self.store.stats(site)["mean_sq_norm"])
+    stats = self.store.stats(site)
+    self.scale = normalization_scale(stats["mean_sq_norm"], stats["mean"], normalize or "raw")
     self._divisor = np.float32(self.scale if normalize else 1.0)
+    self.mean = (stats["mean"] / self._divisor).astype(np.float32)
     chunk_rows = self.store.config["chunk_rows"]
     # every chunk of every shard: (shard, first row in shard, rows)
     self.chunks = [(shard, lo, min(chunk_rows, rows - lo))

@@ -4,7 +4,15 @@ A `BatchSource` gives the batch of step `s` as a pure function of (seed, s), so 
 asks for step `s` directly and sees what an uninterrupted one would have seen. Batches are
 global `[batch, width]` jax arrays sharded over the mesh's `data` axis; each process builds only
 the rows its own devices hold. `scale` is the normalization scalar C (RECIPE §3): batches come
-divided by it when `normalize` is on, and export folds it back into the weights.
+divided by it unless `normalize` is None, and export folds it back into the weights.
+
+C is chosen one of two ways (`recipe.normalize`):
+- "raw" (Gemma Scope): E||x / C||² = 1;
+- "centred": E||(x - μ) / C||² = 1, μ the site's mean. Where the activations carry a large
+  constant offset (Gemma 3's residual stream: ~88% of E||x||² at res.6 of the 270M), "raw" makes
+  C mostly measure the offset, so every λ acts several times stronger than the same λ in Gemma
+  Scope's setting; "centred" measures the part an SAE has to explain.
+Either way the trainer starts `b_dec` at μ / C (`mean`), so no latent is spent on the offset.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from scope_jax.parallel.mesh import DATA
 class BatchSource(Protocol):
   width: int
   batch_size: int
-  scale: float           # C: E||x_raw / C||^2 = 1
+  scale: float           # C (see `normalization_scale`)
+  mean: np.ndarray       # μ / C, [width] float32: the site's mean in training units (b_dec's start)
 
   def batch(self, step: int) -> jax.Array:
     """Rows of step `step`, `[batch_size, width]` float32, divided by C when normalizing."""
@@ -31,11 +40,32 @@ class BatchSource(Protocol):
     """JSON-able identity of the data, checked when a run resumes."""
 
 
-def normalization_scale(mean_sq_norm: float) -> float:
-  """C with E||x / C||^2 = 1."""
-  if not np.isfinite(mean_sq_norm) or mean_sq_norm <= 0:
-    raise ValueError(f"activations have mean squared norm {mean_sq_norm}; cannot normalize")
-  return float(np.sqrt(mean_sq_norm))
+NORMALIZATIONS = ("raw", "centred")
+
+
+def check_normalization(how: str | None) -> None:
+  if how is not None and how not in NORMALIZATIONS:
+    raise ValueError(f"recipe.normalize {how!r}: expected one of {NORMALIZATIONS}")
+
+
+def normalization_scale(mean_sq_norm: float, mean_d: np.ndarray, how: str = "raw") -> float:
+  """C with E||x / C||² = 1 ("raw") or E||(x - μ) / C||² = 1 ("centred"), from E||x||² and μ."""
+  check_normalization(how)
+  second_moment = mean_sq_norm - float(np.dot(mean_d, mean_d)) if how == "centred" else mean_sq_norm
+  if not np.isfinite(second_moment) or second_moment <= 0:
+    what = "variance (E||x - μ||²)" if how == "centred" else "mean squared norm"
+    raise ValueError(f"activations have {what} {second_moment}; cannot normalize")
+  return float(np.sqrt(second_moment))
+
+
+def array_statistics(rows_nd: np.ndarray, chunk_rows: int = 65_536) -> tuple[float, np.ndarray]:
+  """(E||x||², μ) over every row, in float64, streamed in chunks (the store's manifest has the same)."""
+  sq, total = 0.0, np.zeros(rows_nd.shape[1], np.float64)
+  for lo in range(0, rows_nd.shape[0], chunk_rows):
+    block = np.asarray(rows_nd[lo:lo + chunk_rows], np.float64)
+    sq += float(np.sum(np.square(block)))
+    total += block.sum(axis=0)
+  return sq / rows_nd.shape[0], total / rows_nd.shape[0]
 
 
 class ArraySource:
@@ -43,11 +73,11 @@ class ArraySource:
 
   Epoch e visits the rows in the permutation `default_rng([seed, e])`; step s takes global
   positions `[s·B, (s+1)·B)` of the concatenated epochs, so every row appears once per epoch.
-  C is estimated from up to `scale_sample_rows` evenly spaced rows.
+  C and μ are computed over every row.
   """
 
   def __init__(self, rows_nd: np.ndarray, batch_size: int, mesh: Mesh, seed: int = 0,
-               normalize: bool = True, name: str = "array", scale_sample_rows: int = 65_536):
+               normalize: str | None = "raw", name: str = "array"):
     if rows_nd.ndim != 2 or rows_nd.shape[0] == 0:
       raise ValueError(f"{name}: expected a non-empty [rows, width] array; got shape {rows_nd.shape}")
     if batch_size % mesh.shape[DATA]:
@@ -55,9 +85,10 @@ class ArraySource:
     self.rows_nd, self.batch_size, self.mesh, self.seed, self.name = rows_nd, batch_size, mesh, seed, name
     self.width = rows_nd.shape[1]
     self.sharding = NamedSharding(mesh, P(DATA, None))
-    sample = np.asarray(rows_nd[:: max(1, rows_nd.shape[0] // scale_sample_rows)], np.float64)
-    self.scale = normalization_scale(float(np.mean(np.sum(sample**2, axis=-1))))
+    mean_sq_norm, mean_d = array_statistics(rows_nd)
+    self.scale = normalization_scale(mean_sq_norm, mean_d, normalize or "raw")
     self._divisor = self.scale if normalize else 1.0
+    self.mean = (mean_d / self._divisor).astype(np.float32)
     self._perm_cache: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
@@ -93,10 +124,12 @@ class ArraySource:
             "seed": self.seed, "batch_size": self.batch_size}
 
 
-def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: bool = True,
+def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: str | None = "raw",
                 site: str | None = None, expected_width: int | None = None, **loader_options) -> BatchSource:
   """A source for `path`: an activation store root (local or gs://; one `site` of it) or a
-  `.npy` file of `[rows, width]` activations (memory-mapped)."""
+  `.npy` file of `[rows, width]` activations (memory-mapped). `normalize`: "raw", "centred" or
+  None (batches not divided)."""
+  check_normalization(normalize)
   p = Path(path)
   if p.suffix == ".npy":
     if not p.exists():

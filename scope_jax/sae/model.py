@@ -77,12 +77,14 @@ def training_pre(sae: SAE, x_bd: jax.Array) -> jax.Array:
   return (x_bd - sae.b_dec) @ sae.W_enc + sae.b_enc
 
 
-def init_sae(key: jax.Array, d_in: int, width: int, threshold: float = 0.001) -> SAE:
-  """RECIPE §2: W_dec He-uniform with unit rows, W_enc = W_decᵀ, zero biases, θ constant."""
+def init_sae(key: jax.Array, d_in: int, width: int, threshold: float = 0.001, b_dec: jax.Array | None = None) -> SAE:
+  """RECIPE §2: W_dec He-uniform with unit rows, W_enc = W_decᵀ, zero biases, θ constant; `b_dec`
+  given (the data's mean) instead of zero where the data has an offset."""
   W_dec_md = jax.nn.initializers.he_uniform(in_axis=0, out_axis=1)(key, (width, d_in), jnp.float32)
   W_dec_md = W_dec_md / jnp.linalg.norm(W_dec_md, axis=-1, keepdims=True)
   return SAE(W_enc=W_dec_md.T, b_enc=jnp.zeros((width,), jnp.float32), W_dec=W_dec_md,
-             b_dec=jnp.zeros((d_in,), jnp.float32), threshold=jnp.full((width,), threshold, jnp.float32))
+             b_dec=jnp.zeros((d_in,), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32),
+             threshold=jnp.full((width,), threshold, jnp.float32))
 
 
 def fold(sae: SAE, scale: float) -> SAE:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from scope_jax.data.source import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, init_sae
@@ -39,6 +40,8 @@ class Recipe:
   sparsity_loss: str = "l0"          # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
   target_l0: float | None = None     # L0* of the quadratic loss
   dead_window_steps: int = 1_000     # a latent is dead when it has not fired for this many steps
+  normalize: str = "centred"         # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
+                                     # (Gemma Scope); data/source.py says why centred is the default
 
   @property
   def loss(self) -> LossSpec:
@@ -50,6 +53,7 @@ class Recipe:
 
   def __post_init__(self):
     self.loss  # validates the loss fields
+    check_normalization(self.normalize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +87,12 @@ def make_groups(widths: Sequence[int], lambdas: Sequence[float], seeds: Sequence
 # ------------------------------------------------------------------ state and shardings
 
 
-def init_group(base_seed: int, d_in: int, group: Group, recipe: Recipe) -> SAE:
-  """The stacked initial SAEs of `group`; each depends only on (base seed, width, seed)."""
+def init_group(base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe) -> SAE:
+  """The stacked initial SAEs of `group`, `b_dec` at `b_dec_d` (the data's mean); the rest of
+  each depends only on (base seed, width, seed)."""
   base = jax.random.key(base_seed)
-  saes = [init_sae(jax.random.fold_in(jax.random.fold_in(base, group.width), seed), d_in, group.width,
-                   recipe.init_threshold) for _, seed in group.members]
+  saes = [init_sae(jax.random.fold_in(jax.random.fold_in(base, group.width), seed), b_dec_d.shape[-1], group.width,
+                   recipe.init_threshold, b_dec_d) for _, seed in group.members]
   return jax.tree.map(lambda *a: jnp.stack(a), *saes)
 
 
@@ -112,8 +117,8 @@ def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
   }
 
 
-def init_state(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe) -> dict:
-  params = tuple(init_group(base_seed, d_in, g, recipe) for g in groups)
+def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], recipe: Recipe) -> dict:
+  params = tuple(init_group(base_seed, b_dec_d, g, recipe) for g in groups)
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
@@ -182,14 +187,16 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def build(base_seed: int, d_in: int, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int,
+def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int,
           requested_block: int = 0):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
-  for `batch`-row batches)."""
+  for `batch`-row batches). `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
+  starts (RECIPE §2 starts it at zero; at a site with a large constant offset that spends the first
+  thousands of steps, and many latents, on the offset)."""
   if batch % mesh.shape[DATA]:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
   shardings = state_shardings(mesh, groups, recipe.adam)
-  init = functools.partial(init_state, base_seed, d_in, groups, recipe)
+  init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
   step_fn = make_train_step(groups, recipe, shardings, mesh, batch, requested_block)
   return jax.jit(init, out_shardings=shardings), shardings, step_fn
 

@@ -46,7 +46,8 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
   """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config."""
   from scope_jax.activations.extract import store_root
   path = config.data.path or store_root(config, workdir)
-  return open_source(path, config.train.batch_size, mesh, config.seed, config.data.normalize, site=config.site,
+  normalize = config.recipe.normalize if config.data.normalize else None
+  return open_source(path, config.train.batch_size, mesh, config.seed, normalize, site=config.site,
                      expected_width=config.data.width, window_chunks=config.data.window_chunks,
                      streams=config.data.streams,
                      nonfinite=config.data.nonfinite)
@@ -130,7 +131,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
                      f"config.data.width {config.data.width}")
   identity = run_identity(config, source)
 
-  init, shardings, step_fn = sweep.build(config.seed, source.width, groups, recipe, mesh, config.train.batch_size,
+  init, shardings, step_fn = sweep.build(config.seed, source.mean, groups, recipe, mesh, config.train.batch_size,
                                          config.train.latent_block)
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()

@@ -18,7 +18,7 @@ from scope_jax.parallel.mesh import make_mesh  # noqa: E402
 from tests.data.stores import SITE  # noqa: E402
 
 root, out = sys.argv[1], sys.argv[2]
-loader = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=False)
+loader = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=None)
 (stream,) = loader.own_streams  # one stream per process by default
 loader._locate(stream, 0)
 epoch_rows = loader._epoch_starts[stream][1]
@@ -30,7 +30,7 @@ loader.close()
 np.save(f"{out}.{jax.process_index()}.npy", ids)
 
 # with the number of streams fixed, the global batches do not depend on the process count
-fixed = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=False, streams=4)
+fixed = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=None, streams=4)
 batches = np.stack([multihost_utils.process_allgather(fixed.batch(s), tiled=True) for s in range(3)])
 fixed.close()
 np.save(f"{out}.streams4.{jax.process_index()}.npy", batches)

@@ -27,7 +27,7 @@ def store_root(tmp_path_factory):
 
 
 def loader(root, batch=50, seed=0, **kw):
-  return StoreLoader(root, SITE, batch, make_mesh(data=2, model=4), seed=seed, normalize=False, **kw)
+  return StoreLoader(root, SITE, batch, make_mesh(data=2, model=4), seed=seed, normalize=None, **kw)
 
 
 def ids_of(ld, steps, start=0):
@@ -61,17 +61,17 @@ def test_same_seed_same_batches_other_seed_other_order_and_resume(store_root):
 def test_batches_handed_out_never_change_while_later_ones_are_made(store_root, data, model):
   """JAX on CPU may keep using the host memory an array was made from: the loader must never
   write into memory it has handed out."""
-  ld = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize=True)
+  ld = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize="raw")
   kept = [ld.batch(s) for s in range(12)]  # held as jax arrays while the prefetch thread runs on
   late = np.stack([np.asarray(b) for b in kept])
   ld.close()
-  fresh = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize=True)
+  fresh = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize="raw")
   np.testing.assert_array_equal(late, np.stack([fresh.local_rows(s) for s in range(12)]))
 
 
 def test_batches_are_handed_to_jax_without_a_copy(store_root):
   """Batch rows start on a 64-byte boundary, so JAX on CPU uses them as the device buffer."""
-  ld = StoreLoader(store_root, SITE, 48, make_mesh(devices=jax.devices()[:1]), normalize=True)
+  ld = StoreLoader(store_root, SITE, 48, make_mesh(devices=jax.devices()[:1]), normalize="raw")
   rows = ld.local_rows(3)
   array = ld._make_array(rows)
   assert array.addressable_shards[0].data.unsafe_buffer_pointer() == rows.ctypes.data
@@ -81,7 +81,7 @@ def test_batches_are_handed_to_jax_without_a_copy(store_root):
 
 def test_normalization_divides_by_the_manifest_scale(store_root):
   raw = loader(store_root)
-  normalized = StoreLoader(store_root, SITE, 50, make_mesh(data=2, model=4), normalize=True)
+  normalized = StoreLoader(store_root, SITE, 50, make_mesh(data=2, model=4), normalize="raw")
   assert normalized.scale == pytest.approx(math.sqrt(raw.store.stats(SITE)["mean_sq_norm"]))
   np.testing.assert_allclose(np.asarray(normalized.batch(4)) * normalized.scale, np.asarray(raw.batch(4)), rtol=1e-6)
   raw.close(), normalized.close()
@@ -94,7 +94,7 @@ def test_two_processes_cover_each_row_once_per_epoch(store_root, tmp_path):
   parts = [np.load(f"{out}.{i}.npy").astype(int) for i in range(2)]
   assert min(len(p) for p in parts) > 0 and not set(parts[0]) & set(parts[1])
   assert sorted(np.concatenate(parts)) == list(range(N))
-  one_process = StoreLoader(store_root, SITE, 40, make_mesh(data=2, model=4), seed=3, normalize=False, streams=4)
+  one_process = StoreLoader(store_root, SITE, 40, make_mesh(data=2, model=4), seed=3, normalize=None, streams=4)
   expected = np.stack([np.asarray(one_process.batch(s)) for s in range(3)])
   one_process.close()
   for i in range(2):
@@ -109,7 +109,7 @@ def test_rows_of_a_document_spread_across_batches_like_a_uniform_shuffle(tmp_pat
   n, batch, doc_rows = 16_384, 256, 64
   root = str(tmp_path / "s")
   write_store(root, shard_rows=(n,), chunk_rows=256, bucket_rows=2_048, doc_rows=doc_rows)
-  ld = StoreLoader(root, SITE, batch, make_mesh(data=2, model=4), normalize=False, window_chunks=32)
+  ld = StoreLoader(root, SITE, batch, make_mesh(data=2, model=4), normalize=None, window_chunks=32)
   docs = np.stack([np.asarray(ld.batch(s))[:, 1] for s in range(n // batch)]).astype(int)  # [batches, B]
   ld.close()
   distinct = np.mean([len(np.unique(np.nonzero(docs == d)[0])) for d in range(n // doc_rows)])

@@ -53,7 +53,7 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
   recipe = sweep.Recipe(lr=1e3, adam_eps=1e6, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=eps,
                         sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
   mesh = make_mesh(*mesh_shape)
-  init, shardings, step_fn = sweep.build(0, d, sweep.make_groups([m], lambdas), recipe, mesh, batch, block)
+  init, shardings, step_fn = sweep.build(0, np.zeros(d), sweep.make_groups([m], lambdas), recipe, mesh, batch, block)
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
   state, metrics = step_fn(_with_params(init(), (stacked,), shardings), x)
   in_window = np.abs(np.asarray(training_pre(sae, x)) - np.asarray(sae.threshold)) < eps / 2
@@ -88,7 +88,7 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1):
   d, m, lam, batch = 16, 32, 0.05, 64
   recipe = sweep.Recipe(lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1)
   mesh = make_mesh(4, 2)
-  init, shardings, step_fn = sweep.build(0, d, sweep.make_groups([m], [lam]), recipe, mesh, batch, 4)
+  init, shardings, step_fn = sweep.build(0, np.zeros(d), sweep.make_groups([m], [lam]), recipe, mesh, batch, 4)
   sae = random_sae(d, m, seed=3)
   state = _with_params(init(), (jax.tree.map(lambda a: a[None], sae),), shardings)
   scale = optax.scale_by_adam(b1, recipe.adam_b2, recipe.adam_eps) if b1 else optax.scale_by_rms(
@@ -132,7 +132,7 @@ def test_decoder_rows_have_unit_norm_after_every_step():
   mesh = make_mesh(data=4, model=2)
   groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
   recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0)
-  init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh, 64)
+  init, _, step_fn = sweep.build(0, np.zeros(16), groups, recipe, mesh, 64)
   state, source = init(), ArraySource(_data(), 64, mesh)
   for s in range(5):
     before = np.asarray(state["params"][0].W_dec).copy()
@@ -204,7 +204,7 @@ def test_bad_sweeps_are_clear_errors():
   with pytest.raises(ValueError, match="widths"):
     sweep.make_groups([64, 64], [1e-3])
   with pytest.raises(ValueError, match=r"latents dimension 65 is not divisible by mesh axis 'model' of size 2"):
-    sweep.build(0, 16, sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64)
+    sweep.build(0, np.zeros(16), sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64)
   with pytest.raises(ValueError, match="quadratic' needs target_l0"):
     sweep.Recipe(sparsity_loss="quadratic")
   with pytest.raises(ValueError, match="bandwidth must be > 0"):
@@ -220,7 +220,7 @@ def test_latent_blocks_and_meshes_do_not_change_the_result():
   results = []
   for mesh_shape, block in [((1, 1), 0), ((4, 2), 4), ((2, 4), 2)]:
     mesh = make_mesh(*mesh_shape)
-    init, _, step_fn = sweep.build(0, 16, groups, recipe, mesh, 128, block)
+    init, _, step_fn = sweep.build(0, np.zeros(16), groups, recipe, mesh, 128, block)
     state = init()
     for s in range(4):
       state, metrics = step_fn(state, x[128 * s:128 * (s + 1)])
@@ -231,11 +231,11 @@ def test_latent_blocks_and_meshes_do_not_change_the_result():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for k in ("l0", "mse", "grad_norm", "fvu", "dead_fraction"):
       np.testing.assert_allclose(m_whole[1][k], metrics[1][k], rtol=1e-4, err_msg=k)
-  assert not np.allclose(whole["params"][0].W_enc, sweep.init_group(0, 16, groups[0], recipe).W_enc)
+  assert not np.allclose(whole["params"][0].W_enc, sweep.init_group(0, np.zeros(16), groups[0], recipe).W_enc)
 
 
 def test_a_latent_block_that_does_not_divide_the_local_width_is_a_clear_error():
   with pytest.raises(ValueError, match="train.latent_block 5 does not divide the 32 latents each device holds"):
-    sweep.build(0, 16, sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64, 5)
+    sweep.build(0, np.zeros(16), sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64, 5)
   with pytest.raises(ValueError, match="train.batch_size 30 is not divisible by the mesh's data axis \\(4\\)"):
-    sweep.build(0, 16, sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 30)
+    sweep.build(0, np.zeros(16), sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 30)
