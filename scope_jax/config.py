@@ -76,10 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.text = ()                   # evaluation text; () = the documents extraction held out
   c.eval.strict = False              # refuse (instead of warn) when eval text may overlap training text
-  c.eval.sequences = 64              # evaluation sequences (Gemma Scope: 2,048 of 1,024 tokens)
+  c.eval.sequences = 2_048           # evaluation sequences (Gemma Scope's protocol: 2,048 of 1,024 tokens)
   c.eval.seq_len = 1024
   c.eval.batch_size = 8
   c.eval.bfloat16 = True             # also evaluate with the model and SAEs in bfloat16
+  c.eval.delta_loss_se = 0.0         # warn when an SAE's Δ loss standard error (over sequences) exceeds it; 0 = off
   c.eval.saes = ()                   # more SAEs to evaluate: Gemma Scope npz / SAELens dirs / our exports
   c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/jobs.py); other commands ignore it
   c.grid.layers = ()                 # layers to train SAEs at

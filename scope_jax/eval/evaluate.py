@@ -1,11 +1,19 @@
 """`scope-jax eval`: every SAE of a run (and any SAE `load_sae` reads) on held-out text.
 
 For each SAE: L0, MSE, FVU, latent densities (eval/metrics.py), and the next-token loss with
-its reconstruction spliced in at its site (`lm.token_losses(..., replace=...)`), beside the
-clean loss and the loss with the site zero-ablated:
+its reconstruction spliced in at its site, beside the clean loss and the loss with the site
+zero-ablated and mean-ablated (replaced by its mean over the evaluation text):
 
-    delta loss       = CE(spliced) - CE(clean)
-    loss recovered   = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))
+    delta loss       = CE(spliced) - CE(clean)              the headline number, with its standard error
+    loss recovered   = (CE(ablated) - CE(spliced)) / (CE(ablated) - CE(clean)), zero and mean
+
+Zero-ablating a site with a large constant offset (Gemma 3's residual stream) costs more than a
+uniform guess, so loss recovered against zero flatters every SAE; mean-ablation is the fairer
+reference, Δ loss the honest one.
+
+The engine splits the forward at the site (`lm.to_site`, `lm.token_losses_from_site`): the layers
+up to the site run once per batch and are shared by every SAE there; only the rest of the forward
+runs per SAE and per reference, from activations that never leave the devices.
 
 Special tokens are masked throughout: SAE statistics use only positions holding text tokens,
 the loss only predictions of text tokens, and splices leave BOS (position 0) untouched.
@@ -17,6 +25,7 @@ import json
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -24,7 +33,7 @@ from tqdm.auto import tqdm
 
 from scope_jax.activations.sequences import batches, sequences
 from scope_jax.data.text import iter_documents
-from scope_jax.eval.metrics import SAEStats
+from scope_jax.eval.metrics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
@@ -53,24 +62,19 @@ def eval_documents(config: ml_collections.ConfigDict):
 
 
 def eval_batches(config: ml_collections.ConfigDict, tokenizer) -> list:
+  """Batches of `eval.sequences` packed sequences (rounded up to whole batches); fewer when the
+  text runs out (a warning), at least two (a standard error needs two)."""
   e = config.eval
   out = list(batches(sequences(eval_documents(config), tokenizer, e.seq_len, "pack"), e.batch_size,
                      tokenizer.pad_id, max_batches=-(-e.sequences // e.batch_size)))
-  if not out:
-    raise ValueError("no evaluation text: the held-out documents (or eval.text) are empty")
+  found = sum(int(b.keep.any(axis=1).sum()) for b in out)
+  if found < 2:
+    raise ValueError(f"eval set too small: the held-out documents (or eval.text) give {found} sequence(s) of "
+                     f"{e.seq_len} tokens; standard errors need at least 2 (hold out more text or shorten eval.seq_len)")
+  if found < e.sequences:
+    warnings.warn(f"eval set smaller than asked: the held-out text gives {found} sequences of {e.seq_len} tokens, "
+                  f"eval.sequences asks for {e.sequences}", stacklevel=2)
   return out
-
-
-def _splice(sae: SAE):
-  """Replaces a site's activation by the SAE's reconstruction at every position but BOS."""
-  def fn(act_btd):
-    recon = sae(act_btd.astype(sae.W_enc.dtype)).astype(act_btd.dtype)
-    return act_btd.at[:, 1:].set(recon[:, 1:])
-  return fn
-
-
-def _zero(act_btd):
-  return act_btd.at[:, 1:].set(0)
 
 
 def check_sae(sae: SAE, site: str, lm, name: str) -> None:
@@ -81,36 +85,93 @@ def check_sae(sae: SAE, site: str, lm, name: str) -> None:
                      f"(width {width})")
 
 
+@jax.jit
+def _ablate(act_btd: jax.Array, value_d: jax.Array) -> jax.Array:
+  """The site's activation replaced by `value_d` at every position but BOS."""
+  return act_btd.at[:, 1:].set(value_d.astype(act_btd.dtype))
+
+
+def _padded(mask_bt: np.ndarray, rows: int) -> np.ndarray:
+  """A text-position mask padded with empty rows to the batch the model ran (the mesh's multiple)."""
+  return np.concatenate([mask_bt, np.zeros((rows - len(mask_bt), mask_bt.shape[1]), bool)])
+
+
+class _Losses:
+  """Per-sequence sums of next-token losses over predictions of text tokens, per forward."""
+
+  def __init__(self):
+    self.sums: dict[str, list[np.ndarray]] = {}
+    self.counts: list[np.ndarray] = []
+
+  def add(self, key: str, losses_bt: jax.Array, pred_bt: np.ndarray) -> None:
+    self.sums.setdefault(key, []).append(np.sum(host_array(losses_bt)[:len(pred_bt)] * pred_bt, axis=1, dtype=np.float64))
+
+  def total(self, key: str) -> np.ndarray:
+    return np.concatenate(self.sums[key])
+
+  def mean(self, key: str) -> float:
+    return float(self.total(key).sum() / self.predictions.sum())
+
+  @property
+  def predictions(self) -> np.ndarray:
+    return np.concatenate(self.counts)
+
+
+def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar) -> dict[str, dict]:
+  """Every SAE of one site. Pass 1 runs the forward up to the site for its mean and variance; pass 2
+  runs it again, then the rest of the forward once per SAE and per reference (clean, zero- and
+  mean-ablated), all from the same on-device activations."""
+  site_stats = SiteStats()
+  for batch in token_batches:
+    _, act, _ = lm.to_site(batch.tokens, site)
+    site_stats.add(act, _padded(batch.keep, act.shape[0]))
+    bar.update(1)
+  mean_d = jnp.asarray(site_stats.mean, jnp.float32)
+  losses, stats = _Losses(), {name: SAEStats() for name in saes}
+  for batch in token_batches:
+    resid, act, _ = lm.to_site(batch.tokens, site)
+    keep_bt, pred_bt = _padded(batch.keep, act.shape[0]), batch.keep[:, 1:]
+    losses.counts.append(pred_bt.sum(axis=1).astype(np.float64))
+    for key, replaced in (("clean", act), ("zero", _ablate(act, jnp.zeros_like(mean_d))), ("mean", _ablate(act, mean_d))):
+      losses.add(key, lm.token_losses_from_site(batch.tokens, site, resid, replaced), pred_bt)
+    for name, sae in saes.items():
+      spliced, sums = sae_batch(sae, act, keep_bt)
+      stats[name].add(sums, batch.keep.sum(axis=1))
+      losses.add(name, lm.token_losses_from_site(batch.tokens, site, resid, spliced), pred_bt)
+    bar.update(1)
+  clean, zero, mean = (losses.mean(k) for k in ("clean", "zero", "mean"))
+  out = {}
+  for name in saes:
+    spliced = losses.mean(name)
+    delta, delta_se = ratio_and_standard_error(losses.total(name) - losses.total("clean"), losses.predictions)
+    recovered = lambda ablated: (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
+    out[name] = stats[name].result(site_stats.variance) | {
+        "site": site, "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero, "ce_mean_ablation": mean,
+        "delta_loss": delta, "delta_loss_se": delta_se, "loss_recovered": recovered(zero),
+        "loss_recovered_mean": recovered(mean), "predictions": int(losses.predictions.sum()),
+        "sequences": int(np.sum(losses.predictions > 0))}
+  return out
+
+
 def evaluate_saes(lm, saes: dict[str, tuple[SAE, str]], token_batches: list, dtype=jnp.float32,
                   progress: bool = True) -> dict[str, dict]:
-  """{name: metrics} for SAEs `{name: (sae, site)}` on `token_batches` (SAEs cast to `dtype`)."""
+  """{name: metrics} for SAEs `{name: (sae, site)}` on `token_batches`, SAEs cast to `dtype` (the
+  model runs in its own dtype: pass `lm.astype(dtype)` for a low-precision evaluation).
+
+  The model compiles two programs per site (the forward up to it, the forward from it to the
+  loss) whatever the number of SAEs; each SAE shape compiles one small program.
+  """
   for name, (sae, site) in saes.items():
     check_sae(sae, site, lm, name)
-  saes = {name: (sae.astype(dtype), site) for name, (sae, site) in saes.items()}
-  splices = {name: _splice(sae) for name, (sae, _) in saes.items()}
-  stats = {name: SAEStats() for name in saes}
-  sites = sorted({site for _, site in saes.values()})
-  ce = {k: 0.0 for k in ["clean", *(f"zero:{s}" for s in sites), *saes]}
-  n_pred = 0
-  for batch in tqdm(token_batches, desc=f"eval {len(saes)} SAEs ({jnp.dtype(dtype).name})", disable=not progress):
-    keep_bt = batch.keep                                    # text positions
-    pred_bt = keep_bt[:, 1:]                                # predictions of text tokens
-    n_pred += int(pred_bt.sum())
-    acts = lm.activations(batch.tokens, sites, dtype=dtype)
-    ce["clean"] += float(np.sum(host_array(lm.token_losses(batch.tokens))[pred_bt]))
-    for s in sites:
-      ce[f"zero:{s}"] += float(np.sum(host_array(lm.token_losses(batch.tokens, replace={s: _zero}))[pred_bt]))
-    for name, (sae, site) in saes.items():
-      stats[name].add(sae, host_array(acts[site])[keep_bt])
-      ce[name] += float(np.sum(host_array(lm.token_losses(batch.tokens, replace={site: splices[name]}))[pred_bt]))
+  by_site: dict[str, dict[str, SAE]] = {}
+  for name, (sae, site) in saes.items():
+    by_site.setdefault(site, {})[name] = sae.astype(dtype)
   out = {}
-  for name, (_, site) in saes.items():
-    clean, zero, spliced = ce["clean"] / n_pred, ce[f"zero:{site}"] / n_pred, ce[name] / n_pred
-    out[name] = stats[name].result() | {
-        "site": site, "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
-        "delta_loss": spliced - clean, "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
-        "predictions": n_pred}
-  return out
+  with tqdm(total=2 * len(token_batches) * len(by_site), desc=f"eval {len(saes)} SAEs ({jnp.dtype(dtype).name})",
+            unit="batch", disable=not progress) as bar:
+    for site in sorted(by_site):
+      out |= _evaluate_site(lm, site, by_site[site], token_batches, bar)
+  return {name: out[name] for name in saes}
 
 
 def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
@@ -132,9 +193,24 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
   return entries
 
 
+def check_standard_errors(results: dict[str, dict], target: float) -> list[str]:
+  """Warnings for SAEs whose Δ loss standard error is above `target` (0: no target), each naming
+  how many sequences would meet it (SE falls as 1/sqrt(sequences))."""
+  messages = []
+  for name, r in results.items():
+    se, n = r["delta_loss_se"], r["sequences"]
+    if target and not se <= target:
+      need = "more than 1" if not np.isfinite(se) else f"about {int(np.ceil(n * (se / target) ** 2))}"
+      messages.append(f"eval set too small for SAE {name}: standard error of Δ loss {se:.3g} nats on {n} sequences, "
+                      f"above eval.delta_loss_se = {target:g}; {need} sequences would meet it (eval.sequences)")
+  for message in messages:
+    warnings.warn(message, stacklevel=2)
+  return messages
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, progress: bool = True) -> dict:
-  """Evaluates every SAE of the run in float32 (and bfloat16 when `eval.bfloat16`); writes the report."""
-  import jax
+  """Evaluates every SAE of the run in float32 (and bfloat16 when `eval.bfloat16`, the model's and
+  SAEs' parameters cast, not reloaded); writes the report."""
   from jax.experimental import multihost_utils
 
   from scope_jax.activations.extract import load_extraction_model
@@ -145,18 +221,17 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   token_batches = eval_batches(config, lm.tokenizer)
   saes = {name: (load_sae(e["path"], site=e["site"]), e["site"]) for name, e in entries.items()}
   results = evaluate_saes(lm, saes, token_batches, progress=progress)
+  warnings_ = check_standard_errors(results, config.eval.delta_loss_se)
   results_bf16 = None
   if config.eval.bfloat16:
-    bf16_config = ml_collections.ConfigDict(config.to_dict())
-    bf16_config.model_dtype = "bfloat16"
-    results_bf16 = evaluate_saes(load_extraction_model(bf16_config), saes, token_batches, dtype=jnp.bfloat16,
-                                 progress=progress)
+    results_bf16 = evaluate_saes(lm.astype(jnp.bfloat16), saes, token_batches, dtype=jnp.bfloat16, progress=progress)
   for name, e in entries.items():
     results[name] |= {"width": e["width"], "l1_coefficient": e["l1_coefficient"], "path": e["path"]}
     if results_bf16:
       results_bf16[name] |= {"width": e["width"], "l1_coefficient": e["l1_coefficient"], "path": e["path"]}
   files = {}
   if jax.process_index() == 0:
-    files = write_report(results, results_bf16, Path(workdir) / "report", f"scope_jax report: {config.model}")
+    files = write_report(results, results_bf16, Path(workdir) / "report", f"scope_jax report: {config.model}",
+                         warnings_)
   multihost_utils.sync_global_devices("scope_jax eval: report written")  # later jobs check it
-  return {"results": results, "results_bf16": results_bf16, "files": files}
+  return {"results": results, "results_bf16": results_bf16, "files": files, "warnings": warnings_}

@@ -24,8 +24,10 @@ import numpy as np  # noqa: E402
 from scope_jax.eval.metrics import log10_density_histogram  # noqa: E402
 
 COLUMNS = [("width", "width", "{:d}"), ("l1_coefficient", "λ", "{:g}"), ("l0", "L0", "{:.1f}"),
-           ("fvu", "FVU", "{:.3f}"), ("mse", "MSE", "{:.4g}"), ("delta_loss", "Δ loss", "{:.4f}"),
-           ("loss_recovered", "loss recovered", "{:.1%}"), ("dead_fraction", "dead", "{:.1%}"),
+           ("delta_loss", "Δ loss", "{:.4f}"), ("delta_loss_se", "± SE", "{:.4f}"),
+           ("fvu", "FVU", "{:.3f}"), ("fvu_se", "± SE", "{:.3f}"), ("mse", "MSE", "{:.4g}"),
+           ("loss_recovered_mean", "recovered (mean abl.)", "{:.1%}"),
+           ("loss_recovered", "recovered (zero abl.)", "{:.1%}"), ("dead_fraction", "dead", "{:.1%}"),
            ("dense_fraction", "dense", "{:.1%}")]
 
 
@@ -68,8 +70,10 @@ def _table(results: dict) -> list[list[str]]:
   return rows
 
 
-def write_report(results: dict, results_bf16: dict | None, out: Path, title: str) -> dict[str, Path]:
-  """Writes everything; `results[name]` holds the metrics plus "width" and "l1_coefficient"."""
+def write_report(results: dict, results_bf16: dict | None, out: Path, title: str,
+                 warnings: list[str] = ()) -> dict[str, Path]:
+  """Writes everything; `results[name]` holds the metrics plus "width" and "l1_coefficient";
+  `warnings` (an eval set too small, ...) head the report."""
   out.mkdir(parents=True, exist_ok=True)
   images = {"pareto_delta_loss.png": ("delta_loss", "Δ LM loss (spliced − clean)"),
             "pareto_fvu.png": ("fvu", "fraction of variance unexplained")}
@@ -80,11 +84,12 @@ def write_report(results: dict, results_bf16: dict | None, out: Path, title: str
     densities[name] = out / f"density_{_safe(name)}.png"
     density_plot(name, r["density"], densities[name])
   strip = lambda rs: {n: {k: v for k, v in r.items() if k != "density"} for n, r in rs.items()}
-  (out / "metrics.json").write_text(json.dumps({"float32": strip(results), "bfloat16": strip(results_bf16 or {})},
-                                               indent=2, default=float) + "\n")
+  (out / "metrics.json").write_text(json.dumps({"float32": strip(results), "bfloat16": strip(results_bf16 or {}),
+                                                "warnings": list(warnings)}, indent=2, default=float) + "\n")
   header = ["SAE"] + [label for _, label, _ in COLUMNS]
   rows = _table(results)
-  md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  md = [f"# {title}", ""] + [f"> **warning:** {w}" for w in warnings] + [""] * bool(warnings)
+  md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   md += ["| " + " | ".join(row) + " |" for row in rows]
   if results_bf16:
     md += ["", "## bfloat16 (model and SAEs)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -101,7 +106,8 @@ def write_report(results: dict, results_bf16: dict | None, out: Path, title: str
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
-  parts = [f"<h1>{html.escape(title)}</h1>", table(rows)]
+  parts = [f"<h1>{html.escape(title)}</h1>"] + [f"<p><b>warning:</b> {html.escape(w)}</p>" for w in warnings]
+  parts += [table(rows)]
   if results_bf16:
     parts += ["<h2>bfloat16 (model and SAEs)</h2>", table(_table(results_bf16))]
   parts += [img(out / f) for f in images] + [img(p) for p in densities.values()]

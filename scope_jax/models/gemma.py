@@ -32,6 +32,7 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 ReplaceFn = Callable[[jax.Array], jax.Array]
+BLOCK_SITES = ("att", "mlp_in", "mlp", "res")  # the sites of a block, in the order it computes them
 
 
 def _param(shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -130,22 +131,35 @@ class Block(nnx.Module):
     self.mlp = MLP(config, dtype)
     self.post_ffw_norm = RMSNorm(config.d_model, eps, dtype)
 
+  def advance(self, kind: str, resid_btd: jax.Array, act: jax.Array | None, positions_bt: jax.Array):
+    """One stage of the block: (residual, previous site's activation) -> the same after site `kind`.
+
+    The block is the chain of its sites, each computed from the one before: `att` (heads, from the
+    block's input), `mlp_in` (the residual gains the attention output), `mlp`, `res` (the residual
+    gains the MLP output). The residual at a site is what the rest of the block needs beside it,
+    so a forward can stop at any site and resume there with a replaced activation.
+    """
+    if kind == "att":
+      return resid_btd, self.attn.heads(self.pre_attn_norm(resid_btd), positions_bt)
+    if kind == "mlp_in":
+      resid_btd = resid_btd + self.post_attn_norm(self.attn.project_out(act))
+      return resid_btd, self.pre_ffw_norm(resid_btd)
+    if kind == "mlp":
+      return resid_btd, self.post_ffw_norm(self.mlp(act))
+    resid_btd = resid_btd + act
+    return resid_btd, resid_btd
+
   def __call__(self, x_btd, positions_bt, capture: set[str], replace: Mapping[str, ReplaceFn]):
     """One residual block; returns (new residual, {kind: captured activation})."""
     captured = {}
-
-    def site(kind: str, act: jax.Array) -> jax.Array:
+    resid_btd, act = x_btd, None
+    for kind in BLOCK_SITES:
+      resid_btd, act = self.advance(kind, resid_btd, act, positions_bt)
       if kind in capture:
         captured[kind] = act
       if kind in replace:
         act = replace[kind](act).astype(act.dtype)
-      return act
-
-    heads = site("att", self.attn.heads(self.pre_attn_norm(x_btd), positions_bt))
-    x_btd = x_btd + self.post_attn_norm(self.attn.project_out(heads))
-    mlp_in = site("mlp_in", self.pre_ffw_norm(x_btd))
-    x_btd = x_btd + site("mlp", self.post_ffw_norm(self.mlp(mlp_in)))
-    return site("res", x_btd), captured
+    return act, captured
 
 
 class Gemma(nnx.Module):
@@ -163,9 +177,7 @@ class Gemma(nnx.Module):
     """Returns (logits [B, T, V] float32 or None, {Site: activation [B, T, width]})."""
     replace = dict(replace or {})
     last = self.config.n_layers - 1 if with_logits else max(s.layer for s in capture)
-    positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-    x_btd = self.embed[...][tokens_bt]
-    x_btd = x_btd * jnp.asarray(self.config.d_model ** 0.5, x_btd.dtype)
+    positions_bt, x_btd = self._positions(tokens_bt), self._embed(tokens_bt)
     acts = {}
     for i in range(last + 1):
       kinds = {s.kind for s in capture if s.layer == i}
@@ -174,6 +186,38 @@ class Gemma(nnx.Module):
       acts.update({Site(kind, i): act for kind, act in captured.items()})
     if not with_logits:
       return None, acts
+    return self.unembed(x_btd), acts
+
+  def unembed(self, x_btd: jax.Array) -> jax.Array:
+    """Final norm and tied unembedding: logits `[B, T, V]` float32."""
     x_btd = self.final_norm(x_btd)
     logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
-    return softcap(logits, self.config.final_logit_softcap), acts
+    return softcap(logits, self.config.final_logit_softcap)
+
+  def _positions(self, tokens_bt: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+
+  def _embed(self, tokens_bt: jax.Array) -> jax.Array:
+    x_btd = self.embed[...][tokens_bt]
+    return x_btd * jnp.asarray(self.config.d_model ** 0.5, x_btd.dtype)
+
+  def to_site(self, tokens_bt: jax.Array, site: Site) -> tuple[jax.Array, jax.Array]:
+    """The forward up to `site`: (the residual there, the site's activation)."""
+    positions_bt, x_btd = self._positions(tokens_bt), self._embed(tokens_bt)
+    for i in range(site.layer):
+      x_btd, _ = self.layers[i](x_btd, positions_bt, set(), {})
+    block, act = self.layers[site.layer], None
+    for kind in BLOCK_SITES[:BLOCK_SITES.index(site.kind) + 1]:
+      x_btd, act = block.advance(kind, x_btd, act, positions_bt)
+    return x_btd, act
+
+  def from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site) -> jax.Array:
+    """The forward from `site` on, given `to_site`'s residual and a (replaced) activation: logits."""
+    positions_bt = self._positions(resid_btd[..., 0])
+    block = self.layers[site.layer]
+    for kind in BLOCK_SITES[BLOCK_SITES.index(site.kind) + 1:]:
+      resid_btd, act = block.advance(kind, resid_btd, act, positions_bt)
+    x_btd = act
+    for i in range(site.layer + 1, self.config.n_layers):
+      x_btd, _ = self.layers[i](x_btd, positions_bt, set(), {})
+    return self.unembed(x_btd)

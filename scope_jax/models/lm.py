@@ -28,13 +28,25 @@ def _forward(state, tokens_bt, graphdef, capture, replace, with_logits, out_dtyp
   return (None if logits is None else logits.astype(out_dtype)), acts
 
 
+def _next_token_losses(logits_btv, tokens_bt):
+  """Next-token cross-entropy `[B, T-1]` in float32 (inside a jit: the `[B, T, V]` logits never
+  reach the host)."""
+  logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+
+
 def _losses_forward(state, tokens_bt, graphdef, replace):
-  """Next-token cross-entropy `[B, T-1]` in float32, computed inside the jit so the `[B, T, V]`
-  logits never reach the host."""
   model = nnx.merge(graphdef, state)
   logits, _ = model(tokens_bt, replace=dict(replace), with_logits=True)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+  return _next_token_losses(logits, tokens_bt)
+
+
+def _to_site(state, tokens_bt, graphdef, site):
+  return nnx.merge(graphdef, state).to_site(tokens_bt, site)
+
+
+def _losses_from_site(state, tokens_bt, resid_btd, act, graphdef, site):
+  return _next_token_losses(nnx.merge(graphdef, state).from_site(resid_btd, act, site), tokens_bt)
 
 
 class LanguageModel:
@@ -56,6 +68,11 @@ class LanguageModel:
         static_argnums=(2, 3, 4, 5, 6))  # graphdef, capture, replace, with_logits, out_dtype
     self._jitted_losses = jax.jit(_losses_forward, in_shardings=(state_shardings, self._batch_sharding),
                                   out_shardings=self._batch_sharding, static_argnums=(2, 3))
+    # The two halves of a forward split at a site: one program per (site, dtype), whatever is spliced
+    self.jitted_to_site = jax.jit(_to_site, in_shardings=(state_shardings, self._batch_sharding),
+                                  out_shardings=self._batch_sharding, static_argnums=(2, 3))
+    self.jitted_from_site = jax.jit(_losses_from_site, in_shardings=(state_shardings, *[self._batch_sharding] * 3),
+                                    out_shardings=self._batch_sharding, static_argnums=(4, 5))
 
   def logits(self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
              dtype=jnp.float32) -> jax.Array:
@@ -72,6 +89,26 @@ class LanguageModel:
     replace_items = tuple((parse_site(name, self.config), fn) for name, fn in (replace or {}).items())
     tokens_bt, batch = self._place(tokens)
     return self._jitted_losses(self._state, tokens_bt, self._graphdef, replace_items)[:batch]
+
+  def to_site(self, tokens, site: str) -> tuple[jax.Array, jax.Array, int]:
+    """The forward up to `site`, kept on the devices: (the residual there `[B', T, d]`, the site's
+    activation `[B', T, width]`, B). B' ≥ B: the batch padded to the mesh; the model's dtype."""
+    tokens_bt, batch = self._place(tokens)
+    resid, act = self.jitted_to_site(self._state, tokens_bt, self._graphdef, parse_site(site, self.config))
+    return resid, act, batch
+
+  def token_losses_from_site(self, tokens, site: str, resid: jax.Array, act: jax.Array) -> jax.Array:
+    """float32 `[B', T-1]` next-token losses of the forward resumed at `site` from `to_site`'s
+    residual with `act` (the site's activation, replaced or not) in place of its activation."""
+    tokens_bt, _ = self._place(tokens)
+    return self.jitted_from_site(self._state, tokens_bt, resid, act.astype(resid.dtype), self._graphdef,
+                                 parse_site(site, self.config))
+
+  def astype(self, dtype) -> LanguageModel:
+    """The same model with its parameters cast to `dtype` (no reload), on the same mesh."""
+    model = nnx.merge(self._graphdef, jax.tree.map(lambda x: x.astype(dtype), self._state))
+    model.dtype = dtype
+    return LanguageModel(model, self.mesh, self.tokenizer, self.source)
 
   def activations(self, tokens, sites: Sequence[str], dtype=jnp.float32) -> dict[str, jax.Array]:
     """int [B, T] -> {site: [B, T, width]}; the forward stops after the deepest site."""

@@ -1,14 +1,19 @@
 """Evaluation: metrics on hand-computed inputs, splicing identities, official vs exported files,
 bad input, and the local pipeline end to end on the embedded model."""
 
+import collections
+import contextlib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -16,7 +21,7 @@ import scope_jax as sj
 from scope_jax.activations.extract import extract
 from scope_jax.config import default_config
 from scope_jax.eval.evaluate import OverlapError, eval_batches, evaluate_saes, run_eval
-from scope_jax.eval.metrics import SAEStats
+from scope_jax.eval.metrics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
 from scope_jax.sae import SAE, fold, init_sae
 from scope_jax.train import train
 from scope_jax.train.export import export
@@ -24,21 +29,41 @@ from scope_jax.train.export import export
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_l0_fvu_mse_and_density_on_hand_computed_inputs():
+def test_l0_fvu_mse_density_and_standard_errors_on_hand_computed_inputs():
   # d = 2, M = 3; latent 0 reads x0, latent 1 reads x1 (threshold 1.5), latent 2 never fires
   sae = SAE(W_enc=jnp.array([[1.0, 0, 0], [0, 1.0, 0]]), b_enc=jnp.zeros(3), W_dec=jnp.array([[1.0, 0], [0, 1.0], [1, 1]]),
             b_dec=jnp.zeros(2), threshold=jnp.array([0.5, 1.5, 0.5]))
   x = np.array([[1.0, 1.0], [2.0, 2.0], [0.0, 3.0], [1.0, 0.0]], np.float32)
   # latents: [1,0,0] [2,2,0] [0,3,0] [1,0,0] -> recon [1,0] [2,2] [0,3] [1,0]; errors: 1, 0, 0, 0
-  stats = SAEStats()
-  stats.add(sae, x[:2])
-  stats.add(sae, x[2:])
-  r = stats.result()
-  assert r["tokens"] == 4 and r["l0"] == pytest.approx(5 / 4) and r["mse"] == pytest.approx(1 / 4)
+  bos = np.full((1, 2), 100.0, np.float32)  # position 0 of each sequence: never counted, never spliced
+  act = jnp.asarray(np.stack([np.concatenate([bos, x[:2]]), np.concatenate([bos, x[2:]])]))  # [2 seqs, 3, 2]
+  keep = np.array([[False, True, True], [False, True, True]])
+  spliced, sums = sae_batch(sae, act, keep)
+  np.testing.assert_array_equal(np.asarray(spliced)[:, 0], np.asarray(act)[:, 0])
+  np.testing.assert_allclose(np.asarray(spliced)[:, 1:].reshape(4, 2), [[1, 0], [2, 2], [0, 3], [1, 0]])
+  stats, site = SAEStats(), SiteStats()
+  stats.add(sums, keep.sum(1))
+  site.add(act, keep)
   variance = np.mean(np.sum((x - x.mean(0)) ** 2, 1))  # 0.6875 + 1.25 = 1.9375
+  assert site.variance == pytest.approx(variance) and site.mean == pytest.approx([1.0, 1.5])
+  r = stats.result(site.variance)
+  assert r["tokens"] == 4 and r["l0"] == pytest.approx(5 / 4) and r["mse"] == pytest.approx(1 / 4)
   assert r["fvu"] == pytest.approx(0.25 / variance)
+  # per sequence: squared errors [1, 0] over [2, 2] tokens; a - R·n = [0.5, -0.5]; sqrt(2 · 0.5) / 4
+  assert r["fvu_se"] == pytest.approx(0.25 / variance)
   np.testing.assert_allclose(r["density"], [3 / 4, 2 / 4, 0])
   assert r["dead_fraction"] == pytest.approx(1 / 3) and r["dense_fraction"] == pytest.approx(2 / 3)
+
+
+def test_ratio_standard_error_on_hand_computed_cases():
+  # equal lengths: std (ddof 1) of the per-sequence means [0.5, 1, 1.5, 3] over sqrt(4)
+  ratio, se = ratio_and_standard_error([1, 2, 3, 6], [2, 2, 2, 2])
+  assert ratio == pytest.approx(1.5) and se == pytest.approx(np.std([0.5, 1, 1.5, 3], ddof=1) / 2)
+  # unequal lengths: R = 5/4, a - R·n = [-0.25, 0.25], sqrt(2/1 · 0.125) / 4
+  assert ratio_and_standard_error([1, 4], [1, 3]) == (pytest.approx(1.25), pytest.approx(0.125))
+  # sequences without tokens (padding) count for nothing; one sequence has no standard error
+  assert ratio_and_standard_error([1, 4, 0], [1, 3, 0])[1] == pytest.approx(0.125)
+  assert np.isnan(ratio_and_standard_error([3], [2])[1])
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +164,23 @@ def test_bad_input(lm, tiny_model, tiny_run, tmp_path):
   overlapping.eval.strict = True
   with pytest.raises(OverlapError, match="data.holdout_every is 0"):
     eval_batches(overlapping, lm.tokenizer)
+  with pytest.raises(ValueError, match=r"eval set too small: .* give 1 sequence\(s\) of 48 tokens; standard errors need"):
+    eval_batches(eval_config(tiny_model, sequences=1, batch_size=1), lm.tokenizer)
+  with pytest.warns(UserWarning, match=r"eval set smaller than asked: .* gives \d+ sequences of 48 tokens, eval.sequences asks for 100000"):
+    eval_batches(eval_config(tiny_model, sequences=100_000, batch_size=64), lm.tokenizer)
+
+
+def test_an_eval_set_too_small_for_the_requested_standard_error_says_so(lm, tiny_run):
+  c, workdir = tiny_run
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.eval.delta_loss_se = 1e-6
+  with pytest.warns(UserWarning, match=r"eval set too small for SAE w128-l0.001-s0: standard error of Δ loss "
+                                       r"\S+ nats on 8 sequences, above eval.delta_loss_se = 1e-06; about \d+ sequences"):
+    out = run_eval(c, workdir, lm=lm, progress=False)
+  assert len(out["warnings"]) == 2
+  metrics = json.loads((workdir / "report" / "metrics.json").read_text())
+  assert metrics["warnings"] == out["warnings"]
+  assert "eval set too small for SAE w128-l0.03-s0" in (workdir / "report" / "report.md").read_text()
 
 
 def _is_png(path: Path) -> bool:
@@ -166,3 +208,86 @@ def test_local_pipeline_end_to_end(tmp_path):
   assert len(pngs) == 2 + 6 and all(_is_png(p) for p in pngs)
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0 and "already finished" in again.stdout and "up to date; skipped" in again.stdout
+
+
+@pytest.mark.parametrize("kind", ["att", "mlp_in", "mlp", "res"])
+def test_a_forward_split_at_a_site_equals_the_spliced_full_forward(lm, tiny_model, kind):
+  tokens = eval_batches(eval_config(tiny_model), lm.tokenizer)[0].tokens
+  site = f"{kind}.1"
+  resid, act, rows = lm.to_site(tokens, site)
+  np.testing.assert_allclose(np.asarray(act)[:rows], np.asarray(lm.activations(tokens, [site])[site]), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(lm.token_losses_from_site(tokens, site, resid, act))[:rows],
+                             np.asarray(lm.token_losses(tokens)), rtol=1e-5, atol=1e-6)
+  edit = lambda a: a * 0.5 + 0.25
+  np.testing.assert_allclose(np.asarray(lm.token_losses_from_site(tokens, site, resid, edit(act)))[:rows],
+                             np.asarray(lm.token_losses(tokens, replace={site: edit})), rtol=1e-5, atol=1e-6)
+
+
+def _reference_metrics(lm, sae, site, batches):
+  """Metrics of one SAE the plain way: full forwards with the splice, statistics in numpy."""
+  ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
+  rows = np.concatenate([np.asarray(lm.activations(b.tokens, [site])[site])[b.keep] for b in batches]).astype(np.float64)
+  mean = rows.mean(0).astype(np.float32)
+  splices = {"clean": None, "spliced": lambda a: a.at[:, 1:].set(sae(a)[:, 1:]),
+             "zero": lambda a: a.at[:, 1:].set(0), "mean": lambda a: a.at[:, 1:].set(mean)}
+  n, per_seq = 0, {"clean": [], "spliced": [], "n": []}
+  for b in batches:
+    pred = b.keep[:, 1:]
+    n += pred.sum()
+    per_seq["n"] += list(pred.sum(1))
+    for key, fn in splices.items():
+      losses = np.asarray(lm.token_losses(b.tokens, replace={site: fn} if fn else None), np.float64) * pred
+      ce[key] += float(np.sum(losses))
+      per_seq.get(key, []).extend(losses.sum(1))
+  ce = {k: v / n for k, v in ce.items()}
+  d_j, n_j = np.subtract(per_seq["spliced"], per_seq["clean"]), np.asarray(per_seq["n"], np.float64)
+  d_j, n_j = d_j[n_j > 0], n_j[n_j > 0]
+  delta = d_j.sum() / n_j.sum()
+  delta_se = np.sqrt(len(n_j) / (len(n_j) - 1) * np.sum((d_j - delta * n_j) ** 2)) / n_j.sum()
+  recon = np.asarray(sae(jnp.asarray(rows, jnp.float32)), np.float64)
+  mse = np.mean(np.sum((recon - rows) ** 2, 1))
+  return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
+          "ce_mean_ablation": ce["mean"], "delta_loss": ce["spliced"] - ce["clean"], "delta_loss_se": delta_se,
+          "loss_recovered_mean": (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"]),
+          "l0": float(np.mean(np.sum(np.asarray(sae.encode(jnp.asarray(rows, jnp.float32))) > 0, 1))),
+          "fvu": mse / np.mean(np.sum((rows - rows.mean(0)) ** 2, 1))}
+
+
+@contextlib.contextmanager
+def compilations():
+  """Counts XLA compilations per jitted function name, from JAX's own compile log."""
+  counts = collections.Counter()
+
+  class Handler(logging.Handler):
+    def emit(self, record):
+      if m := re.match(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage()):
+        counts[m.group(1)] += 1
+
+  handler, logger = Handler(), logging.getLogger("jax._src.dispatch")
+  logger.addHandler(handler)
+  with jax.log_compiles(True):
+    yield counts
+  logger.removeHandler(handler)
+
+
+def test_the_engine_equals_plain_spliced_forwards_and_compiles_the_model_once_per_site(tiny_model):
+  lm = sj.load_model(tiny_model)
+  jax.clear_caches()  # programs other tests compiled would not be counted
+  c = eval_config(tiny_model, sequences=16, batch_size=8)
+  batches = eval_batches(c, lm.tokenizer)
+  saes = {f"{site}-{width}-{seed}": (fold(init_sae(jax.random.key(seed), 64, width), 3.0 + seed), site)
+          for site in ("res.1", "att.2") for width in (64, 128) for seed in (0, 1)}
+  with compilations() as compiled:
+    results = evaluate_saes(lm, saes, batches, progress=False)
+  assert compiled["_to_site"] == 2 and compiled["_losses_from_site"] == 2, compiled  # one per site
+  assert compiled["_forward"] == compiled["_losses_forward"] == 0, compiled
+  assert compiled["sae_batch"] <= 4, compiled  # one per SAE shape (width, site width)
+  for name, (sae, site) in saes.items():
+    ref = _reference_metrics(lm, sae, site, batches)
+    for key, value in ref.items():
+      assert results[name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+  assert results["res.1-64-0"]["ce_mean_ablation"] != results["att.2-64-0"]["ce_mean_ablation"]
+  more = {"res.1-again": (fold(init_sae(jax.random.key(9), 64, 128), 2.0), "res.1")}
+  with compilations() as compiled:
+    evaluate_saes(lm, more, batches, progress=False)
+  assert compiled["_to_site"] == compiled["_losses_from_site"] == compiled["sae_batch"] == 0, compiled
