@@ -231,7 +231,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
       results_bf16[name] |= {"width": e["width"], "l1_coefficient": e["l1_coefficient"], "path": e["path"]}
   files = {}
   if jax.process_index() == 0:
+    health = Path(workdir) / "train_health.json"
+    trained = json.loads(health.read_text())["warnings"] if health.exists() else []
     files = write_report(results, results_bf16, Path(workdir) / "report", f"scope_jax report: {config.model}",
-                         warnings_)
+                         trained + warnings_, Path(workdir) / "metrics.jsonl")
   multihost_utils.sync_global_devices("scope_jax eval: report written")  # later jobs check it
   return {"results": results, "results_bf16": results_bf16, "files": files, "warnings": warnings_}

@@ -4,6 +4,7 @@
     WORKDIR/report/pareto_delta_loss.png delta LM loss against L0, one curve per width
     WORKDIR/report/pareto_fvu.png        FVU against L0, one curve per width
     WORKDIR/report/density_NAME.png      log10 firing-density histogram of each SAE
+    WORKDIR/report/training.png          training curves of every SAE (from WORKDIR/metrics.jsonl)
     WORKDIR/report/report.md, report.html
 """
 
@@ -63,6 +64,39 @@ def density_plot(name: str, density_m: np.ndarray, path: Path) -> None:
   plt.close(fig)
 
 
+CURVES = [("loss", "loss", "log"), ("l0", "L0", "log"), ("fvu", "FVU (training batch)", "log"),
+          ("dead_fraction", "dead fraction", "linear"), ("window_fraction", "pre-activations in θ's kernel window", "log"),
+          ("threshold_moved", "mean |θ − θ₀| / θ₀", "log")]
+
+
+def training_curves(metrics_jsonl: Path, path: Path) -> bool:
+  """One panel per training metric against step, a line per SAE; False when there is no log."""
+  if not metrics_jsonl.exists():
+    return False
+  series: dict[str, list[dict]] = {}
+  for line in metrics_jsonl.read_text().splitlines():
+    if line.strip():
+      record = json.loads(line)
+      series.setdefault(record["sae"], []).append(record)
+  if not series:
+    return False
+  fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), dpi=100)
+  for ax, (key, label, scale) in zip(axes.flat, CURVES):
+    for name, records in sorted(series.items()):
+      points = [(r["step"], r[key]) for r in records if key in r and (scale == "linear" or r[key] > 0)]
+      if points:
+        ax.plot(*zip(*points), label=name, linewidth=1.2)
+    ax.set_yscale(scale)
+    ax.set_title(label, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
 def _table(results: dict) -> list[list[str]]:
   rows = []
   for name, r in sorted(results.items(), key=lambda kv: (kv[1]["width"], kv[1]["l0"])):
@@ -71,14 +105,16 @@ def _table(results: dict) -> list[list[str]]:
 
 
 def write_report(results: dict, results_bf16: dict | None, out: Path, title: str,
-                 warnings: list[str] = ()) -> dict[str, Path]:
+                 warnings: list[str] = (), metrics_jsonl: Path | None = None) -> dict[str, Path]:
   """Writes everything; `results[name]` holds the metrics plus "width" and "l1_coefficient";
-  `warnings` (an eval set too small, ...) head the report."""
+  `warnings` (training health, an eval set too small, ...) head the report; `metrics_jsonl`, the
+  training log, gives the training curves."""
   out.mkdir(parents=True, exist_ok=True)
   images = {"pareto_delta_loss.png": ("delta_loss", "Δ LM loss (spliced − clean)"),
             "pareto_fvu.png": ("fvu", "fraction of variance unexplained")}
   for file, (key, label) in images.items():
     pareto_plot(results, key, label, out / file)
+  curves = metrics_jsonl is not None and training_curves(metrics_jsonl, out / "training.png")
   densities = {}
   for name, r in results.items():
     densities[name] = out / f"density_{_safe(name)}.png"
@@ -95,6 +131,7 @@ def write_report(results: dict, results_bf16: dict | None, out: Path, title: str
     md += ["", "## bfloat16 (model and SAEs)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in _table(results_bf16)]
   md += ["", "![delta loss vs L0](pareto_delta_loss.png)", "![FVU vs L0](pareto_fvu.png)", ""]
+  md += ["## Training", "", "![training curves](training.png)", ""] * curves
   md += [f"![{n}]({p.name})" for n, p in densities.items()]
   (out / "report.md").write_text("\n".join(md) + "\n")
 
@@ -110,7 +147,8 @@ def write_report(results: dict, results_bf16: dict | None, out: Path, title: str
   parts += [table(rows)]
   if results_bf16:
     parts += ["<h2>bfloat16 (model and SAEs)</h2>", table(_table(results_bf16))]
-  parts += [img(out / f) for f in images] + [img(p) for p in densities.values()]
+  parts += [img(out / f) for f in images] + ["<h2>Training</h2>", img(out / "training.png")] * curves
+  parts += [img(p) for p in densities.values()]
   style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
   (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
                                    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

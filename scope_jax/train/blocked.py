@@ -29,6 +29,7 @@ from scope_jax.train.optim import Adam, project_rows
 
 F32 = jnp.float32
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}  # where each leaf keeps its latents
+STAT_NAMES = ("loss", "mse", "l0", "sparsity_loss", "grad_norm", "window_fraction")  # per SAE, besides fired_m
 
 
 def _starts(a: jax.Array, s, j, block: int, axis: int) -> list:
@@ -74,9 +75,9 @@ def reconstruct(group: SAE, s, x_bd: jax.Array, block: int) -> tuple[jax.Array, 
 
 
 def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array,
-                    bandwidth: float) -> tuple[SAE, jax.Array]:
-  """Gradients of a latent block's parameters, summed over the whole batch, and which of its
-  latents fired. `derr_bd` = ∂loss/∂xhat, `dpenalty_b` = ∂loss/∂||f||₀ per row. The `b_dec` field
+                    bandwidth: float) -> tuple[SAE, jax.Array, jax.Array]:
+  """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
+  fired, and how many pre-activations fell inside the kernel window (the only ones that train θ). `derr_bd` = ∂loss/∂xhat, `dpenalty_b` = ∂loss/∂||f||₀ per row. The `b_dec` field
   holds this block's share of the pre-encoder-bias gradient (`-W_enc_k @ db_enc_k`)."""
   theta_k = blk.threshold
   pre_bk = _pre(blk, x_bd)
@@ -91,10 +92,11 @@ def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: j
       "b_enc": jnp.sum(dpre_bk, axis=0),
       "threshold": jnp.sum(jnp.where(in_window_bk, dtheta_bk, 0.0), axis=0),
       "fired": jnp.sum(active_bk, axis=0, dtype=jnp.int32),
+      "in_window": jnp.sum(in_window_bk, dtype=F32),
   }, DATA)
   grads = SAE(W_enc=sums["x_dpre"] - jnp.outer(blk.b_dec, sums["b_enc"]), b_enc=sums["b_enc"],
               W_dec=sums["W_dec"], b_dec=-(blk.W_enc @ sums["b_enc"]), threshold=sums["threshold"])
-  return grads, sums["fired"] > 0
+  return grads, sums["fired"] > 0, sums["in_window"]
 
 
 def _adam_block(adam: Adam, p_k: jax.Array, g_k: jax.Array, moments: dict, s, j, block: int, axis: int, t, lr):
@@ -119,7 +121,8 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
               spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
   """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch.
 
-  Returns (group, moments, SAE s's statistics: loss, mse, l0, sparsity_loss, grad_norm, fired_m).
+  Returns (group, moments, SAE s's statistics: loss, mse, l0, sparsity_loss, grad_norm,
+  window_fraction (of pre-activations inside the threshold's kernel window), fired_m).
   """
   b_dec_d = group.b_dec[s]
   xhat_bd, l0_b = lax.psum(reconstruct(group, s, x_bd, block), MODEL)
@@ -128,9 +131,9 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)              # ∂loss/∂||f||₀
 
   def update(j, carry):
-    group, moments, db_dec_d, sq_sum, fired_m = carry
+    group, moments, db_dec_d, sq_sum, in_window, fired_m = carry
     blk = _block(group, s, j, block)
-    g, fired_k = block_gradients(blk, x_bd, derr_bd, dpenalty_b, spec.bandwidth)
+    g, fired_k, in_window_k = block_gradients(blk, x_bd, derr_bd, dpenalty_b, spec.bandwidth)
     sq_sum += sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     new = {}
@@ -142,10 +145,12 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
     new["threshold"] = jnp.maximum(new["threshold"], 0.0)
     group = group.replace(**{name: _paste(getattr(group, name), new[name], s, j, block, axis)
                              for name, axis in LATENT_AXIS.items()})
-    return group, moments, db_dec_d + g.b_dec, sq_sum, lax.dynamic_update_slice_in_dim(fired_m, fired_k, j * block, 0)
+    return (group, moments, db_dec_d + g.b_dec, sq_sum, in_window + in_window_k,
+            lax.dynamic_update_slice_in_dim(fired_m, fired_k, j * block, 0))
 
-  init = (group, moments, jnp.zeros_like(b_dec_d), jnp.zeros((), F32), jnp.zeros(group.b_enc.shape[1:], bool))
-  group, moments, db_dec_d, sq_sum, fired_m = lax.fori_loop(0, group.width // block, update, init)
+  init = (group, moments, jnp.zeros_like(b_dec_d), jnp.zeros((), F32), jnp.zeros((), F32),
+          jnp.zeros(group.b_enc.shape[1:], bool))
+  group, moments, db_dec_d, sq_sum, in_window, fired_m = lax.fori_loop(0, group.width // block, update, init)
   db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
   b_dec_moments = adam.moments(db_dec_d, {k: m[s] for k, m in _leaf_moments(moments, "b_dec").items()})
   group = group.replace(b_dec=group.b_dec.at[s].set(adam.apply(b_dec_d, db_dec_d, b_dec_moments, t, lr)))
@@ -156,7 +161,8 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
                      "penalty": jnp.sum(spec.penalty(l0_b))}, DATA)
   mse, sparsity = totals["sq_err"] / batch, totals["penalty"] / batch
   stats = {"loss": mse + lam * sparsity, "mse": mse, "l0": totals["l0"] / batch, "sparsity_loss": sparsity,
-           "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))), "fired_m": fired_m}
+           "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))),
+           "window_fraction": lax.psum(in_window, MODEL) / (batch * lax.psum(group.width, MODEL)), "fired_m": fired_m}
   return group, moments, stats
 
 
@@ -165,7 +171,7 @@ def train_group(group: SAE, moments: dict, x_bd: jax.Array, lam_s: jax.Array, lr
   """One step of every SAE of a stacked group, one after another on the same batch (a `vmap`
   would make XLA copy the group's arrays instead of updating them in place). Statistics `[S]`."""
   n = group.W_enc.shape[0]
-  stats = {k: jnp.zeros((n,), F32) for k in ("loss", "mse", "l0", "sparsity_loss", "grad_norm")}
+  stats = {k: jnp.zeros((n,), F32) for k in STAT_NAMES}
   stats["fired_m"] = jnp.zeros(group.b_enc.shape, bool)
 
   def one(s, carry):

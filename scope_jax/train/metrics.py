@@ -54,3 +54,24 @@ def per_sae_metrics(names: list[list[str]], metrics: list[dict[str, jax.Array]])
     for i, name in enumerate(group_names):
       out[name] = {k: float(v[i]) for k, v in host.items()}
   return out
+
+
+def health_warnings(last: dict[str, dict[str, float]], groups, steps: int) -> list[str]:
+  """What the final logged metrics say went wrong, in words: thresholds that never trained (the
+  failure peers report most), and L0 that does not fall as λ rises within a width."""
+  out = []
+  for name, values in last.items():
+    moved = values.get("threshold_moved", float("inf"))
+    if moved < 0.1:
+      out.append(f"SAE {name}: thresholds moved {moved:.1%} of their initial value in {steps} steps; they are "
+                 f"not training ({values.get('window_fraction', float('nan')):.2%} of pre-activations fall inside the "
+                 f"kernel window: recipe.bandwidth may be too small for the data's scale, or recipe.lr too low)")
+  for group in groups:
+    for seed in sorted({seed for _, seed in group.members}):
+      pairs = sorted((lam, last[name]["l0"]) for (lam, s), name in zip(group.members, group.names)
+                     if s == seed and name in last)
+      if any(hi >= lo for (_, lo), (_, hi) in zip(pairs, pairs[1:])):
+        listed = ", ".join(f"λ {lam:g}: L0 {l0:.1f}" for lam, l0 in pairs)
+        out.append(f"SAEs of width {group.width} (seed {seed}): L0 does not fall as λ rises ({listed}); the "
+                   f"sparsity penalty is not acting (too few steps after its warm-up, or λ too small to matter)")
+  return out

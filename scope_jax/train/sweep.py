@@ -22,7 +22,7 @@ from scope_jax.data.source import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, init_sae
-from scope_jax.train.blocked import latent_block, train_group
+from scope_jax.train.blocked import STAT_NAMES, latent_block, train_group
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 
 
@@ -140,16 +140,23 @@ def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_
 
   step = functools.partial(train_group, spec=recipe.loss, adam=recipe.adam, block=block, batch=batch)
   moment_specs = {k: spec for k in recipe.adam.moment_names}
-  stat_specs = {k: P() for k in ("loss", "mse", "l0", "sparsity_loss", "grad_norm")} | {"fired_m": spec.b_enc}
+  stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
   return jax.shard_map(step, mesh=mesh, check_vma=False,
                        in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P()),
                        out_specs=(spec, moment_specs, stat_specs))
 
 
+def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:
+  """The 10th, 50th and 90th percentile of each SAE's thresholds `[S]`."""
+  q = jnp.quantile(threshold_sm, jnp.asarray([0.1, 0.5, 0.9]), axis=-1)
+  return {"threshold_p10": q[0], "threshold_p50": q[1], "threshold_p90": q[2]}
+
+
 def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, mesh: Mesh, batch: int,
-                    requested_block: int = 0):
+                    mean_d: jax.Array, requested_block: int = 0):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
+  `mean_d`: the data's mean in training units (how far `b_dec` moved from it is a health metric);
   `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`)."""
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
@@ -170,7 +177,10 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
       bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)
       s |= {"fvu": s["mse"] / variance, "dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
             "threshold_mean": jnp.mean(p.threshold, axis=-1), "threshold_min": jnp.min(p.threshold, axis=-1),
-            "threshold_max": jnp.max(p.threshold, axis=-1), "l1_coefficient": factor * lam_s}
+            "threshold_max": jnp.max(p.threshold, axis=-1), "l1_coefficient": factor * lam_s,
+            **threshold_quantiles(p.threshold),
+            "threshold_moved": jnp.mean(jnp.abs(p.threshold - recipe.init_threshold), axis=-1) / recipe.init_threshold,
+            "b_dec_drift": jnp.linalg.norm(p.b_dec - mean_d, axis=-1)}
       params.append(p)
       for k in moments:
         moments[k].append(m[k])
@@ -197,7 +207,7 @@ def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
   shardings = state_shardings(mesh, groups, recipe.adam)
   init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
-  step_fn = make_train_step(groups, recipe, shardings, mesh, batch, requested_block)
+  step_fn = make_train_step(groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block)
   return jax.jit(init, out_shardings=shardings), shardings, step_fn
 
 

@@ -10,9 +10,11 @@ counters) and the run's identity. The loader position *is* the step: a source's 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -26,7 +28,7 @@ from scope_jax.config import config_differences
 from scope_jax.data.source import BatchSource, open_source
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import sweep
-from scope_jax.train.metrics import MetricWriter, per_sae_metrics
+from scope_jax.train.metrics import MetricWriter, health_warnings, per_sae_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,6 +118,19 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+HEALTH = "train_health.json"
+
+
+def report_health(workdir: Path, last: dict, groups: list[sweep.Group], steps: int) -> None:
+  """Warns about training that went wrong (train/metrics.py health_warnings) and keeps the
+  warnings in `WORKDIR/train_health.json` for the report."""
+  found = health_warnings(last, groups, steps)
+  for message in found:
+    warnings.warn(message, stacklevel=2)
+  if jax.process_index() == 0:
+    (workdir / HEALTH).write_text(json.dumps({"step": steps, "warnings": found}, indent=2) + "\n")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchSource | None = None,
           mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
   """Trains the config's sweep to `train.steps`, resuming from `workdir`; returns the final state."""
@@ -145,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
   steps, every_log, every_ckpt = config.train.steps, config.train.log_every, config.train.checkpoint_every
   bar = tqdm(total=steps, initial=start, desc=f"train {sum(len(n) for n in names)} SAEs", unit="step",
              disable=not progress or jax.process_index() != 0)
-  t0, done = time.perf_counter(), 0
+  t0, done, values = time.perf_counter(), 0, {}
 
   def save(step: int) -> None:
     nonlocal latest
@@ -178,6 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
         raise Preempted(f"SIGTERM: saved a checkpoint at step {s + 1}; run the same command to resume")
     if latest != steps and start < steps:
       save(steps)
+      report_health(workdir, values, groups, steps)
     mngr.wait_until_finished()
     multihost_utils.sync_global_devices("scope_jax train: checkpoints final")  # later stages list them
   finally:

@@ -28,6 +28,20 @@ def test_the_bundled_corpus_is_there_and_stable():
   assert [d for d, _ in docs] == list(range(len(docs)))
 
 
+def test_the_standard_library_corpus_is_its_source_files_in_path_order():
+  import sysconfig
+  import textwrap
+
+  docs = list(iter_documents("builtin:python-stdlib"))
+  assert len(docs) > 300 and sum(len(t) for _, t in docs) > 5_000_000
+  texts = [t for _, t in docs]
+  with open(f"{sysconfig.get_paths()['stdlib']}/textwrap.py", encoding="utf-8") as f:
+    assert f.read() in texts
+  assert textwrap.__doc__.strip().splitlines()[0] in "".join(texts)
+  assert not any("import unittest\nfrom test import support" in t for t in texts)  # test suites left out
+  assert list(iter_documents("builtin:python-stdlib"))[:3] == docs[:3]
+
+
 def test_bad_sources_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="text source .*nope.txt: no such file"):
     list(iter_documents(str(tmp_path / "nope.txt")))

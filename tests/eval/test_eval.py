@@ -143,10 +143,11 @@ def test_run_eval_writes_the_report(lm, tiny_run):
   assert sorted(metrics["float32"]) == ["w128-l0.001-s0", "w128-l0.03-s0"]
   low, high = metrics["float32"]["w128-l0.001-s0"], metrics["float32"]["w128-l0.03-s0"]
   assert low["l0"] > high["l0"]
-  for name in ("pareto_delta_loss.png", "pareto_fvu.png", "report.md", "report.html"):
+  for name in ("pareto_delta_loss.png", "pareto_fvu.png", "training.png", "report.md", "report.html"):
     assert (workdir / "report" / name).exists()
   assert "w128-l0.03-s0" in (workdir / "report" / "report.md").read_text()
-  assert out["files"]["html"].read_text().count("data:image/png;base64,") == 4
+  assert out["files"]["html"].read_text().count("data:image/png;base64,") == 5
+  assert {"delta_loss_se", "fvu_se", "ce_mean_ablation", "loss_recovered_mean"} <= set(low)
 
 
 def test_bad_input(lm, tiny_model, tiny_run, tmp_path):
@@ -205,7 +206,7 @@ def test_local_pipeline_end_to_end(tmp_path):
   metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
   assert len(metrics["float32"]) == len(metrics["bfloat16"]) == 6
   pngs = list((tmp_path / "report").glob("*.png"))
-  assert len(pngs) == 2 + 6 and all(_is_png(p) for p in pngs)
+  assert len(pngs) == 3 + 6 and all(_is_png(p) for p in pngs)
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0 and "already finished" in again.stdout and "up to date; skipped" in again.stdout
 

@@ -136,13 +136,44 @@ def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
   assert sorted({r["sae"] for r in rows}) == ["w32-l0.001-s0", "w32-l0.01-s0", "w64-l0.001-s0", "w64-l0.01-s0"]
   assert sorted({r["step"] for r in rows}) == [5, 10, 15, 20]
   for key in ("loss", "mse", "l0", "fvu", "dead_fraction", "threshold_mean", "threshold_min", "threshold_max",
-              "grad_norm", "l1_coefficient"):
+              "grad_norm", "l1_coefficient", "window_fraction", "threshold_p10", "threshold_p50", "threshold_p90",
+              "threshold_moved", "b_dec_drift"):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert all(0 < r["l0"] <= 64 for r in rows)
+  assert any(r["window_fraction"] > 0 for r in rows)
+  assert all(0 <= r["window_fraction"] < 1 and r["threshold_min"] <= r["threshold_p10"] <= r["threshold_p50"]
+             <= r["threshold_p90"] <= r["threshold_max"] and r["b_dec_drift"] > 0 for r in rows)
+  assert json.loads((tmp_path / "train_health.json").read_text())["step"] == 20
   scalars = {(v.tag, e.step): v.simple_value for e in _read_events(tmp_path / "tensorboard") for v in e.summary.value}
   last = rows[-1]
   assert scalars[(f"{last['sae']}/fvu", 20)] == pytest.approx(last["fvu"], rel=1e-6)
   assert len(scalars) == len(rows) * (len(last) - 2)
+
+
+def test_health_warnings_name_untrained_thresholds_and_l0_deaf_to_lambda():
+  from scope_jax.train.metrics import health_warnings
+  from scope_jax.train.sweep import make_groups
+
+  groups = make_groups([32, 64], [1e-3, 1e-2])
+  last = {"w32-l0.001-s0": {"l0": 20.0, "threshold_moved": 3.0}, "w32-l0.01-s0": {"l0": 8.0, "threshold_moved": 0.05,
+                                                                                    "window_fraction": 0.0},
+          "w64-l0.001-s0": {"l0": 20.0, "threshold_moved": 2.0}, "w64-l0.01-s0": {"l0": 21.0, "threshold_moved": 2.0}}
+  found = health_warnings(last, groups, 100)
+  assert found == [
+      "SAE w32-l0.01-s0: thresholds moved 5.0% of their initial value in 100 steps; they are not training (0.00% of "
+      "pre-activations fall inside the kernel window: recipe.bandwidth may be too small for the data's scale, or "
+      "recipe.lr too low)",
+      "SAEs of width 64 (seed 0): L0 does not fall as λ rises (λ 0.001: L0 20.0, λ 0.01: L0 21.0); the sparsity "
+      "penalty is not acting (too few steps after its warm-up, or λ too small to matter)"]
+
+
+def test_a_bandwidth_too_narrow_to_train_thresholds_is_warned_about(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  c = _small_config(20)
+  c.recipe.bandwidth = 1e-12
+  with pytest.warns(UserWarning, match=r"SAE w32-l0.001-s0: thresholds moved 0.0% of their initial value in 20 steps"):
+    train(c, tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+  assert len(json.loads((tmp_path / "train_health.json").read_text())["warnings"]) >= 4
 
 
 def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):

@@ -1,0 +1,124 @@
+"""SAE quality against SAELens: its JumpReLU trainer (`SAETrainer` + `JumpReLUTrainingSAE`) on the
+same stored batches as a finished run of ours, with the same budget, evaluated by our engine on the
+same held-out text, beside our SAEs.
+
+What SAELens gets, for a fair race:
+- the same rows in the same order: batch s is our loader's batch s (raw, unnormalized), for as many
+  steps of as many rows as our run trained;
+- every recipe feature it has: its own activation normalization ("expected_average_only_in"),
+  the pre-encoder bias, the "step" (Gemma Scope) L0 loss with its linear warm-up, the learning-rate
+  warm-up, Adam β = (0, 0.999), our learning rate;
+- λ, the bandwidth ε and θ₀ translated to its units: its inputs are ours times r = C_ours / C_sl
+  (C_sl = sqrt(E||x||² / d)), so ε and θ₀ scale by r and λ by r² (the same penalty relative to
+  the reconstruction term). What it lacks is ours alone: b_dec starting at the mean (it starts at
+  zero) and C measured without the offset.
+
+Our Δ loss at matched L0 is read off our Pareto curve of the same width (linear in log L0 between
+our points); SAELens points outside our L0 range are reported, not compared.
+
+Run (after `scope-jax run --config configs/local.py --workdir runs/local`):
+    PYTHONPATH=. python -m benchmarks.quality_vs_saelens --workdir runs/local
+The last line printed is one JSON object; the SAELens SAEs are kept in WORKDIR/saelens_peer/.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+from sae_lens import SAETrainerConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+
+import scope_jax as sj
+from configs.local import get_config
+from scope_jax.activations.extract import load_extraction_model, store_root
+from scope_jax.data.loader import StoreLoader
+from scope_jax.eval.evaluate import eval_batches, evaluate_saes
+from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
+
+
+def batches_from(loader: StoreLoader, steps: int):
+  for s in range(steps):
+    yield torch.from_numpy(np.asarray(loader.batch(s)).copy())
+
+
+def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
+  r = config.recipe
+  cfg = JumpReLUTrainingSAEConfig(
+      d_in=loader.width, d_sae=width, apply_b_dec_to_input=True, normalize_activations="expected_average_only_in",
+      jumprelu_bandwidth=r.bandwidth * ratio, jumprelu_init_threshold=r.init_threshold * ratio,
+      jumprelu_sparsity_loss_mode="step", l0_coefficient=lam * ratio**2, l0_warm_up_steps=r.sparsity_warmup_steps)
+  torch.manual_seed(config.seed)
+  sae = JumpReLUTrainingSAE(cfg)
+  steps, batch = config.train.steps, config.train.batch_size
+  trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=r.lr,
+                                 lr_warm_up_steps=r.lr_warmup_steps, adam_beta1=r.adam_b1, adam_beta2=r.adam_b2,
+                                 n_batches_for_norm_estimate=20)
+  norm_estimate = batches_from(loader, 20)
+  data = (x for stream in (norm_estimate, batches_from(loader, steps)) for x in stream)
+  trained = SAETrainer(trainer_cfg, sae, data).fit()
+  path = out / f"w{width}-l{lam:g}"
+  trained.save_inference_model(path)
+  return path
+
+
+def our_delta_at(l0: float, curve: list[tuple[float, float]]) -> float | None:
+  """Our Δ loss at `l0`, linear in log L0 between our points of the same width; None outside."""
+  curve = sorted(curve)
+  xs, ys = np.log([p[0] for p in curve]), [p[1] for p in curve]
+  return float(np.interp(np.log(l0), xs, ys)) if xs[0] <= np.log(l0) <= xs[-1] else None
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", default="runs/local")
+  parser.add_argument("--config_arg", default="", help="the run's configs/local.py argument, if it had one")
+  args = parser.parse_args()
+  use_xnnpack_on_cpu()
+  workdir = Path(args.workdir)
+  config = get_config(args.config_arg)
+  ours = json.loads((workdir / "report" / "metrics.json").read_text())["float32"]
+  mesh = make_mesh(devices=jax.devices()[:1])
+  loader = StoreLoader(store_root(config, workdir), config.site, config.train.batch_size, mesh, config.seed,
+                       normalize=None, window_chunks=config.data.window_chunks)
+  stats = loader.store.stats(config.site)
+  c_ours = float(np.sqrt(stats["mean_sq_norm"] - stats["mean"] @ stats["mean"]))
+  c_saelens = float(np.sqrt(stats["mean_sq_norm"] / loader.width))
+  ratio = c_ours / c_saelens
+  out = workdir / "saelens_peer"
+  paths = {}
+  for width in config.sweep.widths:
+    for lam in config.sweep.l1_coefficients:
+      paths[f"saelens-w{width}-l{lam:g}"] = (train_saelens(loader, width, lam, ratio, config, out), width, lam)
+  loader.close()
+
+  lm = load_extraction_model(config)
+  saes = {name: (sj.load_sae(path), config.site) for name, (path, _, _) in paths.items()}
+  theirs = evaluate_saes(lm, saes, eval_batches(config, lm.tokenizer))
+  rows = []
+  for name, (_, width, lam) in paths.items():
+    curve = [(r["l0"], r["delta_loss"]) for r in ours.values() if r["width"] == width]
+    t = theirs[name]
+    mine = our_delta_at(t["l0"], curve)
+    rows.append({"sae": name, "width": width, "lambda_ours_units": lam, "l0": t["l0"], "delta_loss": t["delta_loss"],
+                 "delta_loss_se": t["delta_loss_se"], "fvu": t["fvu"], "dead_fraction": t["dead_fraction"],
+                 "ours_at_same_l0": mine})
+  print(f"units: SAELens inputs = ours × {ratio:.2f}; λ × {ratio**2:.1f}, ε and θ₀ × {ratio:.2f}")
+  print(f"{'SAE':24} {'L0':>7} {'Δ loss':>14} {'FVU':>6} {'dead':>6} {'ours at same L0':>16}")
+  for name, r in sorted(((n, r) for n, r in ours.items()), key=lambda kv: (kv[1]["width"], kv[1]["l0"])):
+    print(f"{'ours ' + name:24} {r['l0']:7.1f} {r['delta_loss']:7.3f} ± {r['delta_loss_se']:.3f} {r['fvu']:6.3f} "
+          f"{r['dead_fraction']:6.1%}")
+  for r in rows:
+    mine = "outside our L0 range" if r["ours_at_same_l0"] is None else f"{r['ours_at_same_l0']:.3f}"
+    print(f"{r['sae']:24} {r['l0']:7.1f} {r['delta_loss']:7.3f} ± {r['delta_loss_se']:.3f} {r['fvu']:6.3f} "
+          f"{r['dead_fraction']:6.1%} {mine:>16}")
+  print(json.dumps({"ratio": ratio, "steps": config.train.steps, "batch": config.train.batch_size, "saelens": rows,
+                    "ours": {n: {k: r[k] for k in ("width", "l1_coefficient", "l0", "delta_loss", "delta_loss_se",
+                                                    "fvu", "dead_fraction")} for n, r in ours.items()}}))
+
+
+if __name__ == "__main__":
+  main()
