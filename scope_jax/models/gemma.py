@@ -163,7 +163,8 @@ class Block(nnx.Module):
 
 
 class Gemma(nnx.Module):
-  """The decoder. `__call__` runs up to `stop_layer` and optionally the unembedding."""
+  """The decoder. `__call__` runs up to the deepest captured layer, or through the unembedding;
+  `token_losses` gives the next-token losses; `to_site` / `losses_from_site` split a forward at a site."""
 
   def __init__(self, config: GemmaConfig, dtype=jnp.float32):
     self.config = config
@@ -175,8 +176,13 @@ class Gemma(nnx.Module):
   def __call__(self, tokens_bt: jax.Array, *, capture: tuple[Site, ...] = (),
                replace: Mapping[Site, ReplaceFn] | None = None, with_logits: bool = True):
     """Returns (logits [B, T, V] float32 or None, {Site: activation [B, T, width]})."""
-    replace = dict(replace or {})
     last = self.config.n_layers - 1 if with_logits else max(s.layer for s in capture)
+    x_btd, acts = self._layers(tokens_bt, capture, replace, last)
+    return (self.unembed(x_btd) if with_logits else None), acts
+
+  def _layers(self, tokens_bt, capture: tuple[Site, ...], replace: Mapping[Site, ReplaceFn] | None, last: int):
+    """Embedding and layers 0..last: (the residual after them, {Site: captured activation})."""
+    replace = dict(replace or {})
     positions_bt, x_btd = self._positions(tokens_bt), self._embed(tokens_bt)
     acts = {}
     for i in range(last + 1):
@@ -184,15 +190,43 @@ class Gemma(nnx.Module):
       fns = {s.kind: fn for s, fn in replace.items() if s.layer == i}
       x_btd, captured = self.layers[i](x_btd, positions_bt, kinds, fns)
       acts.update({Site(kind, i): act for kind, act in captured.items()})
-    if not with_logits:
-      return None, acts
-    return self.unembed(x_btd), acts
+    return x_btd, acts
 
   def unembed(self, x_btd: jax.Array) -> jax.Array:
     """Final norm and tied unembedding: logits `[B, T, V]` float32."""
     x_btd = self.final_norm(x_btd)
     logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
     return softcap(logits, self.config.final_logit_softcap)
+
+  def token_losses(self, tokens_bt: jax.Array, replace: Mapping[Site, ReplaceFn] | None = None) -> jax.Array:
+    """Next-token cross-entropy `[B, T-1]` float32 of the (spliced) forward."""
+    x_btd, _ = self._layers(tokens_bt, (), replace, self.config.n_layers - 1)
+    return self.next_token_losses(x_btd, tokens_bt)
+
+  def next_token_losses(self, x_btd: jax.Array, tokens_bt: jax.Array, vocab_chunk: int = 16_384) -> jax.Array:
+    """`-log p(token[t+1])` `[B, T-1]` float32 from the last layer's residual, without ever holding
+    the `[B, T, V]` logits: logsumexp is accumulated over vocabulary chunks (online, max-shifted)
+    and the target's logit is one dot product. With a 262K vocabulary the logits of one eval batch
+    are gigabytes; reading them back for a softmax cost as much again as the matmul."""
+    c = self.config
+    x_btd = self.final_norm(x_btd)[:, :-1]
+    embed_vd = self.embed[...]
+    target_bt = softcap(jnp.einsum("btd,btd->bt", x_btd, embed_vd[tokens_bt[:, 1:]],
+                                   preferred_element_type=jnp.float32), c.final_logit_softcap)
+    vocab = embed_vd.shape[0]
+    chunk = max(k for k in range(1, min(vocab_chunk, vocab) + 1) if vocab % k == 0)
+
+    def add_chunk(carry, embed_cd):
+      max_bt, sum_bt = carry
+      logits_btc = softcap(jnp.einsum("btd,cd->btc", x_btd, embed_cd, preferred_element_type=jnp.float32),
+                           c.final_logit_softcap)
+      new_max_bt = jnp.maximum(max_bt, jnp.max(logits_btc, axis=-1))
+      sum_bt = sum_bt * jnp.exp(max_bt - new_max_bt) + jnp.sum(jnp.exp(logits_btc - new_max_bt[..., None]), axis=-1)
+      return (new_max_bt, sum_bt), None
+
+    init = (jnp.full(target_bt.shape, -jnp.inf, jnp.float32), jnp.zeros(target_bt.shape, jnp.float32))
+    (max_bt, sum_bt), _ = jax.lax.scan(add_chunk, init, embed_vd.reshape(vocab // chunk, chunk, -1))
+    return max_bt + jnp.log(sum_bt) - target_bt
 
   def _positions(self, tokens_bt: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
@@ -211,8 +245,9 @@ class Gemma(nnx.Module):
       x_btd, act = block.advance(kind, x_btd, act, positions_bt)
     return x_btd, act
 
-  def from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site) -> jax.Array:
-    """The forward from `site` on, given `to_site`'s residual and a (replaced) activation: logits."""
+  def losses_from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site, tokens_bt: jax.Array) -> jax.Array:
+    """The forward from `site` on, given `to_site`'s residual and a (replaced) activation: the
+    next-token losses `[B, T-1]`."""
     positions_bt = self._positions(resid_btd[..., 0])
     block = self.layers[site.layer]
     for kind in BLOCK_SITES[BLOCK_SITES.index(site.kind) + 1:]:
@@ -220,4 +255,4 @@ class Gemma(nnx.Module):
     x_btd = act
     for i in range(site.layer + 1, self.config.n_layers):
       x_btd, _ = self.layers[i](x_btd, positions_bt, set(), {})
-    return self.unembed(x_btd)
+    return self.next_token_losses(x_btd, tokens_bt)

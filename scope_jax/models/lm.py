@@ -28,17 +28,8 @@ def _forward(state, tokens_bt, graphdef, capture, replace, with_logits, out_dtyp
   return (None if logits is None else logits.astype(out_dtype)), acts
 
 
-def _next_token_losses(logits_btv, tokens_bt):
-  """Next-token cross-entropy `[B, T-1]` in float32 (inside a jit: the `[B, T, V]` logits never
-  reach the host)."""
-  logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-
-
 def _losses_forward(state, tokens_bt, graphdef, replace):
-  model = nnx.merge(graphdef, state)
-  logits, _ = model(tokens_bt, replace=dict(replace), with_logits=True)
-  return _next_token_losses(logits, tokens_bt)
+  return nnx.merge(graphdef, state).token_losses(tokens_bt, replace=dict(replace))
 
 
 def _to_site(state, tokens_bt, graphdef, site):
@@ -46,7 +37,7 @@ def _to_site(state, tokens_bt, graphdef, site):
 
 
 def _losses_from_site(state, tokens_bt, resid_btd, act, graphdef, site):
-  return _next_token_losses(nnx.merge(graphdef, state).from_site(resid_btd, act, site), tokens_bt)
+  return nnx.merge(graphdef, state).losses_from_site(resid_btd, act, site, tokens_bt)
 
 
 class LanguageModel:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.torch import load_file, save_file
 
 import scope_jax as sj
@@ -100,6 +101,24 @@ def test_replace_matches_a_transformers_hook_edit(tiny, lm, site):
   ref, _ = hf_run(model, tokens, [], edit={site: lambda x: 0.5 * x})
   ours = lm.logits(tokens, replace={site: lambda x: 0.5 * x})
   assert rel_err(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("site", [None, "mlp.2"])
+def test_token_losses_are_transformers_cross_entropy(tiny, lm, site):
+  """The chunked logsumexp (vocabulary in chunks, soft-cap inside) against torch's cross-entropy of
+  transformers' logits, clean and spliced."""
+  _, model, tokens = tiny
+  edit = {site: lambda x: 0.5 * x} if site else None
+  ref_logits, _ = hf_run(model, tokens, [], edit=edit)
+  ref = torch.nn.functional.cross_entropy(torch.tensor(ref_logits[:, :-1]).reshape(-1, 256),
+                                          torch.tensor(tokens[:, 1:]).reshape(-1), reduction="none").reshape(3, 13)
+  ours = lm.token_losses(tokens, replace={site: lambda x: 0.5 * x} if site else None)
+  np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-4, atol=1e-5)
+  model = nnx.merge(lm._graphdef, lm._state)  # the vocabulary (256) in 8 chunks of 32 instead of 1
+  sites = {sj.models.sites.parse_site(site, lm.config): lambda x: 0.5 * x} if site else None
+  x_btd, _ = model._layers(jnp.asarray(tokens), (), sites, lm.config.n_layers - 1)
+  np.testing.assert_allclose(np.asarray(model.next_token_losses(x_btd, jnp.asarray(tokens), vocab_chunk=40)),
+                             ref.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_activations_stop_after_the_deepest_site(tiny, tmp_path):
