@@ -12,12 +12,12 @@ from scope_jax.config import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, tokens=600_000, steps=1_500, widths=[1_024, 2_048], l1=[3e-4, 1e-3, 3e-3], site="res.6")
+  arg = parse_arg(arg, tokens=0, steps=1_500, widths=[1_024, 2_048], l1=[3e-4, 1e-3, 3e-3], site="res.6")
   c = default_config()
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
   c.site = arg.site
-  c.data.text = ("builtin:python-docs", "builtin:python-stdlib")
+  c.data.text = ("builtin:python-docs", "builtin:python-docstrings")
   c.data.holdout_every = 8            # every 8th document is evaluation text, never extracted
   c.extract.seq_len = 128
   c.extract.batch_size = 8

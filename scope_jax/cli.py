@@ -101,15 +101,17 @@ def stage_export(config, workdir) -> None:
   entries = export(config, workdir)
   for e in entries:
     print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
-  print(f"export: {len(entries)} SAEs; index in {workdir}/export/index.json")
+  print(f"export: {len(entries)} SAEs, each trained on {entries[0]['epochs']:.2f} epochs of its data; "
+        f"L0 and dead latents measured on {entries[0]['measured_rows']:,} rows; index in {workdir}/export/index.json")
 
 
 def stage_eval(config, workdir) -> None:
   from scope_jax.eval import run_eval
   out = run_eval(config, workdir)
   for name, r in sorted(out["results"].items()):
-    print(f"{name:>24}  L0 {r['l0']:8.1f}  FVU {r['fvu']:.3f}  Δloss {r['delta_loss']:+.4f}  "
-          f"recovered {r['loss_recovered']:.1%}")
+    print(f"{name:>24}  L0 {r['l0']:8.1f}  Δloss {r['delta_loss']:+.3f} ± {r['delta_loss_se']:.3f}  "
+          f"FVU {r['fvu']:.3f} ± {r['fvu_se']:.3f}  recovered {r['loss_recovered_mean']:.1%} (mean abl.)  "
+          f"dead {r['dead_fraction']:.1%}")
   if out["files"]:
     print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
 

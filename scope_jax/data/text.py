@@ -8,6 +8,7 @@ A source spec is a list of entries (a single string is a one-entry list):
     "hf:allenai/c4:en:train"            Hugging Face `datasets`, streamed (only if installed)
     "builtin:python-docs"               the Python documentation shipped with CPython (`pydoc_data`)
     "builtin:python-stdlib"             the source of CPython's standard library (code and docstrings)
+    "builtin:python-docstrings"         the standard library's docstrings alone (technical English)
 
 Documents are numbered in order across entries (files sorted within a glob), so a document id
 names the same text on every host and every run. `.txt` files yield one document per paragraph
@@ -29,6 +30,9 @@ BUILTIN_CORPORA = {
     "python-stdlib": "The standard library's own `.py` files (© Python Software Foundation, PSF License "
                      "Version 2), one document per file in path order; test suites and site-packages left out. "
                      "Its size and content follow the Python version (3.11: 734 files, ~12 MB, ~3.5M tokens).",
+    "python-docstrings": "The docstrings of the standard library's `.py` files (© Python Software Foundation, PSF "
+                         "License Version 2): one document per module, its module, class and function docstrings "
+                         "in source order (3.11: ~1.8 MB, ~0.45M tokens). Prose like the documentation's.",
 }
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
@@ -120,13 +124,26 @@ def _stdlib_files() -> list[str]:
   return sorted(found, key=lambda p: os.path.relpath(p, root))
 
 
+def _docstrings(source: bytes) -> str:
+  """A module's docstrings (module, classes, functions) in source order, blank-line separated."""
+  import ast
+  try:
+    tree = ast.parse(source)
+  except (SyntaxError, ValueError):  # a few stdlib files are templates or target other versions
+    return ""
+  kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+  nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
+  return "\n\n".join(d for d in (ast.get_docstring(n, clean=True) for n in nodes) if d)
+
+
 def _builtin(name: str) -> Iterator[str]:
   if name not in BUILTIN_CORPORA:
     raise ValueError(f"text source builtin:{name}: unknown; available: {sorted(BUILTIN_CORPORA)}")
-  if name == "python-stdlib":
+  if name in ("python-stdlib", "python-docstrings"):
     for path in _stdlib_files():
       with open(path, "rb") as f:
-        yield f.read().decode("utf-8", errors="replace")
+        source = f.read()
+      yield _docstrings(source) if name == "python-docstrings" else source.decode("utf-8", errors="replace")
     return
   from pydoc_data.topics import topics
   for key in sorted(topics):

@@ -29,7 +29,7 @@ from scope_jax.train.optim import Adam, project_rows
 
 F32 = jnp.float32
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}  # where each leaf keeps its latents
-STAT_NAMES = ("loss", "mse", "l0", "sparsity_loss", "grad_norm", "window_fraction")  # per SAE, besides fired_m
+STAT_NAMES = ("loss", "mse", "l0", "sparsity_loss", "dead_latent_loss", "grad_norm", "window_fraction")  # per SAE, besides fired_m
 
 
 def _starts(a: jax.Array, s, j, block: int, axis: int) -> list:
@@ -75,28 +75,32 @@ def reconstruct(group: SAE, s, x_bd: jax.Array, block: int) -> tuple[jax.Array, 
 
 
 def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array,
-                    bandwidth: float) -> tuple[SAE, jax.Array, jax.Array]:
+                    bandwidth: float, pull_k: jax.Array) -> tuple[SAE, jax.Array, dict]:
   """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
-  fired, and how many pre-activations fell inside the kernel window (the only ones that train θ). `derr_bd` = ∂loss/∂xhat, `dpenalty_b` = ∂loss/∂||f||₀ per row. The `b_dec` field
+  fired, and sums for statistics: pre-activations inside the kernel window (the only ones that
+  train θ) and the dead latents' pre-activation loss. `pull_k` `[block]`: c / batch for dead
+  latents, 0 for the others (sae/loss.py's last term). `derr_bd` = ∂loss/∂xhat, `dpenalty_b` = ∂loss/∂||f||₀ per row. The `b_dec` field
   holds this block's share of the pre-encoder-bias gradient (`-W_enc_k @ db_enc_k`)."""
   theta_k = blk.threshold
   pre_bk = _pre(blk, x_bd)
   active_bk = pre_bk > theta_k
   df_bk = derr_bd @ blk.W_dec.T
-  dpre_bk = jnp.where(active_bk, df_bk, 0.0)                        # ∂JumpReLU/∂z = H(z - θ)
+  pull_bk = jnp.where(active_bk, 0.0, pull_k)                       # ∂/∂θ of c·relu(θ - z) on dead latents
+  dpre_bk = jnp.where(active_bk, df_bk, 0.0) - pull_bk               # ∂JumpReLU/∂z = H(z - θ)
   in_window_bk = jnp.abs(pre_bk - theta_k) < bandwidth / 2           # rectangle kernel K((z - θ)/ε)
   dtheta_bk = -(theta_k / bandwidth) * df_bk - dpenalty_b[:, None] / bandwidth
   sums = lax.psum({
       "W_dec": jnp.where(active_bk, pre_bk, 0.0).T @ derr_bd,
       "x_dpre": x_bd.T @ dpre_bk,
       "b_enc": jnp.sum(dpre_bk, axis=0),
-      "threshold": jnp.sum(jnp.where(in_window_bk, dtheta_bk, 0.0), axis=0),
+      "threshold": jnp.sum(jnp.where(in_window_bk, dtheta_bk, 0.0) + pull_bk, axis=0),
       "fired": jnp.sum(active_bk, axis=0, dtype=jnp.int32),
       "in_window": jnp.sum(in_window_bk, dtype=F32),
+      "dead_loss": jnp.sum(pull_bk * (theta_k - pre_bk)),
   }, DATA)
   grads = SAE(W_enc=sums["x_dpre"] - jnp.outer(blk.b_dec, sums["b_enc"]), b_enc=sums["b_enc"],
               W_dec=sums["W_dec"], b_dec=-(blk.W_enc @ sums["b_enc"]), threshold=sums["threshold"])
-  return grads, sums["fired"] > 0, sums["in_window"]
+  return grads, sums["fired"] > 0, {"in_window": sums["in_window"], "dead_loss": sums["dead_loss"]}
 
 
 def _adam_block(adam: Adam, p_k: jax.Array, g_k: jax.Array, moments: dict, s, j, block: int, axis: int, t, lr):
@@ -118,8 +122,9 @@ def _with_leaf_moments(moments: dict, name: str, leaf: dict) -> dict:
 
 
 def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr: jax.Array, t: jax.Array,
-              spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
-  """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch.
+              dead_m: jax.Array, spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
+  """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch;
+  `dead_m` `[M_local]` marks its dead latents (for the optional dead-latent loss).
 
   Returns (group, moments, SAE s's statistics: loss, mse, l0, sparsity_loss, grad_norm,
   window_fraction (of pre-activations inside the threshold's kernel window), fired_m).
@@ -129,11 +134,13 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   err_bd = xhat_bd + b_dec_d - x_bd
   derr_bd = (2.0 / batch) * err_bd                                   # ∂loss/∂xhat
   dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)              # ∂loss/∂||f||₀
+  pull_m = jnp.where(dead_m, spec.dead_latent_loss / batch, 0.0)
 
   def update(j, carry):
-    group, moments, db_dec_d, sq_sum, in_window, fired_m = carry
+    group, moments, db_dec_d, sq_sum, sums, fired_m = carry
     blk = _block(group, s, j, block)
-    g, fired_k, in_window_k = block_gradients(blk, x_bd, derr_bd, dpenalty_b, spec.bandwidth)
+    pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
+    g, fired_k, sums_k = block_gradients(blk, x_bd, derr_bd, dpenalty_b, spec.bandwidth, pull_k)
     sq_sum += sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     new = {}
@@ -145,12 +152,14 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
     new["threshold"] = jnp.maximum(new["threshold"], 0.0)
     group = group.replace(**{name: _paste(getattr(group, name), new[name], s, j, block, axis)
                              for name, axis in LATENT_AXIS.items()})
-    return (group, moments, db_dec_d + g.b_dec, sq_sum, in_window + in_window_k,
+    return (group, moments, db_dec_d + g.b_dec, sq_sum, jax.tree.map(jnp.add, sums, sums_k),
             lax.dynamic_update_slice_in_dim(fired_m, fired_k, j * block, 0))
 
-  init = (group, moments, jnp.zeros_like(b_dec_d), jnp.zeros((), F32), jnp.zeros((), F32),
+  zero = jnp.zeros((), F32)
+  init = (group, moments, jnp.zeros_like(b_dec_d), zero, {"in_window": zero, "dead_loss": zero},
           jnp.zeros(group.b_enc.shape[1:], bool))
-  group, moments, db_dec_d, sq_sum, in_window, fired_m = lax.fori_loop(0, group.width // block, update, init)
+  group, moments, db_dec_d, sq_sum, sums, fired_m = lax.fori_loop(0, group.width // block, update, init)
+  sums = lax.psum(sums, MODEL)
   db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
   b_dec_moments = adam.moments(db_dec_d, {k: m[s] for k, m in _leaf_moments(moments, "b_dec").items()})
   group = group.replace(b_dec=group.b_dec.at[s].set(adam.apply(b_dec_d, db_dec_d, b_dec_moments, t, lr)))
@@ -160,14 +169,15 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   totals = lax.psum({"sq_err": jnp.sum(jnp.square(err_bd)), "l0": jnp.sum(l0_b),
                      "penalty": jnp.sum(spec.penalty(l0_b))}, DATA)
   mse, sparsity = totals["sq_err"] / batch, totals["penalty"] / batch
-  stats = {"loss": mse + lam * sparsity, "mse": mse, "l0": totals["l0"] / batch, "sparsity_loss": sparsity,
+  stats = {"loss": mse + lam * sparsity + sums["dead_loss"], "mse": mse, "l0": totals["l0"] / batch,
+           "sparsity_loss": sparsity, "dead_latent_loss": sums["dead_loss"],
            "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))),
-           "window_fraction": lax.psum(in_window, MODEL) / (batch * lax.psum(group.width, MODEL)), "fired_m": fired_m}
+           "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)), "fired_m": fired_m}
   return group, moments, stats
 
 
 def train_group(group: SAE, moments: dict, x_bd: jax.Array, lam_s: jax.Array, lr: jax.Array, t: jax.Array,
-                spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
+                dead_sm: jax.Array, spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
   """One step of every SAE of a stacked group, one after another on the same batch (a `vmap`
   would make XLA copy the group's arrays instead of updating them in place). Statistics `[S]`."""
   n = group.W_enc.shape[0]
@@ -176,7 +186,7 @@ def train_group(group: SAE, moments: dict, x_bd: jax.Array, lam_s: jax.Array, lr
 
   def one(s, carry):
     group, moments, stats = carry
-    group, moments, stats_s = train_sae(group, moments, s, x_bd, lam_s[s], lr, t, spec, adam, block, batch)
+    group, moments, stats_s = train_sae(group, moments, s, x_bd, lam_s[s], lr, t, dead_sm[s], spec, adam, block, batch)
     return group, moments, {k: v.at[s].set(stats_s[k]) for k, v in stats.items()}
 
   return lax.fori_loop(0, n, one, (group, moments, stats))

@@ -70,6 +70,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
   if own_source and hasattr(source, "close"):
     source.close()
   scale = source.scale if config.data.normalize else 1.0
+  epochs = step * source.batch_size / source.describe()["rows"]  # every SAE of the sweep saw the same rows
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
   writer = jax.process_index() == 0
@@ -92,7 +93,8 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
         save_sae(released, lens, format="saelens", sparsity_log10=np.log10(density_m + 1e-10))
       entries.append({"name": name, "site": config.site, "width": group.width, "l1_coefficient": lam,
                       "seed": seed, "step": step, "l0": l0, "dead_fraction": float(np.mean(density_m == 0)),
-                      "scale": scale, "gemma_scope": str(npz), "saelens": str(lens)})
+                      "scale": scale, "epochs": epochs, "measured_rows": config.export.batches * source.batch_size,
+                      "gemma_scope": str(npz), "saelens": str(lens)})
   if writer:
     (root / "index.json").write_text(json.dumps(entries, indent=2) + "\n")
   multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them

@@ -40,12 +40,13 @@ class Recipe:
   sparsity_loss: str = "l0"          # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
   target_l0: float | None = None     # L0* of the quadratic loss
   dead_window_steps: int = 1_000     # a latent is dead when it has not fired for this many steps
+  dead_latent_loss: float = 0.0      # c of the pre-activation loss on dead latents (sae/loss.py); 0 = off
   normalize: str = "centred"         # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
                                      # (Gemma Scope); data/source.py says why centred is the default
 
   @property
   def loss(self) -> LossSpec:
-    return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0)
+    return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0, self.dead_latent_loss)
 
   @property
   def adam(self) -> Adam:
@@ -132,7 +133,7 @@ def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], reci
 
 
 def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int):
-  """`(params, moments, x_bd, lam_s, lr, t) -> (params, moments, stats)` for one stacked group:
+  """`(params, moments, x_bd, lam_s, lr, t, dead_sm) -> (params, moments, stats)` for one stacked group:
   `blocked.train_group` under `shard_map` (rows on `data`, latents on `model`)."""
   spec = group_spec(mesh, group.width)
   width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
@@ -142,7 +143,7 @@ def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_
   moment_specs = {k: spec for k in recipe.adam.moment_names}
   stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
   return jax.shard_map(step, mesh=mesh, check_vma=False,
-                       in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P()),
+                       in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P(), spec.b_enc),
                        out_specs=(spec, moment_specs, stat_specs))
 
 
@@ -171,7 +172,8 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
     moments = {k: [] for k in state["opt_state"]}
     for gi, (group_step, lam_s) in enumerate(zip(group_steps, lambdas)):
       group_moments = {k: v[gi] for k, v in state["opt_state"].items()}
-      p, m, s = group_step(state["params"][gi], group_moments, x_bd, factor * lam_s, lr, t)
+      dead_sm = state["since_fired"][gi] >= recipe.dead_window_steps
+      p, m, s = group_step(state["params"][gi], group_moments, x_bd, factor * lam_s, lr, t, dead_sm)
       since = jnp.where(s.pop("fired_m"), 0, state["since_fired"][gi] + 1)
       bad = state["first_bad_step"][gi]
       bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)

@@ -42,6 +42,17 @@ def test_the_standard_library_corpus_is_its_source_files_in_path_order():
   assert list(iter_documents("builtin:python-stdlib"))[:3] == docs[:3]
 
 
+def test_the_docstrings_corpus_is_the_standard_librarys_docstrings_in_source_order():
+  import textwrap
+
+  docs = [t for _, t in iter_documents("builtin:python-docstrings")]
+  assert len(docs) > 300 and sum(len(t) for t in docs) > 1_000_000
+  module = next(t for t in docs if t.startswith(textwrap.__doc__.strip()))
+  wrap = module.index(textwrap.wrap.__doc__.strip().splitlines()[0])
+  assert module.index(textwrap.TextWrapper.__doc__.strip().splitlines()[0]) < wrap  # class before the later function
+  assert "def wrap(" not in module and "import re" not in module  # docstrings only, no code
+
+
 def test_bad_sources_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="text source .*nope.txt: no such file"):
     list(iter_documents(str(tmp_path / "nope.txt")))

@@ -23,16 +23,18 @@ from scope_jax.train.optim import lr_schedule, project_rows
 from tests.sae.test_io import random_sae
 
 
-def _saelens_loss_and_gradients(sae, x, lam, spec):
+def _saelens_loss_and_gradients(sae, x, lam, spec, dead_m=None):
   cfg = JumpReLUTrainingSAEConfig(d_in=sae.d_in, d_sae=sae.width, jumprelu_bandwidth=spec.bandwidth,
                                   apply_b_dec_to_input=True, target_l0=spec.target_l0,
-                                  jumprelu_sparsity_loss_mode="quadratic" if spec.sparsity_loss == "quadratic" else "step")
+                                  jumprelu_sparsity_loss_mode="quadratic" if spec.sparsity_loss == "quadratic" else "step",
+                                  pre_act_loss_coefficient=spec.dead_latent_loss or None)
   lens = JumpReLUTrainingSAE(cfg)
   with torch.no_grad():
     for k in PARAM_NAMES:
       getattr(lens, k).copy_(torch.tensor(np.asarray(getattr(sae, k))))
+  dead = None if dead_m is None else torch.tensor(dead_m)
   out = lens.training_forward_pass(TrainStepInput(sae_in=torch.tensor(x), coefficients={"l0": lam},
-                                                  dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+                                                  dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False))
   out.loss.backward()
   return out, {k: getattr(lens, k).grad.numpy() for k in PARAM_NAMES}
 
@@ -41,25 +43,36 @@ def _with_params(state, group_params, shardings):
   return state | {"params": jax.device_put(group_params, shardings["params"])}
 
 
-@pytest.mark.parametrize("mode", ["l0", "quadratic"])
+@pytest.mark.parametrize("mode", ["l0", "quadratic", "l0+dead"])
 @pytest.mark.parametrize("mesh_shape,block", [((1, 1), 0), ((4, 2), 8)])
 def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
   """With Adam's ε far above |g| the update is -lr/ε · g, so one real training step (blocked,
-  sharded, stacked) reveals the gradient it used; it must be SAELens' autograd gradient."""
+  sharded, stacked) reveals the gradient it used; it must be SAELens' autograd gradient.
+  "l0+dead": a third of the latents have not fired for the dead window, and the dead-latent
+  loss (SAELens' pre_act_loss) is on."""
   d, m, lambdas, eps, batch = 24, 80, [0.3, 0.05], 0.05, 64
   step_size = 1e-3  # lr / ε
   sae = random_sae(d, m, seed=7)
   x = np.random.default_rng(8).normal(0, 1, (batch, d)).astype(np.float32)
   recipe = sweep.Recipe(lr=1e3, adam_eps=1e6, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=eps,
-                        sparsity_loss=mode, target_l0=10.0 if mode == "quadratic" else None)
+                        sparsity_loss=mode.removesuffix("+dead"), target_l0=10.0 if mode == "quadratic" else None,
+                        dead_latent_loss=0.7 if mode == "l0+dead" else 0.0, dead_window_steps=5)
+  dead_m = (np.arange(m) % 3 == 0) if mode == "l0+dead" else None
   mesh = make_mesh(*mesh_shape)
   init, shardings, step_fn = sweep.build(0, np.zeros(d), sweep.make_groups([m], lambdas), recipe, mesh, batch, block)
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
-  state, metrics = step_fn(_with_params(init(), (stacked,), shardings), x)
+  state = _with_params(init(), (stacked,), shardings)
+  if dead_m is not None:
+    since = np.where(dead_m, 5, 0)[None].repeat(2, 0).astype(np.int32)
+    state["since_fired"] = (jax.device_put(since, state["since_fired"][0].sharding),)
+  state, metrics = step_fn(state, x)
   in_window = np.abs(np.asarray(training_pre(sae, x)) - np.asarray(sae.threshold)) < eps / 2
   assert in_window.sum() > 20  # threshold gradients really are exercised
   for i, lam in enumerate(lambdas):
-    out, grads = _saelens_loss_and_gradients(sae, x, lam, recipe.loss)
+    out, grads = _saelens_loss_and_gradients(sae, x, lam, recipe.loss, dead_m)
+    if dead_m is not None:
+      assert out.losses["pre_act_loss"].item() > 0.05 * out.loss.item()
+      np.testing.assert_allclose(metrics[0]["dead_latent_loss"][i], out.losses["pre_act_loss"].item(), rtol=1e-5)
     new = unstack(jax.device_get(state["params"][0]))[i]
     assert 5 < float(metrics[0]["l0"][i]) < 75
     np.testing.assert_allclose(metrics[0]["loss"][i], out.loss.item(), rtol=1e-5)
