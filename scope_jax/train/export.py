@@ -59,7 +59,8 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
   mesh = mesh or make_train_mesh(config)
   own_source = source is None
   source = source or source_from_config(config, workdir, mesh)
-  init, shardings, _ = sweep.build(config.seed, source.mean, groups, recipe, mesh, config.train.batch_size)
+  init, shardings, _ = sweep.build(config.seed, source.mean, groups, recipe, mesh, config.train.batch_size,
+                                  total_steps=config.train.steps)
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to export; run `scope-jax train` first")

@@ -15,12 +15,21 @@ import jax.numpy as jnp
 import optax
 
 
-def lr_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
-  """Cosine warm-up from 0.1·lr to lr over `warmup_steps`, then constant (no decay published)."""
+def lr_schedule(lr: float, warmup_steps: int, decay_steps: int = 0, total_steps: int = 0) -> optax.Schedule:
+  """Cosine warm-up from 0.1·lr to lr over `warmup_steps`, then constant (Gemma Scope published no
+  decay); with `decay_steps`, linear decay to 0 over the last `decay_steps` of `total_steps`: a
+  short run at a high rate ends on parameters still jittering by lr-sized steps, the decay lets
+  them settle."""
   if warmup_steps <= 0:
-    return optax.constant_schedule(lr)
-  shortfall = optax.cosine_decay_schedule(init_value=0.9 * lr, decay_steps=warmup_steps)
-  return lambda step: lr - shortfall(step)
+    warm = optax.constant_schedule(lr)
+  else:
+    shortfall = optax.cosine_decay_schedule(init_value=0.9 * lr, decay_steps=warmup_steps)
+    warm = lambda step: lr - shortfall(step)
+  if decay_steps <= 0:
+    return warm
+  if decay_steps > total_steps:
+    raise ValueError(f"recipe.lr_decay_steps {decay_steps} is longer than the run (train.steps {total_steps})")
+  return lambda step: warm(step) * jnp.clip((total_steps - step) / decay_steps, 0.0, 1.0)
 
 
 def sparsity_warmup(warmup_steps: int) -> optax.Schedule:

@@ -31,6 +31,7 @@ class Recipe:
   """Hyper-parameters shared by every SAE of a sweep (defaults: Gemma Scope, RECIPE §2)."""
   lr: float = 7e-5
   lr_warmup_steps: int = 1_000
+  lr_decay_steps: int = 0            # linear decay to 0 over the run's last steps (train.steps); 0 = none
   sparsity_warmup_steps: int = 10_000
   adam_b1: float = 0.0
   adam_b2: float = 0.999
@@ -154,14 +155,15 @@ def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:
 
 
 def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, mesh: Mesh, batch: int,
-                    mean_d: jax.Array, requested_block: int = 0):
+                    mean_d: jax.Array, requested_block: int = 0, total_steps: int = 0):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
   `mean_d`: the data's mean in training units (how far `b_dec` moved from it is a health metric);
-  `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`)."""
+  `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`);
+  `total_steps`: where the learning rate's decay ends (`recipe.lr_decay_steps`)."""
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
-  lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps)
+  lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, total_steps)
   group_steps = [_group_step(mesh, g, recipe, batch, requested_block) for g in groups]
 
   def train_step(state, x_bd):
@@ -200,7 +202,7 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
 
 
 def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int,
-          requested_block: int = 0):
+          requested_block: int = 0, total_steps: int = 0):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
   for `batch`-row batches). `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
   starts (RECIPE §2 starts it at zero; at a site with a large constant offset that spends the first
@@ -209,7 +211,8 @@ def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
   shardings = state_shardings(mesh, groups, recipe.adam)
   init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
-  step_fn = make_train_step(groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block)
+  step_fn = make_train_step(groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block,
+                            total_steps)
   return jax.jit(init, out_shardings=shardings), shardings, step_fn
 
 

@@ -147,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
   identity = run_identity(config, source)
 
   init, shardings, step_fn = sweep.build(config.seed, source.mean, groups, recipe, mesh, config.train.batch_size,
-                                         config.train.latent_block)
+                                         config.train.latent_block, config.train.steps)
   mngr = checkpoint_manager(workdir, config)
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, init, shardings)

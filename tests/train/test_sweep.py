@@ -136,6 +136,14 @@ def test_learning_rate_warms_up_along_a_cosine_from_a_tenth():
                              [7e-6, 7e-5 * 0.55, 7e-5, 7e-5], rtol=1e-5)
 
 
+def test_learning_rate_decays_linearly_to_zero_over_the_last_steps():
+  schedule = lr_schedule(1e-3, 100, decay_steps=400, total_steps=2000)
+  np.testing.assert_allclose([schedule(0), schedule(100), schedule(1600), schedule(1800), schedule(1999), schedule(2000)],
+                             [1e-4, 1e-3, 1e-3, 5e-4, 2.5e-6, 0.0], rtol=1e-5, atol=1e-12)
+  with pytest.raises(ValueError, match=r"recipe.lr_decay_steps 3000 is longer than the run \(train.steps 2000\)"):
+    lr_schedule(1e-3, 100, decay_steps=3000, total_steps=2000)
+
+
 def _data(n=4096, d=16, seed=0):
   rng = np.random.default_rng(seed)
   return (rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d)).astype(np.float32)
