@@ -7,11 +7,13 @@ What SAELens gets, for a fair race:
   steps of as many rows as our run trained;
 - every recipe feature it has: its own activation normalization ("expected_average_only_in"),
   the pre-encoder bias, the "step" (Gemma Scope) L0 loss with its linear warm-up, the learning-rate
-  warm-up, Adam β = (0, 0.999), our learning rate;
-- λ, the bandwidth ε and θ₀ translated to its units: its inputs are ours times r = C_ours / C_sl
-  (C_sl = sqrt(E||x||² / d)), so ε and θ₀ scale by r and λ by r² (the same penalty relative to
-  the reconstruction term). What it lacks is ours alone: b_dec starting at the mean (it starts at
-  zero) and C measured without the offset.
+  warm-up and linear decay to zero, the dead-latent pre-activation loss (`pre_act_loss_coefficient`,
+  which ours copies) on latents silent for as many steps, Adam β = (0, 0.999), our learning rate;
+- λ, the bandwidth ε, θ₀ and the dead-latent coefficient translated to its units: its inputs are
+  ours times r = C_ours / C_sl (C_sl = sqrt(E||x||² / d)), so ε, θ₀ and the pre-activation loss's
+  coefficient scale by r and λ by r² (the same penalties relative to the reconstruction term).
+  What it lacks is ours alone: b_dec starting at the mean (it starts at zero) and C measured
+  without the offset. It also clips the gradient norm at 1 (built in).
 
 Our Δ loss at matched L0 is read off our Pareto curve of the same width (linear in log L0 between
 our points); SAELens points outside our L0 range are reported, not compared.
@@ -50,12 +52,14 @@ def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
   cfg = JumpReLUTrainingSAEConfig(
       d_in=loader.width, d_sae=width, apply_b_dec_to_input=True, normalize_activations="expected_average_only_in",
       jumprelu_bandwidth=r.bandwidth * ratio, jumprelu_init_threshold=r.init_threshold * ratio,
-      jumprelu_sparsity_loss_mode="step", l0_coefficient=lam * ratio**2, l0_warm_up_steps=r.sparsity_warmup_steps)
+      jumprelu_sparsity_loss_mode="step", l0_coefficient=lam * ratio**2, l0_warm_up_steps=r.sparsity_warmup_steps,
+      pre_act_loss_coefficient=(r.dead_latent_loss * ratio) or None)
   torch.manual_seed(config.seed)
   sae = JumpReLUTrainingSAE(cfg)
   steps, batch = config.train.steps, config.train.batch_size
   trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=r.lr,
-                                 lr_warm_up_steps=r.lr_warmup_steps, adam_beta1=r.adam_b1, adam_beta2=r.adam_b2,
+                                 lr_warm_up_steps=r.lr_warmup_steps, lr_decay_steps=r.lr_decay_steps,
+                                 adam_beta1=r.adam_b1, adam_beta2=r.adam_b2, dead_feature_window=r.dead_window_steps,
                                  n_batches_for_norm_estimate=20)
   norm_estimate = batches_from(loader, 20)
   data = (x for stream in (norm_estimate, batches_from(loader, steps)) for x in stream)

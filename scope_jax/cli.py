@@ -111,7 +111,7 @@ def stage_eval(config, workdir) -> None:
   for name, r in sorted(out["results"].items()):
     print(f"{name:>24}  L0 {r['l0']:8.1f}  Δloss {r['delta_loss']:+.3f} ± {r['delta_loss_se']:.3f}  "
           f"FVU {r['fvu']:.3f} ± {r['fvu_se']:.3f}  recovered {r['loss_recovered_mean']:.1%} (mean abl.)  "
-          f"dead {r['dead_fraction']:.1%}")
+          f"silent on the eval text {r['dead_fraction']:.1%}")
   if out["files"]:
     print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
 

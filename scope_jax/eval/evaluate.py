@@ -181,7 +181,7 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
   if index.exists():
     for e in json.loads(index.read_text()):
       entries[e["name"]] = {"path": e["gemma_scope"], "site": e["site"] or config.site, "width": e["width"],
-                            "l1_coefficient": e["l1_coefficient"]}
+                            "l1_coefficient": e["l1_coefficient"], "dead_export": e["dead_fraction"]}
   for path in config.eval.saes:
     sae = load_sae(path)
     site = sae.info.site or config.site
@@ -226,9 +226,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   if config.eval.bfloat16:
     results_bf16 = evaluate_saes(lm.astype(jnp.bfloat16), saes, token_batches, dtype=jnp.bfloat16, progress=progress)
   for name, e in entries.items():
-    results[name] |= {"width": e["width"], "l1_coefficient": e["l1_coefficient"], "path": e["path"]}
+    about = {k: e.get(k) for k in ("width", "l1_coefficient", "path", "dead_export")}
+    results[name] |= about
     if results_bf16:
-      results_bf16[name] |= {"width": e["width"], "l1_coefficient": e["l1_coefficient"], "path": e["path"]}
+      results_bf16[name] |= about
   files = {}
   if jax.process_index() == 0:
     health = Path(workdir) / "train_health.json"

@@ -28,8 +28,8 @@ COLUMNS = [("width", "width", "{:d}"), ("l1_coefficient", "λ", "{:g}"), ("l0", 
            ("delta_loss", "Δ loss", "{:.4f}"), ("delta_loss_se", "± SE", "{:.4f}"),
            ("fvu", "FVU", "{:.3f}"), ("fvu_se", "± SE", "{:.3f}"), ("mse", "MSE", "{:.4g}"),
            ("loss_recovered_mean", "recovered (mean abl.)", "{:.1%}"),
-           ("loss_recovered", "recovered (zero abl.)", "{:.1%}"), ("dead_fraction", "dead", "{:.1%}"),
-           ("dense_fraction", "dense", "{:.1%}")]
+           ("loss_recovered", "recovered (zero abl.)", "{:.1%}"), ("dead_fraction", "silent on eval text", "{:.1%}"),
+           ("dead_export", "dead (export rows)", "{:.1%}"), ("dense_fraction", "dense", "{:.1%}")]
 
 
 def _safe(name: str) -> str:
