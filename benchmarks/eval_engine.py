@@ -11,7 +11,7 @@ Compilation is timed separately (the first call of each against the second). The
 are random (folded) ones: speed does not depend on what they learned. The last line printed is
 one JSON object.
 
-Run: PYTHONPATH=. python -m benchmarks.eval_engine        (BATCHES=2 for a quick check)
+Run: PYTHONPATH=. python -m benchmarks.eval_engine        (BATCHES=2 REPEATS=1 by default: ~5 minutes)
 """
 
 import json
@@ -28,7 +28,7 @@ from scope_jax.eval.evaluate import eval_batches, evaluate_saes
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 from scope_jax.sae import fold, init_sae
 
-SITE, BATCHES = "res.6", int(os.environ.get("BATCHES", 4))
+SITE, BATCHES, REPEATS = "res.6", int(os.environ.get("BATCHES", 2)), int(os.environ.get("REPEATS", 1))
 
 
 def timed(fn) -> float:
@@ -73,8 +73,8 @@ def main():
   tokens = sum(b.tokens.size for b in batches)
 
   first = timed(lambda: evaluate_saes(lm, saes, batches, progress=False))
-  engine = min(timed(lambda: evaluate_saes(lm, saes, batches, progress=False)) for _ in range(2))
-  bound = min(lower_bound(lm, batches, len(saes) + 3) for _ in range(2))
+  engine = min(timed(lambda: evaluate_saes(lm, saes, batches, progress=False)) for _ in range(REPEATS))
+  bound = min(lower_bound(lm, batches, len(saes) + 3) for _ in range(REPEATS))
   previous_first = previous_engine(lm, saes, batches)
   previous = previous_engine(lm, saes, batches)
   out = {"device": jax.devices()[0].device_kind, "tokens": tokens, "saes": len(saes), "site": SITE,

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
-from sae_lens import SAETrainerConfig
+from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
@@ -58,7 +58,7 @@ def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
   sae = JumpReLUTrainingSAE(cfg)
   steps, batch = config.train.steps, config.train.batch_size
   trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=r.lr,
-                                 lr_warm_up_steps=r.lr_warmup_steps, lr_decay_steps=r.lr_decay_steps,
+                                 lr_end=r.lr, lr_warm_up_steps=r.lr_warmup_steps, lr_decay_steps=r.lr_decay_steps,
                                  adam_beta1=r.adam_b1, adam_beta2=r.adam_b2, dead_feature_window=r.dead_window_steps,
                                  n_batches_for_norm_estimate=20)
   norm_estimate = batches_from(loader, 20)

