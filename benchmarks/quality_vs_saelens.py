@@ -48,6 +48,10 @@ def batches_from(loader: StoreLoader, steps: int):
 
 
 def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
+  """Trains one SAELens SAE into `out` (kept: a re-run reuses it)."""
+  path = out / f"w{width}-l{lam:g}"
+  if (path / "cfg.json").exists():
+    return path
   r = config.recipe
   cfg = JumpReLUTrainingSAEConfig(
       d_in=loader.width, d_sae=width, apply_b_dec_to_input=True, normalize_activations="expected_average_only_in",
@@ -64,7 +68,6 @@ def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
   norm_estimate = batches_from(loader, 20)
   data = (x for stream in (norm_estimate, batches_from(loader, steps)) for x in stream)
   trained = SAETrainer(trainer_cfg, sae, data).fit()
-  path = out / f"w{width}-l{lam:g}"
   trained.save_inference_model(path)
   return path
 
@@ -80,6 +83,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir", default="runs/local")
   parser.add_argument("--config_arg", default="", help="the run's configs/local.py argument, if it had one")
+  parser.add_argument("--widths", default="", help="compare only these widths (comma-separated); default: the run's")
   args = parser.parse_args()
   use_xnnpack_on_cpu()
   workdir = Path(args.workdir)
@@ -94,7 +98,8 @@ def main():
   ratio = c_ours / c_saelens
   out = workdir / "saelens_peer"
   paths = {}
-  for width in config.sweep.widths:
+  widths = [int(w) for w in args.widths.split(",")] if args.widths else config.sweep.widths
+  for width in widths:
     for lam in config.sweep.l1_coefficients:
       paths[f"saelens-w{width}-l{lam:g}"] = (train_saelens(loader, width, lam, ratio, config, out), width, lam)
   loader.close()
