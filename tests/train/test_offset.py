@@ -17,6 +17,7 @@ from scope_jax.sae import training_pre, unstack
 from scope_jax.train import train
 from scope_jax.train.export import export
 from tests.data.stores import SITE, write_store
+from tests.train.test_sweep import planted_dictionary
 
 
 def _offset_rows(n=4_000, d=32, seed=0):
@@ -100,14 +101,10 @@ def test_centred_export_on_raw_inputs_gives_c_times_the_training_latents_and_the
 
 
 def test_a_planted_dictionary_is_recovered_under_a_large_constant_offset(tmp_path):
-  rng = np.random.default_rng(1)
-  d, k, n = 64, 64, 40_000
-  directions = rng.normal(size=(k, d))
-  directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-  magnitudes = rng.uniform(1, 3, (n, k)) * (rng.random((n, k)) < 4 / k)  # ~4 active features per row
-  offset = np.zeros(d)
+  directions, signal = planted_dictionary()
+  offset = np.zeros(directions.shape[1])
   offset[[5, 17, 40]] = [12.0, 9.0, -6.0]  # ||offset||² ≈ 7× E||signal||², as at res.6 of Gemma 3 270M
-  x = (magnitudes @ directions + offset).astype(np.float32)
+  x = (signal + offset).astype(np.float32)
   assert np.sum(offset**2) > 0.85 * np.mean(np.sum(x.astype(np.float64) ** 2, 1))
   mesh = make_mesh(devices=jax.devices()[:1])
   c = default_config()

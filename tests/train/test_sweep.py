@@ -190,13 +190,18 @@ def test_a_stacked_sweep_equals_each_sae_trained_alone(tmp_path):
   assert l0s[0] < l0s[2] and l0s[3] < l0s[5]
 
 
-def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
-  rng = np.random.default_rng(1)
-  d, k, n = 64, 64, 40_000
+def planted_dictionary(d=64, k=64, n=40_000, seed=1) -> tuple[np.ndarray, np.ndarray]:
+  """(k unit directions [k, d], n float64 rows [n, d] each a sparse positive mix of ~4 of them)."""
+  rng = np.random.default_rng(seed)
   directions = rng.normal(size=(k, d))
   directions /= np.linalg.norm(directions, axis=1, keepdims=True)
   magnitudes = rng.uniform(1, 3, (n, k)) * (rng.random((n, k)) < 4 / k)  # ~4 active features per row
-  x = (magnitudes @ directions).astype(np.float32)
+  return directions, magnitudes @ directions
+
+
+def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
+  directions, x = planted_dictionary()
+  x = x.astype(np.float32)
   mesh = make_mesh(devices=jax.devices()[:1])
   c = default_config()
   c.sweep.widths, c.sweep.l1_coefficients = [128], [1e-2, 3e-2, 1e-1]
