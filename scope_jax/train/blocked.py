@@ -78,9 +78,10 @@ def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: j
                     bandwidth: float, pull_k: jax.Array) -> tuple[SAE, jax.Array, dict]:
   """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
   fired, and sums for statistics: pre-activations inside the kernel window (the only ones that
-  train θ) and the dead latents' pre-activation loss. `pull_k` `[block]`: c / batch for dead
-  latents, 0 for the others (sae/loss.py's last term). `derr_bd` = ∂loss/∂xhat, `dpenalty_b` = ∂loss/∂||f||₀ per row. The `b_dec` field
-  holds this block's share of the pre-encoder-bias gradient (`-W_enc_k @ db_enc_k`)."""
+  train θ) and the dead latents' pre-activation loss. `derr_bd` = ∂loss/∂xhat, `dpenalty_b` =
+  ∂loss/∂||f||₀ per row, `pull_k` `[block]` = c / batch for dead latents and 0 for the others
+  (sae/loss.py's last term). The `b_dec` field holds this block's share of the pre-encoder-bias
+  gradient (`-W_enc_k @ db_enc_k`)."""
   theta_k = blk.threshold
   pre_bk = _pre(blk, x_bd)
   active_bk = pre_bk > theta_k
@@ -126,8 +127,8 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch;
   `dead_m` `[M_local]` marks its dead latents (for the optional dead-latent loss).
 
-  Returns (group, moments, SAE s's statistics: loss, mse, l0, sparsity_loss, grad_norm,
-  window_fraction (of pre-activations inside the threshold's kernel window), fired_m).
+  Returns (group, moments, SAE s's statistics: STAT_NAMES — window_fraction is the fraction of
+  pre-activations inside the threshold's kernel window — and fired_m).
   """
   b_dec_d = group.b_dec[s]
   xhat_bd, l0_b = lax.psum(reconstruct(group, s, x_bd, block), MODEL)
