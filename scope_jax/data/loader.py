@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scope_jax.activations.store import Store, StoreError, open_store
-from scope_jax.data.source import normalization_scale
+from scope_jax.data.source import scale_and_mean
 from scope_jax.parallel.mesh import DATA, owned_blocks
 
 NONFINITE = ("error", "skip")
@@ -76,9 +76,8 @@ class StoreLoader:
     self.own_streams = owned_blocks(mesh, batch_size, self.streams, "data.streams")
     self.window_chunks, self.prefetch_depth = max(1, window_chunks), prefetch
     stats = self.store.stats(site)
-    self.scale = normalization_scale(stats["mean_sq_norm"], stats["mean"], normalize or "raw")
-    self._divisor = np.float32(self.scale if normalize else 1.0)
-    self.mean = (stats["mean"] / self._divisor).astype(np.float32)
+    self.scale, divisor, self.mean = scale_and_mean(stats["mean_sq_norm"], stats["mean"], normalize)
+    self._divisor = np.float32(divisor)
     chunk_rows = self.store.config["chunk_rows"]
     # every chunk of every shard: (shard, first row in shard, rows)
     self.chunks = [(shard, lo, min(chunk_rows, rows - lo))

@@ -58,6 +58,13 @@ def normalization_scale(mean_sq_norm: float, mean_d: np.ndarray, how: str = "raw
   return float(np.sqrt(second_moment))
 
 
+def scale_and_mean(mean_sq_norm: float, mean_d: np.ndarray, normalize: str | None) -> tuple[float, float, np.ndarray]:
+  """(C, the divisor batches get: C or 1 when `normalize` is None, μ / divisor as float32)."""
+  scale = normalization_scale(mean_sq_norm, mean_d, normalize or "raw")
+  divisor = scale if normalize else 1.0
+  return scale, divisor, (np.asarray(mean_d) / divisor).astype(np.float32)
+
+
 def array_statistics(rows_nd: np.ndarray, chunk_rows: int = 65_536) -> tuple[float, np.ndarray]:
   """(E||x||², μ) over every row, in float64, streamed in chunks (the store's manifest has the same)."""
   sq, total = 0.0, np.zeros(rows_nd.shape[1], np.float64)
@@ -85,10 +92,7 @@ class ArraySource:
     self.rows_nd, self.batch_size, self.mesh, self.seed, self.name = rows_nd, batch_size, mesh, seed, name
     self.width = rows_nd.shape[1]
     self.sharding = NamedSharding(mesh, P(DATA, None))
-    mean_sq_norm, mean_d = array_statistics(rows_nd)
-    self.scale = normalization_scale(mean_sq_norm, mean_d, normalize or "raw")
-    self._divisor = self.scale if normalize else 1.0
-    self.mean = (mean_d / self._divisor).astype(np.float32)
+    self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd), normalize)
     self._perm_cache: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:

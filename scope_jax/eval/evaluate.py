@@ -38,6 +38,7 @@ from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE
+from scope_jax.train.metrics import HEALTH
 
 
 class OverlapError(ValueError):
@@ -232,7 +233,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
       results_bf16[name] |= about
   files = {}
   if jax.process_index() == 0:
-    health = Path(workdir) / "train_health.json"
+    health = Path(workdir) / HEALTH
     trained = json.loads(health.read_text())["warnings"] if health.exists() else []
     files = write_report(results, results_bf16, Path(workdir) / "report", f"scope_jax report: {config.model}",
                          trained + warnings_, Path(workdir) / "metrics.jsonl")

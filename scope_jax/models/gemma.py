@@ -237,10 +237,8 @@ class Gemma(nnx.Module):
 
   def to_site(self, tokens_bt: jax.Array, site: Site) -> tuple[jax.Array, jax.Array]:
     """The forward up to `site`: (the residual there, the site's activation)."""
-    positions_bt, x_btd = self._positions(tokens_bt), self._embed(tokens_bt)
-    for i in range(site.layer):
-      x_btd, _ = self.layers[i](x_btd, positions_bt, set(), {})
-    block, act = self.layers[site.layer], None
+    x_btd, _ = self._layers(tokens_bt, (), None, site.layer - 1)
+    positions_bt, block, act = self._positions(tokens_bt), self.layers[site.layer], None
     for kind in BLOCK_SITES[:BLOCK_SITES.index(site.kind) + 1]:
       x_btd, act = block.advance(kind, x_btd, act, positions_bt)
     return x_btd, act

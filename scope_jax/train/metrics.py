@@ -10,6 +10,9 @@ import jax
 import numpy as np
 
 
+HEALTH = "train_health.json"  # in the workdir: the end-of-training health warnings, for the report
+
+
 class MetricWriter:
   def __init__(self, workdir: Path, resume_step: int):
     self.enabled = jax.process_index() == 0

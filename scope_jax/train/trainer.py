@@ -28,7 +28,7 @@ from scope_jax.config import config_differences
 from scope_jax.data.source import BatchSource, open_source
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import sweep
-from scope_jax.train.metrics import MetricWriter, health_warnings, per_sae_metrics
+from scope_jax.train.metrics import HEALTH, MetricWriter, health_warnings, per_sae_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,9 +116,6 @@ class _Preemption:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-HEALTH = "train_health.json"
 
 
 def report_health(workdir: Path, last: dict, groups: list[sweep.Group], steps: int) -> None:
