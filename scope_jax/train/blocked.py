@@ -122,6 +122,22 @@ def _with_leaf_moments(moments: dict, name: str, leaf: dict) -> dict:
   return {k: m.replace(**{name: leaf[k]}) for k, m in moments.items()}
 
 
+def gradient_norm(group: SAE, s, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array, pull_m: jax.Array,
+                  bandwidth: float, block: int) -> jax.Array:
+  """The global norm of SAE s's gradient (every leaf), by a pass that forms each block's gradients
+  and discards them: the norm must be known before the first block is updated."""
+
+  def body(j, carry):
+    sq_sum, db_dec_d = carry
+    pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
+    g, _, _ = block_gradients(_block(group, s, j, block), x_bd, derr_bd, dpenalty_b, bandwidth, pull_k)
+    return sq_sum + sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS), db_dec_d + g.b_dec
+
+  sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, (jnp.zeros((), F32), jnp.zeros_like(derr_bd[0])))
+  db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
+  return jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d)))
+
+
 def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr: jax.Array, t: jax.Array,
               dead_m: jax.Array, spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
   """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch;
@@ -136,6 +152,12 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   derr_bd = (2.0 / batch) * err_bd                                   # ∂loss/∂xhat
   dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)              # ∂loss/∂||f||₀
   pull_m = jnp.where(dead_m, spec.dead_latent_loss / batch, 0.0)
+  clip = jnp.ones((), F32)
+  if adam.clip_norm:
+    # Every gradient is linear in (derr, dpenalty, pull): scaling them scales the whole gradient.
+    norm = gradient_norm(group, s, x_bd, derr_bd, dpenalty_b, pull_m, spec.bandwidth, block)
+    clip = jnp.minimum(1.0, adam.clip_norm / norm)
+    derr_bd, dpenalty_b, pull_m = derr_bd * clip, dpenalty_b * clip, pull_m * clip
 
   def update(j, carry):
     group, moments, db_dec_d, sq_sum, sums, fired_m = carry
@@ -172,7 +194,7 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   mse, sparsity = totals["sq_err"] / batch, totals["penalty"] / batch
   stats = {"loss": mse + lam * sparsity + sums["dead_loss"], "mse": mse, "l0": totals["l0"] / batch,
            "sparsity_loss": sparsity, "dead_latent_loss": sums["dead_loss"],
-           "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))),
+           "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))) / clip,
            "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)), "fired_m": fired_m}
   return group, moments, stats
 

@@ -1,5 +1,8 @@
 """Gemma Scope's optimizer (RECIPE §2): Adam with β1 = 0 behind a cosine learning-rate warm-up,
-decoder-gradient projection before the update (unit-norm decoder rows after it: `blocked.py`).
+decoder-gradient projection before the update (unit-norm decoder rows after it: `blocked.py`),
+and optionally the gradient's global norm clipped before it all (SAELens clips at 1; Gemma Scope
+published none). Clipping needs the whole gradient's norm before the first block is updated, so
+the blocked step spends one more pass on it (`blocked.gradient_norm`, ~1.5× the step's FLOPs).
 
 Adam is written out rather than taken from optax because the step applies it one latent block
 at a time, in place, inside the loop that forms the block's gradients (`train/blocked.py`);
@@ -46,6 +49,7 @@ class Adam:
   b1: float = 0.0
   b2: float = 0.999
   eps: float = 1e-8
+  clip_norm: float = 0.0  # each step's gradient scaled to this global norm when above it; 0 = off
 
   @property
   def moment_names(self) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ class Recipe:
   adam_b1: float = 0.0
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
+  clip_grad_norm: float = 0.0        # per SAE and step, the gradient's global norm is clipped to this; 0 = off
   bandwidth: float = 0.001
   init_threshold: float = 0.001
   sparsity_loss: str = "l0"          # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
@@ -51,7 +52,7 @@ class Recipe:
 
   @property
   def adam(self) -> Adam:
-    return Adam(self.adam_b1, self.adam_b2, self.adam_eps)
+    return Adam(self.adam_b1, self.adam_b2, self.adam_eps, self.clip_grad_norm)
 
   def __post_init__(self):
     self.loss  # validates the loss fields

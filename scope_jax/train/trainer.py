@@ -10,6 +10,7 @@ counters) and the run's identity. The loader position *is* the step: a source's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -74,6 +75,8 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   if step is None:
     return init()
   saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
+  # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
+  saved["recipe"] = dataclasses.asdict(sweep.Recipe()) | saved["recipe"]
   if diffs := config_differences(saved, identity):
     raise ValueError(f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
                      + "\n  ".join(diffs) + "\nuse a new --workdir, or restore the old config")

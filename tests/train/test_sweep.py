@@ -94,12 +94,14 @@ def _composed_loss(sae, x, lam, spec):
   return jnp.mean(jnp.sum(jnp.square(x - xhat), -1)) + lam * jnp.mean(spec.penalty(l0_b))
 
 
-@pytest.mark.parametrize("b1", [0.0, 0.9])
-def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1):
+@pytest.mark.parametrize("b1,clip", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.05)])
+def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip):
   """Several real steps (blocked, sharded) against optax's Adam fed `jax.grad` through the public
-  `jumprelu`/`step`, with the decoder projection and renormalization around it."""
+  `jumprelu`/`step`, with optax's global-norm clipping before it and the decoder projection and
+  renormalization around it."""
   d, m, lam, batch = 16, 32, 0.05, 64
-  recipe = sweep.Recipe(lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1)
+  recipe = sweep.Recipe(lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1,
+                        clip_grad_norm=clip)
   mesh = make_mesh(4, 2)
   init, shardings, step_fn = sweep.build(0, np.zeros(d), sweep.make_groups([m], [lam]), recipe, mesh, batch, 4)
   sae = random_sae(d, m, seed=3)
@@ -109,8 +111,12 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1):
   opt = optax.chain(scale, optax.scale(-recipe.lr))
   opt_state, ref = opt.init(sae), sae
   for s, x in enumerate(np.split(_data(4 * batch, d, seed=4), 4)):
-    state, _ = step_fn(state, x)
+    state, stats = step_fn(state, x)
     g = jax.grad(_composed_loss)(ref, x, lam, recipe.loss)
+    np.testing.assert_allclose(stats[0]["grad_norm"][0], optax.global_norm(g), rtol=1e-4)
+    if clip:
+      assert optax.global_norm(g) > clip  # the clip acts on every step
+      g, _ = optax.clip_by_global_norm(clip).update(g, None)
     updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
     ref = optax.apply_updates(ref, updates)
     ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True),

@@ -20,7 +20,7 @@ from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.activations.store import StoreError
 from scope_jax.config import default_config
-from scope_jax.train import TrainingDiverged, train
+from scope_jax.train import TrainingDiverged, train, trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,6 +188,22 @@ def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
     train(changed, tmp_path, source, mesh, progress=False)
   longer = train(_small_config(20), tmp_path, source, mesh, progress=False)  # more steps is fine
   assert int(longer["step"]) == 20
+
+
+def test_a_checkpoint_from_before_a_new_recipe_field_resumes_at_its_default(tmp_path, monkeypatch):
+  mesh = make_mesh(data=4, model=2)
+  source = ArraySource(_data(), 64, mesh)
+  without_clip = lambda config, source: {**identity(config, source), "recipe": {
+      k: v for k, v in config.recipe.to_dict().items() if k != "clip_grad_norm"}}
+  identity = trainer.run_identity
+  with monkeypatch.context() as m:
+    m.setattr(trainer, "run_identity", without_clip)
+    train(_small_config(10), tmp_path, source, mesh, progress=False)
+  assert int(train(_small_config(20), tmp_path, source, mesh, progress=False)["step"]) == 20
+  changed = _small_config(30)
+  changed.recipe.clip_grad_norm = 1.0
+  with pytest.raises(ValueError, match=r"recipe.clip_grad_norm: 0.0 -> 1.0"):
+    train(changed, tmp_path, source, mesh, progress=False)
 
 
 def test_data_of_another_width_is_refused(tmp_path):
