@@ -13,7 +13,9 @@ What SAELens gets, for a fair race:
   ours times r = C_ours / C_sl (C_sl = sqrt(E||x||² / d)), so ε, θ₀ and the pre-activation loss's
   coefficient scale by r and λ by r² (the same penalties relative to the reconstruction term).
   What it lacks is ours alone: b_dec starting at the mean (it starts at zero) and C measured
-  without the offset. It also clips the gradient norm at 1 (built in).
+  without the offset. It clips the gradient norm at 1 (built in; its norms run 3–1,000, so every
+  step is clipped), as the local config now does too (`recipe.clip_grad_norm`). Its Adam β2 is
+  the local config's (0.99).
 
 Our Δ loss at matched L0 is read off our Pareto curve of the same width (linear in log L0 between
 our points); SAELens points outside our L0 range are reported, not compared.

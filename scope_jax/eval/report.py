@@ -37,11 +37,13 @@ def _safe(name: str) -> str:
 
 
 def pareto_plot(results: dict, y: str, ylabel: str, path: Path) -> None:
+  """`y` against L0, one curve per width, with error bars of one standard error (`{y}_se`)."""
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
   widths = sorted({r["width"] for r in results.values()})
   for width in widths:
-    points = sorted((r["l0"], r[y]) for r in results.values() if r["width"] == width)
-    ax.plot(*zip(*points), marker="o", label=f"width {width}")
+    points = sorted((r["l0"], r[y], r[f"{y}_se"]) for r in results.values() if r["width"] == width)
+    l0, value, se = zip(*points)
+    ax.errorbar(l0, value, yerr=se, marker="o", capsize=3, label=f"width {width}")
   ax.set_xscale("log")
   ax.set_xlabel("L0 (active latents per token)")
   ax.set_ylabel(ylabel)
