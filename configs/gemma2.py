@@ -1,4 +1,4 @@
-"""Gemma Scope on Gemma 2: the sites, widths, token budgets and λ range of the release (RECIPE §2).
+"""Gemma Scope on Gemma 2: the sites, widths, token budgets and λ range of the release (docs/recipe.md §2).
 
 The whole release of one size, as a sweep (scope_jax/jobs.py):
 

@@ -1,4 +1,4 @@
-"""Every config field of the pipeline, with Gemma Scope defaults (RECIPE §2).
+"""Every config field of the pipeline, with Gemma Scope defaults (docs/recipe.md §2).
 
 Config files in `configs/` start from `default_config()` and override what they need; each
 command reads its sections (extract: model, sites, data.text*, extract, model_mesh; train:
@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
                                      # multiple of every process count you use) and batches do not depend
                                      # on the process count: a job can resume on another slice size
   c.data.nonfinite = "error"         # rows with NaN/Inf in the store: error | skip (counted)
-  c.data.normalize = True            # divide by C so that E||x||^2 = 1 (RECIPE §3)
+  c.data.normalize = True            # divide by C so that E||x||^2 = 1 (docs/recipe.md §3)
   c.data.context_size = ml_collections.FieldReference(None, field_type=int)  # export metadata
   c.data.dataset = ml_collections.FieldReference(None, field_type=str)       # export metadata
 

@@ -3,7 +3,7 @@
 A `BatchSource` gives the batch of step `s` as a pure function of (seed, s), so a resumed job
 asks for step `s` directly and sees what an uninterrupted one would have seen. Batches are
 global `[batch, width]` jax arrays sharded over the mesh's `data` axis; each process builds only
-the rows its own devices hold. `scale` is the normalization scalar C (RECIPE §3): batches come
+the rows its own devices hold. `scale` is the normalization scalar C (docs/recipe.md §3): batches come
 divided by it unless `normalize` is None, and export folds it back into the weights.
 
 C is chosen one of two ways (`recipe.normalize`):

@@ -1,4 +1,4 @@
-"""Per-SAE evaluation statistics, accumulated per sequence over batches (RECIPE §5).
+"""Per-SAE evaluation statistics, accumulated per sequence over batches (docs/recipe.md §5).
 
     L0    = mean number of active latents per token
     MSE   = mean ||x - xhat||²

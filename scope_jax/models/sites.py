@@ -1,4 +1,4 @@
-"""Activation sites (RECIPE.md §4): `KIND.LAYER` names and their validation."""
+"""Activation sites (docs/recipe.md §4): `KIND.LAYER` names and their validation."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def put(x: np.ndarray, mesh: Mesh, axes: Sequence[str | None], what: str = "arra
 
 
 def sae_model_axis(n_devices: int, widths: Sequence[int], latents_per_device: int = 16_384) -> int:
-  """Gemma Scope's rule of thumb (RECIPE §6) for the size of the `model` axis of an SAE sweep.
+  """Gemma Scope's rule of thumb (docs/recipe.md §6) for the size of the `model` axis of an SAE sweep.
 
   Sweeps of 16.4K-wide SAEs train data parallel; wider ones shard latents over `model` until
   each device holds about `latents_per_device` of the widest SAE. The axis is a power of two

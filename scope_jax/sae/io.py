@@ -1,4 +1,4 @@
-"""Reading and writing SAEs: Gemma Scope `params.npz` and SAELens directories (RECIPE §7).
+"""Reading and writing SAEs: Gemma Scope `params.npz` and SAELens directories (docs/recipe.md §7).
 
     sae = load_sae("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82/params.npz")
     sae = load_sae("exports/saelens/res.6-w4096-l0.001")     # cfg.json + sae_weights.safetensors

@@ -1,4 +1,4 @@
-"""JumpReLU and its Heaviside step with the straight-through pseudo-derivatives of RECIPE §1.
+"""JumpReLU and its Heaviside step with the straight-through pseudo-derivatives of docs/recipe.md §1.
 
 Both take `z [..., M]` and a float32 `threshold [M]` broadcast over the leading axes; the
 threshold's cotangent is summed over those axes. With the rectangle kernel

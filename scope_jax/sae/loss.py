@@ -1,4 +1,4 @@
-"""The JumpReLU training loss (RECIPE §1):
+"""The JumpReLU training loss (docs/recipe.md §1):
 
     loss = mean_b ||x - xhat||² + λ · mean_b S(||f||_0)      S(n) = n, or (2/L0*)(n - L0*)² (Gemma Scope 2)
            + c · mean_b Σ_{i dead} relu(θ_i - pre_i)       (optional: pulls dead latents back)

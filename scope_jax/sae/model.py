@@ -7,7 +7,7 @@ that `jax.vmap` trains them together. `info` (not a leaf) says where the SAE bel
 Two forms share the class:
 - *released* (what files hold and `encode` computes): `pre = x @ W_enc + b_enc`, raw inputs;
 - *training* (what the trainer updates): `pre = (x - b_dec) @ W_enc + b_enc` (pre-encoder bias)
-  on inputs divided by the normalization scalar C. `fold` turns one into the other (RECIPE §3).
+  on inputs divided by the normalization scalar C. `fold` turns one into the other (docs/recipe.md §3).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def training_pre(sae: SAE, x_bd: jax.Array) -> jax.Array:
 
 
 def init_sae(key: jax.Array, d_in: int, width: int, threshold: float = 0.001, b_dec: jax.Array | None = None) -> SAE:
-  """RECIPE §2: W_dec He-uniform with unit rows, W_enc = W_decᵀ, zero biases, θ constant; `b_dec`
+  """docs/recipe.md §2: W_dec He-uniform with unit rows, W_enc = W_decᵀ, zero biases, θ constant; `b_dec`
   given (the data's mean) instead of zero where the data has an offset."""
   W_dec_md = jax.nn.initializers.he_uniform(in_axis=0, out_axis=1)(key, (width, d_in), jnp.float32)
   W_dec_md = W_dec_md / jnp.linalg.norm(W_dec_md, axis=-1, keepdims=True)
@@ -88,7 +88,7 @@ def init_sae(key: jax.Array, d_in: int, width: int, threshold: float = 0.001, b_
 
 
 def fold(sae: SAE, scale: float) -> SAE:
-  """Training form on `x / C` → released form on raw `x` (C = `scale`), RECIPE §3.
+  """Training form on `x / C` → released form on raw `x` (C = `scale`), docs/recipe.md §3.
 
   Released latents are C times the training latents and the reconstruction is C times the
   training reconstruction, i.e. the same reconstruction of the raw input.

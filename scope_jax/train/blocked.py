@@ -1,10 +1,10 @@
-"""One JumpReLU training step, blocked over latents (RECIPE §1–2).
+"""One JumpReLU training step, blocked over latents (docs/recipe.md §1–2).
 
 The step never holds a `[batch, latents]` array nor a params-sized gradient:
 
 - pass 1 walks the latents a block at a time and sums the reconstruction `f @ W_dec`;
 - pass 2 walks them again, recomputes each block's pre-activations, forms the block's gradients
-  (the pseudo-derivatives of RECIPE §1, written out by hand) and applies Adam, the decoder-
+  (the pseudo-derivatives of docs/recipe.md §1, written out by hand) and applies Adam, the decoder-
   gradient projection and the row renormalization to that block in place.
 
 Peak memory is params + Adam moments + batch plus a few `[rows, block]` temporaries. The price

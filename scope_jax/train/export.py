@@ -1,4 +1,4 @@
-"""Export a trained sweep: fold the normalization (RECIPE §3), measure L0 and latent densities,
+"""Export a trained sweep: fold the normalization (docs/recipe.md §3), measure L0 and latent densities,
 write each SAE as Gemma Scope `params.npz` in the hub layout and as a SAELens directory.
 
     workdir/export/gemma-scope/res/layer_6/width_4k/average_l0_37/params.npz

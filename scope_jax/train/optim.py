@@ -1,4 +1,4 @@
-"""Gemma Scope's optimizer (RECIPE §2): Adam with β1 = 0 behind a cosine learning-rate warm-up,
+"""Gemma Scope's optimizer (docs/recipe.md §2): Adam with β1 = 0 behind a cosine learning-rate warm-up,
 decoder-gradient projection before the update (unit-norm decoder rows after it: `blocked.py`),
 and optionally the gradient's global norm clipped before it all (SAELens clips at 1; Gemma Scope
 published none). Clipping needs the whole gradient's norm before the first block is updated, so
@@ -44,7 +44,7 @@ def sparsity_warmup(warmup_steps: int) -> optax.Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class Adam:
-  """Adam with bias correction (RECIPE §2: β1 = 0, whose first moment would equal the gradient
+  """Adam with bias correction (docs/recipe.md §2: β1 = 0, whose first moment would equal the gradient
   and is therefore not kept)."""
   b1: float = 0.0
   b2: float = 0.999

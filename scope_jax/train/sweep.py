@@ -28,7 +28,7 @@ from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """Hyper-parameters shared by every SAE of a sweep (defaults: Gemma Scope, RECIPE §2)."""
+  """Hyper-parameters shared by every SAE of a sweep (defaults: Gemma Scope, docs/recipe.md §2)."""
   lr: float = 7e-5
   lr_warmup_steps: int = 1_000
   lr_decay_steps: int = 0            # linear decay to 0 over the run's last steps (train.steps); 0 = none
@@ -206,7 +206,7 @@ def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh:
           requested_block: int = 0, total_steps: int = 0):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
   for `batch`-row batches). `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
-  starts (RECIPE §2 starts it at zero; at a site with a large constant offset that spends the first
+  starts (docs/recipe.md §2 starts it at zero; at a site with a large constant offset that spends the first
   thousands of steps, and many latents, on the offset)."""
   if batch % mesh.shape[DATA]:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
