@@ -19,7 +19,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import scope_jax as sj
@@ -39,17 +38,20 @@ def timed(fn) -> float:
 
 def lower_bound(lm, batches, forwards_from_site: int) -> float:
   """One forward to the site and `forwards_from_site` forwards from it, per batch."""
+
   def run():
     for b in batches:
       resid, act, _ = lm.to_site(b.tokens, SITE)
       for _ in range(forwards_from_site):
         lm.token_losses_from_site(b.tokens, SITE, resid, act).block_until_ready()
+
   return timed(run)
 
 
 def previous_engine(lm, splices, saes, batches) -> float:
   """Full forwards with the splice inside, one per SAE and per reference (clean, zero); each
   splice function is a static argument, so each compiles its own model on first use."""
+
   def run():
     for b in batches:
       acts = lm.activations(b.tokens, [SITE])[SITE]
@@ -57,6 +59,7 @@ def previous_engine(lm, splices, saes, batches) -> float:
         np.asarray(lm.token_losses(b.tokens, replace={SITE: fn} if fn else None))
       for sae, _ in saes.values():
         np.asarray(sae(acts))
+
   return timed(run)
 
 
@@ -67,25 +70,42 @@ def main():
   c.eval.sequences = BATCHES * c.eval.batch_size
   batches = eval_batches(c, lm.tokenizer)
   d = lm.config.d_model
-  saes = {f"w{w}-{i}": (fold(init_sae(jax.random.key(i), d, w), 30.0 + i), SITE) for w in (1_024, 2_048) for i in range(3)}
+  saes = {
+    f"w{w}-{i}": (fold(init_sae(jax.random.key(i), d, w), 30.0 + i), SITE) for w in (1_024, 2_048) for i in range(3)
+  }
   tokens = sum(b.tokens.size for b in batches)
 
   first = timed(lambda: evaluate_saes(lm, saes, batches, progress=False))
   engine = min(timed(lambda: evaluate_saes(lm, saes, batches, progress=False)) for _ in range(REPEATS))
   bound = min(lower_bound(lm, batches, len(saes) + 3) for _ in range(REPEATS))
-  splices = [lambda a: a.at[:, 1:].set(0)] + [(lambda sae: lambda a: a.at[:, 1:].set(sae(a)[:, 1:]))(sae)
-                                              for sae, _ in saes.values()]
+  splices = [lambda a: a.at[:, 1:].set(0)] + [
+    (lambda sae: lambda a: a.at[:, 1:].set(sae(a)[:, 1:]))(sae)  # noqa: B023 (bound)
+    for sae, _ in saes.values()
+  ]
   previous_first = previous_engine(lm, splices, saes, batches)
   previous = previous_engine(lm, splices, saes, batches)
-  out = {"device": jax.devices()[0].device_kind, "tokens": tokens, "saes": len(saes), "site": SITE,
-         "engine_s": engine, "engine_compile_s": first - engine, "lower_bound_s": bound,
-         "engine_over_bound": engine / bound, "previous_s": previous, "previous_compile_s": previous_first - previous,
-         "previous_over_engine": previous / engine}
+  out = {
+    "device": jax.devices()[0].device_kind,
+    "tokens": tokens,
+    "saes": len(saes),
+    "site": SITE,
+    "engine_s": engine,
+    "engine_compile_s": first - engine,
+    "lower_bound_s": bound,
+    "engine_over_bound": engine / bound,
+    "previous_s": previous,
+    "previous_compile_s": previous_first - previous,
+    "previous_over_engine": previous / engine,
+  }
   print(f"eval of {len(saes)} SAEs at {SITE} on {tokens:,} tokens ({len(batches)} batches):")
-  print(f"  engine          {engine:7.2f} s  ({out['engine_over_bound']:.2f}x the lower bound of {bound:.2f} s: "
-        f"1 forward to the site + {len(saes) + 3} from it per batch); compilation {out['engine_compile_s']:.1f} s")
-  print(f"  previous engine {previous:7.2f} s  ({out['previous_over_engine']:.2f}x the engine); "
-        f"compilation {out['previous_compile_s']:.1f} s")
+  print(
+    f"  engine          {engine:7.2f} s  ({out['engine_over_bound']:.2f}x the lower bound of {bound:.2f} s: "
+    f"1 forward to the site + {len(saes) + 3} from it per batch); compilation {out['engine_compile_s']:.1f} s"
+  )
+  print(
+    f"  previous engine {previous:7.2f} s  ({out['previous_over_engine']:.2f}x the engine); "
+    f"compilation {out['previous_compile_s']:.1f} s"
+  )
   print(json.dumps(out))
 
 

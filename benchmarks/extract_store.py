@@ -15,9 +15,9 @@ import numpy as np
 
 import scope_jax as sj
 from scope_jax.activations.extract import extract, kept_documents
-from scope_jax.activations.sequences import batches, sequences
 from scope_jax.config import default_config
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
+from scope_jax.text.sequences import batches, sequences
 
 TOKENS = 30_000
 REPEATS = 3
@@ -44,8 +44,14 @@ def main():
   lm = sj.load_model("gemma3-270m")
   with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:
     c = config(os.path.join(root, "store"))
-    all_batches = list(batches(sequences(kept_documents(c), lm.tokenizer, 128, "pack"), 8, lm.tokenizer.pad_id,
-                               max_batches=-(-TOKENS // (8 * 127))))
+    all_batches = list(
+      batches(
+        sequences(kept_documents(c), lm.tokenizer, 128, "pack"),
+        8,
+        lm.tokenizer.pad_id,
+        max_batches=-(-TOKENS // (8 * 127)),
+      )
+    )
     lm.activations(all_batches[0].tokens, ["res.6"])["res.6"].block_until_ready()  # compile
     # Alternate the two, REPEATS times each, and compare the best of each (as timeit advises):
     # this 2-core machine's noise between 15-second runs is as large as the effect measured.
@@ -64,13 +70,21 @@ def main():
     raw = data.nbytes / (time.perf_counter() - start)
   best_writing, best_forward = max(with_writing), max(forward_only)
   store_mb_per_s = best_writing * 640 * 4 / 1e6
-  r = {"tokens_per_s_with_writing": best_writing, "tokens_per_s_forward_only": best_forward,
-       "ratio": best_writing / best_forward, "store_write_mb_per_s": store_mb_per_s,
-       "raw_write_mb_per_s": raw / 1e6, "runs_with_writing": with_writing, "runs_forward_only": forward_only}
-  print(f"extraction {best_writing:,.0f} tok/s with writing vs {best_forward:,.0f} tok/s forward only "
-        f"({r['ratio']:.2f}x; best of {REPEATS} alternating runs each: "
-        f"{', '.join(f'{v:,.0f}' for v in with_writing)} vs {', '.join(f'{v:,.0f}' for v in forward_only)}); "
-        f"store writes {store_mb_per_s:.1f} MB/s, the disk takes {raw / 1e6:,.0f} MB/s raw")
+  r = {
+    "tokens_per_s_with_writing": best_writing,
+    "tokens_per_s_forward_only": best_forward,
+    "ratio": best_writing / best_forward,
+    "store_write_mb_per_s": store_mb_per_s,
+    "raw_write_mb_per_s": raw / 1e6,
+    "runs_with_writing": with_writing,
+    "runs_forward_only": forward_only,
+  }
+  print(
+    f"extraction {best_writing:,.0f} tok/s with writing vs {best_forward:,.0f} tok/s forward only "
+    f"({r['ratio']:.2f}x; best of {REPEATS} alternating runs each: "
+    f"{', '.join(f'{v:,.0f}' for v in with_writing)} vs {', '.join(f'{v:,.0f}' for v in forward_only)}); "
+    f"store writes {store_mb_per_s:.1f} MB/s, the disk takes {raw / 1e6:,.0f} MB/s raw"
+  )
   print(json.dumps(r))
 
 

@@ -34,14 +34,22 @@ def main(layers: int):
     hf, mem_hf = seconds_per_call(lambda: model(ids), repeats=3)
   with tempfile.TemporaryDirectory() as directory:
     model.save_pretrained(directory)
-    del model
+    model = None  # free its memory before ours loads
     lm = sj.load_model(directory, mesh=sj.make_mesh(devices=jax.devices()[:1]))
   ours, mem_ours = seconds_per_call(lambda: lm.logits(tokens).block_until_ready(), repeats=3)
-  rows = {"layers": layers, "ours_tokens_per_s": n_tokens / ours, "hf_tokens_per_s": n_tokens / hf,
-          "ratio": hf / ours, "ours_peak_gib": mem_ours, "hf_peak_gib": mem_hf}
-  print(f"Gemma 2 2B width, {layers} layers, {BATCH}x{SEQ} tokens: ours {rows['ours_tokens_per_s']:.0f} tok/s "
-        f"(peak +{mem_ours:.2f} GiB), transformers {rows['hf_tokens_per_s']:.0f} tok/s "
-        f"(peak +{mem_hf:.2f} GiB), ratio {rows['ratio']:.2f}x")
+  rows = {
+    "layers": layers,
+    "ours_tokens_per_s": n_tokens / ours,
+    "hf_tokens_per_s": n_tokens / hf,
+    "ratio": hf / ours,
+    "ours_peak_gib": mem_ours,
+    "hf_peak_gib": mem_hf,
+  }
+  print(
+    f"Gemma 2 2B width, {layers} layers, {BATCH}x{SEQ} tokens: ours {rows['ours_tokens_per_s']:.0f} tok/s "
+    f"(peak +{mem_ours:.2f} GiB), transformers {rows['hf_tokens_per_s']:.0f} tok/s "
+    f"(peak +{mem_hf:.2f} GiB), ratio {rows['ratio']:.2f}x"
+  )
   print(json.dumps(rows))
 
 

@@ -19,7 +19,7 @@ from scope_jax.activations.store import KV, write_manifest
 from scope_jax.activations.writer import ShardWriter
 from scope_jax.data.loader import StoreLoader
 from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
-from scope_jax.train import sweep
+from scope_jax.train import stacked
 
 D, ROWS, CHUNK, BATCH, M = 640, 131_072, 1_024, 4_096, 16_384
 
@@ -57,7 +57,7 @@ def loader_rows_per_s(root: str) -> float:
 
 def trainer_tokens_per_s() -> float:
   mesh = make_mesh(devices=jax.devices()[:1])
-  init, _, step_fn = sweep.build(0, np.zeros(D), sweep.make_groups([M], [6e-4]), sweep.Recipe(), mesh, BATCH)
+  init, _, step_fn = stacked.build(0, np.zeros(D), stacked.make_groups([M], [6e-4]), stacked.Recipe(), mesh, BATCH)
   box = [init()]
   x = jax.device_put(np.random.default_rng(0).standard_normal((BATCH, D), np.float32) / np.sqrt(D))
 
@@ -73,15 +73,23 @@ def main():
   use_xnnpack_on_cpu()
   with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:
     make_store(root)
-    raw = raw_read_bytes_per_s(root)          # the OS page cache holds the files in both readings
+    raw = raw_read_bytes_per_s(root)  # the OS page cache holds the files in both readings
     rows = loader_rows_per_s(root)
     train = trainer_tokens_per_s()
   bytes_per_row = D * 4
-  r = {"loader_rows_per_s": rows, "loader_mb_per_s": rows * bytes_per_row / 1e6, "raw_read_mb_per_s": raw / 1e6,
-       "fraction_of_raw": rows * bytes_per_row / raw, "trainer_rows_per_s": train, "ratio_vs_trainer": rows / train}
-  print(f"loader {rows:,.0f} rows/s = {r['loader_mb_per_s']:,.0f} MB/s; raw reads of the same files "
-        f"{r['raw_read_mb_per_s']:,.0f} MB/s ({r['fraction_of_raw']:.0%}); trainer consumes {train:,.0f} rows/s "
-        f"at d={D}, M={M}, batch {BATCH} ({r['ratio_vs_trainer']:.1f}x)")
+  r = {
+    "loader_rows_per_s": rows,
+    "loader_mb_per_s": rows * bytes_per_row / 1e6,
+    "raw_read_mb_per_s": raw / 1e6,
+    "fraction_of_raw": rows * bytes_per_row / raw,
+    "trainer_rows_per_s": train,
+    "ratio_vs_trainer": rows / train,
+  }
+  print(
+    f"loader {rows:,.0f} rows/s = {r['loader_mb_per_s']:,.0f} MB/s; raw reads of the same files "
+    f"{r['raw_read_mb_per_s']:,.0f} MB/s ({r['fraction_of_raw']:.0%}); trainer consumes {train:,.0f} rows/s "
+    f"at d={D}, M={M}, batch {BATCH} ({r['ratio_vs_trainer']:.1f}x)"
+  )
   print(json.dumps(r))
 
 

@@ -56,17 +56,32 @@ def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
     return path
   r = config.recipe
   cfg = JumpReLUTrainingSAEConfig(
-      d_in=loader.width, d_sae=width, apply_b_dec_to_input=True, normalize_activations="expected_average_only_in",
-      jumprelu_bandwidth=r.bandwidth * ratio, jumprelu_init_threshold=r.init_threshold * ratio,
-      jumprelu_sparsity_loss_mode="step", l0_coefficient=lam * ratio**2, l0_warm_up_steps=r.sparsity_warmup_steps,
-      pre_act_loss_coefficient=(r.dead_latent_loss * ratio) or None)
+    d_in=loader.width,
+    d_sae=width,
+    apply_b_dec_to_input=True,
+    normalize_activations="expected_average_only_in",
+    jumprelu_bandwidth=r.bandwidth * ratio,
+    jumprelu_init_threshold=r.init_threshold * ratio,
+    jumprelu_sparsity_loss_mode="step",
+    l0_coefficient=lam * ratio**2,
+    l0_warm_up_steps=r.sparsity_warmup_steps,
+    pre_act_loss_coefficient=(r.dead_latent_loss * ratio) or None,
+  )
   torch.manual_seed(config.seed)
   sae = JumpReLUTrainingSAE(cfg)
   steps, batch = config.train.steps, config.train.batch_size
-  trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=r.lr,
-                                 lr_end=r.lr, lr_warm_up_steps=r.lr_warmup_steps, lr_decay_steps=r.lr_decay_steps,
-                                 adam_beta1=r.adam_b1, adam_beta2=r.adam_b2, dead_feature_window=r.dead_window_steps,
-                                 n_batches_for_norm_estimate=20)
+  trainer_cfg = SAETrainerConfig(
+    total_training_samples=steps * batch,
+    train_batch_size_samples=batch,
+    lr=r.lr,
+    lr_end=r.lr,
+    lr_warm_up_steps=r.lr_warmup_steps,
+    lr_decay_steps=r.lr_decay_steps,
+    adam_beta1=r.adam_b1,
+    adam_beta2=r.adam_b2,
+    dead_feature_window=r.dead_window_steps,
+    n_batches_for_norm_estimate=20,
+  )
   norm_estimate = batches_from(loader, 20)
   data = (x for stream in (norm_estimate, batches_from(loader, steps)) for x in stream)
   trained = SAETrainer(trainer_cfg, sae, data).fit()
@@ -92,8 +107,15 @@ def main():
   config = get_config(args.config_arg)
   ours = json.loads((workdir / "report" / "metrics.json").read_text())["float32"]
   mesh = make_mesh(devices=jax.devices()[:1])
-  loader = StoreLoader(store_root(config, workdir), config.site, config.train.batch_size, mesh, config.seed,
-                       normalize=None, window_chunks=config.data.window_chunks)
+  loader = StoreLoader(
+    store_root(config, workdir),
+    config.site,
+    config.train.batch_size,
+    mesh,
+    config.seed,
+    normalize=None,
+    window_chunks=config.data.window_chunks,
+  )
   stats = loader.store.stats(config.site)
   c_ours = float(np.sqrt(stats["mean_sq_norm"] - stats["mean"] @ stats["mean"]))
   c_saelens = float(np.sqrt(stats["mean_sq_norm"] / loader.width))
@@ -114,21 +136,46 @@ def main():
     curve = [(r["l0"], r["delta_loss"]) for r in ours.values() if r["width"] == width]
     t = theirs[name]
     mine = our_delta_at(t["l0"], curve)
-    rows.append({"sae": name, "width": width, "lambda_ours_units": lam, "l0": t["l0"], "delta_loss": t["delta_loss"],
-                 "delta_loss_se": t["delta_loss_se"], "fvu": t["fvu"], "dead_fraction": t["dead_fraction"],
-                 "ours_at_same_l0": mine})
+    rows.append(
+      {
+        "sae": name,
+        "width": width,
+        "lambda_ours_units": lam,
+        "l0": t["l0"],
+        "delta_loss": t["delta_loss"],
+        "delta_loss_se": t["delta_loss_se"],
+        "fvu": t["fvu"],
+        "dead_fraction": t["dead_fraction"],
+        "ours_at_same_l0": mine,
+      }
+    )
   print(f"units: SAELens inputs = ours × {ratio:.2f}; λ × {ratio**2:.1f}, ε and θ₀ × {ratio:.2f}")
   print(f"{'SAE':24} {'L0':>7} {'Δ loss':>14} {'FVU':>6} {'dead':>6} {'ours at same L0':>16}")
   for name, r in sorted(((n, r) for n, r in ours.items()), key=lambda kv: (kv[1]["width"], kv[1]["l0"])):
-    print(f"{'ours ' + name:24} {r['l0']:7.1f} {r['delta_loss']:7.3f} ± {r['delta_loss_se']:.3f} {r['fvu']:6.3f} "
-          f"{r['dead_fraction']:6.1%}")
+    print(
+      f"{'ours ' + name:24} {r['l0']:7.1f} {r['delta_loss']:7.3f} ± {r['delta_loss_se']:.3f} {r['fvu']:6.3f} "
+      f"{r['dead_fraction']:6.1%}"
+    )
   for r in rows:
     mine = "outside our L0 range" if r["ours_at_same_l0"] is None else f"{r['ours_at_same_l0']:.3f}"
-    print(f"{r['sae']:24} {r['l0']:7.1f} {r['delta_loss']:7.3f} ± {r['delta_loss_se']:.3f} {r['fvu']:6.3f} "
-          f"{r['dead_fraction']:6.1%} {mine:>16}")
-  print(json.dumps({"ratio": ratio, "steps": config.train.steps, "batch": config.train.batch_size, "saelens": rows,
-                    "ours": {n: {k: r[k] for k in ("width", "l1_coefficient", "l0", "delta_loss", "delta_loss_se",
-                                                    "fvu", "dead_fraction")} for n, r in ours.items()}}))
+    print(
+      f"{r['sae']:24} {r['l0']:7.1f} {r['delta_loss']:7.3f} ± {r['delta_loss_se']:.3f} {r['fvu']:6.3f} "
+      f"{r['dead_fraction']:6.1%} {mine:>16}"
+    )
+  print(
+    json.dumps(
+      {
+        "ratio": ratio,
+        "steps": config.train.steps,
+        "batch": config.train.batch_size,
+        "saelens": rows,
+        "ours": {
+          n: {k: r[k] for k in ("width", "l1_coefficient", "l0", "delta_loss", "delta_loss_se", "fvu", "dead_fraction")}
+          for n, r in ours.items()
+        },
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ decoder constraints), float32, on this machine, beside
 
 Also: a sweep of 8 stacked SAEs against 8 single steps, and the compiled step's peak memory
 against params + Adam state + batch. The step is the trainer's: blocked over latents
-(`train/blocked.py`, automatic block size), which does 14·d·M FLOPs per token, one encoder
+(`train/step.py`, automatic block size), which does 14·d·M FLOPs per token, one encoder
 matmul more than the roofline counts. The last line printed is one JSON object.
 
 Adam with β1 = 0 keeps no first moment (see train/optim.py), so "Adam state" is the second moment.
@@ -26,8 +26,8 @@ import torch
 
 from benchmarks.common import seconds_per_call
 from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
-from scope_jax.train import sweep
-from scope_jax.train.blocked import latent_block
+from scope_jax.train import stacked
+from scope_jax.train.step import latent_block
 
 SHAPES = [(640, 16_384, 4_096), (2_304, 16_384, 1_024)]  # (d, M, batch)
 if os.environ.get("SHAPES") == "small":
@@ -37,9 +37,9 @@ if os.environ.get("SHAPES") == "small":
 def ours(d, m, batch, n_saes=1, repeats=5):
   """(seconds per step, compiled peak bytes, params+Adam+batch bytes)."""
   mesh = make_mesh(devices=jax.devices()[:1])
-  groups = sweep.make_groups([m], [6e-4 * (1 + i) for i in range(n_saes)])
-  recipe = sweep.Recipe(lr_warmup_steps=10, sparsity_warmup_steps=10, bandwidth=0.001)
-  init, _, step_fn = sweep.build(0, np.zeros(d), groups, recipe, mesh, batch)
+  groups = stacked.make_groups([m], [6e-4 * (1 + i) for i in range(n_saes)])
+  recipe = stacked.Recipe(lr_warmup_steps=10, sparsity_warmup_steps=10, bandwidth=0.001)
+  init, _, step_fn = stacked.build(0, np.zeros(d), groups, recipe, mesh, batch)
   state = init()
   x = jax.device_put(np.random.default_rng(0).normal(0, 1 / np.sqrt(d), (batch, d)).astype(np.float32))
   compiled = step_fn.lower(state, x).compile()
@@ -60,14 +60,18 @@ def saelens(d, m, batch, repeats=5):
   from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
   from sae_lens.saes.sae import TrainStepInput
 
-  sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=m, jumprelu_bandwidth=0.001,
-                                                      jumprelu_init_threshold=0.001))
+  sae = JumpReLUTrainingSAE(
+    JumpReLUTrainingSAEConfig(d_in=d, d_sae=m, jumprelu_bandwidth=0.001, jumprelu_init_threshold=0.001)
+  )
   opt = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999), eps=1e-8)
   x = torch.randn(batch, d) / d**0.5
 
   def run():
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l0": 6e-4}, dead_neuron_mask=None,
-                                                   n_training_steps=0, is_logging_step=False))
+    out = sae.training_forward_pass(
+      TrainStepInput(
+        sae_in=x, coefficients={"l0": 6e-4}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+      )
+    )
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -94,14 +98,26 @@ def main():
     t_ours, peak_bytes, base_bytes = ours(d, m, batch)
     t_lens = saelens(d, m, batch)
     roofline_tps = peak_flops / (12 * d * m)
-    r = {"d": d, "M": m, "batch": batch, "tokens_per_s": batch / t_ours, "saelens_tokens_per_s": batch / t_lens,
-         "ratio_vs_saelens": t_lens / t_ours, "roofline_tokens_per_s": roofline_tps,
-         "roofline_fraction": batch / t_ours / roofline_tps, "matmul_gflops": peak_flops / 1e9,
-         "peak_memory_ratio": peak_bytes / base_bytes, "peak_memory_mib": peak_bytes / 2**20}
-    print(f"d={d} M={m} B={batch} (latent block {latent_block(m, batch)}): ours {r['tokens_per_s']:,.0f} tok/s, SAELens {r['saelens_tokens_per_s']:,.0f} tok/s "
-          f"({r['ratio_vs_saelens']:.2f}x); roofline {roofline_tps:,.0f} tok/s at {r['matmul_gflops']:.0f} GFLOP/s "
-          f"({r['roofline_fraction']:.0%}); peak memory {r['peak_memory_mib']:,.0f} MiB = "
-          f"{r['peak_memory_ratio']:.2f}x params+Adam+batch")
+    r = {
+      "d": d,
+      "M": m,
+      "batch": batch,
+      "tokens_per_s": batch / t_ours,
+      "saelens_tokens_per_s": batch / t_lens,
+      "ratio_vs_saelens": t_lens / t_ours,
+      "roofline_tokens_per_s": roofline_tps,
+      "roofline_fraction": batch / t_ours / roofline_tps,
+      "matmul_gflops": peak_flops / 1e9,
+      "peak_memory_ratio": peak_bytes / base_bytes,
+      "peak_memory_mib": peak_bytes / 2**20,
+    }
+    print(
+      f"d={d} M={m} B={batch} (latent block {latent_block(m, batch)}): ours {r['tokens_per_s']:,.0f} tok/s, "
+      f"SAELens {r['saelens_tokens_per_s']:,.0f} tok/s "
+      f"({r['ratio_vs_saelens']:.2f}x); roofline {roofline_tps:,.0f} tok/s at {r['matmul_gflops']:.0f} GFLOP/s "
+      f"({r['roofline_fraction']:.0%}); peak memory {r['peak_memory_mib']:,.0f} MiB = "
+      f"{r['peak_memory_ratio']:.2f}x params+Adam+batch"
+    )
     results.append(r)
   d, m, batch = SHAPES[0]
   singles, sweeps = [], []
@@ -109,8 +125,10 @@ def main():
     singles.append(ours(d, m, batch, repeats=3)[0])
     sweeps.append(ours(d, m, batch, n_saes=8, repeats=2)[0])
   results[0]["sweep8_vs_8_single"] = min(sweeps) / (8 * min(singles))
-  print(f"sweep of 8 stacked SAEs: {min(sweeps):.2f}s per step = {results[0]['sweep8_vs_8_single']:.2f}x "
-        f"8 single steps ({min(singles):.2f}s each)")
+  print(
+    f"sweep of 8 stacked SAEs: {min(sweeps):.2f}s per step = {results[0]['sweep8_vs_8_single']:.2f}x "
+    f"8 single steps ({min(singles):.2f}s each)"
+  )
   print(json.dumps(results[0]))
 
 

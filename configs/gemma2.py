@@ -1,6 +1,6 @@
 """Gemma Scope on Gemma 2: the sites, widths, token budgets and λ range of the release (docs/recipe.md §2).
 
-The whole release of one size, as a sweep (scope_jax/jobs.py):
+The whole release of one size, as a sweep (scope_jax/grid.py):
 
     scope-jax sweep --config configs/gemma2.py:size=2b,model=/ckpt/gemma-2-2b --workdir runs/2b --dry_run
 
@@ -26,14 +26,14 @@ evaluation length) is used.
 """
 
 from scope_jax.config import default_config, parse_arg
-from scope_jax.jobs import width_tokens
+from scope_jax.grid import width_tokens
 
 ALL_WIDTHS = tuple(2**k for k in range(14, 21))
 RELEASES = {
-    # size: (layers, kinds, layers of the grid, widths at every site, layers with ALL_WIDTHS at res)
-    "2b": (26, ("res", "mlp", "att"), tuple(range(26)), (16_384, 65_536), (5, 12, 19)),
-    "9b": (42, ("res", "mlp", "att"), tuple(range(42)), (16_384, 131_072), (9, 20, 31)),
-    "27b": (46, ("res",), (10, 22, 34), (131_072,), ()),
+  # size: (layers, kinds, layers of the grid, widths at every site, layers with ALL_WIDTHS at res)
+  "2b": (26, ("res", "mlp", "att"), tuple(range(26)), (16_384, 65_536), (5, 12, 19)),
+  "9b": (42, ("res", "mlp", "att"), tuple(range(42)), (16_384, 131_072), (9, 20, 31)),
+  "27b": (46, ("res",), (10, 22, 34), (131_072,), ()),
 }
 TOKENS_BY_WIDTH = ((16_384, 4_000_000_000), (524_288, 8_000_000_000), (1_048_576, 16_000_000_000))
 LAMBDAS = (2e-4, 4e-4, 6e-4, 1e-3, 2e-3)

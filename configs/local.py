@@ -18,8 +18,11 @@ def get_config(arg=None):
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
   c.site = arg.site
-  c.data.text = ("builtin:python-docs", "builtin:python-docstrings")  # 475K tokens of technical English after the holdout
-  c.data.holdout_every = 8            # every 8th document is evaluation text, never extracted
+  c.data.text = (
+    "builtin:python-docs",
+    "builtin:python-docstrings",
+  )  # 475K tokens of technical English after the holdout
+  c.data.holdout_every = 8  # every 8th document is evaluation text, never extracted
   c.extract.seq_len = 128
   c.extract.batch_size = 8
   c.extract.tokens = arg.tokens
@@ -31,19 +34,19 @@ def get_config(arg=None):
   c.train.steps = arg.steps
   c.train.log_every = 25
   c.train.checkpoint_every = 250
-  c.recipe.normalize = "centred"      # b_dec starts at the mean; C measures what the SAE must explain
-  c.recipe.lr = 7e-4                  # 10x Gemma Scope's: 2,000 steps, not 100,000+
+  c.recipe.normalize = "centred"  # b_dec starts at the mean; C measures what the SAE must explain
+  c.recipe.lr = 7e-4  # 10x Gemma Scope's: 2,000 steps, not 100,000+
   c.recipe.lr_warmup_steps = arg.steps // 20
   c.recipe.sparsity_warmup_steps = arg.steps * 3 // 10
-  c.recipe.lr_decay_steps = arg.steps * 3 // 10      # let the parameters settle at the end
-  c.recipe.adam_b2 = 0.99             # Adam's memory: 100 steps, not half the run (gradients shrink ~3x early on)
-  c.recipe.clip_grad_norm = 0.01      # below every step's norm: each step's gradient has the same norm
-  c.recipe.dead_latent_loss = 1e-2    # revive latents silent for dead_window_steps (sae/loss.py)
+  c.recipe.lr_decay_steps = arg.steps * 3 // 10  # let the parameters settle at the end
+  c.recipe.adam_b2 = 0.99  # Adam's memory: 100 steps, not half the run (gradients shrink ~3x early on)
+  c.recipe.clip_grad_norm = 0.01  # below every step's norm: each step's gradient has the same norm
+  c.recipe.dead_latent_loss = 1e-2  # revive latents silent for dead_window_steps (sae/loss.py)
   c.recipe.dead_window_steps = 100
-  c.export.batches = 128              # L0 and dead latents measured on 131,072 rows
-  c.eval.sequences = 64               # 64 × 128 tokens of held-out text: Δ loss's standard error ≈ 0.02-0.03
+  c.export.batches = 128  # L0 and dead latents measured on 131,072 rows
+  c.eval.sequences = 64  # 64 × 128 tokens of held-out text: Δ loss's standard error ≈ 0.02-0.03
   c.eval.seq_len = 128
   c.eval.batch_size = 16
-  c.eval.delta_loss_se = 0.05         # warn if the eval set is too small for this standard error
-  c.eval.bfloat16 = False             # one float32 pass: the bfloat16 pass would take the run past 15 minutes
+  c.eval.delta_loss_se = 0.05  # warn if the eval set is too small for this standard error
+  c.eval.bfloat16 = False  # one float32 pass: the bfloat16 pass would take the run past 15 minutes
   return c

@@ -12,8 +12,7 @@ from scope_jax.config import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, path="", site="", widths=[16_384], l1=[6e-4], steps=100_000, batch_size=4_096,
-                  runlocal=False)
+  arg = parse_arg(arg, path="", site="", widths=[16_384], l1=[6e-4], steps=100_000, batch_size=4_096, runlocal=False)
   c = default_config()
   c.data.path = arg.path or None
   c.site = arg.site or None

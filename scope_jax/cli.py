@@ -11,11 +11,13 @@ SCOPE_JAX_* variables; scope_jax/parallel/distributed.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 
+from scope_jax.layout import RunLayout
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
 CONFIG_COMMANDS = ("extract", "train", "export", "eval", "run", "sweep")
@@ -28,14 +30,16 @@ def demo(args: argparse.Namespace) -> None:
   start = time.perf_counter()
   lm = sj.load_model(args.model)
   c = lm.config
-  print(f"loaded {lm.source} in {time.perf_counter() - start:.1f}s: {c.model_type}, d_model={c.d_model}, "
-        f"{c.n_layers} layers, {c.n_heads} heads / {c.n_kv_heads} kv, vocab {c.vocab_size}, "
-        f"mesh {dict(lm.mesh.shape)}")
+  print(
+    f"loaded {lm.source} in {time.perf_counter() - start:.1f}s: {c.model_type}, d_model={c.d_model}, "
+    f"{c.n_layers} layers, {c.n_heads} heads / {c.n_kv_heads} kv, vocab {c.vocab_size}, "
+    f"mesh {dict(lm.mesh.shape)}"
+  )
   if lm.tokenizer is None:
     sys.exit(f"{lm.source} has no tokenizer (tokenizer.model beside the checkpoint)")
   prompt_ids = lm.tokenizer.encode(args.prompt)
   out = lm.generate(prompt_ids, args.max_new_tokens)
-  print(f"\n{args.prompt}\033[1m{lm.tokenizer.decode(out[len(prompt_ids):])}\033[0m\n")
+  print(f"\n{args.prompt}\033[1m{lm.tokenizer.decode(out[len(prompt_ids) :])}\033[0m\n")
   tokens = np.asarray([prompt_ids])
   acts = lm.activations(tokens, args.sites.split(","))
   print(f"{'site':>10} {'shape':>16} {'mean ||x||':>12} {'max |x|':>10}   (BOS excluded)")
@@ -58,8 +62,9 @@ def parse_config_command(command: str, argv: list[str]):
   flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
   if command == "sweep":
     flags.DEFINE_boolean("dry_run", False, "print the job table and exit", flag_values=fv)
-    flags.DEFINE_string("jobs", None, "run only jobs whose names match these comma-separated fnmatch patterns",
-                        flag_values=fv)
+    flags.DEFINE_string(
+      "jobs", None, "run only jobs whose names match these comma-separated fnmatch patterns", flag_values=fv
+    )
   try:
     fv(argv)
   except flags.Error as e:
@@ -72,6 +77,7 @@ def parse_config_command(command: str, argv: list[str]):
 def stage_extract(config, workdir) -> None:
   from scope_jax.activations.extract import extract
   from scope_jax.activations.writer import NonFiniteActivations
+
   try:
     s = extract(config, workdir)
   except NonFiniteActivations as e:
@@ -79,13 +85,16 @@ def stage_extract(config, workdir) -> None:
   if s["already_finished"]:
     print(f"extract: {s['root']} already finished ({s['rows']:,} rows); nothing to do")
   else:
-    print(f"extract: {s['root']}: {s['rows']:,} rows in this process's shards, {s['tokens_processed']:,} tokens "
-          f"in {s['seconds']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)" +
-          (f"; resumed at batch {s['resumed_at_batch']}" if s["resumed_at_batch"] else ""))
+    print(
+      f"extract: {s['root']}: {s['rows']:,} rows in this process's shards, {s['tokens_processed']:,} tokens "
+      f"in {s['seconds']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)"
+      + (f"; resumed at batch {s['resumed_at_batch']}" if s["resumed_at_batch"] else "")
+    )
 
 
 def stage_train(config, workdir) -> None:
   from scope_jax.train import Preempted, TrainingDiverged, train
+
   try:
     state = train(config, workdir)
   except TrainingDiverged as e:
@@ -97,39 +106,44 @@ def stage_train(config, workdir) -> None:
 
 
 def stage_export(config, workdir) -> None:
-  from scope_jax.train.export import export
+  from scope_jax.export import export
+
   entries = export(config, workdir)
   for e in entries:
     print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
-  print(f"export: {len(entries)} SAEs, each trained on {entries[0]['epochs']:.2f} epochs of its data; "
-        f"L0 and dead latents measured on {entries[0]['measured_rows']:,} rows; index in {workdir}/export/index.json")
+  print(
+    f"export: {len(entries)} SAEs, each trained on {entries[0]['epochs']:.2f} epochs of its data; "
+    f"L0 and dead latents measured on {entries[0]['measured_rows']:,} rows; index in {RunLayout(workdir).export_index}"
+  )
 
 
 def stage_eval(config, workdir) -> None:
   from scope_jax.eval import run_eval
+
   out = run_eval(config, workdir)
   for name, r in sorted(out["results"].items()):
-    print(f"{name:>24}  L0 {r['l0']:8.1f}  Δloss {r['delta_loss']:+.3f} ± {r['delta_loss_se']:.3f}  "
-          f"FVU {r['fvu']:.3f} ± {r['fvu_se']:.3f}  recovered {r['loss_recovered_mean']:.1%} (mean abl.)  "
-          f"silent on the eval text {r['dead_fraction']:.1%}")
+    print(
+      f"{name:>24}  L0 {r['l0']:8.1f}  Δloss {r['delta_loss']:+.3f} ± {r['delta_loss_se']:.3f}  "
+      f"FVU {r['fvu']:.3f} ± {r['fvu_se']:.3f}  recovered {r['loss_recovered_mean']:.1%} (mean abl.)  "
+      f"silent on the eval text {r['dead_fraction']:.1%}"
+    )
   if out["files"]:
     print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
 
 
 def stage_train_export_eval(config, workdir) -> None:
-  """train -> export -> eval; up-to-date exports and reports are skipped."""
-  from pathlib import Path
+  """train -> export -> eval; an export or report already made from the same inputs is skipped
+  (layout.py: each stage's marker holds the identity it was made from)."""
+  from scope_jax.layout import eval_identity, export_identity
 
-  from scope_jax.jobs import export_current, train_outputs_current
-
-  workdir = Path(workdir)
+  layout = RunLayout(workdir)
   stage_train(config, workdir)
-  if export_current(workdir):
-    print(f"export: {workdir / 'export' / 'index.json'} is up to date; skipped")
+  if layout.finished("export", export_identity(config, layout)):
+    print(f"export: {layout.export_index} is up to date; skipped")
   else:
     stage_export(config, workdir)
-  if train_outputs_current(workdir):
-    print(f"eval: {workdir / 'report' / 'metrics.json'} is up to date; skipped")
+  if layout.finished("eval", eval_identity(config, layout)):
+    print(f"eval: {layout.report_metrics} is up to date; skipped")
   else:
     stage_eval(config, workdir)
 
@@ -138,23 +152,24 @@ def stage_run(config, workdir) -> None:
   """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
   stage_extract(config, workdir)
   stage_train_export_eval(config, workdir)
-  print(f"\ndone: exports in {workdir}/export (Gemma Scope npz and SAELens), report in {workdir}/report/report.html")
+  layout = RunLayout(workdir)
+  print(f"\ndone: exports in {layout.export} (Gemma Scope npz and SAELens), report in {layout.report / 'report.html'}")
 
 
 def stage_sweep(config, workdir, dry_run: bool, patterns: str | None) -> None:
   """Prints the job table; without `dry_run` runs every unfinished job in order."""
   import jax
 
-  from scope_jax import jobs as sweep_jobs
+  from scope_jax import grid
 
-  planned = sweep_jobs.select(sweep_jobs.plan(config, workdir), patterns)
+  planned = grid.select(grid.plan(config, workdir), patterns)
   if jax.process_index() == 0:  # one table in a pod's merged log, not one per host
-    print(sweep_jobs.table(planned))
+    print(grid.table(planned))
   if dry_run:
     return
   for i, job in enumerate(planned):
     print(f"\n=== job {i + 1}/{len(planned)}: {job.name} ({job.workdir})")
-    if sweep_jobs.is_finished(job):
+    if grid.is_finished(job):
       print("finished earlier; skipped")
     elif job.kind == "extract":
       stage_extract(job.config, job.workdir)
@@ -162,12 +177,12 @@ def stage_sweep(config, workdir, dry_run: bool, patterns: str | None) -> None:
       stage_train_export_eval(job.config, job.workdir)
 
 
-STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval,
-          "run": stage_run}
+STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval, "run": stage_run}
 
 
 def run_config_command(command: str, argv: list[str]) -> None:
   """Parses the flags, joins the other processes (if any), runs the stage."""
+  from scope_jax.activations.store import StoreError
   from scope_jax.parallel.distributed import initialize
 
   fv = parse_config_command(command, argv)
@@ -177,21 +192,29 @@ def run_config_command(command: str, argv: list[str]) -> None:
       stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs)
     else:
       STAGES[command](fv.config, fv.workdir)
-  except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+  except (ValueError, FileNotFoundError, StoreError) as e:  # the user's to fix; anything else keeps its traceback
     sys.exit(f"scope-jax {command}: {e}")
+
+
+def prepare_environment() -> None:
+  """The process settings the library leaves alone, made here before anything starts: XLA:CPU's
+  XNNPACK kernels, and gcsfs's stable filesystem rather than its experimental zonal one."""
+  use_xnnpack_on_cpu()
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
+  prepare_environment()
   if argv and argv[0] in CONFIG_COMMANDS:
-    use_xnnpack_on_cpu()
     run_config_command(argv[0], argv[1:])
     return
   parser = argparse.ArgumentParser(prog="scope-jax", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   p = commands.add_parser("demo", help="generate text and print activation statistics at sites")
-  p.add_argument("--model", default="gemma3-270m",
-                 help="HF directory, google-deepmind checkpoint, .gguf file or embedded name")
+  p.add_argument(
+    "--model", default="gemma3-270m", help="HF directory, google-deepmind checkpoint, .gguf file or embedded name"
+  )
   p.add_argument("--prompt", default="The Gemma Scope sparse autoencoders were trained to")
   p.add_argument("--max-new-tokens", type=int, default=20)
   p.add_argument("--sites", default="res.6,mlp.6,att.6,mlp_in.6,res.12")
@@ -199,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
   for name in CONFIG_COMMANDS:
     commands.add_parser(name, help=f"{name} (--config FILE[:ARGS] --workdir DIR [--config.FIELD=VALUE])")
   args = parser.parse_args(argv)
-  use_xnnpack_on_cpu()
   args.run(args)
 
 

@@ -7,42 +7,40 @@ site, data, sweep, recipe, train, mesh; export: export). Every field is document
 
 from __future__ import annotations
 
-import json
-
 import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Sequences are tuples so that `--config.sites="('res.6','res.12')"` can override them."""
-  from scope_jax.train.sweep import Recipe  # here: the trainer imports this module's helpers
+  from scope_jax.train.stacked import Recipe  # here: the trainer imports this module's helpers
 
   c = ml_collections.ConfigDict()
-  c.seed = 0                         # init, shuffles, buckets: every random choice derives from it
-  c.model = "gemma3-270m"            # HF dir, .gguf, google-deepmind checkpoint or embedded name
-  c.model_dtype = "float32"          # forward dtype: float32 | bfloat16
-  c.sites = ("res.6",)                # extract: every site written by one forward
+  c.seed = 0  # init, shuffles, buckets: every random choice derives from it
+  c.model = "gemma3-270m"  # HF dir, .gguf, google-deepmind checkpoint or embedded name
+  c.model_dtype = "float32"  # forward dtype: float32 | bfloat16
+  c.sites = ("res.6",)  # extract: every site written by one forward
   c.site = ml_collections.FieldReference(None, field_type=str)  # train/export: the site to train on
 
   c.data = ml_collections.ConfigDict()
-  c.data.text = ("builtin:python-docs",)  # text sources (scope_jax/data/text.py)
-  c.data.text_field = "text"         # field of .jsonl / .parquet / HF records
-  c.data.holdout_every = 0           # >0: documents with id % holdout_every == 0 are kept out (eval text)
+  c.data.text = ("builtin:python-docs",)  # text sources (scope_jax/text/sources.py)
+  c.data.text_field = "text"  # field of .jsonl / .parquet / HF records
+  c.data.holdout_every = 0  # >0: documents with id % holdout_every == 0 are kept out (eval text)
   c.data.path = ml_collections.FieldReference(None, field_type=str)  # train on: a store root or a .npy [rows, d];
-                                                                     # unset = the extract store
+  # unset = the extract store
   c.data.width = ml_collections.FieldReference(None, field_type=int)  # expected d; checked against the data
-  c.data.window_chunks = 16          # loader shuffle window, in store chunks (scope_jax/data/loader.py)
-  c.data.streams = 0                 # the loader's disjoint read streams; 0 = one per process. Fix it (to a
-                                     # multiple of every process count you use) and batches do not depend
-                                     # on the process count: a job can resume on another slice size
-  c.data.nonfinite = "error"         # rows with NaN/Inf in the store: error | skip (counted)
-  c.data.normalize = True            # divide by C so that E||x||^2 = 1 (docs/recipe.md §3)
+  c.data.window_chunks = 16  # loader shuffle window, in store chunks (scope_jax/data/loader.py)
+  c.data.streams = 0  # the loader's disjoint read streams; 0 = one per process. Fix it (to a
+  # multiple of every process count you use) and batches do not depend
+  # on the process count: a job can resume on another slice size
+  c.data.nonfinite = "error"  # rows with NaN/Inf in the store: error | skip (counted)
+  c.data.normalize = True  # divide by C so that E||x||^2 = 1 (docs/recipe.md §3)
   c.data.context_size = ml_collections.FieldReference(None, field_type=int)  # export metadata
-  c.data.dataset = ml_collections.FieldReference(None, field_type=str)       # export metadata
+  c.data.dataset = ml_collections.FieldReference(None, field_type=str)  # export metadata
 
   c.sweep = ml_collections.ConfigDict()
-  c.sweep.widths = (16_384,)          # one stacked group per width
-  c.sweep.l1_coefficients = (6e-4,)   # λ values; every width trains every λ
-  c.sweep.seeds = (0,)                # init seeds; every (width, λ) trains every seed
+  c.sweep.widths = (16_384,)  # one stacked group per width
+  c.sweep.l1_coefficients = (6e-4,)  # λ values; every width trains every λ
+  c.sweep.seeds = (0,)  # init seeds; every (width, λ) trains every seed
 
   c.recipe = ml_collections.ConfigDict({f.name: f.default for f in Recipe.__dataclass_fields__.values()})
   c.recipe.target_l0 = ml_collections.FieldReference(None, field_type=float)
@@ -50,64 +48,54 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4_096
   c.train.steps = 100_000
-  c.train.latent_block = 0           # latents per block of the blocked step; 0 = automatic (temporaries
-                                     # of ~8 MiB, train/blocked.py latent_block)
+  c.train.latent_block = 0  # latents per block of the blocked step; 0 = automatic (temporaries
+  # of ~8 MiB, train/step.py latent_block)
   c.train.log_every = 100
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3
 
   c.mesh = ml_collections.ConfigDict()  # the trainer's mesh
-  c.mesh.data = -1                   # -1: whatever `model` leaves
-  c.mesh.model = 0                   # 0: Gemma Scope's rule of thumb (see parallel.mesh.sae_model_axis)
+  c.mesh.data = -1  # -1: whatever `model` leaves
+  c.mesh.model = 0  # 0: Gemma Scope's rule of thumb (see parallel.mesh.sae_model_axis)
 
   c.extract = ml_collections.ConfigDict()
-  c.extract.store = ""               # store root (local path or gs://bucket/prefix); "" = WORKDIR/activations.
-                                     # `scope-jax sweep`: the directory of its stores ("" = WORKDIR/stores)
-  c.extract.seq_len = 1024           # tokens per sequence, BOS included
-  c.extract.mode = "pack"            # pack | truncate (scope_jax/activations/sequences.py)
-  c.extract.batch_size = 8           # sequences per forward, across all hosts
-  c.extract.tokens = 0               # token budget (sequences × (seq_len - 1)); 0 = the whole corpus
-  c.extract.shards = 0               # store shards (each written by the process whose devices compute its
-                                     # slice of the batch); 0 = one per process. Fixed, the store's content
-                                     # does not depend on the process count
-  c.extract.bucket_rows = 2**20      # rows per shuffled write bucket (per shard)
-  c.extract.chunk_rows = 1024        # rows per zarr chunk
-  c.extract.dtype = "float32"        # stored dtype: float32 | bfloat16
+  c.extract.store = ""  # store root (local path or gs://bucket/prefix); "" = WORKDIR/activations.
+  # `scope-jax sweep`: the directory of its stores ("" = WORKDIR/stores)
+  c.extract.seq_len = 1024  # tokens per sequence, BOS included
+  c.extract.mode = "pack"  # pack | truncate (scope_jax/text/sequences.py)
+  c.extract.batch_size = 8  # sequences per forward, across all hosts
+  c.extract.tokens = 0  # token budget (sequences × (seq_len - 1)); 0 = the whole corpus
+  c.extract.shards = 0  # store shards (each written by the process whose devices compute its
+  # slice of the batch); 0 = one per process. Fixed, the store's content
+  # does not depend on the process count
+  c.extract.bucket_rows = 2**20  # rows per shuffled write bucket (per shard)
+  c.extract.chunk_rows = 1024  # rows per zarr chunk
+  c.extract.dtype = "float32"  # stored dtype: float32 | bfloat16
   c.eval = ml_collections.ConfigDict()
-  c.eval.text = ()                   # evaluation text; () = the documents extraction held out
-  c.eval.strict = False              # refuse (instead of warn) when eval text may overlap training text
-  c.eval.sequences = 2_048           # evaluation sequences (Gemma Scope's protocol: 2,048 of 1,024 tokens)
+  c.eval.text = ()  # evaluation text; () = the documents extraction held out
+  c.eval.strict = False  # refuse (instead of warn) when eval text may overlap training text
+  c.eval.sequences = 2_048  # evaluation sequences (Gemma Scope's protocol: 2,048 of 1,024 tokens)
   c.eval.seq_len = 1024
   c.eval.batch_size = 8
-  c.eval.bfloat16 = True             # also evaluate with the model and SAEs in bfloat16
-  c.eval.delta_loss_se = 0.0         # warn when an SAE's Δ loss standard error (over sequences) exceeds it; 0 = off
-  c.eval.saes = ()                   # more SAEs to evaluate: Gemma Scope npz / SAELens dirs / our exports
-  c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/jobs.py); other commands ignore it
-  c.grid.layers = ()                 # layers to train SAEs at
-  c.grid.kinds = ("res",)            # site kinds at every layer: res | mlp | att | mlp_in
-  c.grid.widths = ()                 # widths every site trains; () = sweep.widths
-  c.grid.site_widths = ()            # ((site, (width, ...)), ...): sites that train other widths
-  c.grid.tokens_by_width = ()        # ((up_to_width, tokens), ...): a width's token budget (the first
-                                     # entry covering it; the last beyond); () = extract.tokens for all
-  c.grid.extract_by = "layer"        # sites sharing a store: layer (a layer's sites with the same budget
-                                     # in one forward) | site | all
+  c.eval.bfloat16 = True  # also evaluate with the model and SAEs in bfloat16
+  c.eval.delta_loss_se = 0.0  # warn when an SAE's Δ loss standard error (over sequences) exceeds it; 0 = off
+  c.eval.saes = ()  # more SAEs to evaluate: Gemma Scope npz / SAELens dirs / our exports
+  c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/grid.py); other commands ignore it
+  c.grid.layers = ()  # layers to train SAEs at
+  c.grid.kinds = ("res",)  # site kinds at every layer: res | mlp | att | mlp_in
+  c.grid.widths = ()  # widths every site trains; () = stacked.widths
+  c.grid.site_widths = ()  # ((site, (width, ...)), ...): sites that train other widths
+  c.grid.tokens_by_width = ()  # ((up_to_width, tokens), ...): a width's token budget (the first
+  # entry covering it; the last beyond); () = extract.tokens for all
+  c.grid.extract_by = "layer"  # sites sharing a store: layer (a layer's sites with the same budget
+  # in one forward) | site | all
   c.model_mesh = ml_collections.ConfigDict()  # the language model's mesh during extraction
   c.model_mesh.data = -1
   c.model_mesh.model = 1
 
   c.export = ml_collections.ConfigDict()
-  c.export.batches = 16              # batches after training on which L0 and densities are measured
+  c.export.batches = 16  # batches after training on which L0 and densities are measured
   return c
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-  """`["field.sub: old -> new", ...]` for every leaf that differs between two JSON-like records
-  (what a resumed run compares: `new` is taken through JSON first, as `old` was when saved)."""
-  new = json.loads(json.dumps(new)) if not prefix else new
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [d for k in sorted(set(old) | set(new))
-            for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def parse_arg(arg: str | None, **defaults):

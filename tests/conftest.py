@@ -41,6 +41,7 @@ def gcs():
   os.environ["STORAGE_EMULATOR_HOST"] = server.url
   os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
   import gcsfs
+
   fs = gcsfs.GCSFileSystem(endpoint_url=server.url, token="anon")
   yield fs
   server.stop()

@@ -19,10 +19,21 @@ def tiny_gemma2(path, seed: int = 0, **overrides):
   """A small random transformers Gemma 2 saved to `path`; returns the torch model."""
   from transformers import Gemma2Config, Gemma2ForCausalLM
 
-  kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
-                attn_logit_softcapping=4.0, final_logit_softcapping=2.0, query_pre_attn_scalar=24,
-                max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+  kwargs = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=5,
+    attn_logit_softcapping=4.0,
+    final_logit_softcapping=2.0,
+    query_pre_attn_scalar=24,
+    max_position_embeddings=128,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+  )
   kwargs.update(overrides)
   model = Gemma2ForCausalLM(Gemma2Config(**kwargs)).eval()
   model.config._attn_implementation = "eager"
@@ -47,6 +58,7 @@ def hf_run(model, tokens: np.ndarray, sites: list[str], edit: dict | None = None
       if name in edit:
         new = edit[name](tensor)
         return (new, *out[1:]) if isinstance(out, tuple) else new
+
     return hook
 
   def input_hook(name):
@@ -54,6 +66,7 @@ def hf_run(model, tokens: np.ndarray, sites: list[str], edit: dict | None = None
       captured[name] = args[0].detach().float().numpy().copy()
       if name in edit:
         return (edit[name](args[0]), *args[1:])
+
     return hook
 
   for name in set(sites) | set(edit):
@@ -62,8 +75,7 @@ def hf_run(model, tokens: np.ndarray, sites: list[str], edit: dict | None = None
     if kind == "att":
       handles.append(layer.self_attn.o_proj.register_forward_pre_hook(input_hook(name)))
     else:
-      module = {"mlp": layer.post_feedforward_layernorm, "mlp_in": layer.pre_feedforward_layernorm,
-                "res": layer}[kind]
+      module = {"mlp": layer.post_feedforward_layernorm, "mlp_in": layer.pre_feedforward_layernorm, "res": layer}[kind]
       handles.append(module.register_forward_hook(output_hook(name)))
   try:
     with torch.no_grad():
@@ -84,13 +96,30 @@ def tiny_gemma3(path, seed: int = 0, **overrides):
   """A small random transformers Gemma 3 (text) saved to `path`; returns the torch model."""
   from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-  kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
-                query_pre_attn_scalar=24, max_position_embeddings=128,
-                layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                             "sliding_attention", "full_attention", "full_attention"],
-                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-                                 "full_attention": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}})
+  kwargs = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=5,
+    query_pre_attn_scalar=24,
+    max_position_embeddings=128,
+    layer_types=[
+      "sliding_attention",
+      "full_attention",
+      "sliding_attention",
+      "sliding_attention",
+      "full_attention",
+      "full_attention",
+    ],
+    rope_parameters={
+      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+      "full_attention": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0},
+    },
+  )
   kwargs.update(overrides)
   model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs)).eval()
   model.config._attn_implementation = "eager"
@@ -105,19 +134,34 @@ def train_sentencepiece(vocab_size: int = 300, text: list[str] | None = None) ->
 
   import sentencepiece as spm
 
-  text = text or ["the quick brown fox jumps over the lazy dog", "sparse autoencoders find features",
-                  "Gemma Scope trains JumpReLU SAEs on every layer"] * 50
+  text = (
+    text
+    or [
+      "the quick brown fox jumps over the lazy dog",
+      "sparse autoencoders find features",
+      "Gemma Scope trains JumpReLU SAEs on every layer",
+    ]
+    * 50
+  )
   out = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=vocab_size,
-                                 pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
-                                 minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(text),
+    model_writer=out,
+    vocab_size=vocab_size,
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    byte_fallback=True,
+    minloglevel=2,
+  )
   return out.getvalue()
 
 
 def tiny_lm_dir(path, vocab_size: int = 512, seed: int = 0):
   """A tiny random Gemma 2 with a sentencepiece tokenizer trained on the bundled corpus: a
   complete model directory that loads, tokenizes and extracts in seconds."""
-  from scope_jax.data.text import iter_documents
+  from scope_jax.text.sources import iter_documents
 
   lines = [line for _, t in iter_documents("builtin:python-docs") for line in t.splitlines() if line.strip()]
   tiny_gemma2(path, seed=seed, vocab_size=vocab_size, num_hidden_layers=3, sliding_window=16)
@@ -135,11 +179,24 @@ def start_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, **e
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  return [subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                                    SCOPE_JAX_COORDINATOR=f"127.0.0.1:{port}", SCOPE_JAX_NUM_PROCESSES=str(n),
-                                    SCOPE_JAX_PROCESS_ID=str(i), **env))
-          for i in range(n)]
+  return [
+    subprocess.Popen(
+      args,
+      cwd=cwd,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        SCOPE_JAX_COORDINATOR=f"127.0.0.1:{port}",
+        SCOPE_JAX_NUM_PROCESSES=str(n),
+        SCOPE_JAX_PROCESS_ID=str(i),
+        **env,
+      ),
+    )
+    for i in range(n)
+  ]
 
 
 def run_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, timeout: float = 300) -> list[str]:

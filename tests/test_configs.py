@@ -24,9 +24,14 @@ def test_local_config():
     load("local", "stpes=5")
 
 
-@pytest.mark.parametrize("size, widths, tokens", [("2b", (16_384, 65_536), 8_000_000_000),
-                                                  ("9b", (16_384, 131_072), 8_000_000_000),
-                                                  ("27b", (131_072,), 8_000_000_000)])
+@pytest.mark.parametrize(
+  "size, widths, tokens",
+  [
+    ("2b", (16_384, 65_536), 8_000_000_000),
+    ("9b", (16_384, 131_072), 8_000_000_000),
+    ("27b", (131_072,), 8_000_000_000),
+  ],
+)
 def test_gemma2_presets(size, widths, tokens):
   c = load("gemma2", f"size={size},layer=10,kind=mlp")
   assert c.sweep.widths == widths and c.extract.tokens == tokens and c.sites == ("mlp.10",)

@@ -29,19 +29,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from scope_jax.activations.sequences import batches, sequences
 from scope_jax.activations.store import CONFIG, KV, MANIFEST, TRACE_COLUMNS, StoreError, write_manifest
 from scope_jax.activations.writer import ShardWriter, ledger_batches
-from scope_jax.config import config_differences
-from scope_jax.data.text import iter_documents
+from scope_jax.layout import RunLayout, differences
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import make_mesh, owned_blocks
+from scope_jax.text.sequences import batches, sequences
+from scope_jax.text.sources import iter_documents
 
 DTYPES = ("float32", "bfloat16")
 
 
 def store_root(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
-  return config.extract.store or str(Path(workdir) / "activations")
+  return config.extract.store or str(RunLayout(workdir).activations)
 
 
 def kept_documents(config: ml_collections.ConfigDict):
@@ -66,13 +66,23 @@ def store_identity(config: ml_collections.ConfigDict, lm) -> dict:
     raise ValueError("config.sites is empty: list the sites to extract, e.g. ['res.6']")
   model_config = json.dumps(dataclasses.asdict(lm.config), sort_keys=True, default=list).encode()
   return {
-      "model": config.model, "model_config_sha256": _sha256(model_config),
-      "tokenizer_sha256": _sha256(lm.tokenizer.model_proto), "sites": [s.name for s in sites],
-      "widths": {s.name: site_width(s, lm.config) for s in sites}, "dtype": e.dtype,
-      "seq_len": e.seq_len, "mode": e.mode, "batch_size": e.batch_size, "max_batches": max_batches(config),
-      "bucket_rows": e.bucket_rows, "chunk_rows": e.chunk_rows, "seed": config.seed,
-      "text": list(config.data.text), "text_field": config.data.text_field,
-      "holdout_every": config.data.holdout_every, "shards": config.extract.shards or jax.process_count(),
+    "model": config.model,
+    "model_config_sha256": _sha256(model_config),
+    "tokenizer_sha256": _sha256(lm.tokenizer.model_proto),
+    "sites": [s.name for s in sites],
+    "widths": {s.name: site_width(s, lm.config) for s in sites},
+    "dtype": e.dtype,
+    "seq_len": e.seq_len,
+    "mode": e.mode,
+    "batch_size": e.batch_size,
+    "max_batches": max_batches(config),
+    "bucket_rows": e.bucket_rows,
+    "chunk_rows": e.chunk_rows,
+    "seed": config.seed,
+    "text": list(config.data.text),
+    "text_field": config.data.text_field,
+    "holdout_every": config.data.holdout_every,
+    "shards": config.extract.shards or jax.process_count(),
   }
 
 
@@ -94,8 +104,11 @@ def _local_rows(batch, acts: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray
       out[site].append(np.asarray(shard.data)[keep])
     g, t = np.nonzero(keep)
     seq = batch.index * first.shape[0] + lo + g
-    traces.append(np.stack([batch.tokens[lo:hi][keep], batch.doc[lo:hi][keep], batch.pos[lo:hi][keep],
-                            seq, t], axis=1).astype(np.int32))
+    traces.append(
+      np.stack([batch.tokens[lo:hi][keep], batch.doc[lo:hi][keep], batch.pos[lo:hi][keep], seq, t], axis=1).astype(
+        np.int32
+      )
+    )
   return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(traces)
 
 
@@ -148,6 +161,7 @@ def _prefetch(iterator, depth: int):
 
 def load_extraction_model(config: ml_collections.ConfigDict):
   from scope_jax.models.lm import load_model
+
   dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[config.model_dtype]
   return load_model(config.model, dtype=dtype, mesh=make_mesh(config.model_mesh.data, config.model_mesh.model))
 
@@ -161,15 +175,25 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
     raise ValueError(f"model {config.model}: no tokenizer found; extraction needs one")
   identity = store_identity(config, lm)
   existing = kv.read_json(CONFIG)
-  if existing is not None and (diffs := config_differences(existing, identity)):
-    raise StoreError(f"{root} was made with another config; differing fields:\n  " + "\n  ".join(diffs)
-                     + "\nuse another store (extract.store or --workdir) or restore the old config")
+  if existing is not None and (diffs := differences(existing, identity)):
+    raise StoreError(
+      f"{root} was made with another config; differing fields:\n  "
+      + "\n  ".join(diffs)
+      + "\nuse another store (extract.store or --workdir) or restore the old config"
+    )
   if (manifest := kv.read_json(MANIFEST)) is not None:
-    return {"root": root, "already_finished": True, "rows": manifest["rows"], "rows_per_shard": manifest["rows_per_shard"]}
+    return {
+      "root": root,
+      "already_finished": True,
+      "rows": manifest["rows"],
+      "rows_per_shard": manifest["rows_per_shard"],
+    }
   process = jax.process_index()
   if next(kept_documents(config), None) is None:
-    raise ValueError(f"no documents in data.text {list(config.data.text)} (after holdout_every="
-                     f"{config.data.holdout_every}); nothing to extract")
+    raise ValueError(
+      f"no documents in data.text {list(config.data.text)} (after holdout_every="
+      f"{config.data.holdout_every}); nothing to extract"
+    )
   if existing is None and process == 0:
     kv.probe()
     kv.write_json(CONFIG, identity)
@@ -178,12 +202,15 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
   e = config.extract
   global_batch = e.batch_size
   if global_batch % lm.mesh.shape["data"]:
-    raise ValueError(f"extract.batch_size {global_batch} is not divisible by the mesh's data axis ({lm.mesh.shape['data']})")
+    raise ValueError(
+      f"extract.batch_size {global_batch} is not divisible by the mesh's data axis ({lm.mesh.shape['data']})"
+    )
   shards = identity["shards"]
   owned = owned_blocks(lm.mesh, global_batch, shards, "extract.shards")
   sequences_per_shard = global_batch // shards
-  writers = {k: ShardWriter(kv, k, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed)
-             for k in owned}
+  writers = {
+    k: ShardWriter(kv, k, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed) for k in owned
+  }
   bucket_batches = max(1, math.ceil(e.bucket_rows / (sequences_per_shard * (e.seq_len - 1))))
   start = min(ledger_batches(kv, shards))
   for writer in writers.values():
@@ -192,10 +219,16 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
   t0, tokens_seen = time.perf_counter(), 0
   if not all(w.ledger["finished"] for w in writers.values()):
     limit = max_batches(config)
-    stream = batches(sequences(kept_documents(config), lm.tokenizer, e.seq_len, e.mode), global_batch,
-                     lm.tokenizer.pad_id, limit)
-    bar = tqdm(total=limit, initial=start, unit="batch", desc=f"extract {','.join(identity['sites'])}",
-               disable=not progress or process != 0)
+    stream = batches(
+      sequences(kept_documents(config), lm.tokenizer, e.seq_len, e.mode), global_batch, lm.tokenizer.pad_id, limit
+    )
+    bar = tqdm(
+      total=limit,
+      initial=start,
+      unit="batch",
+      desc=f"extract {','.join(identity['sites'])}",
+      disable=not progress or process != 0,
+    )
 
     def write(item):
       batch, acts = item
@@ -217,8 +250,9 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
         done = batch.index + 1
         tokens_seen += int(batch.keep.sum())
         bar.update(1)
-        bar.set_postfix_str(f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, "
-                            f"{writer.ledger['rows']:,} rows committed")
+        bar.set_postfix_str(
+          f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, {writer.ledger['rows']:,} rows committed"
+        )
     finally:
       try:
         worker.finish()
@@ -231,5 +265,9 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
   if process == 0:
     write_manifest(kv, identity, shards, model_source=lm.source)
   multihost_utils.sync_global_devices("scope_jax extract: manifest written")
-  return summary | {"rows": sum(w.ledger["rows"] for w in writers.values()), "tokens_processed": tokens_seen, "seconds": seconds,
-                    "tokens_per_s": tokens_seen / seconds if seconds else 0.0}
+  return summary | {
+    "rows": sum(w.ledger["rows"] for w in writers.values()),
+    "tokens_processed": tokens_seen,
+    "seconds": seconds,
+    "tokens_per_s": tokens_seen / seconds if seconds else 0.0,
+  }

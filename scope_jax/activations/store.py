@@ -2,7 +2,7 @@
 
     ROOT/config.json                  what the store is (checked when a run resumes)
     ROOT/manifest.json                written by process 0 once every shard is finished
-    ROOT/shards/K/ledger.json         shard K (extract.shards; written by one process): flush history, statistics, finished
+    ROOT/shards/K/ledger.json         shard K (extract.shards; one process writes it): flushes, statistics, finished
     ROOT/shards/K/SITE/               zarr3 float32|bfloat16 [rows, width] (chunks [chunk_rows, width])
     ROOT/shards/K/trace/              zarr3 int32 [rows, 5]: TRACE_COLUMNS of every row
 
@@ -84,13 +84,16 @@ def shard_key(shard: int) -> str:
 
 def array_spec(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: int) -> dict:
   return {
-      "driver": "zarr3",
-      "kvstore": _child(root_spec, key + "/"),
-      # Plain little-endian bytes, one file per chunk. (Left to itself tensorstore picks a
-      # sharding codec with one-row inner chunks, which reads 4-5x slower.)
-      "metadata": {"shape": [0, width], "data_type": dtype,
-                   "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}},
-                   "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
+    "driver": "zarr3",
+    "kvstore": _child(root_spec, key + "/"),
+    # Plain little-endian bytes, one file per chunk. (Left to itself tensorstore picks a
+    # sharding codec with one-row inner chunks, which reads 4-5x slower.)
+    "metadata": {
+      "shape": [0, width],
+      "data_type": dtype,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}},
+      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+    },
   }
 
 
@@ -141,7 +144,7 @@ class Store:
 
   def _check_site(self, site: str) -> str:
     if site not in self.config["sites"]:
-      raise KeyError(f"{self.root}: no site {site!r}; the store holds {self.config['sites']}")
+      raise StoreError(f"{self.root}: no site {site!r}; the store holds {self.config['sites']}")
     return site
 
   def array(self, site: str, shard: int) -> ts.TensorStore:
@@ -149,9 +152,14 @@ class Store:
     if (site, shard) not in self._arrays:
       key = f"{shard_key(shard)}/{site if site == 'trace' else self._check_site(site)}"
       try:
-        self._arrays[site, shard] = ts.open({"driver": "zarr3", "kvstore": _child(self.kv.spec, key + "/"),
-                                             "fill_missing_data_reads": False},  # a lost chunk is an error, not zeros
-                                            open=True).result()
+        self._arrays[site, shard] = ts.open(
+          {
+            "driver": "zarr3",
+            "kvstore": _child(self.kv.spec, key + "/"),
+            "fill_missing_data_reads": False,
+          },  # a lost chunk is an error, not zeros
+          open=True,
+        ).result()
       except Exception as e:
         raise StoreError(f"{self.root}/{key}: cannot open ({e})") from e
     return self._arrays[site, shard]
@@ -165,7 +173,7 @@ class Store:
       lo, hi = max(start, self.offsets[shard]), min(stop, self.offsets[shard + 1])
       if lo < hi:
         base = self.offsets[shard]
-        parts.append(self.array(site, shard)[lo - base:hi - base].read())
+        parts.append(self.array(site, shard)[lo - base : hi - base].read())
     parts = [p.result() for p in parts]
     if not parts:
       return np.zeros((0, self.width(site) if site != "trace" else len(TRACE_COLUMNS)), np.float32)
@@ -191,20 +199,24 @@ def merge_stats(parts: Sequence[dict]) -> dict:
 
 def write_manifest(kv: KV, identity: dict, shards: int, **extra) -> dict:
   """Merges every shard's ledger into manifest.json, which marks the store finished."""
+  import importlib.metadata
   import sys
   import time
-
-  import scope_jax
 
   ledgers = [kv.read_json(f"{shard_key(k)}/{LEDGER}") for k in range(shards)]
   unfinished = [p for p, lg in enumerate(ledgers) if not (lg and lg["finished"])]
   if unfinished:
     raise StoreError(f"{kv.root}: shards {unfinished} are not finished; no manifest written")
   manifest = {
-      "config": identity, "rows_per_shard": [lg["rows"] for lg in ledgers], "rows": sum(lg["rows"] for lg in ledgers),
-      "stats": {s: merge_stats([lg["stats"][s] for lg in ledgers]) for s in identity["sites"]},
-      "trace_columns": list(TRACE_COLUMNS), "scope_jax": scope_jax.__version__,
-      "python": sys.version.split()[0], "created": time.time(), **extra,
+    "config": identity,
+    "rows_per_shard": [lg["rows"] for lg in ledgers],
+    "rows": sum(lg["rows"] for lg in ledgers),
+    "stats": {s: merge_stats([lg["stats"][s] for lg in ledgers]) for s in identity["sites"]},
+    "trace_columns": list(TRACE_COLUMNS),
+    "scope_jax": importlib.metadata.version("scope_jax"),
+    "python": sys.version.split()[0],
+    "created": time.time(),
+    **extra,
   }
   kv.write_json(MANIFEST, manifest)
   return manifest

@@ -21,13 +21,18 @@ class NonFiniteActivations(ValueError):
 
 
 class ShardWriter:
-  def __init__(self, kv: KV, shard: int, sites: list[str], widths: dict[str, int], dtype: str,
-               chunk_rows: int, seed: int):
+  def __init__(
+    self, kv: KV, shard: int, sites: list[str], widths: dict[str, int], dtype: str, chunk_rows: int, seed: int
+  ):
     self.kv, self.shard, self.sites, self.seed = kv, shard, sites, seed
     self.key = shard_key(shard)
     self.ledger = kv.read_json(f"{self.key}/{LEDGER}") or {
-        "rows": 0, "batches": 0, "buckets": 0, "finished": False,
-        "stats": {s: {"count": 0, "sum": [0.0] * widths[s], "sum_sq_norm": 0.0} for s in sites}}
+      "rows": 0,
+      "batches": 0,
+      "buckets": 0,
+      "finished": False,
+      "stats": {s: {"count": 0, "sum": [0.0] * widths[s], "sum_sq_norm": 0.0} for s in sites},
+    }
     create = not self.ledger["finished"]
     self.arrays = {s: open_array(kv.spec, f"{self.key}/{s}", widths[s], dtype, chunk_rows, create) for s in sites}
     self.arrays["trace"] = open_array(kv.spec, f"{self.key}/trace", len(TRACE_COLUMNS), "int32", chunk_rows, create)
@@ -42,13 +47,16 @@ class ShardWriter:
     if self.ledger["batches"] != batches:
       previous = self.ledger.get("previous")
       if not previous or previous["batches"] != batches:
-        raise StoreError(f"{self.kv.root}/{self.key}: ledger at batch {self.ledger['batches']} cannot be "
-                         f"rewound to batch {batches}; start the extraction in a new store")
+        raise StoreError(
+          f"{self.kv.root}/{self.key}: ledger at batch {self.ledger['batches']} cannot be "
+          f"rewound to batch {batches}; start the extraction in a new store"
+        )
       self.ledger = previous
       self._sums = {s: np.asarray(self.ledger["stats"][s]["sum"], np.float64) for s in self.sites}
     rows = self.ledger["rows"]
-    resized = {k: a.resize(exclusive_max=[rows, None], shrink_only=True)
-               for k, a in self.arrays.items() if a.shape[0] > rows}
+    resized = {
+      k: a.resize(exclusive_max=[rows, None], shrink_only=True) for k, a in self.arrays.items() if a.shape[0] > rows
+    }
     self.arrays.update({k: f.result() for k, f in resized.items()})
 
   def add(self, acts: dict[str, np.ndarray], trace: np.ndarray) -> None:
@@ -59,9 +67,10 @@ class ShardWriter:
         row = int(np.argmax(bad))
         t = dict(zip(TRACE_COLUMNS, trace[row].tolist()))
         raise NonFiniteActivations(
-            f"{int(bad.sum())} rows of site {site} hold NaN or Inf; the first: document {t['doc']}, "
-            f"position {t['pos']} (sequence {t['seq']}, column {t['col']}, token {t['token']}). "
-            f"Nothing of this bucket was written; the store keeps {self.ledger['rows']} committed rows")
+          f"{int(bad.sum())} rows of site {site} hold NaN or Inf; the first: document {t['doc']}, "
+          f"position {t['pos']} (sequence {t['seq']}, column {t['col']}, token {t['token']}). "
+          f"Nothing of this bucket was written; the store keeps {self.ledger['rows']} committed rows"
+        )
       self._buffer[site].append(acts[site])
     self._buffer["trace"].append(trace)
 
@@ -80,17 +89,27 @@ class ShardWriter:
         block = np.concatenate(parts)[order]
         if key != "trace":
           self._sums[key] += block.sum(axis=0, dtype=np.float64)
-          stats[key] = {"count": stats[key]["count"] + n, "sum": self._sums[key].tolist(),
-                        "sum_sq_norm": stats[key]["sum_sq_norm"] + float(np.sum(np.square(block, dtype=np.float64)))}
+          stats[key] = {
+            "count": stats[key]["count"] + n,
+            "sum": self._sums[key].tolist(),
+            "sum_sq_norm": stats[key]["sum_sq_norm"] + float(np.sum(np.square(block, dtype=np.float64))),
+          }
           block = block.astype(self._dtype[key])
-        writes.append(self.arrays[key][rows:rows + n].write(block))
+        writes.append(self.arrays[key][rows : rows + n].write(block))
       try:
         for w in writes:
           w.result()
       except Exception as e:
         raise StoreError(f"{self.kv.root}/{self.key}: writing rows [{rows}, {rows + n}) failed ({e})") from e
-    self.ledger = {**previous, "rows": rows + n, "batches": batches_done, "finished": finished, "stats": stats,
-                   "buckets": previous["buckets"] + (1 if n else 0), "previous": previous}
+    self.ledger = {
+      **previous,
+      "rows": rows + n,
+      "batches": batches_done,
+      "finished": finished,
+      "stats": stats,
+      "buckets": previous["buckets"] + (1 if n else 0),
+      "previous": previous,
+    }
     self.kv.write_json(f"{self.key}/{LEDGER}", self.ledger)
     self._buffer = {k: [] for k in self.arrays}
     return n
@@ -99,5 +118,3 @@ class ShardWriter:
 def ledger_batches(kv: KV, shards: int) -> list[int]:
   """Batches done per shard (0 for a shard that has no ledger yet)."""
   return [(kv.read_json(f"{shard_key(k)}/{LEDGER}") or {"batches": 0})["batches"] for k in range(shards)]
-
-

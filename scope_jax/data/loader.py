@@ -26,19 +26,20 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from scope_jax.activations.store import Store, StoreError, open_store
-from scope_jax.data.source import scale_and_mean
+from scope_jax.data.normalization import scale_and_mean
 from scope_jax.parallel.mesh import DATA, owned_blocks
 
 NONFINITE = ("error", "skip")
 
 
 class _Window(NamedTuple):
-  parts: list[np.ndarray]   # the window's chunks as read, [rows_j, width] each
-  ends: np.ndarray          # cumulative rows of `parts`
-  perm: np.ndarray          # the window's row permutation
+  parts: list[np.ndarray]  # the window's chunks as read, [rows_j, width] each
+  ends: np.ndarray  # cumulative rows of `parts`
+  perm: np.ndarray  # the window's row permutation
 
 
 def _empty_aligned(shape: tuple[int, int]) -> np.ndarray:
@@ -47,30 +48,44 @@ def _empty_aligned(shape: tuple[int, int]) -> np.ndarray:
   n = shape[0] * shape[1] * 4
   raw = np.empty(n + 64, np.uint8)
   start = -raw.ctypes.data % 64
-  return raw[start:start + n].view(np.float32).reshape(shape)
+  return raw[start : start + n].view(np.float32).reshape(shape)
 
 
 class StoreLoader:
   """A `BatchSource` over one site of a finished store."""
 
-  def __init__(self, root: str | Store, site: str, batch_size: int, mesh: Mesh, seed: int = 0,
-               normalize: str | None = "raw", window_chunks: int = 16, prefetch: int = 2, nonfinite: str = "error",
-               expected_width: int | None = None, streams: int = 0):
+  def __init__(
+    self,
+    root: str | Store,
+    site: str,
+    batch_size: int,
+    mesh: Mesh,
+    seed: int = 0,
+    normalize: str | None = "raw",
+    window_chunks: int = 16,
+    prefetch: int = 2,
+    nonfinite: str = "error",
+    expected_width: int | None = None,
+    streams: int = 0,
+  ):
     self.store = open_store(root) if isinstance(root, str) else root
     if nonfinite not in NONFINITE:
       raise ValueError(f"nonfinite {nonfinite!r}: expected one of {NONFINITE}")
     self.site, self.seed, self.mesh, self.nonfinite = site, seed, mesh, nonfinite
     self.width = self.store.width(site)
     if expected_width is not None and expected_width != self.width:
-      raise ValueError(f"store {self.store.root} site {site}: width {self.width}, but the config expects "
-                       f"{expected_width}")
+      raise ValueError(
+        f"store {self.store.root} site {site}: width {self.width}, but the config expects {expected_width}"
+      )
     processes = jax.process_count()
     self.streams = streams or processes
     if self.streams % processes:
       raise ValueError(f"data.streams {self.streams} is not a multiple of the process count ({processes})")
     if batch_size % mesh.shape[DATA] or batch_size % self.streams:
-      raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]}) "
-                       f"and the number of streams ({self.streams})")
+      raise ValueError(
+        f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]}) "
+        f"and the number of streams ({self.streams})"
+      )
     self.batch_size, self.stream_batch = batch_size, batch_size // self.streams
     self.sharding = NamedSharding(mesh, P(DATA, None))
     self.own_streams = owned_blocks(mesh, batch_size, self.streams, "data.streams")
@@ -80,8 +95,11 @@ class StoreLoader:
     self._divisor = np.float32(divisor)
     chunk_rows = self.store.config["chunk_rows"]
     # every chunk of every shard: (shard, first row in shard, rows)
-    self.chunks = [(shard, lo, min(chunk_rows, rows - lo))
-                   for shard, rows in enumerate(self.store.shard_rows) for lo in range(0, rows, chunk_rows)]
+    self.chunks = [
+      (shard, lo, min(chunk_rows, rows - lo))
+      for shard, rows in enumerate(self.store.shard_rows)
+      for lo in range(0, rows, chunk_rows)
+    ]
     if len(self.chunks) < self.streams:
       raise StoreError(f"{self.store.root}: {len(self.chunks)} chunks cannot feed {self.streams} streams")
     self._epochs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -98,7 +116,7 @@ class StoreLoader:
 
   def _order(self, stream: int, epoch: int) -> np.ndarray:
     """The chunks a stream reads in `epoch`, in order: its round-robin share of the permutation."""
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))[stream::self.streams]
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))[stream :: self.streams]
 
   def _epoch(self, stream: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """A stream's chunk ids in the epoch's order and their cumulative row ends."""
@@ -121,13 +139,20 @@ class StoreLoader:
     """The chunk ids of window `key` = (stream, epoch, window); None past the epoch's end."""
     stream, epoch, window = key
     order, _ = self._epoch(stream, epoch)
-    ids = order[window * self.window_chunks:(window + 1) * self.window_chunks]
+    ids = order[window * self.window_chunks : (window + 1) * self.window_chunks]
     return ids if len(ids) else None
 
   def _read(self, ids: np.ndarray) -> list:
     """Starts tensorstore's asynchronous reads of chunks `ids`; returns (chunk id, future) pairs."""
-    return [(c, self.store.array(self.site, self.chunks[c][0])[self.chunks[c][1]:self.chunks[c][1] + self.chunks[c][2]]
-             .read()) for c in ids]
+    return [
+      (
+        c,
+        self.store.array(self.site, self.chunks[c][0])[
+          self.chunks[c][1] : self.chunks[c][1] + self.chunks[c][2]
+        ].read(),
+      )
+      for c in ids
+    ]
 
   def _window(self, key: tuple[int, int, int]) -> _Window:
     """One window of a stream: its chunks as read and the window's row permutation. The next
@@ -141,8 +166,10 @@ class StoreLoader:
           parts.append(np.asarray(future.result(), np.float32))
         except Exception as e:
           shard, lo, _ = self.chunks[c]
-          raise StoreError(f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.config['chunk_rows']} "
-                           f"(rows {lo}..) cannot be read: {e}") from e
+          raise StoreError(
+            f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.config['chunk_rows']} "
+            f"(rows {lo}..) cannot be read: {e}"
+          ) from e
       self._check_finite(parts, key, ids)
       ends = np.cumsum([len(p) for p in parts])
       perm = np.random.default_rng([self.seed, key[1], key[0], key[2]]).permutation(int(ends[-1]))
@@ -170,10 +197,15 @@ class StoreLoader:
     if not n_bad:
       return
     if self.nonfinite == "error":
-      detail = ", ".join(f"shard {self.chunks[c][0]} chunk {self.chunks[c][1] // self.store.config['chunk_rows']} "
-                         f"({len(b)} rows)" for c, b in sorted(zip(ids, bad), key=lambda t: self.chunks[t[0]]) if len(b))
-      raise StoreError(f"{self.store.root}: {n_bad} rows of site {self.site} hold NaN or Inf: {detail}; "
-                       f"set data.nonfinite='skip' to skip such rows")
+      detail = ", ".join(
+        f"shard {self.chunks[c][0]} chunk {self.chunks[c][1] // self.store.config['chunk_rows']} ({len(b)} rows)"
+        for c, b in sorted(zip(ids, bad), key=lambda t: self.chunks[t[0]])
+        if len(b)
+      )
+      raise StoreError(
+        f"{self.store.root}: {n_bad} rows of site {self.site} hold NaN or Inf: {detail}; "
+        f"set data.nonfinite='skip' to skip such rows"
+      )
     good = [(j, r) for j, (p, b) in enumerate(zip(parts, bad)) for r in np.setdiff1d(np.arange(len(p)), b)]
     if not good:
       raise StoreError(f"{self.store.root}: every row of a window of site {self.site} holds NaN or Inf")
@@ -188,7 +220,7 @@ class StoreLoader:
     `[batch_size / processes, width]`."""
     out = _empty_aligned((len(self.own_streams) * self.stream_batch, self.width))
     for i, k in enumerate(self.own_streams):
-      self.stream_rows(k, step, out[i * self.stream_batch:(i + 1) * self.stream_batch])
+      self.stream_rows(k, step, out[i * self.stream_batch : (i + 1) * self.stream_batch])
     return out
 
   def stream_rows(self, stream: int, step: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -205,11 +237,11 @@ class StoreLoader:
       window_start = int(ends[window * self.window_chunks - 1]) if window else 0
       w = self._window((stream, epoch, window))
       take = min(self.stream_batch - filled, window_start + int(w.ends[-1]) - offset)
-      rows = np.sort(w.perm[offset - window_start:offset - window_start + take])
+      rows = np.sort(w.perm[offset - window_start : offset - window_start + take])
       part_of_row = np.searchsorted(w.ends, rows, side="right")
       for j in np.unique(part_of_row):
         local = rows[part_of_row == j] - (w.ends[j - 1] if j else 0)
-        block = out[filled:filled + len(local)]
+        block = out[filled : filled + len(local)]
         np.take(w.parts[j], local, axis=0, out=block, mode="clip")  # "raise" would buffer `out`
         if self._divisor != 1:
           np.divide(block, self._divisor, out=block)
@@ -270,6 +302,13 @@ class StoreLoader:
     self._pending.clear()  # reads started for where the stream was; a jump may never use them
 
   def describe(self) -> dict:
-    return {"kind": "store", "root": self.store.root, "site": self.site, "rows": self.store.rows,
-            "seed": self.seed, "batch_size": self.batch_size, "window_chunks": self.window_chunks,
-            "streams": self.streams}
+    return {
+      "kind": "store",
+      "root": self.store.root,
+      "site": self.site,
+      "rows": self.store.rows,
+      "seed": self.seed,
+      "batch_size": self.batch_size,
+      "window_chunks": self.window_chunks,
+      "streams": self.streams,
+    }

@@ -5,14 +5,6 @@ asks for step `s` directly and sees what an uninterrupted one would have seen. B
 global `[batch, width]` jax arrays sharded over the mesh's `data` axis; each process builds only
 the rows its own devices hold. `scale` is the normalization scalar C (docs/recipe.md §3): batches come
 divided by it unless `normalize` is None, and export folds it back into the weights.
-
-C is chosen one of two ways (`recipe.normalize`):
-- "raw" (Gemma Scope): E||x / C||² = 1;
-- "centred": E||(x - μ) / C||² = 1, μ the site's mean. Where the activations carry a large
-  constant offset (Gemma 3's residual stream: ~88% of E||x||² at res.6 of the 270M), "raw" makes
-  C mostly measure the offset, so every λ acts several times stronger than the same λ in Gemma
-  Scope's setting; "centred" measures the part an SAE has to explain.
-Either way the trainer starts `b_dec` at μ / C (`mean`), so no latent is spent on the offset.
 """
 
 from __future__ import annotations
@@ -22,57 +14,25 @@ from typing import Protocol
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from scope_jax.data.loader import StoreLoader
+from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
 from scope_jax.parallel.mesh import DATA
 
 
 class BatchSource(Protocol):
   width: int
   batch_size: int
-  scale: float           # C (see `normalization_scale`)
-  mean: np.ndarray       # μ / C, [width] float32: the site's mean in training units (b_dec's start)
+  scale: float  # C (data/normalization.py)
+  mean: np.ndarray  # μ / C, [width] float32: the site's mean in training units (b_dec's start)
 
   def batch(self, step: int) -> jax.Array:
     """Rows of step `step`, `[batch_size, width]` float32, divided by C when normalizing."""
 
   def describe(self) -> dict:
     """JSON-able identity of the data, checked when a run resumes."""
-
-
-NORMALIZATIONS = ("raw", "centred")
-
-
-def check_normalization(how: str | None) -> None:
-  if how is not None and how not in NORMALIZATIONS:
-    raise ValueError(f"recipe.normalize {how!r}: expected one of {NORMALIZATIONS}")
-
-
-def normalization_scale(mean_sq_norm: float, mean_d: np.ndarray, how: str = "raw") -> float:
-  """C with E||x / C||² = 1 ("raw") or E||(x - μ) / C||² = 1 ("centred"), from E||x||² and μ."""
-  check_normalization(how)
-  second_moment = mean_sq_norm - float(np.dot(mean_d, mean_d)) if how == "centred" else mean_sq_norm
-  if not np.isfinite(second_moment) or second_moment <= 0:
-    what = "variance (E||x - μ||²)" if how == "centred" else "mean squared norm"
-    raise ValueError(f"activations have {what} {second_moment}; cannot normalize")
-  return float(np.sqrt(second_moment))
-
-
-def scale_and_mean(mean_sq_norm: float, mean_d: np.ndarray, normalize: str | None) -> tuple[float, float, np.ndarray]:
-  """(C, the divisor batches get: C or 1 when `normalize` is None, μ / divisor as float32)."""
-  scale = normalization_scale(mean_sq_norm, mean_d, normalize or "raw")
-  divisor = scale if normalize else 1.0
-  return scale, divisor, (np.asarray(mean_d) / divisor).astype(np.float32)
-
-
-def array_statistics(rows_nd: np.ndarray, chunk_rows: int = 65_536) -> tuple[float, np.ndarray]:
-  """(E||x||², μ) over every row, in float64, streamed in chunks (the store's manifest has the same)."""
-  sq, total = 0.0, np.zeros(rows_nd.shape[1], np.float64)
-  for lo in range(0, rows_nd.shape[0], chunk_rows):
-    block = np.asarray(rows_nd[lo:lo + chunk_rows], np.float64)
-    sq += float(np.sum(np.square(block)))
-    total += block.sum(axis=0)
-  return sq / rows_nd.shape[0], total / rows_nd.shape[0]
 
 
 class ArraySource:
@@ -83,8 +43,15 @@ class ArraySource:
   C and μ are computed over every row.
   """
 
-  def __init__(self, rows_nd: np.ndarray, batch_size: int, mesh: Mesh, seed: int = 0,
-               normalize: str | None = "raw", name: str = "array"):
+  def __init__(
+    self,
+    rows_nd: np.ndarray,
+    batch_size: int,
+    mesh: Mesh,
+    seed: int = 0,
+    normalize: str | None = "raw",
+    name: str = "array",
+  ):
     if rows_nd.ndim != 2 or rows_nd.shape[0] == 0:
       raise ValueError(f"{name}: expected a non-empty [rows, width] array; got shape {rows_nd.shape}")
     if batch_size % mesh.shape[DATA]:
@@ -124,12 +91,26 @@ class ArraySource:
     return jax.make_array_from_callback((self.batch_size, self.width), self.sharding, rows)
 
   def describe(self) -> dict:
-    return {"kind": "array", "name": self.name, "rows": int(self.rows_nd.shape[0]), "width": self.width,
-            "seed": self.seed, "batch_size": self.batch_size}
+    return {
+      "kind": "array",
+      "name": self.name,
+      "rows": int(self.rows_nd.shape[0]),
+      "width": self.width,
+      "seed": self.seed,
+      "batch_size": self.batch_size,
+    }
 
 
-def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: str | None = "raw",
-                site: str | None = None, expected_width: int | None = None, **loader_options) -> BatchSource:
+def open_source(
+  path: str,
+  batch_size: int,
+  mesh: Mesh,
+  seed: int,
+  normalize: str | None = "raw",
+  site: str | None = None,
+  expected_width: int | None = None,
+  **loader_options,
+) -> BatchSource:
   """A source for `path`: an activation store root (local or gs://; one `site` of it) or a
   `.npy` file of `[rows, width]` activations (memory-mapped). `normalize`: "raw", "centred" or
   None (batches not divided)."""
@@ -140,7 +121,6 @@ def open_source(path: str, batch_size: int, mesh: Mesh, seed: int, normalize: st
       raise FileNotFoundError(f"data.path {path}: no such file")
     return ArraySource(np.load(p, mmap_mode="r"), batch_size, mesh, seed, normalize, name=str(p))
   if path.startswith("gs://") or p.is_dir():
-    from scope_jax.data.loader import StoreLoader
     if not site:
       raise ValueError(f"data.path {path} is a store: set config.site to the site to train on")
     return StoreLoader(path, site, batch_size, mesh, seed, normalize, expected_width=expected_width, **loader_options)

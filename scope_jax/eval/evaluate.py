@@ -1,6 +1,6 @@
 """`scope-jax eval`: every SAE of a run (and any SAE `load_sae` reads) on held-out text.
 
-For each SAE: L0, MSE, FVU, latent densities (eval/metrics.py), and the next-token loss with
+For each SAE: L0, MSE, FVU, latent densities (eval/statistics.py), and the next-token loss with
 its reconstruction spliced in at its site, beside the clean loss and the loss with the site
 zero-ablated and mean-ablated (replaced by its mean over the evaluation text):
 
@@ -31,14 +31,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from scope_jax.activations.sequences import batches, sequences
-from scope_jax.data.text import iter_documents
-from scope_jax.eval.metrics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
+from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
+from scope_jax.layout import RunLayout, eval_identity
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE
-from scope_jax.train.metrics import HEALTH
+from scope_jax.text.sequences import batches, sequences
+from scope_jax.text.sources import iter_documents
 
 
 class OverlapError(ValueError):
@@ -52,8 +52,10 @@ def eval_documents(config: ml_collections.ConfigDict):
     return
   every = config.data.holdout_every
   if not every:
-    message = ("the evaluation text is the training text: data.holdout_every is 0 and eval.text is empty; "
-               "set data.holdout_every (documents kept out of extraction) or eval.text")
+    message = (
+      "the evaluation text is the training text: data.holdout_every is 0 and eval.text is empty; "
+      "set data.holdout_every (documents kept out of extraction) or eval.text"
+    )
     if config.eval.strict:
       raise OverlapError(message)
     warnings.warn(message, stacklevel=2)
@@ -66,15 +68,26 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer) -> list:
   """Batches of `eval.sequences` packed sequences (rounded up to whole batches); fewer when the
   text runs out (a warning), at least two (a standard error needs two)."""
   e = config.eval
-  out = list(batches(sequences(eval_documents(config), tokenizer, e.seq_len, "pack"), e.batch_size,
-                     tokenizer.pad_id, max_batches=-(-e.sequences // e.batch_size)))
+  out = list(
+    batches(
+      sequences(eval_documents(config), tokenizer, e.seq_len, "pack"),
+      e.batch_size,
+      tokenizer.pad_id,
+      max_batches=-(-e.sequences // e.batch_size),
+    )
+  )
   found = sum(int(b.keep.any(axis=1).sum()) for b in out)
   if found < 2:
-    raise ValueError(f"eval set too small: the held-out documents (or eval.text) give {found} sequence(s) of "
-                     f"{e.seq_len} tokens; standard errors need at least 2 (hold out more text or shorten eval.seq_len)")
+    raise ValueError(
+      f"eval set too small: the held-out documents (or eval.text) give {found} sequence(s) of "
+      f"{e.seq_len} tokens; standard errors need at least 2 (hold out more text or shorten eval.seq_len)"
+    )
   if found < e.sequences:
-    warnings.warn(f"eval set smaller than asked: the held-out text gives {found} sequences of {e.seq_len} tokens, "
-                  f"eval.sequences asks for {e.sequences}", stacklevel=2)
+    warnings.warn(
+      f"eval set smaller than asked: the held-out text gives {found} sequences of {e.seq_len} tokens, "
+      f"eval.sequences asks for {e.sequences}",
+      stacklevel=2,
+    )
   return out
 
 
@@ -82,8 +95,7 @@ def check_sae(sae: SAE, site: str, lm, name: str) -> None:
   s = parse_site(site, lm.config)
   width = site_width(s, lm.config)
   if sae.d_in != width:
-    raise ValueError(f"SAE {name}: input width {sae.d_in} does not match site {site} of {lm.source} "
-                     f"(width {width})")
+    raise ValueError(f"SAE {name}: input width {sae.d_in} does not match site {site} of {lm.source} (width {width})")
 
 
 @jax.jit
@@ -105,7 +117,9 @@ class _Losses:
     self.counts: list[np.ndarray] = []
 
   def add(self, key: str, losses_bt: jax.Array, pred_bt: np.ndarray) -> None:
-    self.sums.setdefault(key, []).append(np.sum(host_array(losses_bt)[:len(pred_bt)] * pred_bt, axis=1, dtype=np.float64))
+    self.sums.setdefault(key, []).append(
+      np.sum(host_array(losses_bt)[: len(pred_bt)] * pred_bt, axis=1, dtype=np.float64)
+    )
 
   def total(self, key: str) -> np.ndarray:
     return np.concatenate(self.sums[key])
@@ -133,7 +147,11 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
     resid, act, _ = lm.to_site(batch.tokens, site)
     keep_bt, pred_bt = _padded(batch.keep, act.shape[0]), batch.keep[:, 1:]
     losses.counts.append(pred_bt.sum(axis=1).astype(np.float64))
-    for key, replaced in (("clean", act), ("zero", _ablate(act, jnp.zeros_like(mean_d))), ("mean", _ablate(act, mean_d))):
+    for key, replaced in (
+      ("clean", act),
+      ("zero", _ablate(act, jnp.zeros_like(mean_d))),
+      ("mean", _ablate(act, mean_d)),
+    ):
       losses.add(key, lm.token_losses_from_site(batch.tokens, site, resid, replaced), pred_bt)
     for name, sae in saes.items():
       spliced, sums = sae_batch(sae, act, keep_bt)
@@ -145,17 +163,25 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
   for name in saes:
     spliced = losses.mean(name)
     delta, delta_se = ratio_and_standard_error(losses.total(name) - losses.total("clean"), losses.predictions)
-    recovered = lambda ablated: (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
     out[name] = stats[name].result(site_stats.variance) | {
-        "site": site, "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero, "ce_mean_ablation": mean,
-        "delta_loss": delta, "delta_loss_se": delta_se, "loss_recovered": recovered(zero),
-        "loss_recovered_mean": recovered(mean), "predictions": int(losses.predictions.sum()),
-        "sequences": int(np.sum(losses.predictions > 0))}
+      "site": site,
+      "ce_clean": clean,
+      "ce_spliced": spliced,
+      "ce_zero_ablation": zero,
+      "ce_mean_ablation": mean,
+      "delta_loss": delta,
+      "delta_loss_se": delta_se,
+      "loss_recovered": _recovered(zero, spliced, clean),
+      "loss_recovered_mean": _recovered(mean, spliced, clean),
+      "predictions": int(losses.predictions.sum()),
+      "sequences": int(np.sum(losses.predictions > 0)),
+    }
   return out
 
 
-def evaluate_saes(lm, saes: dict[str, tuple[SAE, str]], token_batches: list, dtype=jnp.float32,
-                  progress: bool = True) -> dict[str, dict]:
+def evaluate_saes(
+  lm, saes: dict[str, tuple[SAE, str]], token_batches: list, dtype=jnp.float32, progress: bool = True
+) -> dict[str, dict]:
   """{name: metrics} for SAEs `{name: (sae, site)}` on `token_batches`, SAEs cast to `dtype` (the
   model runs in its own dtype: pass `lm.astype(dtype)` for a low-precision evaluation).
 
@@ -168,27 +194,46 @@ def evaluate_saes(lm, saes: dict[str, tuple[SAE, str]], token_batches: list, dty
   for name, (sae, site) in saes.items():
     by_site.setdefault(site, {})[name] = sae.astype(dtype)
   out = {}
-  with tqdm(total=2 * len(token_batches) * len(by_site), desc=f"eval {len(saes)} SAEs ({jnp.dtype(dtype).name})",
-            unit="batch", disable=not progress) as bar:
+  with tqdm(
+    total=2 * len(token_batches) * len(by_site),
+    desc=f"eval {len(saes)} SAEs ({jnp.dtype(dtype).name})",
+    unit="batch",
+    disable=not progress,
+  ) as bar:
     for site in sorted(by_site):
       out |= _evaluate_site(lm, site, by_site[site], token_batches, bar)
   return {name: out[name] for name in saes}
 
 
+def _recovered(ablated: float, spliced: float, clean: float) -> float:
+  """The fraction of the ablation's loss increase the SAE recovers."""
+  return (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
+
+
 def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
   """The run's exports (export/index.json) and `eval.saes` paths: {name: {"path", "site", ...}}."""
   entries = {}
-  index = Path(workdir) / "export" / "index.json"
+  index = RunLayout(workdir).export_index
   if index.exists():
     for e in json.loads(index.read_text()):
-      entries[e["name"]] = {"path": e["gemma_scope"], "site": e["site"] or config.site, "width": e["width"],
-                            "l1_coefficient": e["l1_coefficient"], "dead_export": e["dead_fraction"]}
+      entries[e["name"]] = {
+        "path": e["gemma_scope"],
+        "site": e["site"] or config.site,
+        "width": e["width"],
+        "l1_coefficient": e["l1_coefficient"],
+        "dead_export": e["dead_fraction"],
+      }
   for path in config.eval.saes:
     sae = load_sae(path)
     site = sae.info.site or config.site
     if not site:
       raise ValueError(f"eval.saes {path}: the file does not say its site; set config.site")
-    entries[str(path)] = {"path": str(path), "site": site, "width": sae.width, "l1_coefficient": sae.info.l1_coefficient}
+    entries[str(path)] = {
+      "path": str(path),
+      "site": site,
+      "width": sae.width,
+      "l1_coefficient": sae.info.l1_coefficient,
+    }
   if not entries:
     raise FileNotFoundError(f"nothing to evaluate: no {index} and eval.saes is empty")
   return entries
@@ -202,8 +247,10 @@ def check_standard_errors(results: dict[str, dict], target: float) -> list[str]:
     se, n = r["delta_loss_se"], r["sequences"]
     if target and not se <= target:
       need = "more than 1" if not np.isfinite(se) else f"about {int(np.ceil(n * (se / target) ** 2))}"
-      messages.append(f"eval set too small for SAE {name}: standard error of Δ loss {se:.3g} nats on {n} sequences, "
-                      f"above eval.delta_loss_se = {target:g}; {need} sequences would meet it (eval.sequences)")
+      messages.append(
+        f"eval set too small for SAE {name}: standard error of Δ loss {se:.3g} nats on {n} sequences, "
+        f"above eval.delta_loss_se = {target:g}; {need} sequences would meet it (eval.sequences)"
+      )
   for message in messages:
     warnings.warn(message, stacklevel=2)
   return messages
@@ -217,7 +264,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   from scope_jax.activations.extract import load_extraction_model
   from scope_jax.eval.report import write_report
 
+  layout = RunLayout(workdir)
   entries = saes_to_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    layout.unmark("eval")
   lm = lm or load_extraction_model(config)
   token_batches = eval_batches(config, lm.tokenizer)
   saes = {name: (load_sae(e["path"], site=e["site"]), e["site"]) for name, e in entries.items()}
@@ -233,9 +283,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
       results_bf16[name] |= about
   files = {}
   if jax.process_index() == 0:
-    health = Path(workdir) / HEALTH
-    trained = json.loads(health.read_text())["warnings"] if health.exists() else []
-    files = write_report(results, results_bf16, Path(workdir) / "report", f"scope_jax report: {config.model}",
-                         trained + warnings_, Path(workdir) / "metrics.jsonl")
+    trained = json.loads(layout.health.read_text())["warnings"] if layout.health.exists() else []
+    files = write_report(
+      results, results_bf16, layout.report, f"scope_jax report: {config.model}", trained + warnings_, layout.metrics
+    )
+    layout.mark_finished("eval", eval_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax eval: report written")  # later jobs check it
   return {"results": results, "results_bf16": results_bf16, "files": files, "warnings": warnings_}

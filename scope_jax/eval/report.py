@@ -1,11 +1,11 @@
 """Plots (matplotlib, PNG), `metrics.json`, `report.md` and a self-contained `report.html`.
 
-    WORKDIR/report/metrics.json          every SAE's numbers (float32 and bfloat16)
-    WORKDIR/report/pareto_delta_loss.png delta LM loss against L0, one curve per width
-    WORKDIR/report/pareto_fvu.png        FVU against L0, one curve per width
-    WORKDIR/report/density_NAME.png      log10 firing-density histogram of each SAE
-    WORKDIR/report/training.png          training curves of every SAE (from WORKDIR/metrics.jsonl)
-    WORKDIR/report/report.md, report.html
+WORKDIR/report/metrics.json          every SAE's numbers (float32 and bfloat16)
+WORKDIR/report/pareto_delta_loss.png delta LM loss against L0, one curve per width
+WORKDIR/report/pareto_fvu.png        FVU against L0, one curve per width
+WORKDIR/report/density_NAME.png      log10 firing-density histogram of each SAE
+WORKDIR/report/training.png          training curves of every SAE (from WORKDIR/metrics.jsonl)
+WORKDIR/report/report.md, report.html
 """
 
 from __future__ import annotations
@@ -22,14 +22,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scope_jax.eval.metrics import log10_density_histogram  # noqa: E402
+from scope_jax.eval.statistics import log10_density_histogram  # noqa: E402
 
-COLUMNS = [("width", "width", "{:d}"), ("l1_coefficient", "λ", "{:g}"), ("l0", "L0", "{:.1f}"),
-           ("delta_loss", "Δ loss", "{:.4f}"), ("delta_loss_se", "± SE", "{:.4f}"),
-           ("fvu", "FVU", "{:.3f}"), ("fvu_se", "± SE", "{:.3f}"), ("mse", "MSE", "{:.4g}"),
-           ("loss_recovered_mean", "recovered (mean abl.)", "{:.1%}"),
-           ("loss_recovered", "recovered (zero abl.)", "{:.1%}"), ("dead_fraction", "silent on eval text", "{:.1%}"),
-           ("dead_export", "dead (export rows)", "{:.1%}"), ("dense_fraction", "dense", "{:.1%}")]
+COLUMNS = [
+  ("width", "width", "{:d}"),
+  ("l1_coefficient", "λ", "{:g}"),
+  ("l0", "L0", "{:.1f}"),
+  ("delta_loss", "Δ loss", "{:.4f}"),
+  ("delta_loss_se", "± SE", "{:.4f}"),
+  ("fvu", "FVU", "{:.3f}"),
+  ("fvu_se", "± SE", "{:.3f}"),
+  ("mse", "MSE", "{:.4g}"),
+  ("loss_recovered_mean", "recovered (mean abl.)", "{:.1%}"),
+  ("loss_recovered", "recovered (zero abl.)", "{:.1%}"),
+  ("dead_fraction", "silent on eval text", "{:.1%}"),
+  ("dead_export", "dead (export rows)", "{:.1%}"),
+  ("dense_fraction", "dense", "{:.1%}"),
+]
 
 
 def _safe(name: str) -> str:
@@ -66,9 +75,14 @@ def density_plot(name: str, density_m: np.ndarray, path: Path) -> None:
   plt.close(fig)
 
 
-CURVES = [("loss", "loss", "log"), ("l0", "L0", "log"), ("fvu", "FVU (training batch)", "log"),
-          ("dead_fraction", "dead fraction", "linear"), ("window_fraction", "pre-activations in θ's kernel window", "log"),
-          ("threshold_moved", "mean |θ − θ₀| / θ₀", "log")]
+CURVES = [
+  ("loss", "loss", "log"),
+  ("l0", "L0", "log"),
+  ("fvu", "FVU (training batch)", "log"),
+  ("dead_fraction", "dead fraction", "linear"),
+  ("window_fraction", "pre-activations in θ's kernel window", "log"),
+  ("threshold_moved", "mean |θ − θ₀| / θ₀", "log"),
+]
 
 
 def training_curves(metrics_jsonl: Path, path: Path) -> bool:
@@ -106,14 +120,22 @@ def _table(results: dict) -> list[list[str]]:
   return rows
 
 
-def write_report(results: dict, results_bf16: dict | None, out: Path, title: str,
-                 warnings: list[str] = (), metrics_jsonl: Path | None = None) -> dict[str, Path]:
+def write_report(
+  results: dict,
+  results_bf16: dict | None,
+  out: Path,
+  title: str,
+  warnings: list[str] = (),
+  metrics_jsonl: Path | None = None,
+) -> dict[str, Path]:
   """Writes everything; `results[name]` holds the metrics plus "width" and "l1_coefficient";
   `warnings` (training health, an eval set too small, ...) head the report; `metrics_jsonl`, the
   training log, gives the training curves."""
   out.mkdir(parents=True, exist_ok=True)
-  images = {"pareto_delta_loss.png": ("delta_loss", "Δ LM loss (spliced − clean)"),
-            "pareto_fvu.png": ("fvu", "fraction of variance unexplained")}
+  images = {
+    "pareto_delta_loss.png": ("delta_loss", "Δ LM loss (spliced − clean)"),
+    "pareto_fvu.png": ("fvu", "fraction of variance unexplained"),
+  }
   for file, (key, label) in images.items():
     pareto_plot(results, key, label, out / file)
   curves = metrics_jsonl is not None and training_curves(metrics_jsonl, out / "training.png")
@@ -122,8 +144,14 @@ def write_report(results: dict, results_bf16: dict | None, out: Path, title: str
     densities[name] = out / f"density_{_safe(name)}.png"
     density_plot(name, r["density"], densities[name])
   strip = lambda rs: {n: {k: v for k, v in r.items() if k != "density"} for n, r in rs.items()}
-  (out / "metrics.json").write_text(json.dumps({"float32": strip(results), "bfloat16": strip(results_bf16 or {}),
-                                                "warnings": list(warnings)}, indent=2, default=float) + "\n")
+  (out / "metrics.json").write_text(
+    json.dumps(
+      {"float32": strip(results), "bfloat16": strip(results_bf16 or {}), "warnings": list(warnings)},
+      indent=2,
+      default=float,
+    )
+    + "\n"
+  )
   header = ["SAE"] + [label for _, label, _ in COLUMNS]
   rows = _table(results)
   md = [f"# {title}", ""] + [f"> **warning:** {w}" for w in warnings] + [""] * bool(warnings)
@@ -151,7 +179,11 @@ def write_report(results: dict, results_bf16: dict | None, out: Path, title: str
     parts += ["<h2>bfloat16 (model and SAEs)</h2>", table(_table(results_bf16))]
   parts += [img(out / f) for f in images] + ["<h2>Training</h2>", img(out / "training.png")] * curves
   parts += [img(p) for p in densities.values()]
-  style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-  (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                   f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+  style = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+  )
+  (out / "report.html").write_text(
+    f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+  )
   return {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}

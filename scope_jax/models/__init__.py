@@ -3,6 +3,6 @@
 from scope_jax.models.config import PRESETS, GemmaConfig
 from scope_jax.models.lm import LanguageModel, load_model
 from scope_jax.models.sites import KINDS, Site, parse_site
-from scope_jax.models.tokenizer import Tokenizer
+from scope_jax.text.tokenizer import Tokenizer
 
 __all__ = ["PRESETS", "GemmaConfig", "KINDS", "LanguageModel", "Site", "Tokenizer", "load_model", "parse_site"]

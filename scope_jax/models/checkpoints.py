@@ -20,16 +20,16 @@ ParamPath = tuple
 Reader = Callable[[ParamPath], np.ndarray]
 
 _HF_NORMS = {
-    "pre_attn_norm": "input_layernorm",
-    "post_attn_norm": "post_attention_layernorm",
-    "pre_ffw_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
+  "pre_attn_norm": "input_layernorm",
+  "post_attn_norm": "post_attention_layernorm",
+  "pre_ffw_norm": "pre_feedforward_layernorm",
+  "post_ffw_norm": "post_feedforward_layernorm",
 }
 _DM_NORMS = {
-    "pre_attn_norm": "pre_attention_norm",
-    "post_attn_norm": "post_attention_norm",
-    "pre_ffw_norm": "pre_ffw_norm",
-    "post_ffw_norm": "post_ffw_norm",
+  "pre_attn_norm": "pre_attention_norm",
+  "post_attn_norm": "post_attention_norm",
+  "pre_ffw_norm": "pre_ffw_norm",
+  "post_ffw_norm": "post_ffw_norm",
 }
 
 
@@ -112,7 +112,8 @@ def hf_layout_reader(get: Callable[[str, tuple[int, ...]], np.ndarray], config: 
 
 def is_orbax_checkpoint(directory: str) -> bool:
   return os.path.isdir(directory) and any(
-      os.path.exists(os.path.join(directory, name)) for name in ("_METADATA", "manifest.ocdbt", "checkpoint"))
+    os.path.exists(os.path.join(directory, name)) for name in ("_METADATA", "manifest.ocdbt", "checkpoint")
+  )
 
 
 def read_orbax_params(directory: str) -> dict[str, np.ndarray]:
@@ -143,11 +144,13 @@ def config_from_orbax_shapes(params: dict[str, np.ndarray], source: str) -> Gemm
 
   n_layers = len({k.split("/")[1] for k in params if k.startswith("transformer/layer_")})
   d_model = params["transformer/embedder/input_embedding"].shape[1]
-  for name, preset in PRESETS.items():
+  for preset in PRESETS.values():
     if (preset.d_model, preset.n_layers) == (d_model, n_layers):
       return preset
-  raise ValueError(f"{source}: d_model={d_model}, {n_layers} layers matches no preset "
-                   f"({', '.join(PRESETS)}); pass config= to load_model")
+  raise ValueError(
+    f"{source}: d_model={d_model}, {n_layers} layers matches no preset "
+    f"({', '.join(PRESETS)}); pass config= to load_model"
+  )
 
 
 def orbax_reader(params: dict[str, np.ndarray], config: GemmaConfig, source: str) -> Reader:

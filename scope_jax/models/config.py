@@ -58,7 +58,7 @@ class GemmaConfig:
     """Width of the `att.L` site: concatenated per-head outputs."""
     return self.n_heads * self.head_dim
 
-  def replace(self, **changes: Any) -> "GemmaConfig":
+  def replace(self, **changes: Any) -> GemmaConfig:
     return dataclasses.replace(self, **changes)
 
 
@@ -69,23 +69,44 @@ def alternating_layer_types(n_layers: int, pattern: int) -> tuple[str, ...]:
 
 def _gemma2(d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, query_pre_attn_scalar):
   return GemmaConfig(
-      model_type="gemma2", vocab_size=256_000, d_model=d_model, n_layers=n_layers,
-      n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, d_ff=d_ff,
-      query_pre_attn_scalar=query_pre_attn_scalar,
-      layer_types=alternating_layer_types(n_layers, 2), sliding_window=4096,
-      rope_theta_global=10_000.0, rope_theta_local=10_000.0,
-      attn_logit_softcap=50.0, final_logit_softcap=30.0)
+    model_type="gemma2",
+    vocab_size=256_000,
+    d_model=d_model,
+    n_layers=n_layers,
+    n_heads=n_heads,
+    n_kv_heads=n_kv_heads,
+    head_dim=head_dim,
+    d_ff=d_ff,
+    query_pre_attn_scalar=query_pre_attn_scalar,
+    layer_types=alternating_layer_types(n_layers, 2),
+    sliding_window=4096,
+    rope_theta_global=10_000.0,
+    rope_theta_local=10_000.0,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+  )
 
 
 PRESETS: dict[str, GemmaConfig] = {
-    "gemma2-2b": _gemma2(2304, 26, 8, 4, 256, 9216, 256),
-    "gemma2-9b": _gemma2(3584, 42, 16, 8, 256, 14336, 256),
-    "gemma2-27b": _gemma2(4608, 46, 32, 16, 128, 36864, 144),
-    "gemma3-270m": GemmaConfig(
-        model_type="gemma3_text", vocab_size=262_144, d_model=640, n_layers=18, n_heads=4,
-        n_kv_heads=1, head_dim=256, d_ff=2048, query_pre_attn_scalar=256,
-        layer_types=alternating_layer_types(18, 6), sliding_window=512,
-        rope_theta_global=1_000_000.0, rope_theta_local=10_000.0, qk_norm=True),
+  "gemma2-2b": _gemma2(2304, 26, 8, 4, 256, 9216, 256),
+  "gemma2-9b": _gemma2(3584, 42, 16, 8, 256, 14336, 256),
+  "gemma2-27b": _gemma2(4608, 46, 32, 16, 128, 36864, 144),
+  "gemma3-270m": GemmaConfig(
+    model_type="gemma3_text",
+    vocab_size=262_144,
+    d_model=640,
+    n_layers=18,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=256,
+    d_ff=2048,
+    query_pre_attn_scalar=256,
+    layer_types=alternating_layer_types(18, 6),
+    sliding_window=512,
+    rope_theta_global=1_000_000.0,
+    rope_theta_local=10_000.0,
+    qk_norm=True,
+  ),
 }
 
 
@@ -118,7 +139,8 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> GemmaConfig
   try:
     n_layers = int(hf["num_hidden_layers"])
     layer_types = hf.get("layer_types") or alternating_layer_types(
-        n_layers, int(hf.get("sliding_window_pattern", 6 if gemma3 else 2)))
+      n_layers, int(hf.get("sliding_window_pattern", 6 if gemma3 else 2))
+    )
     theta_global, scale_global = _rope_from_hf(hf, GLOBAL)
     theta_local, scale_local = _rope_from_hf(hf, SLIDING)
     default_softcaps = (None, None) if gemma3 else (50.0, 30.0)
@@ -129,26 +151,28 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> GemmaConfig
       raise ValueError(f"{source}: untied embeddings are not supported (tie_word_embeddings must be true)")
     eos = hf.get("eos_token_id", 1)
     return GemmaConfig(
-        model_type=model_type,
-        vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["hidden_size"]),
-        n_layers=n_layers,
-        n_heads=int(hf["num_attention_heads"]),
-        n_kv_heads=int(hf.get("num_key_value_heads", hf["num_attention_heads"])),
-        head_dim=int(hf.get("head_dim", 256)),
-        d_ff=int(hf["intermediate_size"]),
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-        layer_types=tuple(layer_types),
-        sliding_window=hf.get("sliding_window", 4096),
-        rope_theta_global=theta_global, rope_theta_local=theta_local,
-        rope_scale_global=scale_global, rope_scale_local=scale_local,
-        attn_logit_softcap=hf.get("attn_logit_softcapping", default_softcaps[0]),
-        final_logit_softcap=hf.get("final_logit_softcapping", default_softcaps[1]),
-        qk_norm=gemma3,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        bos_id=int(hf.get("bos_token_id", 2)),
-        eos_id=int(eos[0] if isinstance(eos, list) else eos),
-        pad_id=int(hf.get("pad_token_id", 0) or 0),
+      model_type=model_type,
+      vocab_size=int(hf["vocab_size"]),
+      d_model=int(hf["hidden_size"]),
+      n_layers=n_layers,
+      n_heads=int(hf["num_attention_heads"]),
+      n_kv_heads=int(hf.get("num_key_value_heads", hf["num_attention_heads"])),
+      head_dim=int(hf.get("head_dim", 256)),
+      d_ff=int(hf["intermediate_size"]),
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+      layer_types=tuple(layer_types),
+      sliding_window=hf.get("sliding_window", 4096),
+      rope_theta_global=theta_global,
+      rope_theta_local=theta_local,
+      rope_scale_global=scale_global,
+      rope_scale_local=scale_local,
+      attn_logit_softcap=hf.get("attn_logit_softcapping", default_softcaps[0]),
+      final_logit_softcap=hf.get("final_logit_softcapping", default_softcaps[1]),
+      qk_norm=gemma3,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      bos_id=int(hf.get("bos_token_id", 2)),
+      eos_id=int(eos[0] if isinstance(eos, list) else eos),
+      pad_id=int(hf.get("pad_token_id", 0) or 0),
     )
   except KeyError as e:
     raise ValueError(f"{source}: required field {e.args[0]!r} is missing") from None

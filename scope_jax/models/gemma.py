@@ -20,15 +20,15 @@ from scope_jax.models.sites import Site
 
 # Logical axis names of every parameter, by its attribute name (see parallel.mesh).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": ("vocab", None),
-    "scale": (None,),
-    "q": (None, "heads", None),
-    "k": (None, "kv_heads", None),
-    "v": (None, "kv_heads", None),
-    "o": ("heads", None, None),
-    "gate": (None, "ff"),
-    "up": (None, "ff"),
-    "down": ("ff", None),
+  "embed": ("vocab", None),
+  "scale": (None,),
+  "q": (None, "heads", None),
+  "k": (None, "kv_heads", None),
+  "v": (None, "kv_heads", None),
+  "o": ("heads", None, None),
+  "gate": (None, "ff"),
+  "up": (None, "ff"),
+  "down": ("ff", None),
 }
 
 ReplaceFn = Callable[[jax.Array], jax.Array]
@@ -88,13 +88,14 @@ class Attention(nnx.Module):
     v = jnp.einsum("bsd,dkh->bskh", x_btd, self.v[...])
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    theta, scale = ((c.rope_theta_local, c.rope_scale_local) if self.sliding
-                    else (c.rope_theta_global, c.rope_scale_global))
+    theta, scale = (
+      (c.rope_theta_local, c.rope_scale_local) if self.sliding else (c.rope_theta_global, c.rope_scale_global)
+    )
     q, k = rope(q, positions_bt, theta, scale), rope(k, positions_bt, theta, scale)
     b, t, n, h = q.shape
     q = q.reshape(b, t, c.n_kv_heads, n // c.n_kv_heads, h)  # head n = k * G + g
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = softcap(logits * c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcap)
+    logits = softcap(logits * c.query_pre_attn_scalar**-0.5, c.attn_logit_softcap)
     qpos, kpos = positions_bt[:, None, None, :, None], positions_bt[:, None, None, None, :]
     visible = kpos <= qpos
     if self.sliding and c.sliding_window is not None:
@@ -173,8 +174,14 @@ class Gemma(nnx.Module):
     self.layers = nnx.List([Block(config, i, dtype) for i in range(config.n_layers)])
     self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps, dtype)
 
-  def __call__(self, tokens_bt: jax.Array, *, capture: tuple[Site, ...] = (),
-               replace: Mapping[Site, ReplaceFn] | None = None, with_logits: bool = True):
+  def __call__(
+    self,
+    tokens_bt: jax.Array,
+    *,
+    capture: tuple[Site, ...] = (),
+    replace: Mapping[Site, ReplaceFn] | None = None,
+    with_logits: bool = True,
+  ):
     """Returns (logits [B, T, V] float32 or None, {Site: activation [B, T, width]})."""
     last = self.config.n_layers - 1 if with_logits else max(s.layer for s in capture)
     x_btd, acts = self._layers(tokens_bt, capture, replace, last)
@@ -211,15 +218,18 @@ class Gemma(nnx.Module):
     c = self.config
     x_btd = self.final_norm(x_btd)[:, :-1]
     embed_vd = self.embed[...]
-    target_bt = softcap(jnp.einsum("btd,btd->bt", x_btd, embed_vd[tokens_bt[:, 1:]],
-                                   preferred_element_type=jnp.float32), c.final_logit_softcap)
+    target_bt = softcap(
+      jnp.einsum("btd,btd->bt", x_btd, embed_vd[tokens_bt[:, 1:]], preferred_element_type=jnp.float32),
+      c.final_logit_softcap,
+    )
     vocab = embed_vd.shape[0]
     chunk = max(k for k in range(1, min(vocab_chunk, vocab) + 1) if vocab % k == 0)
 
     def add_chunk(carry, embed_cd):
       max_bt, sum_bt = carry
-      logits_btc = softcap(jnp.einsum("btd,cd->btc", x_btd, embed_cd, preferred_element_type=jnp.float32),
-                           c.final_logit_softcap)
+      logits_btc = softcap(
+        jnp.einsum("btd,cd->btc", x_btd, embed_cd, preferred_element_type=jnp.float32), c.final_logit_softcap
+      )
       new_max_bt = jnp.maximum(max_bt, jnp.max(logits_btc, axis=-1))
       sum_bt = sum_bt * jnp.exp(max_bt - new_max_bt) + jnp.sum(jnp.exp(logits_btc - new_max_bt[..., None]), axis=-1)
       return (new_max_bt, sum_bt), None
@@ -233,13 +243,13 @@ class Gemma(nnx.Module):
 
   def _embed(self, tokens_bt: jax.Array) -> jax.Array:
     x_btd = self.embed[...][tokens_bt]
-    return x_btd * jnp.asarray(self.config.d_model ** 0.5, x_btd.dtype)
+    return x_btd * jnp.asarray(self.config.d_model**0.5, x_btd.dtype)
 
   def to_site(self, tokens_bt: jax.Array, site: Site) -> tuple[jax.Array, jax.Array]:
     """The forward up to `site`: (the residual there, the site's activation)."""
     x_btd, _ = self._layers(tokens_bt, (), None, site.layer - 1)
     positions_bt, block, act = self._positions(tokens_bt), self.layers[site.layer], None
-    for kind in BLOCK_SITES[:BLOCK_SITES.index(site.kind) + 1]:
+    for kind in BLOCK_SITES[: BLOCK_SITES.index(site.kind) + 1]:
       x_btd, act = block.advance(kind, x_btd, act, positions_bt)
     return x_btd, act
 
@@ -248,7 +258,7 @@ class Gemma(nnx.Module):
     next-token losses `[B, T-1]`."""
     positions_bt = self._positions(resid_btd[..., 0])
     block = self.layers[site.layer]
-    for kind in BLOCK_SITES[BLOCK_SITES.index(site.kind) + 1:]:
+    for kind in BLOCK_SITES[BLOCK_SITES.index(site.kind) + 1 :]:
       resid_btd, act = block.advance(kind, resid_btd, act, positions_bt)
     x_btd = act
     for i in range(site.layer + 1, self.config.n_layers):

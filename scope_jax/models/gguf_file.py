@@ -22,21 +22,21 @@ SUPPORTED_ARCHITECTURES = ("gemma2", "gemma3")
 
 # HF tensor name (without "model.") -> GGUF tensor name; `{i}` is the layer index.
 _NAMES = {
-    "embed_tokens.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
-    "layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
-    "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
-    "layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
-    "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+  "embed_tokens.weight": "token_embd.weight",
+  "norm.weight": "output_norm.weight",
+  "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+  "layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+  "layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
+  "layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+  "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+  "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+  "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+  "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+  "layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+  "layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+  "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+  "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+  "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 
 
@@ -63,8 +63,9 @@ class GGUFModel:
     self._tensors = {t.name: t for t in self._file.tensors}
     self.architecture = self.field("general.architecture")
     if self.architecture not in SUPPORTED_ARCHITECTURES:
-      raise ValueError(f"{self.path}: architecture {self.architecture!r} is not supported; "
-                       f"expected one of {SUPPORTED_ARCHITECTURES}")
+      raise ValueError(
+        f"{self.path}: architecture {self.architecture!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}"
+      )
     self.config = self._config()
 
   def field(self, key: str, default=None):
@@ -87,23 +88,26 @@ class GGUFModel:
       raise ValueError(f"{self.path}: tensor 'token_embd.weight' is missing")
     vocab = int(self._tensors["token_embd.weight"].shape[-1])  # GGUF shapes are [d_model, vocab]
     return GemmaConfig(
-        model_type="gemma3_text" if gemma3 else "gemma2",
-        vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=int(self.field(f"{arch}.attention.head_count_kv", n_heads)),
-        head_dim=head_dim,
-        d_ff=int(self.field(f"{arch}.feed_forward_length")),
-        query_pre_attn_scalar=float(query_scalar),
-        layer_types=alternating_layer_types(n_layers, 6 if gemma3 else 2),
-        sliding_window=int(self.field(f"{arch}.attention.sliding_window", 4096)),
-        rope_theta_global=float(self.field(f"{arch}.rope.freq_base", 1_000_000.0 if gemma3 else 10_000.0)),
-        rope_theta_local=10_000.0,
-        attn_logit_softcap=None if gemma3 else float(self.field(f"{arch}.attn_logit_softcapping", 50.0)),
-        final_logit_softcap=None if gemma3 else float(self.field(f"{arch}.final_logit_softcapping", 30.0)),
-        qk_norm=gemma3,
-        rms_norm_eps=float(self.field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        bos_id=int(self.field("tokenizer.ggml.bos_token_id", 2)),
-        eos_id=int(self.field("tokenizer.ggml.eos_token_id", 1)),
-        pad_id=int(self.field("tokenizer.ggml.padding_token_id", 0)),
+      model_type="gemma3_text" if gemma3 else "gemma2",
+      vocab_size=vocab,
+      d_model=d_model,
+      n_layers=n_layers,
+      n_heads=n_heads,
+      n_kv_heads=int(self.field(f"{arch}.attention.head_count_kv", n_heads)),
+      head_dim=head_dim,
+      d_ff=int(self.field(f"{arch}.feed_forward_length")),
+      query_pre_attn_scalar=float(query_scalar),
+      layer_types=alternating_layer_types(n_layers, 6 if gemma3 else 2),
+      sliding_window=int(self.field(f"{arch}.attention.sliding_window", 4096)),
+      rope_theta_global=float(self.field(f"{arch}.rope.freq_base", 1_000_000.0 if gemma3 else 10_000.0)),
+      rope_theta_local=10_000.0,
+      attn_logit_softcap=None if gemma3 else float(self.field(f"{arch}.attn_logit_softcapping", 50.0)),
+      final_logit_softcap=None if gemma3 else float(self.field(f"{arch}.final_logit_softcapping", 30.0)),
+      qk_norm=gemma3,
+      rms_norm_eps=float(self.field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+      bos_id=int(self.field("tokenizer.ggml.bos_token_id", 2)),
+      eos_id=int(self.field("tokenizer.ggml.eos_token_id", 1)),
+      pad_id=int(self.field("tokenizer.ggml.padding_token_id", 0)),
     )
 
   def tensor(self, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -117,8 +121,9 @@ class GGUFModel:
     try:
       x = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-      raise ValueError(f"{self.path}: tensor {name!r} has quantization type {t.tensor_type.name}, "
-                       "which cannot be dequantized") from None
+      raise ValueError(
+        f"{self.path}: tensor {name!r} has quantization type {t.tensor_type.name}, which cannot be dequantized"
+      ) from None
     x = checkpoints.checked_shape(self.path, name, x.reshape([int(n) for n in reversed(t.shape)]), shape)
     return x - 1.0 if name.endswith("norm.weight") else x
 
@@ -130,8 +135,10 @@ class GGUFModel:
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     if self.field("tokenizer.ggml.model") != "llama":
-      raise ValueError(f"{self.path}: tokenizer model {self.field('tokenizer.ggml.model')!r} "
-                       "is not a sentencepiece ('llama') tokenizer")
+      raise ValueError(
+        f"{self.path}: tokenizer model {self.field('tokenizer.ggml.model')!r} "
+        "is not a sentencepiece ('llama') tokenizer"
+      )
     tokens = self.field("tokenizer.ggml.tokens")
     scores = self.field("tokenizer.ggml.scores")
     types = self.field("tokenizer.ggml.token_type")
@@ -142,8 +149,12 @@ class GGUFModel:
     spec.byte_fallback = True
     spec.allow_whitespace_only_pieces = True
     spec.split_digits = True
-    special = {"unk": int(self.field("tokenizer.ggml.unknown_token_id", 3)), "bos": self.config.bos_id,
-               "eos": self.config.eos_id, "pad": self.config.pad_id}
+    special = {
+      "unk": int(self.field("tokenizer.ggml.unknown_token_id", 3)),
+      "bos": self.config.bos_id,
+      "eos": self.config.eos_id,
+      "pad": self.config.pad_id,
+    }
     for name, index in special.items():
       setattr(spec, f"{name}_id", index)
       setattr(spec, f"{name}_piece", tokens[index])

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from scope_jax.models import checkpoints
 from scope_jax.models.config import GemmaConfig
@@ -17,8 +18,8 @@ from scope_jax.models.embedded import EMBEDDED, embedded_gguf_path
 from scope_jax.models.gemma import PARAM_AXES, Gemma
 from scope_jax.models.gguf_file import GGUFModel
 from scope_jax.models.sites import Site, parse_site
-from scope_jax.models.tokenizer import Tokenizer
 from scope_jax.parallel import mesh as mesh_lib
+from scope_jax.text.tokenizer import Tokenizer
 
 
 def _forward(state, tokens_bt, graphdef, capture, replace, with_logits, out_dtype):
@@ -53,20 +54,34 @@ class LanguageModel:
     state_shardings = jax.tree.map(lambda x: x.sharding, self._state)
     self._batch_sharding = NamedSharding(mesh, P(mesh_lib.DATA))
     self._jitted = jax.jit(
-        _forward,
-        in_shardings=(state_shardings, self._batch_sharding),
-        out_shardings=self._batch_sharding,
-        static_argnums=(2, 3, 4, 5, 6))  # graphdef, capture, replace, with_logits, out_dtype
-    self._jitted_losses = jax.jit(_losses_forward, in_shardings=(state_shardings, self._batch_sharding),
-                                  out_shardings=self._batch_sharding, static_argnums=(2, 3))
+      _forward,
+      in_shardings=(state_shardings, self._batch_sharding),
+      out_shardings=self._batch_sharding,
+      static_argnums=(2, 3, 4, 5, 6),
+    )  # graphdef, capture, replace, with_logits, out_dtype
+    self._jitted_losses = jax.jit(
+      _losses_forward,
+      in_shardings=(state_shardings, self._batch_sharding),
+      out_shardings=self._batch_sharding,
+      static_argnums=(2, 3),
+    )
     # The two halves of a forward split at a site: one program per (site, dtype), whatever is spliced
-    self.jitted_to_site = jax.jit(_to_site, in_shardings=(state_shardings, self._batch_sharding),
-                                  out_shardings=self._batch_sharding, static_argnums=(2, 3))
-    self.jitted_from_site = jax.jit(_losses_from_site, in_shardings=(state_shardings, *[self._batch_sharding] * 3),
-                                    out_shardings=self._batch_sharding, static_argnums=(4, 5))
+    self.jitted_to_site = jax.jit(
+      _to_site,
+      in_shardings=(state_shardings, self._batch_sharding),
+      out_shardings=self._batch_sharding,
+      static_argnums=(2, 3),
+    )
+    self.jitted_from_site = jax.jit(
+      _losses_from_site,
+      in_shardings=(state_shardings, *[self._batch_sharding] * 3),
+      out_shardings=self._batch_sharding,
+      static_argnums=(4, 5),
+    )
 
-  def logits(self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
-             dtype=jnp.float32) -> jax.Array:
+  def logits(
+    self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None, dtype=jnp.float32
+  ) -> jax.Array:
     """int [B, T] -> [B, T, V]. `replace={site: fn}` splices `fn(activation)` in at that site.
 
     Each distinct `fn` object compiles once; reuse the same function across calls.
@@ -92,8 +107,9 @@ class LanguageModel:
     """float32 `[B', T-1]` next-token losses of the forward resumed at `site` from `to_site`'s
     residual with `act` (the site's activation, replaced or not) in place of its activation."""
     tokens_bt, _ = self._place(tokens)
-    return self.jitted_from_site(self._state, tokens_bt, resid, act.astype(resid.dtype), self._graphdef,
-                                 parse_site(site, self.config))
+    return self.jitted_from_site(
+      self._state, tokens_bt, resid, act.astype(resid.dtype), self._graphdef, parse_site(site, self.config)
+    )
 
   def astype(self, dtype) -> LanguageModel:
     """The same model with its parameters cast to `dtype` (no reload), on the same mesh."""
@@ -140,8 +156,7 @@ class LanguageModel:
   def _run(self, tokens, capture: tuple[Site, ...], replace, with_logits: bool, dtype):
     tokens_bt, batch = self._place(tokens)
     pad = tokens_bt.shape[0] - batch
-    logits, acts = self._jitted(self._state, tokens_bt, self._graphdef, capture, replace, with_logits,
-                                jnp.dtype(dtype))
+    logits, acts = self._jitted(self._state, tokens_bt, self._graphdef, capture, replace, with_logits, jnp.dtype(dtype))
     if pad:
       logits = None if logits is None else logits[:batch]
       acts = {k: v[:batch] for k, v in acts.items()}
@@ -155,8 +170,9 @@ class LanguageModel:
     bad = (tokens_bt < 0) | (tokens_bt >= self.config.vocab_size)
     if bad.any():
       b, t = np.argwhere(bad)[0]
-      raise ValueError(f"token id {tokens_bt[b, t]} at [{b}, {t}] is outside the vocabulary "
-                       f"[0, {self.config.vocab_size})")
+      raise ValueError(
+        f"token id {tokens_bt[b, t]} at [{b}, {t}] is outside the vocabulary [0, {self.config.vocab_size})"
+      )
     return tokens_bt.astype(np.int32)
 
 
@@ -191,8 +207,9 @@ def _find_tokenizer(directory: str) -> Tokenizer | None:
   return None
 
 
-def load_model(source: str, *, dtype=jnp.float32, mesh: Mesh | None = None,
-               config: GemmaConfig | None = None) -> LanguageModel:
+def load_model(
+  source: str, *, dtype=jnp.float32, mesh: Mesh | None = None, config: GemmaConfig | None = None
+) -> LanguageModel:
   """Loads a Gemma from a HF directory, a google-deepmind/gemma checkpoint, a `.gguf` file,
   or the name of an embedded model, and places it on `mesh` (default: all devices on `data`).
 
@@ -219,7 +236,9 @@ def load_model(source: str, *, dtype=jnp.float32, mesh: Mesh | None = None,
   elif not os.path.exists(source):
     raise FileNotFoundError(f"model source {source!r} does not exist")
   else:
-    raise ValueError(f"model source {source!r} is not a HF directory (config.json + *.safetensors), "
-                     f"a google-deepmind/gemma orbax checkpoint, a .gguf file or one of {EMBEDDED}")
+    raise ValueError(
+      f"model source {source!r} is not a HF directory (config.json + *.safetensors), "
+      f"a google-deepmind/gemma orbax checkpoint, a .gguf file or one of {EMBEDDED}"
+    )
   model = place_parameters(config, reader, mesh, dtype)
   return LanguageModel(model, mesh, tokenizer or _find_tokenizer(source), source)

@@ -21,9 +21,9 @@ import os
 import jax
 
 SOURCES = {  # what -> (flag, environment variables in order of precedence)
-    "coordinator": ("--coordinator", ("SCOPE_JAX_COORDINATOR",)),
-    "num_processes": ("--num_processes", ("SCOPE_JAX_NUM_PROCESSES", "SLURM_NTASKS")),
-    "process_id": ("--process_id", ("SCOPE_JAX_PROCESS_ID", "SLURM_PROCID")),
+  "coordinator": ("--coordinator", ("SCOPE_JAX_COORDINATOR",)),
+  "num_processes": ("--num_processes", ("SCOPE_JAX_NUM_PROCESSES", "SLURM_NTASKS")),
+  "process_id": ("--process_id", ("SCOPE_JAX_PROCESS_ID", "SLURM_PROCID")),
 }
 
 
@@ -33,8 +33,9 @@ def _resolve(what: str, flag_value: str | int | None) -> str | None:
   given = [(flag, str(flag_value))] if flag_value not in (None, "") else []
   given += [(name, os.environ[name]) for name in names if os.environ.get(name, "") != ""]
   if len({value for _, value in given}) > 1:
-    raise ValueError(f"{what} is given differently by " + " and ".join(f"{k}={v}" for k, v in given)
-                     + "; set one, or make them agree")
+    raise ValueError(
+      f"{what} is given differently by " + " and ".join(f"{k}={v}" for k, v in given) + "; set one, or make them agree"
+    )
   return given[0][1] if given else None
 
 
@@ -45,8 +46,7 @@ def _as_int(what: str, value: str) -> int:
     raise ValueError(f"{what}={value!r} is not an integer") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
   """Initializes jax.distributed when flags or the environment ask for it; True if it did."""
   address = _resolve("coordinator", coordinator)
   count, index = _resolve("num_processes", num_processes), _resolve("process_id", process_id)
@@ -58,8 +58,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return False
   if not address and mode != "auto":
     if count not in (None, "1"):
-      raise ValueError(f"{count} processes are expected but no coordinator is given (--coordinator or "
-                       "SCOPE_JAX_COORDINATOR=host:port; SCOPE_JAX_DISTRIBUTED=off runs one process alone)")
+      raise ValueError(
+        f"{count} processes are expected but no coordinator is given (--coordinator or "
+        "SCOPE_JAX_COORDINATOR=host:port; SCOPE_JAX_DISTRIBUTED=off runs one process alone)"
+      )
     return False
   if jax.distributed.is_initialized():
     return True
@@ -68,14 +70,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     return True
   if count is None or index is None:
-    raise ValueError(f"coordinator {address} is given but the process count or id is not "
-                     "(--num_processes/--process_id or SCOPE_JAX_NUM_PROCESSES/SCOPE_JAX_PROCESS_ID)")
+    raise ValueError(
+      f"coordinator {address} is given but the process count or id is not "
+      "(--num_processes/--process_id or SCOPE_JAX_NUM_PROCESSES/SCOPE_JAX_PROCESS_ID)"
+    )
   count, index = _as_int("num_processes", count), _as_int("process_id", index)
   if not 0 <= index < count:
     raise ValueError(f"process_id {index} is outside [0, num_processes={count})")
-  jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
-                             initialization_timeout=_as_int("SCOPE_JAX_INIT_TIMEOUT",
-                                                            os.environ.get("SCOPE_JAX_INIT_TIMEOUT", "120")),
-                             heartbeat_timeout_seconds=heartbeat)
+  jax.distributed.initialize(
+    coordinator_address=address,
+    num_processes=count,
+    process_id=index,
+    initialization_timeout=_as_int("SCOPE_JAX_INIT_TIMEOUT", os.environ.get("SCOPE_JAX_INIT_TIMEOUT", "120")),
+    heartbeat_timeout_seconds=heartbeat,
+  )
   return True
-

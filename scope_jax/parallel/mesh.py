@@ -14,18 +14,19 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
 # logical axis -> (mesh axis, must divide evenly)
 LOGICAL_RULES: dict[str, tuple[str, bool]] = {
-    "batch": (DATA, True),
-    "heads": (MODEL, True),
-    "ff": (MODEL, True),
-    "kv_heads": (MODEL, False),
-    "vocab": (MODEL, False),
-    "latents": (MODEL, True),
+  "batch": (DATA, True),
+  "heads": (MODEL, True),
+  "ff": (MODEL, True),
+  "kv_heads": (MODEL, False),
+  "vocab": (MODEL, False),
+  "latents": (MODEL, True),
 }
 
 
@@ -52,8 +53,9 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
     data = len(devices) // model
   if data * model > len(devices):
     raise ValueError(f"mesh data={data} × model={model} needs {data * model} devices; {len(devices)} available")
-  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices[: data * model])
+  return jax.make_mesh(
+    (data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[: data * model]
+  )
 
 
 def logical_spec(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], what: str = "array") -> P:
@@ -75,7 +77,9 @@ def logical_spec(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], w
   return P(*spec)
 
 
-def logical_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], what: str = "array") -> NamedSharding:
+def logical_sharding(
+  mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], what: str = "array"
+) -> NamedSharding:
   return NamedSharding(mesh, logical_spec(mesh, axes, shape, what))
 
 
@@ -93,8 +97,11 @@ def sae_model_axis(n_devices: int, widths: Sequence[int], latents_per_device: in
   that divides the device count and every width.
   """
   model = 1
-  while (max(widths) // model > latents_per_device and n_devices % (2 * model) == 0
-         and all(w % (2 * model) == 0 for w in widths)):
+  while (
+    max(widths) // model > latents_per_device
+    and n_devices % (2 * model) == 0
+    and all(w % (2 * model) == 0 for w in widths)
+  ):
     model *= 2
   return model
 
@@ -116,8 +123,10 @@ def owned_blocks(mesh: Mesh, rows: int, blocks: int, what: str) -> list[int]:
     held.update(range(lo, hi))
   owned = sorted({r // size for r in held})
   if len(held) != len(owned) * size or not all(set(range(b * size, (b + 1) * size)) <= held for b in owned):
-    raise ValueError(f"{what}={blocks}: a block of {size} rows would span processes; use a multiple of the "
-                     f"process count ({jax.process_count()}) that divides the batch")
+    raise ValueError(
+      f"{what}={blocks}: a block of {size} rows would span processes; use a multiple of the "
+      f"process count ({jax.process_count()}) that divides the batch"
+    )
   return owned
 
 
@@ -126,4 +135,5 @@ def host_array(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable:
     return np.asarray(x)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -25,13 +25,14 @@ SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write; older versions
 
 # our site kind -> TransformerLens/SAELens hook name template
 HOOK_NAMES = {
-    "res": "blocks.{layer}.hook_resid_post",
-    "mlp": "blocks.{layer}.hook_mlp_out",
-    "att": "blocks.{layer}.attn.hook_z",
-    "mlp_in": "blocks.{layer}.ln2.hook_normalized",
+  "res": "blocks.{layer}.hook_resid_post",
+  "mlp": "blocks.{layer}.hook_mlp_out",
+  "att": "blocks.{layer}.attn.hook_z",
+  "mlp_in": "blocks.{layer}.ln2.hook_normalized",
 }
-_HOOK_PATTERNS = {kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$")
-                  for kind, t in HOOK_NAMES.items()}
+_HOOK_PATTERNS = {
+  kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$") for kind, t in HOOK_NAMES.items()
+}
 _SAELENS_WEIGHTS, _SAELENS_CFG, _SAELENS_SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 
 
@@ -71,13 +72,15 @@ def _check_shapes(arrays: dict[str, np.ndarray], where: str) -> None:
   expected = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,), "threshold": (m,)}
   for k, shape in expected.items():
     if d is None or arrays[k].shape != shape:
-      raise ValueError(f"{where}: {k} has shape {arrays[k].shape}; expected {shape} "
-                       f"for W_enc {arrays['W_enc'].shape} = [d_in, width]")
+      raise ValueError(
+        f"{where}: {k} has shape {arrays[k].shape}; expected {shape} for W_enc {arrays['W_enc'].shape} = [d_in, width]"
+      )
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], info: SAEInfo, where: str) -> SAE:
   _check_shapes(arrays, where)
   import jax.numpy as jnp
+
   return SAE(**{k: jnp.asarray(arrays[k], jnp.float32) for k in PARAM_NAMES}, info=info)
 
 
@@ -86,21 +89,27 @@ def _load_npz(path: Path, site: str | None) -> SAE:
     by_lower = {k.lower(): k for k in z.files}
     missing = [k for k in PARAM_NAMES if k.lower() not in by_lower]
     if missing:
-      raise ValueError(f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
-                       f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)")
+      raise ValueError(
+        f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
+        f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)"
+      )
     arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES}
   return _from_arrays(arrays, SAEInfo(site=site or _site_from_path(path.resolve())), str(path))
 
 
 def _load_saelens(path: Path, site: str | None) -> SAE:
   from safetensors.numpy import load_file
+
   cfg = json.loads((path / _SAELENS_CFG).read_text())
   if cfg.get("architecture") != "jumprelu":
-    raise ValueError(f"{path / _SAELENS_CFG}: architecture {cfg.get('architecture')!r}; "
-                     f"scope_jax reads 'jumprelu' SAEs only")
+    raise ValueError(
+      f"{path / _SAELENS_CFG}: architecture {cfg.get('architecture')!r}; scope_jax reads 'jumprelu' SAEs only"
+    )
   if cfg.get("normalize_activations", "none") not in ("none", None):
-    raise ValueError(f"{path / _SAELENS_CFG}: normalize_activations={cfg['normalize_activations']!r}; "
-                     f"only 'none' can be loaded (fold the normalization into the weights first)")
+    raise ValueError(
+      f"{path / _SAELENS_CFG}: normalize_activations={cfg['normalize_activations']!r}; "
+      f"only 'none' can be loaded (fold the normalization into the weights first)"
+    )
   arrays = load_file(path / _SAELENS_WEIGHTS)
   missing = [k for k in PARAM_NAMES if k not in arrays]
   if missing:
@@ -109,9 +118,13 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
   if cfg.get("apply_b_dec_to_input", False):  # pre = (x - b_dec) W + b  ==  x W + (b - b_dec W)
     arrays["b_enc"] = arrays["b_enc"] - arrays["b_dec"] @ arrays["W_enc"]
   meta = cfg.get("metadata", {}) or {}
-  info = SAEInfo(site=site or meta.get("scope_jax_site") or site_from_hook_name(meta.get("hook_name")),
-                 model=meta.get("model_name"), context_size=meta.get("context_size"),
-                 dataset=meta.get("dataset_path"), l1_coefficient=meta.get("l1_coefficient"))
+  info = SAEInfo(
+    site=site or meta.get("scope_jax_site") or site_from_hook_name(meta.get("hook_name")),
+    model=meta.get("model_name"),
+    context_size=meta.get("context_size"),
+    dataset=meta.get("dataset_path"),
+    l1_coefficient=meta.get("l1_coefficient"),
+  )
   return _from_arrays(arrays, info, str(path))
 
 
@@ -129,12 +142,13 @@ def load_sae(path: str | Path, site: str | None = None) -> SAE:
     path = path / "params.npz"
   if path.is_file() and path.suffix == ".npz":
     return _load_npz(path, site)
-  raise FileNotFoundError(f"{path}: not an SAE; expected a Gemma Scope params.npz (or a folder "
-                          f"holding one) or a SAELens directory with {_SAELENS_CFG}")
+  raise FileNotFoundError(
+    f"{path}: not an SAE; expected a Gemma Scope params.npz (or a folder "
+    f"holding one) or a SAELens directory with {_SAELENS_CFG}"
+  )
 
 
-def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope",
-             sparsity_log10: np.ndarray | None = None) -> Path:
+def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_log10: np.ndarray | None = None) -> Path:
   """Writes the released-form `sae`; returns the file (gemma-scope) or directory (saelens).
 
   gemma-scope: `path` is the `.npz` file, or a folder that receives `params.npz`.
@@ -156,22 +170,33 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope",
     tmp.replace(path)
     return path
   from safetensors.numpy import save_file
+
   path.mkdir(parents=True, exist_ok=True)
   save_file(arrays, path / _SAELENS_WEIGHTS)
   if sparsity_log10 is not None:
     save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, path / _SAELENS_SPARSITY)
   info = sae.info
   cfg = {
-      "architecture": "jumprelu", "d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32",
-      "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
-      "reshape_activations": "none",
-      "metadata": {
-          "sae_lens_version": SAELENS_FORMAT_VERSION,
-          "model_name": info.model, "hook_name": hook_name(info.site) if info.site else None,
-          "hook_head_index": None, "context_size": info.context_size, "prepend_bos": True,
-          "dataset_path": info.dataset, "exclude_special_tokens": True,
-          "scope_jax_site": info.site, "l1_coefficient": info.l1_coefficient,
-      },
+    "architecture": "jumprelu",
+    "d_in": sae.d_in,
+    "d_sae": sae.width,
+    "dtype": "float32",
+    "device": "cpu",
+    "apply_b_dec_to_input": False,
+    "normalize_activations": "none",
+    "reshape_activations": "none",
+    "metadata": {
+      "sae_lens_version": SAELENS_FORMAT_VERSION,
+      "model_name": info.model,
+      "hook_name": hook_name(info.site) if info.site else None,
+      "hook_head_index": None,
+      "context_size": info.context_size,
+      "prepend_bos": True,
+      "dataset_path": info.dataset,
+      "exclude_special_tokens": True,
+      "scope_jax_site": info.site,
+      "l1_coefficient": info.l1_coefficient,
+    },
   }
   (path / _SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
   return path

@@ -7,7 +7,7 @@ The last term is Anthropic's pre-activation loss (SAELens' `pre_act_loss_coeffic
 rows have unit norm here) on latents that have not fired for `recipe.dead_window_steps`: a latent
 whose pre-activations all sit below θ - ε/2 gets no gradient from the rest of the loss, ever.
 
-`train/blocked.py` computes it and its gradients block by block; the tests check those against
+`train/step.py` computes it and its gradients block by block; the tests check those against
 `jax.grad` of the same loss written with the custom-VJP `jumprelu`/`step`, and against SAELens.
 """
 
@@ -24,9 +24,9 @@ SPARSITY_LOSSES = ("l0", "quadratic")
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
   bandwidth: float = 0.001
-  sparsity_loss: str = "l0"       # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
+  sparsity_loss: str = "l0"  # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
   target_l0: float | None = None  # L0* of the quadratic loss
-  dead_latent_loss: float = 0.0   # c of the dead latents' pre-activation loss; 0 = off (Gemma Scope)
+  dead_latent_loss: float = 0.0  # c of the dead latents' pre-activation loss; 0 = off (Gemma Scope)
 
   def __post_init__(self):
     if self.sparsity_loss not in SPARSITY_LOSSES:

@@ -24,20 +24,21 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 @dataclasses.dataclass(frozen=True)
 class SAEInfo:
   """Where an SAE belongs; carried through export so SAELens and eval know its site."""
-  site: str | None = None            # e.g. "res.6"
-  model: str | None = None           # model source or name
-  context_size: int | None = None    # sequence length of the training activations
-  dataset: str | None = None         # text source spec
+
+  site: str | None = None  # e.g. "res.6"
+  model: str | None = None  # model source or name
+  context_size: int | None = None  # sequence length of the training activations
+  dataset: str | None = None  # text source spec
   l1_coefficient: float | None = None  # λ it was trained with
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SAE:
-  W_enc: jax.Array      # [..., d, M]
-  b_enc: jax.Array      # [..., M]
-  W_dec: jax.Array      # [..., M, d]
-  b_dec: jax.Array      # [..., d]
+  W_enc: jax.Array  # [..., d, M]
+  b_enc: jax.Array  # [..., M]
+  W_dec: jax.Array  # [..., M, d]
+  b_dec: jax.Array  # [..., d]
   threshold: jax.Array  # [..., M] float32
   info: SAEInfo = dataclasses.field(default=SAEInfo(), metadata=dict(static=True))
 
@@ -82,9 +83,13 @@ def init_sae(key: jax.Array, d_in: int, width: int, threshold: float = 0.001, b_
   given (the data's mean) instead of zero where the data has an offset."""
   W_dec_md = jax.nn.initializers.he_uniform(in_axis=0, out_axis=1)(key, (width, d_in), jnp.float32)
   W_dec_md = W_dec_md / jnp.linalg.norm(W_dec_md, axis=-1, keepdims=True)
-  return SAE(W_enc=W_dec_md.T, b_enc=jnp.zeros((width,), jnp.float32), W_dec=W_dec_md,
-             b_dec=jnp.zeros((d_in,), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32),
-             threshold=jnp.full((width,), threshold, jnp.float32))
+  return SAE(
+    W_enc=W_dec_md.T,
+    b_enc=jnp.zeros((width,), jnp.float32),
+    W_dec=W_dec_md,
+    b_dec=jnp.zeros((d_in,), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32),
+    threshold=jnp.full((width,), threshold, jnp.float32),
+  )
 
 
 def fold(sae: SAE, scale: float) -> SAE:
@@ -94,8 +99,9 @@ def fold(sae: SAE, scale: float) -> SAE:
   training reconstruction, i.e. the same reconstruction of the raw input.
   """
   b_dec_w = jnp.einsum("...d,...dm->...m", sae.b_dec, sae.W_enc)
-  return sae.replace(b_enc=scale * (sae.b_enc - b_dec_w), b_dec=scale * sae.b_dec,
-                     threshold=(scale * sae.threshold).astype(jnp.float32))
+  return sae.replace(
+    b_enc=scale * (sae.b_enc - b_dec_w), b_dec=scale * sae.b_dec, threshold=(scale * sae.threshold).astype(jnp.float32)
+  )
 
 
 def unstack(sae: SAE) -> list[SAE]:

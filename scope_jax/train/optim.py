@@ -1,11 +1,11 @@
 """Gemma Scope's optimizer (docs/recipe.md §2): Adam with β1 = 0 behind a cosine learning-rate warm-up,
-decoder-gradient projection before the update (unit-norm decoder rows after it: `blocked.py`),
+decoder-gradient projection before the update (unit-norm decoder rows after it: `step.py`),
 and optionally the gradient's global norm clipped before it all (SAELens clips at 1; Gemma Scope
 published none). Clipping needs the whole gradient's norm before the first block is updated, so
-the blocked step spends one more pass on it (`blocked.gradient_norm`, ~1.5× the step's FLOPs).
+the blocked step spends one more pass on it (`step.gradient_norm`, ~1.5× the step's FLOPs).
 
 Adam is written out rather than taken from optax because the step applies it one latent block
-at a time, in place, inside the loop that forms the block's gradients (`train/blocked.py`);
+at a time, in place, inside the loop that forms the block's gradients (`train/step.py`);
 optax supplies the schedules.
 """
 
@@ -46,6 +46,7 @@ def sparsity_warmup(warmup_steps: int) -> optax.Schedule:
 class Adam:
   """Adam with bias correction (docs/recipe.md §2: β1 = 0, whose first moment would equal the gradient
   and is therefore not kept)."""
+
   b1: float = 0.0
   b2: float = 0.999
   eps: float = 1e-8

@@ -10,7 +10,6 @@ counters) and the run's identity. The loader position *is* the step: a source's 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import threading
@@ -25,11 +24,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from scope_jax.config import config_differences
-from scope_jax.data.source import BatchSource, open_source
-from scope_jax.parallel.mesh import make_mesh, sae_model_axis
-from scope_jax.train import sweep
-from scope_jax.train.metrics import HEALTH, MetricWriter, health_warnings, per_sae_metrics
+from scope_jax.data.source import BatchSource
+from scope_jax.layout import RunLayout
+from scope_jax.train import stacked
+from scope_jax.train.checkpoints import open_run, restore_or_init
+from scope_jax.train.health import MetricWriter, health_warnings, per_sae_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,58 +39,15 @@ class Preempted(SystemExit):
   """SIGTERM arrived; a checkpoint of the current step was saved."""
 
 
-def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  model = config.mesh.model or sae_model_axis(jax.device_count(), list(config.sweep.widths))
-  return make_mesh(data=config.mesh.data, model=model)
-
-
-def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
-  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config."""
-  from scope_jax.activations.extract import store_root
-  path = config.data.path or store_root(config, workdir)
-  normalize = config.recipe.normalize if config.data.normalize else None
-  return open_source(path, config.train.batch_size, mesh, config.seed, normalize, site=config.site,
-                     expected_width=config.data.width, window_chunks=config.data.window_chunks,
-                     streams=config.data.streams,
-                     nonfinite=config.data.nonfinite)
-
-
-def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
-  """What must not change between a run and its resumption."""
-  return {"seed": config.seed, "sweep": config.sweep.to_dict(), "recipe": config.recipe.to_dict(),
-          "batch_size": config.train.batch_size, "normalize": config.data.normalize, "data": source.describe()}
-
-
-def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
-                               item_names=("state", "identity"))
-
-
-def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
-  """The latest checkpoint's state (refusing a different run), else a fresh state."""
-  step = mngr.latest_step()
-  if step is None:
-    return init()
-  saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
-  # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
-  saved["recipe"] = dataclasses.asdict(sweep.Recipe()) | saved["recipe"]
-  if diffs := config_differences(saved, identity):
-    raise ValueError(f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
-                     + "\n  ".join(diffs) + "\nuse a new --workdir, or restore the old config")
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          jax.eval_shape(init), shardings)
-  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-
-
-def check_finite(state: dict, groups: list[sweep.Group], last_checkpoint: int | None) -> None:
+def check_finite(state: dict, groups: list[stacked.Group], last_checkpoint: int | None) -> None:
   for group, bad in zip(groups, state["first_bad_step"]):
     bad = np.asarray(bad)
     if (bad >= 0).any():
       i = int(np.argmax(bad >= 0))
-      raise TrainingDiverged(f"SAE {group.names[i]}: loss became NaN or Inf at step {int(bad[i])}; "
-                             f"the last checkpoint (step {last_checkpoint}) is kept, nothing later was saved")
+      raise TrainingDiverged(
+        f"SAE {group.names[i]}: loss became NaN or Inf at step {int(bad[i])}; "
+        f"the last checkpoint (step {last_checkpoint}) is kept, nothing later was saved"
+      )
 
 
 class _Preemption:
@@ -121,36 +77,29 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def report_health(workdir: Path, last: dict, groups: list[sweep.Group], steps: int) -> None:
-  """Warns about training that went wrong (train/metrics.py health_warnings) and keeps the
+def report_health(workdir: Path, last: dict, groups: list[stacked.Group], steps: int) -> None:
+  """Warns about training that went wrong (train/health.py health_warnings) and keeps the
   warnings in `WORKDIR/train_health.json` for the report."""
   found = health_warnings(last, groups, steps)
   for message in found:
     warnings.warn(message, stacklevel=2)
   if jax.process_index() == 0:
-    (workdir / HEALTH).write_text(json.dumps({"step": steps, "warnings": found}, indent=2) + "\n")
+    RunLayout(workdir).health.write_text(json.dumps({"step": steps, "warnings": found}, indent=2) + "\n")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchSource | None = None,
-          mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  source: BatchSource | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  progress: bool = True,
+) -> dict:
   """Trains the config's sweep to `train.steps`, resuming from `workdir`; returns the final state."""
   workdir = Path(workdir)
-  groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
-  mesh = mesh or make_train_mesh(config)
-  own_source = source is None
-  source = source or source_from_config(config, workdir, mesh)
-  if source.batch_size != config.train.batch_size:
-    raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
-  if config.data.width is not None and source.width != config.data.width:  # .npy sources
-    raise ValueError(f"data width {source.width} ({source.describe().get('name')}) differs from "
-                     f"config.data.width {config.data.width}")
-  identity = run_identity(config, source)
-
-  init, shardings, step_fn = sweep.build(config.seed, source.mean, groups, recipe, mesh, config.train.batch_size,
-                                         config.train.latent_block, config.train.steps)
-  mngr = checkpoint_manager(workdir, config)
+  run = open_run(config, workdir, source, mesh)
+  groups, source, step_fn, identity, mngr = run.groups, run.source, run.step_fn, run.identity, run.checkpoints
   latest = mngr.latest_step()
-  state = restore_or_init(mngr, identity, init, shardings)
+  state = restore_or_init(mngr, identity, run.init, run.shardings)
   start = int(state["step"])
   if start:
     tqdm.write(f"train: resuming from the checkpoint of step {start} in {workdir / 'checkpoints'}")
@@ -158,15 +107,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
   writer = MetricWriter(workdir, start)
   preemption = _Preemption()
   steps, every_log, every_ckpt = config.train.steps, config.train.log_every, config.train.checkpoint_every
-  bar = tqdm(total=steps, initial=start, desc=f"train {sum(len(n) for n in names)} SAEs", unit="step",
-             disable=not progress or jax.process_index() != 0)
+  bar = tqdm(
+    total=steps,
+    initial=start,
+    desc=f"train {sum(len(n) for n in names)} SAEs",
+    unit="step",
+    disable=not progress or jax.process_index() != 0,
+  )
   t0, done, values = time.perf_counter(), 0, {}
 
   def save(step: int) -> None:
     nonlocal latest
     check_finite(state, groups, latest)
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            identity=ocp.args.JsonSave(identity)), force=True)
+    mngr.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), identity=ocp.args.JsonSave(identity)),
+      force=True,
+    )
     latest = step
 
   try:
@@ -200,7 +157,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchS
     preemption.restore()
     bar.close()
     writer.close()
-    mngr.close()
-    if own_source and hasattr(source, "close"):
-      source.close()  # the loader's prefetch thread
+    run.close()
   return state

@@ -19,7 +19,7 @@ from scope_jax.activations.extract import extract
 from scope_jax.activations.store import StoreError, open_store
 from scope_jax.activations.writer import NonFiniteActivations
 from scope_jax.config import default_config
-from scope_jax.data.text import iter_documents
+from scope_jax.text.sources import iter_documents
 from tests.helpers import run_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,9 +60,9 @@ def packed_stream(tokenizer, n_sequences, seq_len):
     if len(tokens) > n_sequences * (seq_len - 1):
       break
   body = seq_len - 1
-  seqs = np.array([[tokenizer.bos_id] + tokens[s * body:(s + 1) * body] for s in range(n_sequences)], np.int32)
-  doc = np.array([[-1] + docs[s * body:(s + 1) * body] for s in range(n_sequences)])
-  pos = np.array([[-1] + positions[s * body:(s + 1) * body] for s in range(n_sequences)])
+  seqs = np.array([[tokenizer.bos_id] + tokens[s * body : (s + 1) * body] for s in range(n_sequences)], np.int32)
+  doc = np.array([[-1] + docs[s * body : (s + 1) * body] for s in range(n_sequences)])
+  pos = np.array([[-1] + positions[s * body : (s + 1) * body] for s in range(n_sequences)])
   return seqs, doc, pos
 
 
@@ -86,7 +86,7 @@ def test_stored_rows_are_the_models_activations_at_their_trace(lm, local_store):
     stats = store.stats(site)
     assert stats["count"] == store.rows
     np.testing.assert_allclose(stats["mean"], expected.mean(0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(stats["mean_sq_norm"], np.mean(np.sum(expected.astype(np.float64)**2, 1)), rtol=1e-5)
+    np.testing.assert_allclose(stats["mean_sq_norm"], np.mean(np.sum(expected.astype(np.float64) ** 2, 1)), rtol=1e-5)
 
 
 def test_truncate_mode_and_bfloat16(lm, tiny_model, tmp_path):
@@ -105,7 +105,9 @@ def test_a_finished_store_is_left_alone_and_another_config_is_refused(lm, tiny_m
   assert again["already_finished"] and again["rows"] == store.rows
   changed = make_config(tiny_model, chunk_rows=256)
   changed.data.holdout_every = 4
-  with pytest.raises(StoreError, match=r"another config; differing fields:\n  chunk_rows: 128 -> 256\n  holdout_every: 0 -> 4\nuse"):
+  with pytest.raises(
+    StoreError, match=r"another config; differing fields:\n  chunk_rows: 128 -> 256\n  holdout_every: 0 -> 4\nuse"
+  ):
     extract(changed, Path(summary["root"]).parent, lm=lm, progress=False)
   assert open_store(summary["root"]).rows == store.rows
 
@@ -117,7 +119,7 @@ def test_gcs_store_and_gcs_text_equal_the_local_store(gcs, lm, tiny_model, local
   docs = list(iter_documents("builtin:python-docs"))
   for part in range(2):
     with gcs.open(f"corpus/docs/part-{part}.jsonl", "w") as f:
-      for _, text in docs[part * 40:(part + 1) * 40]:
+      for _, text in docs[part * 40 : (part + 1) * 40]:
         f.write(json.dumps({"body": text}) + "\n")
   c = make_config(tiny_model)
   c.data.text, c.data.text_field = ["gs://corpus/docs/part-*.jsonl"], "body"
@@ -131,10 +133,23 @@ def test_gcs_store_and_gcs_text_equal_the_local_store(gcs, lm, tiny_model, local
 
 
 def _extract_cmd(model, workdir, *extra):
-  return [sys.executable, "-m", "scope_jax.cli", "extract", "--config", f"{REPO}/configs/local.py",
-          "--workdir", str(workdir), f"--config.model={model}", "--config.sites=('res.1','mlp.2')",
-          "--config.extract.seq_len=64", "--config.extract.bucket_rows=512", "--config.extract.chunk_rows=64",
-          "--config.data.holdout_every=0", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "scope_jax.cli",
+    "extract",
+    "--config",
+    f"{REPO}/configs/local.py",
+    "--workdir",
+    str(workdir),
+    f"--config.model={model}",
+    "--config.sites=('res.1','mlp.2')",
+    "--config.extract.seq_len=64",
+    "--config.extract.bucket_rows=512",
+    "--config.extract.chunk_rows=64",
+    "--config.data.holdout_every=0",
+    *extra,
+  ]
 
 
 def _shard_content(root):
@@ -145,8 +160,9 @@ def _shard_content(root):
 def test_kill_9_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   subprocess.run(_extract_cmd(tiny_model, straight), cwd=REPO, check=True, capture_output=True)
-  proc = subprocess.Popen(_extract_cmd(tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _extract_cmd(tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   ledger = killed / "activations" / "shards" / "00000" / "ledger.json"
   deadline = time.time() + 120
   while not (ledger.exists() and json.loads(ledger.read_text())["rows"] > 2_000):
@@ -165,15 +181,19 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path):
   assert again.returncode == 0 and "already finished" in again.stdout
 
 
-
 def test_two_processes_write_disjoint_shards_whose_union_is_the_single_process_store(tiny_model, tmp_path):
   """One process writing 2 shards (`extract.shards=2`) and two processes writing one each give
   the same store, shard for shard and row for row."""
   single, double = tmp_path / "single", tmp_path / "double"
   tokens = "--config.extract.tokens=6000"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  subprocess.run(_extract_cmd(tiny_model, single, tokens, "--config.extract.shards=2"), cwd=REPO, check=True,
-                 capture_output=True, env=env)
+  subprocess.run(
+    _extract_cmd(tiny_model, single, tokens, "--config.extract.shards=2"),
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env=env,
+  )
   run_processes(_extract_cmd(tiny_model, double, tokens), cwd=REPO)
   one, manifest_one = _shard_content(single / "activations")
   two, manifest_two = _shard_content(double / "activations")
@@ -238,7 +258,9 @@ def test_non_finite_activations_name_site_document_and_position(tiny_model, lm, 
   c = make_config(poisoned, tokens=0)
   with pytest.raises(NonFiniteActivations, match=r"rows of site res.1 hold NaN or Inf; the first: document") as e:
     extract(c, tmp_path / "w", lm=sj.load_model(poisoned), progress=False)
-  d, p, s, col = map(int, re.search(r"document (\d+), position (\d+) \(sequence (\d+), column (\d+)", str(e.value)).groups())
+  d, p, s, col = map(
+    int, re.search(r"document (\d+), position (\d+) \(sequence (\d+), column (\d+)", str(e.value)).groups()
+  )
   assert s == first_seq[bad_token] and bad_token in seqs[s]
   assert (doc[s, col], pos[s, col]) == (d, p)
   ledger = json.loads((tmp_path / "w" / "activations" / "shards" / "00000" / "ledger.json").read_text())

@@ -10,13 +10,21 @@ from scope_jax.activations.writer import ShardWriter
 SITE = "res.0"
 
 
-def write_store(root, shard_rows=(1_000, 700), width=8, chunk_rows=64, bucket_rows=256, doc_rows=50,
-                seed=0, finish=True) -> KV:
+def write_store(
+  root, shard_rows=(1_000, 700), width=8, chunk_rows=64, bucket_rows=256, doc_rows=50, seed=0, finish=True
+) -> KV:
   """Column 0 of row r is its global id (shards in order), column 1 its document; documents are
   runs of `doc_rows` consecutive ids, as extraction sees them before its bucket shuffle."""
   kv = KV(str(root))
-  identity = {"sites": [SITE], "widths": {SITE: width}, "chunk_rows": chunk_rows, "dtype": "float32",
-              "seq_len": 64, "text": ["synthetic"], "model": "none"}
+  identity = {
+    "sites": [SITE],
+    "widths": {SITE: width},
+    "chunk_rows": chunk_rows,
+    "dtype": "float32",
+    "seq_len": 64,
+    "text": ["synthetic"],
+    "model": "none",
+  }
   first = 0
   for process, n in enumerate(shard_rows):
     writer = ShardWriter(kv, process, [SITE], {SITE: width}, "float32", chunk_rows, seed)
@@ -26,7 +34,7 @@ def write_store(root, shard_rows=(1_000, 700), width=8, chunk_rows=64, bucket_ro
     rows[:, 2:] = np.random.default_rng(process).normal(size=(n, width - 2))
     trace = np.stack([ids % 97, ids // doc_rows, ids % doc_rows, ids // 63, ids % 63], axis=1).astype(np.int32)
     for lo in range(0, n, bucket_rows):
-      writer.add({SITE: rows[lo:lo + bucket_rows]}, trace[lo:lo + bucket_rows])
+      writer.add({SITE: rows[lo : lo + bucket_rows]}, trace[lo : lo + bucket_rows])
       writer.flush(lo // bucket_rows + 1, finished=finish and lo + bucket_rows >= n)
     first += n
   if finish:

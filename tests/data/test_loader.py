@@ -39,7 +39,7 @@ def test_every_row_exactly_once_per_epoch(store_root):
   per_epoch = N // 50  # 1700 rows = 34 steps of 50
   ids = ids_of(ld, 2 * per_epoch)
   for epoch in range(2):
-    seen = ids[epoch * per_epoch:(epoch + 1) * per_epoch].ravel()
+    seen = ids[epoch * per_epoch : (epoch + 1) * per_epoch].ravel()
     assert sorted(seen) == list(range(N))
   assert not np.array_equal(ids[:per_epoch], ids[per_epoch:])  # a new order each epoch
   ld.close()
@@ -87,7 +87,6 @@ def test_normalization_divides_by_the_manifest_scale(store_root):
   raw.close(), normalized.close()
 
 
-
 def test_two_processes_cover_each_row_once_per_epoch(store_root, tmp_path):
   out = tmp_path / "ids"
   run_processes([sys.executable, "-m", "tests.data.loader_worker", store_root, str(out)], cwd=REPO, timeout=180)
@@ -113,8 +112,12 @@ def test_rows_of_a_document_spread_across_batches_like_a_uniform_shuffle(tmp_pat
   docs = np.stack([np.asarray(ld.batch(s))[:, 1] for s in range(n // batch)]).astype(int)  # [batches, B]
   ld.close()
   distinct = np.mean([len(np.unique(np.nonzero(docs == d)[0])) for d in range(n // doc_rows)])
-  miss = math.exp(math.lgamma(n - batch + 1) + math.lgamma(n - doc_rows + 1)
-                  - math.lgamma(n - batch - doc_rows + 1) - math.lgamma(n + 1))  # C(N-B,k)/C(N,k)
+  miss = math.exp(
+    math.lgamma(n - batch + 1)
+    + math.lgamma(n - doc_rows + 1)
+    - math.lgamma(n - batch - doc_rows + 1)
+    - math.lgamma(n + 1)
+  )  # C(N-B,k)/C(N,k)
   expected = (n // batch) * (1 - miss)
   assert distinct >= 0.9 * expected, (distinct, expected)
 
@@ -150,8 +153,10 @@ def test_missing_or_corrupt_chunk_names_shard_and_chunk(tmp_path, damage):
 def test_nonfinite_rows_are_an_error_with_counts_or_skipped_and_counted(tmp_path):
   kv = write_store(tmp_path)
   import tensorstore as ts
-  arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "shards/00000" / SITE) + "/"}},
-                open=True).result()
+
+  arr = ts.open(
+    {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "shards/00000" / SITE) + "/"}}, open=True
+  ).result()
   arr[10:13, 4].write(np.array([np.nan, np.inf, -np.inf], np.float32)).result()
   with pytest.raises(StoreError, match=r"3 rows of site res.0 hold NaN or Inf: shard 0 chunk 0 \(3 rows\)"):
     ids_of(loader(str(tmp_path), window_chunks=64), 2)

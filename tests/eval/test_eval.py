@@ -21,18 +21,23 @@ import scope_jax as sj
 from scope_jax.activations.extract import extract
 from scope_jax.config import default_config
 from scope_jax.eval.evaluate import OverlapError, eval_batches, evaluate_saes, run_eval
-from scope_jax.eval.metrics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
+from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
+from scope_jax.export.exporter import export
 from scope_jax.sae import SAE, fold, init_sae
 from scope_jax.train import train
-from scope_jax.train.export import export
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_l0_fvu_mse_density_and_standard_errors_on_hand_computed_inputs():
   # d = 2, M = 3; latent 0 reads x0, latent 1 reads x1 (threshold 1.5), latent 2 never fires
-  sae = SAE(W_enc=jnp.array([[1.0, 0, 0], [0, 1.0, 0]]), b_enc=jnp.zeros(3), W_dec=jnp.array([[1.0, 0], [0, 1.0], [1, 1]]),
-            b_dec=jnp.zeros(2), threshold=jnp.array([0.5, 1.5, 0.5]))
+  sae = SAE(
+    W_enc=jnp.array([[1.0, 0, 0], [0, 1.0, 0]]),
+    b_enc=jnp.zeros(3),
+    W_dec=jnp.array([[1.0, 0], [0, 1.0], [1, 1]]),
+    b_dec=jnp.zeros(2),
+    threshold=jnp.array([0.5, 1.5, 0.5]),
+  )
   x = np.array([[1.0, 1.0], [2.0, 2.0], [0.0, 3.0], [1.0, 0.0]], np.float32)
   # latents: [1,0,0] [2,2,0] [0,3,0] [1,0,0] -> recon [1,0] [2,2] [0,3] [1,0]; errors: 1, 0, 0, 0
   bos = np.full((1, 2), 100.0, np.float32)  # position 0 of each sequence: never counted, never spliced
@@ -84,8 +89,13 @@ def eval_config(tiny_model, **fields):
 def perfect_sae(d: int) -> SAE:
   """f = [relu(x), relu(-x)], xhat = relu(x) - relu(-x) = x."""
   eye = jnp.eye(d)
-  return SAE(W_enc=jnp.concatenate([eye, -eye], 1), b_enc=jnp.zeros(2 * d), W_dec=jnp.concatenate([eye, -eye], 0),
-             b_dec=jnp.zeros(d), threshold=jnp.zeros(2 * d))
+  return SAE(
+    W_enc=jnp.concatenate([eye, -eye], 1),
+    b_enc=jnp.zeros(2 * d),
+    W_dec=jnp.concatenate([eye, -eye], 0),
+    b_dec=jnp.zeros(d),
+    threshold=jnp.zeros(2 * d),
+  )
 
 
 def test_identity_splice_is_exactly_zero_and_a_perfect_sae_nearly(tiny_model):
@@ -129,8 +139,9 @@ def test_official_gemma_scope_layout_gives_the_same_metrics_as_our_export(lm, ti
   with np.load(ours) as z:
     np.savez(official, **{k.lower(): z[k] for k in z.files})  # official files use w_enc / w_dec too
   batches = eval_batches(c, lm.tokenizer)
-  r = evaluate_saes(lm, {"ours": (sj.load_sae(ours), "res.1"), "official": (sj.load_sae(official), "res.1")},
-                    batches, progress=False)
+  r = evaluate_saes(
+    lm, {"ours": (sj.load_sae(ours), "res.1"), "official": (sj.load_sae(official), "res.1")}, batches, progress=False
+  )
   assert sj.load_sae(official).info.site == "res.1"
   for key in ("l0", "mse", "fvu", "ce_spliced", "delta_loss", "dead_fraction"):
     assert r["ours"][key] == r["official"][key], key
@@ -165,9 +176,14 @@ def test_bad_input(lm, tiny_model, tiny_run, tmp_path):
   overlapping.eval.strict = True
   with pytest.raises(OverlapError, match="data.holdout_every is 0"):
     eval_batches(overlapping, lm.tokenizer)
-  with pytest.raises(ValueError, match=r"eval set too small: .* give 1 sequence\(s\) of 48 tokens; standard errors need"):
+  with pytest.raises(
+    ValueError, match=r"eval set too small: .* give 1 sequence\(s\) of 48 tokens; standard errors need"
+  ):
     eval_batches(eval_config(tiny_model, sequences=1, batch_size=1), lm.tokenizer)
-  with pytest.warns(UserWarning, match=r"eval set smaller than asked: .* gives \d+ sequences of 48 tokens, eval.sequences asks for 100000"):
+  with pytest.warns(
+    UserWarning,
+    match=r"eval set smaller than asked: .* gives \d+ sequences of 48 tokens, eval.sequences asks for 100000",
+  ):
     eval_batches(eval_config(tiny_model, sequences=100_000, batch_size=64), lm.tokenizer)
 
 
@@ -175,8 +191,11 @@ def test_an_eval_set_too_small_for_the_requested_standard_error_says_so(lm, tiny
   c, workdir = tiny_run
   c = ml_collections.ConfigDict(c.to_dict())
   c.eval.delta_loss_se = 1e-6
-  with pytest.warns(UserWarning, match=r"eval set too small for SAE w128-l0.001-s0: standard error of Δ loss "
-                                       r"\S+ nats on 8 sequences, above eval.delta_loss_se = 1e-06; about \d+ sequences"):
+  with pytest.warns(
+    UserWarning,
+    match=r"eval set too small for SAE w128-l0.001-s0: standard error of Δ loss "
+    r"\S+ nats on 8 sequences, above eval.delta_loss_se = 1e-06; about \d+ sequences",
+  ):
     out = run_eval(c, workdir, lm=lm, progress=False)
   assert len(out["warnings"]) == 2
   metrics = json.loads((workdir / "report" / "metrics.json").read_text())
@@ -186,15 +205,28 @@ def test_an_eval_set_too_small_for_the_requested_standard_error_says_so(lm, tiny
 
 def _is_png(path: Path) -> bool:
   import matplotlib.image
+
   return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(path).ndim == 3
 
 
 def test_local_pipeline_end_to_end(tmp_path):
   """The README's main job on the embedded Gemma 3 270M, with a tiny budget."""
-  cmd = [sys.executable, "-m", "scope_jax.cli", "run", "--config", f"{REPO}/configs/local.py:tokens=1500,steps=20",
-         "--workdir", str(tmp_path), "--config.train.batch_size=256", "--config.train.log_every=10",
-         "--config.export.batches=2", "--config.eval.sequences=4", "--config.eval.seq_len=64",
-         "--config.eval.batch_size=4"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "scope_jax.cli",
+    "run",
+    "--config",
+    f"{REPO}/configs/local.py:tokens=1500,steps=20",
+    "--workdir",
+    str(tmp_path),
+    "--config.train.batch_size=256",
+    "--config.train.log_every=10",
+    "--config.export.batches=2",
+    "--config.eval.sequences=4",
+    "--config.eval.seq_len=64",
+    "--config.eval.batch_size=4",
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as a user's laptop runs it
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -217,20 +249,34 @@ def test_a_forward_split_at_a_site_equals_the_spliced_full_forward(lm, tiny_mode
   site = f"{kind}.1"
   resid, act, rows = lm.to_site(tokens, site)
   np.testing.assert_allclose(np.asarray(act)[:rows], np.asarray(lm.activations(tokens, [site])[site]), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(lm.token_losses_from_site(tokens, site, resid, act))[:rows],
-                             np.asarray(lm.token_losses(tokens)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(lm.token_losses_from_site(tokens, site, resid, act))[:rows],
+    np.asarray(lm.token_losses(tokens)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   edit = lambda a: a * 0.5 + 0.25
-  np.testing.assert_allclose(np.asarray(lm.token_losses_from_site(tokens, site, resid, edit(act)))[:rows],
-                             np.asarray(lm.token_losses(tokens, replace={site: edit})), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(lm.token_losses_from_site(tokens, site, resid, edit(act)))[:rows],
+    np.asarray(lm.token_losses(tokens, replace={site: edit})),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def _reference_metrics(lm, sae, site, batches):
   """Metrics of one SAE the plain way: full forwards with the splice, statistics in numpy."""
   ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
-  rows = np.concatenate([np.asarray(lm.activations(b.tokens, [site])[site])[b.keep] for b in batches]).astype(np.float64)
+  rows = np.concatenate([np.asarray(lm.activations(b.tokens, [site])[site])[b.keep] for b in batches]).astype(
+    np.float64
+  )
   mean = rows.mean(0).astype(np.float32)
-  splices = {"clean": None, "spliced": lambda a: a.at[:, 1:].set(sae(a)[:, 1:]),
-             "zero": lambda a: a.at[:, 1:].set(0), "mean": lambda a: a.at[:, 1:].set(mean)}
+  splices = {
+    "clean": None,
+    "spliced": lambda a: a.at[:, 1:].set(sae(a)[:, 1:]),
+    "zero": lambda a: a.at[:, 1:].set(0),
+    "mean": lambda a: a.at[:, 1:].set(mean),
+  }
   n, per_seq = 0, {"clean": [], "spliced": [], "n": []}
   for b in batches:
     pred = b.keep[:, 1:]
@@ -247,11 +293,17 @@ def _reference_metrics(lm, sae, site, batches):
   delta_se = np.sqrt(len(n_j) / (len(n_j) - 1) * np.sum((d_j - delta * n_j) ** 2)) / n_j.sum()
   recon = np.asarray(sae(jnp.asarray(rows, jnp.float32)), np.float64)
   mse = np.mean(np.sum((recon - rows) ** 2, 1))
-  return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
-          "ce_mean_ablation": ce["mean"], "delta_loss": ce["spliced"] - ce["clean"], "delta_loss_se": delta_se,
-          "loss_recovered_mean": (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"]),
-          "l0": float(np.mean(np.sum(np.asarray(sae.encode(jnp.asarray(rows, jnp.float32))) > 0, 1))),
-          "fvu": mse / np.mean(np.sum((rows - rows.mean(0)) ** 2, 1))}
+  return {
+    "ce_clean": ce["clean"],
+    "ce_spliced": ce["spliced"],
+    "ce_zero_ablation": ce["zero"],
+    "ce_mean_ablation": ce["mean"],
+    "delta_loss": ce["spliced"] - ce["clean"],
+    "delta_loss_se": delta_se,
+    "loss_recovered_mean": (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"]),
+    "l0": float(np.mean(np.sum(np.asarray(sae.encode(jnp.asarray(rows, jnp.float32))) > 0, 1))),
+    "fvu": mse / np.mean(np.sum((rows - rows.mean(0)) ** 2, 1)),
+  }
 
 
 @contextlib.contextmanager
@@ -276,8 +328,12 @@ def test_the_engine_equals_plain_spliced_forwards_and_compiles_the_model_once_pe
   jax.clear_caches()  # programs other tests compiled would not be counted
   c = eval_config(tiny_model, sequences=16, batch_size=8)
   batches = eval_batches(c, lm.tokenizer)
-  saes = {f"{site}-{width}-{seed}": (fold(init_sae(jax.random.key(seed), 64, width), 3.0 + seed), site)
-          for site in ("res.1", "att.2") for width in (64, 128) for seed in (0, 1)}
+  saes = {
+    f"{site}-{width}-{seed}": (fold(init_sae(jax.random.key(seed), 64, width), 3.0 + seed), site)
+    for site in ("res.1", "att.2")
+    for width in (64, 128)
+    for seed in (0, 1)
+  }
   with compilations() as compiled:
     results = evaluate_saes(lm, saes, batches, progress=False)
   assert compiled["_to_site"] == 2 and compiled["_losses_from_site"] == 2, compiled  # one per site

@@ -37,7 +37,14 @@ def lm(tiny):
 def test_config_values_come_from_the_checkpoint(lm):
   c = lm.config
   assert (c.model_type, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff) == (
-      "gemma2", 64, 4, 4, 2, 16, 96)
+    "gemma2",
+    64,
+    4,
+    4,
+    2,
+    16,
+    96,
+  )
   assert (c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap, c.query_pre_attn_scalar) == (5, 4.0, 2.0, 24)
   assert c.layer_types == ("sliding_attention", "full_attention") * 2
   assert c.rope_theta_global == c.rope_theta_local == 1000.0
@@ -110,15 +117,17 @@ def test_token_losses_are_transformers_cross_entropy(tiny, lm, site):
   _, model, tokens = tiny
   edit = {site: lambda x: 0.5 * x} if site else None
   ref_logits, _ = hf_run(model, tokens, [], edit=edit)
-  ref = torch.nn.functional.cross_entropy(torch.tensor(ref_logits[:, :-1]).reshape(-1, 256),
-                                          torch.tensor(tokens[:, 1:]).reshape(-1), reduction="none").reshape(3, 13)
+  ref = torch.nn.functional.cross_entropy(
+    torch.tensor(ref_logits[:, :-1]).reshape(-1, 256), torch.tensor(tokens[:, 1:]).reshape(-1), reduction="none"
+  ).reshape(3, 13)
   ours = lm.token_losses(tokens, replace={site: lambda x: 0.5 * x} if site else None)
   np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-4, atol=1e-5)
   model = nnx.merge(lm._graphdef, lm._state)  # the vocabulary (256) in 8 chunks of 32 instead of 1
   sites = {sj.models.sites.parse_site(site, lm.config): lambda x: 0.5 * x} if site else None
   x_btd, _ = model._layers(jnp.asarray(tokens), (), sites, lm.config.n_layers - 1)
-  np.testing.assert_allclose(np.asarray(model.next_token_losses(x_btd, jnp.asarray(tokens), vocab_chunk=40)),
-                             ref.numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model.next_token_losses(x_btd, jnp.asarray(tokens), vocab_chunk=40)), ref.numpy(), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_activations_stop_after_the_deepest_site(tiny, tmp_path):
@@ -127,7 +136,9 @@ def test_activations_stop_after_the_deepest_site(tiny, tmp_path):
   broken = tmp_path / "broken"
   shutil.copytree(path, broken)
   weights = load_file(broken / "model.safetensors")
-  weights["model.layers.3.mlp.down_proj.weight"] = torch.full_like(weights["model.layers.3.mlp.down_proj.weight"], float("nan"))
+  weights["model.layers.3.mlp.down_proj.weight"] = torch.full_like(
+    weights["model.layers.3.mlp.down_proj.weight"], float("nan")
+  )
   save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
   lm = sj.load_model(broken, mesh=one_device())
   assert np.isnan(np.asarray(lm.logits(tokens))).all()
@@ -149,25 +160,31 @@ def to_deepmind(model, gating_layout: str) -> dict:
   c = model.config
   N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
   sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
-  params = {"transformer/embedder": {"input_embedding": np.concatenate(
-      [sd["model.embed_tokens.weight"], np.zeros((128, D), np.float32)])},  # padded rows
-      "transformer/final_norm": {"scale": sd["model.norm.weight"]}}
+  params = {
+    "transformer/embedder": {
+      "input_embedding": np.concatenate([sd["model.embed_tokens.weight"], np.zeros((128, D), np.float32)])
+    },  # padded rows
+    "transformer/final_norm": {"scale": sd["model.norm.weight"]},
+  }
   for i in range(c.num_hidden_layers):
     p, q = f"model.layers.{i}.", f"transformer/layer_{i}/"
     gate, up = sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]  # [F, D]
     gating = np.stack([gate.T, up.T]) if gating_layout == "2b" else np.stack([gate, up])
-    params.update({
+    params.update(
+      {
         q + "pre_attention_norm": {"scale": sd[p + "input_layernorm.weight"]},
         q + "post_attention_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
         q + "pre_ffw_norm": {"scale": sd[p + "pre_feedforward_layernorm.weight"]},
         q + "post_ffw_norm": {"scale": sd[p + "post_feedforward_layernorm.weight"]},
         q + "attn/q_einsum": {"w": sd[p + "self_attn.q_proj.weight"].reshape(N, H, D).transpose(0, 2, 1)},
-        q + "attn/kv_einsum": {"w": np.stack([sd[p + f"self_attn.{x}_proj.weight"].reshape(K, H, D).transpose(0, 2, 1)
-                                              for x in "kv"])},
+        q + "attn/kv_einsum": {
+          "w": np.stack([sd[p + f"self_attn.{x}_proj.weight"].reshape(K, H, D).transpose(0, 2, 1) for x in "kv"])
+        },
         q + "attn/attn_vec_einsum": {"w": sd[p + "self_attn.o_proj.weight"].T.reshape(N, H, D)},
         q + "mlp/gating_einsum": {"w": gating},
         q + "mlp/linear": {"w": sd[p + "mlp.down_proj.weight"].T},
-    })
+      }
+    )
   return params
 
 

@@ -17,16 +17,30 @@ SITES = ["att.1", "mlp_in.1", "mlp.1", "res.1", "att.4", "mlp_in.4", "mlp.4", "r
 
 # English, other scripts, code, whitespace runs, emoji, chat markup, numbers, URLs.
 PROMPTS = [
-    "The capital of France is", "The quick brown fox jumps over the lazy dog.",
-    "def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\n",
-    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }",
-    "Привет, как дела? Всё хорошо.", "東京は日本の首都です。", "北京是中国的首都。", "مرحبا بالعالم",
-    "नमस्ते दुनिया", "Γειά σου Κόσμε", "한국어 문장입니다.", "emoji 🤖🚀 test 👍🏽 family 👨‍👩‍👧",
-    "lots    of     spaces", "\t\ttabs\tand\ttrailing   ", "\n\n\nnewlines\n\n", "   leading spaces",
-    "12345 + 67890 = 80235; pi ≈ 3.14159", "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
-    "Mixed: café naïve Straße ﬁ (ligature) ½", "URL https://example.com/a?b=c&d=e#f",
-    "<html><body>x</body></html>", "ALL CAPS SHOUTING!!! ???", "zero\u200bwidth and nbsp\u00a0here",
-    "a" * 50,
+  "The capital of France is",
+  "The quick brown fox jumps over the lazy dog.",
+  "def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\n",
+  'for (int i = 0; i < 10; ++i) { printf("%d\\n", i); }',
+  "Привет, как дела? Всё хорошо.",
+  "東京は日本の首都です。",
+  "北京是中国的首都。",
+  "مرحبا بالعالم",
+  "नमस्ते दुनिया",
+  "Γειά σου Κόσμε",
+  "한국어 문장입니다.",
+  "emoji 🤖🚀 test 👍🏽 family 👨‍👩‍👧",
+  "lots    of     spaces",
+  "\t\ttabs\tand\ttrailing   ",
+  "\n\n\nnewlines\n\n",
+  "   leading spaces",
+  "12345 + 67890 = 80235; pi ≈ 3.14159",
+  "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+  "Mixed: café naïve Straße ﬁ (ligature) ½",
+  "URL https://example.com/a?b=c&d=e#f",
+  "<html><body>x</body></html>",
+  "ALL CAPS SHOUTING!!! ???",
+  "zero\u200bwidth and nbsp\u00a0here",
+  "a" * 50,
 ]
 
 
@@ -87,7 +101,14 @@ def lm270(gguf_path):
 def test_gguf_config(lm270):
   c = lm270.config
   assert (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size) == (
-      640, 18, 4, 1, 256, 2048, 262_144)
+    640,
+    18,
+    4,
+    1,
+    256,
+    2048,
+    262_144,
+  )
   assert c.sliding_window == 512 and c.layer_types.count("full_attention") == 3
 
 

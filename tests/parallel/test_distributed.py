@@ -4,8 +4,14 @@ import pytest
 
 from scope_jax.parallel.distributed import initialize
 
-VARIABLES = ("SCOPE_JAX_COORDINATOR", "SCOPE_JAX_NUM_PROCESSES", "SCOPE_JAX_PROCESS_ID", "SLURM_NTASKS",
-             "SLURM_PROCID", "SCOPE_JAX_DISTRIBUTED")
+VARIABLES = (
+  "SCOPE_JAX_COORDINATOR",
+  "SCOPE_JAX_NUM_PROCESSES",
+  "SCOPE_JAX_PROCESS_ID",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SCOPE_JAX_DISTRIBUTED",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +27,9 @@ def test_nothing_set_means_one_process():
 
 def test_flag_and_environment_disagreeing_name_both(clean_env):
   clean_env.setenv("SCOPE_JAX_NUM_PROCESSES", "4")
-  with pytest.raises(ValueError, match="num_processes is given differently by --num_processes=2 and "
-                                       "SCOPE_JAX_NUM_PROCESSES=4"):
+  with pytest.raises(
+    ValueError, match="num_processes is given differently by --num_processes=2 and SCOPE_JAX_NUM_PROCESSES=4"
+  ):
     initialize("127.0.0.1:1234", 2, 0)
 
 
@@ -41,11 +48,14 @@ def test_a_process_count_without_a_coordinator(clean_env):
   assert initialize() is False
 
 
-@pytest.mark.parametrize("count, index, message", [
+@pytest.mark.parametrize(
+  "count, index, message",
+  [
     (2, 2, r"process_id 2 is outside \[0, num_processes=2\)"),
     (None, 0, "the process count or id is not"),
     ("two", 0, "num_processes='two' is not an integer"),
-])
+  ],
+)
 def test_bad_counts_and_ids(clean_env, count, index, message):
   if count is not None:
     clean_env.setenv("SCOPE_JAX_NUM_PROCESSES", str(count))

@@ -19,15 +19,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _sweep_cmd(tiny_model, workdir, store):
-  return [sys.executable, "-m", "scope_jax.cli", "sweep",
-          "--config", f"{REPO}/configs/gemma2.py:size=2b,layer=1,runlocal,model={tiny_model}",
-          "--workdir", str(workdir), f"--config.extract.store={store}", "--config.extract.tokens=20480",
-          # fixed shard and stream counts: the store and the batches do not depend on the process count
-          "--config.extract.shards=2", "--config.data.streams=2",
-          # 10 steps: long enough to move every parameter, short enough that float noise in the
-          # cross-process reductions is not amplified by JumpReLU's discrete threshold updates
-          "--config.train.batch_size=2048", "--config.train.log_every=5",
-          "--config.eval.bfloat16=False"]
+  return [
+    sys.executable,
+    "-m",
+    "scope_jax.cli",
+    "sweep",
+    "--config",
+    f"{REPO}/configs/gemma2.py:size=2b,layer=1,runlocal,model={tiny_model}",
+    "--workdir",
+    str(workdir),
+    f"--config.extract.store={store}",
+    "--config.extract.tokens=20480",
+    # fixed shard and stream counts: the store and the batches do not depend on the process count
+    "--config.extract.shards=2",
+    "--config.data.streams=2",
+    # 10 steps: long enough to move every parameter, short enough that float noise in the
+    # cross-process reductions is not amplified by JumpReLU's discrete threshold updates
+    "--config.train.batch_size=2048",
+    "--config.train.log_every=5",
+    "--config.eval.bfloat16=False",
+  ]
 
 
 def _npz(path):
@@ -43,12 +54,33 @@ def _mismatch(actual: dict, desired: dict) -> dict:
 def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model, tmp_path):
   gcs.mkdir("runs")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  one = subprocess.run(_sweep_cmd(tiny_model, tmp_path / "one", "gs://runs/one"), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+  one = subprocess.run(
+    _sweep_cmd(tiny_model, tmp_path / "one", "gs://runs/one"),
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-  two = subprocess.run(["bash", f"{REPO}/launch/local.sh", "-n", "2", "-d", "2", "-l", str(tmp_path / "logs"), "--",
-                        *_sweep_cmd(tiny_model, tmp_path / "two", "gs://runs/two")],
-                       cwd=REPO, capture_output=True, text=True, timeout=900)
+  two = subprocess.run(
+    [
+      "bash",
+      f"{REPO}/launch/local.sh",
+      "-n",
+      "2",
+      "-d",
+      "2",
+      "-l",
+      str(tmp_path / "logs"),
+      "--",
+      *_sweep_cmd(tiny_model, tmp_path / "two", "gs://runs/two"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
   assert "1 extraction jobs, 2 trainer jobs, 8 SAEs" in one.stdout
 
@@ -65,8 +97,9 @@ def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model,
     index_one = json.loads((run_one / "export" / "index.json").read_text())
     index_two = json.loads((run_two / "export" / "index.json").read_text())
     assert [e["name"] for e in index_one] == [e["name"] for e in index_two] and len(index_one) == 4
-    mismatch = {e1["name"]: _mismatch(_npz(e2["gemma_scope"]), _npz(e1["gemma_scope"]))
-                for e1, e2 in zip(index_one, index_two)}
+    mismatch = {
+      e1["name"]: _mismatch(_npz(e2["gemma_scope"]), _npz(e1["gemma_scope"])) for e1, e2 in zip(index_one, index_two)
+    }
     # Cross-process reductions sum in another order (~1e-7 apart). Where a pre-activation sits at
     # the edge of JumpReLU's threshold window that can flip one discrete update and an SAE then
     # drifts a little (a few % of its thresholds); most SAEs stay within 1%. Other data or another
@@ -85,8 +118,14 @@ def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model,
     assert len((run_two / "metrics.jsonl").read_text().splitlines()) == 2 * 4  # steps 5 and 10 of 4 SAEs
     assert len(list((run_two / "tensorboard").glob("events.*"))) == 1
   # every job is idempotent: the same command again skips them all
-  again = subprocess.run(_sweep_cmd(tiny_model, tmp_path / "one", "gs://runs/one"), cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+  again = subprocess.run(
+    _sweep_cmd(tiny_model, tmp_path / "one", "gs://runs/one"),
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert again.returncode == 0 and again.stdout.count("finished earlier; skipped") == 3, again.stdout[-2000:]
   logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
   assert "eval: report in" in logs[0] and "eval: report in" not in logs[1]
@@ -95,9 +134,17 @@ def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model,
 
 
 def _train_cmd(npy, workdir):
-  return [sys.executable, "-m", "scope_jax.cli", "train", "--config",
-          f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=256+512,l1=1e-3+1e-2,steps=400,batch_size=256,runlocal",
-          "--workdir", str(workdir), "--config.train.checkpoint_every=25"]
+  return [
+    sys.executable,
+    "-m",
+    "scope_jax.cli",
+    "train",
+    "--config",
+    f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=256+512,l1=1e-3+1e-2,steps=400,batch_size=256,runlocal",
+    "--workdir",
+    str(workdir),
+    "--config.train.checkpoint_every=25",
+  ]
 
 
 def test_kill_9_of_one_process_stops_the_other_in_bounded_time_and_a_relaunch_resumes(tmp_path):

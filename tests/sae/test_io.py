@@ -17,9 +17,11 @@ def random_sae(d=24, m=80, seed=0) -> SAE:
   """A training-form SAE with non-trivial biases and thresholds (so folding has work to do)."""
   rng = np.random.default_rng(seed)
   sae = init_sae(jax.random.key(seed), d, m)
-  return sae.replace(b_enc=jnp.asarray(rng.normal(0, 0.3, m), jnp.float32),
-                     b_dec=jnp.asarray(rng.normal(0, 0.5, d), jnp.float32),
-                     threshold=jnp.asarray(rng.uniform(0.05, 0.4, m), jnp.float32))
+  return sae.replace(
+    b_enc=jnp.asarray(rng.normal(0, 0.3, m), jnp.float32),
+    b_dec=jnp.asarray(rng.normal(0, 0.5, d), jnp.float32),
+    threshold=jnp.asarray(rng.uniform(0.05, 0.4, m), jnp.float32),
+  )
 
 
 def test_folded_sae_on_raw_inputs_gives_scaled_latents_and_the_same_reconstruction():
@@ -69,8 +71,13 @@ def test_saelens_training_layout_with_b_dec_on_input_is_converted(tmp_path):
 def test_official_gemma_scope_npz_matches_the_reference_formula(tmp_path, lowercase):
   rng = np.random.default_rng(5)
   d, m = 16, 48
-  arrays = {"W_enc": rng.normal(0, 0.3, (d, m)), "W_dec": rng.normal(0, 0.3, (m, d)),
-            "b_enc": rng.normal(0, 0.1, m), "b_dec": rng.normal(0, 0.1, d), "threshold": rng.uniform(0, 0.5, m)}
+  arrays = {
+    "W_enc": rng.normal(0, 0.3, (d, m)),
+    "W_dec": rng.normal(0, 0.3, (m, d)),
+    "b_enc": rng.normal(0, 0.1, m),
+    "b_dec": rng.normal(0, 0.1, d),
+    "threshold": rng.uniform(0, 0.5, m),
+  }
   arrays = {(k.lower() if lowercase else k): v.astype(np.float32) for k, v in arrays.items()}
   path = tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82" / "params.npz"
   path.parent.mkdir(parents=True)
@@ -95,16 +102,21 @@ def test_gemma_scope_export_round_trip(tmp_path):
 
 
 def test_width_names_follow_the_hub():
-  assert [width_name(2**k) for k in (14, 15, 16, 17, 18, 19, 20)] == \
-      ["16k", "32k", "65k", "131k", "262k", "524k", "1m"]
+  assert [width_name(2**k) for k in (14, 15, 16, 17, 18, 19, 20)] == ["16k", "32k", "65k", "131k", "262k", "524k", "1m"]
 
 
 def test_bad_sae_files_are_clear_errors(tmp_path):
   np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8)), W_dec=np.zeros((8, 4)))
   with pytest.raises(ValueError, match=r"params.npz: missing \['b_enc', 'b_dec', 'threshold'\]"):
     sj.load_sae(tmp_path / "params.npz")
-  np.savez(tmp_path / "bad.npz", W_enc=np.zeros((4, 8)), W_dec=np.zeros((8, 5)), b_enc=np.zeros(8),
-           b_dec=np.zeros(4), threshold=np.zeros(8))
+  np.savez(
+    tmp_path / "bad.npz",
+    W_enc=np.zeros((4, 8)),
+    W_dec=np.zeros((8, 5)),
+    b_enc=np.zeros(8),
+    b_dec=np.zeros(4),
+    threshold=np.zeros(8),
+  )
   with pytest.raises(ValueError, match=r"bad.npz: W_dec has shape \(8, 5\); expected \(8, 4\)"):
     sj.load_sae(tmp_path / "bad.npz")
   with pytest.raises(FileNotFoundError, match="not an SAE"):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from sae_lens.saes.jumprelu_sae import JumpReLU as LensJumpReLU, Step as LensStep
+from sae_lens.saes.jumprelu_sae import JumpReLU as LensJumpReLU
+from sae_lens.saes.jumprelu_sae import Step as LensStep
 
 from scope_jax.sae import jumprelu, step
 
@@ -67,5 +68,6 @@ def test_vjps_equal_saelens_autograd(fn, lens_fn):
 def test_bfloat16_inputs_keep_a_float32_threshold_gradient():
   z, threshold, g = _inputs(3)
   dz, dthreshold = jax.grad(lambda z, t: jnp.sum(jumprelu(z, t, EPS) * g), argnums=(0, 1))(
-      jnp.asarray(z, jnp.bfloat16), jnp.asarray(threshold))
+    jnp.asarray(z, jnp.bfloat16), jnp.asarray(threshold)
+  )
   assert dz.dtype == jnp.bfloat16 and dthreshold.dtype == jnp.float32

@@ -12,10 +12,10 @@ import scope_jax as sj
 from scope_jax.config import default_config
 from scope_jax.data import ArraySource
 from scope_jax.data.loader import StoreLoader
+from scope_jax.export.exporter import export
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.sae import training_pre, unstack
 from scope_jax.train import train
-from scope_jax.train.export import export
 from tests.data.stores import SITE, write_store
 from tests.train.test_sweep import planted_dictionary
 
@@ -112,6 +112,6 @@ def test_a_planted_dictionary_is_recovered_under_a_large_constant_offset(tmp_pat
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 512, 2500, 500, 10**6
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200
   state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0, normalize="centred"), mesh, progress=False)
-  W_dec = np.asarray(state["params"][0].W_dec)                     # [λ, M, d]
+  W_dec = np.asarray(state["params"][0].W_dec)  # [λ, M, d]
   recovered = [float(np.mean((directions @ w.T).max(axis=1) >= 0.9)) for w in W_dec]
   assert max(recovered) >= 0.9, recovered

@@ -16,19 +16,29 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto.event_pb2 import Event
 
-from scope_jax.data import ArraySource
-from scope_jax.parallel.mesh import make_mesh
 from scope_jax.activations.store import StoreError
 from scope_jax.config import default_config
-from scope_jax.train import TrainingDiverged, train, trainer
+from scope_jax.data import ArraySource
+from scope_jax.parallel.mesh import make_mesh
+from scope_jax.train import TrainingDiverged, checkpoints, train
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(workdir, npy, *extra):
   cfg = f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=1024+2048,l1=0.001+0.01,steps=60,batch_size=512,runlocal"
-  return [sys.executable, "-m", "scope_jax.cli", "train", "--config", cfg, "--workdir", str(workdir),
-          "--config.train.checkpoint_every=10", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "scope_jax.cli",
+    "train",
+    "--config",
+    cfg,
+    "--workdir",
+    str(workdir),
+    "--config.train.checkpoint_every=10",
+    *extra,
+  ]
 
 
 def _checkpoints(workdir) -> list[int]:
@@ -71,8 +81,9 @@ def test_sigterm_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
   preempted_at = _checkpoints(interrupted)[-1]
   assert 10 <= preempted_at < 60 and f"saved a checkpoint at step {preempted_at}" in out
 
-  rc, out = _run_until(_cli(interrupted, acts_npy), lambda: _checkpoints(interrupted)[-1] > preempted_at,
-                       signal.SIGKILL)
+  rc, out = _run_until(
+    _cli(interrupted, acts_npy), lambda: _checkpoints(interrupted)[-1] > preempted_at, signal.SIGKILL
+  )
   assert rc == -signal.SIGKILL, out
   assert _checkpoints(interrupted)[-1] < 60, "killed too late to test anything"
 
@@ -111,8 +122,11 @@ def _data(n=2048, d=16):
 def test_a_nan_loss_stops_the_run_naming_sae_and_step_and_keeps_the_last_checkpoint(tmp_path):
   mesh = make_mesh(data=4, model=2)
   source = _PoisonedSource(_data(), 64, mesh, bad_step=23)
-  with pytest.raises(TrainingDiverged, match=r"SAE w32-l0.001-s0: loss became NaN or Inf at step 23; "
-                                             r"the last checkpoint \(step 20\) is kept"):
+  with pytest.raises(
+    TrainingDiverged,
+    match=r"SAE w32-l0.001-s0: loss became NaN or Inf at step 23; "
+    r"the last checkpoint \(step 20\) is kept",
+  ):
     train(_small_config(), tmp_path, source, mesh, progress=False)
   assert _checkpoints(tmp_path) == [10, 20]
 
@@ -123,8 +137,8 @@ def _read_events(directory: Path) -> list[Event]:
     data = path.read_bytes()
     i = 0
     while i < len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])
-      events.append(Event.FromString(data[i + 12:i + 12 + n]))
+      (n,) = struct.unpack("<Q", data[i : i + 8])
+      events.append(Event.FromString(data[i + 12 : i + 12 + n]))
       i += 12 + n + 4
   return events
 
@@ -135,14 +149,33 @@ def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert sorted({r["sae"] for r in rows}) == ["w32-l0.001-s0", "w32-l0.01-s0", "w64-l0.001-s0", "w64-l0.01-s0"]
   assert sorted({r["step"] for r in rows}) == [5, 10, 15, 20]
-  for key in ("loss", "mse", "l0", "fvu", "dead_fraction", "threshold_mean", "threshold_min", "threshold_max",
-              "grad_norm", "l1_coefficient", "window_fraction", "threshold_p10", "threshold_p50", "threshold_p90",
-              "threshold_moved", "b_dec_drift"):
+  for key in (
+    "loss",
+    "mse",
+    "l0",
+    "fvu",
+    "dead_fraction",
+    "threshold_mean",
+    "threshold_min",
+    "threshold_max",
+    "grad_norm",
+    "l1_coefficient",
+    "window_fraction",
+    "threshold_p10",
+    "threshold_p50",
+    "threshold_p90",
+    "threshold_moved",
+    "b_dec_drift",
+  ):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert all(0 < r["l0"] <= 64 for r in rows)
   assert any(r["window_fraction"] > 0 for r in rows)
-  assert all(0 <= r["window_fraction"] < 1 and r["threshold_min"] <= r["threshold_p10"] <= r["threshold_p50"]
-             <= r["threshold_p90"] <= r["threshold_max"] and r["b_dec_drift"] > 0 for r in rows)
+  assert all(
+    0 <= r["window_fraction"] < 1
+    and r["threshold_min"] <= r["threshold_p10"] <= r["threshold_p50"] <= r["threshold_p90"] <= r["threshold_max"]
+    and r["b_dec_drift"] > 0
+    for r in rows
+  )
   assert json.loads((tmp_path / "train_health.json").read_text())["step"] == 20
   scalars = {(v.tag, e.step): v.simple_value for e in _read_events(tmp_path / "tensorboard") for v in e.summary.value}
   last = rows[-1]
@@ -151,20 +184,24 @@ def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
 
 
 def test_health_warnings_name_untrained_thresholds_and_l0_deaf_to_lambda():
-  from scope_jax.train.metrics import health_warnings
-  from scope_jax.train.sweep import make_groups
+  from scope_jax.train.health import health_warnings
+  from scope_jax.train.stacked import make_groups
 
   groups = make_groups([32, 64], [1e-3, 1e-2])
-  last = {"w32-l0.001-s0": {"l0": 20.0, "threshold_moved": 3.0}, "w32-l0.01-s0": {"l0": 8.0, "threshold_moved": 0.05,
-                                                                                    "window_fraction": 0.0},
-          "w64-l0.001-s0": {"l0": 20.0, "threshold_moved": 2.0}, "w64-l0.01-s0": {"l0": 21.0, "threshold_moved": 2.0}}
+  last = {
+    "w32-l0.001-s0": {"l0": 20.0, "threshold_moved": 3.0},
+    "w32-l0.01-s0": {"l0": 8.0, "threshold_moved": 0.05, "window_fraction": 0.0},
+    "w64-l0.001-s0": {"l0": 20.0, "threshold_moved": 2.0},
+    "w64-l0.01-s0": {"l0": 21.0, "threshold_moved": 2.0},
+  }
   found = health_warnings(last, groups, 100)
   assert found == [
-      "SAE w32-l0.01-s0: thresholds moved 5.0% of their initial value in 100 steps; they are not training (0.00% of "
-      "pre-activations fall inside the kernel window: recipe.bandwidth may be too small for the data's scale, or "
-      "recipe.lr too low)",
-      "SAEs of width 64 (seed 0): L0 does not fall as λ rises (λ 0.001: L0 20.0, λ 0.01: L0 21.0); the sparsity "
-      "penalty is not acting (too few steps after its warm-up, or λ too small to matter)"]
+    "SAE w32-l0.01-s0: thresholds moved 5.0% of their initial value in 100 steps; they are not training (0.00% of "
+    "pre-activations fall inside the kernel window: recipe.bandwidth may be too small for the data's scale, or "
+    "recipe.lr too low)",
+    "SAEs of width 64 (seed 0): L0 does not fall as λ rises (λ 0.001: L0 20.0, λ 0.01: L0 21.0); the sparsity "
+    "penalty is not acting (too few steps after its warm-up, or λ too small to matter)",
+  ]
 
 
 def test_a_bandwidth_too_narrow_to_train_thresholds_is_warned_about(tmp_path):
@@ -183,8 +220,11 @@ def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
   changed = _small_config(20)
   changed.sweep.l1_coefficients = [1e-3, 3e-2]
   changed.recipe.lr = 3e-4
-  with pytest.raises(ValueError, match=r"another run; differing fields:\n  recipe.lr: 0.001 -> 0.0003\n"
-                                       r"  sweep.l1_coefficients: \[0.001, 0.01\] -> \[0.001, 0.03\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"another run; differing fields:\n  recipe.lr: 0.001 -> 0.0003\n"
+    r"  stacked.l1_coefficients: \[0.001, 0.01\] -> \[0.001, 0.03\]",
+  ):
     train(changed, tmp_path, source, mesh, progress=False)
   longer = train(_small_config(20), tmp_path, source, mesh, progress=False)  # more steps is fine
   assert int(longer["step"]) == 20
@@ -193,11 +233,13 @@ def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
 def test_a_checkpoint_from_before_a_new_recipe_field_resumes_at_its_default(tmp_path, monkeypatch):
   mesh = make_mesh(data=4, model=2)
   source = ArraySource(_data(), 64, mesh)
-  without_clip = lambda config, source: {**identity(config, source), "recipe": {
-      k: v for k, v in config.recipe.to_dict().items() if k != "clip_grad_norm"}}
-  identity = trainer.run_identity
+  without_clip = lambda config, source: {
+    **identity(config, source),
+    "recipe": {k: v for k, v in config.recipe.to_dict().items() if k != "clip_grad_norm"},
+  }
+  identity = checkpoints.run_identity
   with monkeypatch.context() as m:
-    m.setattr(trainer, "run_identity", without_clip)
+    m.setattr(checkpoints, "run_identity", without_clip)
     train(_small_config(10), tmp_path, source, mesh, progress=False)
   assert int(train(_small_config(20), tmp_path, source, mesh, progress=False)["step"]) == 20
   changed = _small_config(30)
@@ -215,11 +257,19 @@ def test_data_of_another_width_is_refused(tmp_path):
 
 
 def test_train_and_export_commands(tmp_path, acts_npy):
-  cfg = f"{REPO}/configs/sweep_from_npy.py:path={acts_npy},widths=512,l1=0.001+0.03,steps=30,batch_size=256,runlocal,site=res.4"
+  cfg = (
+    f"{REPO}/configs/sweep_from_npy.py:path={acts_npy},"
+    "widths=512,l1=0.001+0.03,steps=30,batch_size=256,runlocal,site=res.4"
+  )
   env = dict(os.environ)
   for command in ("train", "export"):
-    done = subprocess.run([sys.executable, "-m", "scope_jax.cli", command, "--config", cfg, "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, env=env)
+    done = subprocess.run(
+      [sys.executable, "-m", "scope_jax.cli", command, "--config", cfg, "--workdir", str(tmp_path)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env=env,
+    )
     assert done.returncode == 0, done.stderr
   index = json.loads((tmp_path / "export" / "index.json").read_text())
   assert [e["name"] for e in index] == ["w512-l0.001-s0", "w512-l0.03-s0"]
@@ -229,8 +279,21 @@ def test_train_and_export_commands(tmp_path, acts_npy):
     assert npz.relative_to(tmp_path / "export" / "gemma-scope").parts[:3] == ("res", "layer_4", "width_512")
     assert npz.parent.name == f"average_l0_{round(e['l0'])}"
     assert (Path(e["saelens"]) / "sparsity.safetensors").exists()
-  bad = subprocess.run([sys.executable, "-m", "scope_jax.cli", "train", "--config", cfg.replace(str(acts_npy), "/nope.npy"),
-                        "--workdir", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "scope_jax.cli",
+      "train",
+      "--config",
+      cfg.replace(str(acts_npy), "/nope.npy"),
+      "--workdir",
+      str(tmp_path / "x"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert bad.returncode == 1 and "data.path /nope.npy: no such file" in bad.stderr
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from scope_jax.data.text import iter_documents
+from scope_jax.text.sources import iter_documents
 
 
 def test_every_file_kind_in_a_fixed_order(tmp_path):
@@ -16,10 +16,18 @@ def test_every_file_kind_in_a_fixed_order(tmp_path):
   with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
     f.write(json.dumps({"body": "from jsonl.gz"}) + "\n\n" + json.dumps({"body": ""}) + "\n")
   pq.write_table(pa.table({"body": ["from parquet", None, "again"]}), tmp_path / "c.parquet")
-  docs = list(iter_documents([str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl.gz"), str(tmp_path / "c.parquet")],
-                             text_field="body"))
-  assert docs == [(0, "first paragraph\nstill first"), (1, "second paragraph"), (2, "from jsonl.gz"),
-                  (3, "from parquet"), (4, "again")]
+  docs = list(
+    iter_documents(
+      [str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl.gz"), str(tmp_path / "c.parquet")], text_field="body"
+    )
+  )
+  assert docs == [
+    (0, "first paragraph\nstill first"),
+    (1, "second paragraph"),
+    (2, "from jsonl.gz"),
+    (3, "from parquet"),
+    (4, "again"),
+  ]
 
 
 def test_the_bundled_corpus_is_there_and_stable():
@@ -64,6 +72,7 @@ def test_bad_sources_are_clear_errors(tmp_path):
     list(iter_documents(str(tmp_path / "bad.jsonl")))
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   pq.write_table(pa.table({"content": ["x"]}), tmp_path / "p.parquet")
   with pytest.raises(ValueError, match=r"p.parquet: no column 'text' \(columns: \['content'\]\)"):
     list(iter_documents(str(tmp_path / "p.parquet")))

@@ -45,8 +45,11 @@ def ratio_and_standard_error(numerator_j: np.ndarray, count_j: np.ndarray) -> tu
 def site_sums(act_btd: jax.Array, keep_bt: jax.Array) -> dict[str, jax.Array]:
   """Sums over text positions of one batch of a site's activations (for its mean and variance)."""
   x_btd = act_btd.astype(jnp.float32) * keep_bt[..., None]
-  return {"n": jnp.sum(keep_bt, dtype=jnp.float32), "sum_d": jnp.sum(x_btd, axis=(0, 1)),
-          "sum_sq": jnp.sum(jnp.square(x_btd))}
+  return {
+    "n": jnp.sum(keep_bt, dtype=jnp.float32),
+    "sum_d": jnp.sum(x_btd, axis=(0, 1)),
+    "sum_sq": jnp.sum(jnp.square(x_btd)),
+  }
 
 
 @jax.jit
@@ -60,14 +63,18 @@ def sae_batch(sae: SAE, act_btd: jax.Array, keep_bt: jax.Array) -> tuple[jax.Arr
   keep = keep_bt.astype(jnp.float32)
   err_bt = jnp.sum(jnp.square((recon_btd - x_btd).astype(jnp.float32)), axis=-1)
   active_btm = (f_btm > 0).astype(jnp.float32)
-  sums = {"sq_err_b": jnp.sum(err_bt * keep, axis=1), "active_b": jnp.sum(jnp.sum(active_btm, -1) * keep, axis=1),
-          "fires_m": jnp.einsum("btm,bt->m", active_btm, keep)}
+  sums = {
+    "sq_err_b": jnp.sum(err_bt * keep, axis=1),
+    "active_b": jnp.sum(jnp.sum(active_btm, -1) * keep, axis=1),
+    "fires_m": jnp.einsum("btm,bt->m", active_btm, keep),
+  }
   return act_btd.at[:, 1:].set(recon_btd[:, 1:].astype(act_btd.dtype)), sums
 
 
 @dataclasses.dataclass
 class SiteStats:
   """Running sums of a site's activations over text positions."""
+
   n: float = 0.0
   sum_d: np.ndarray | float = 0.0
   sum_sq: float = 0.0
@@ -89,6 +96,7 @@ class SiteStats:
 @dataclasses.dataclass
 class SAEStats:
   """Per-sequence sums over evaluation tokens for one SAE (from `sae_batch`)."""
+
   sq_err: list = dataclasses.field(default_factory=list)
   active: list = dataclasses.field(default_factory=list)
   tokens: list = dataclasses.field(default_factory=list)
@@ -106,14 +114,22 @@ class SAEStats:
     tokens = np.concatenate(self.tokens)
     mse, mse_se = ratio_and_standard_error(np.concatenate(self.sq_err), tokens)
     density_m = self.fires_m / tokens.sum()
-    return {"tokens": int(tokens.sum()), "l0": float(np.concatenate(self.active).sum() / tokens.sum()),
-            "mse": mse, "fvu": mse / variance, "fvu_se": mse_se / variance,
-            "dead_fraction": float(np.mean(density_m == 0)), "dense_fraction": float(np.mean(density_m > DENSE_ABOVE)),
-            "density": density_m}
+    return {
+      "tokens": int(tokens.sum()),
+      "l0": float(np.concatenate(self.active).sum() / tokens.sum()),
+      "mse": mse,
+      "fvu": mse / variance,
+      "fvu_se": mse_se / variance,
+      "dead_fraction": float(np.mean(density_m == 0)),
+      "dense_fraction": float(np.mean(density_m > DENSE_ABOVE)),
+      "density": density_m,
+    }
 
 
 def log10_density_histogram(density_m: np.ndarray, bins: int = 40) -> tuple[np.ndarray, np.ndarray, int]:
   """(counts, bin edges) of log10 firing density over latents that fire, and the dead count."""
   alive = density_m[density_m > 0]
-  counts, edges = np.histogram(np.log10(alive), bins=bins) if len(alive) else (np.zeros(bins), np.linspace(-8, 0, bins + 1))
+  counts, edges = (
+    np.histogram(np.log10(alive), bins=bins) if len(alive) else (np.zeros(bins), np.linspace(-8, 0, bins + 1))
+  )
   return counts, edges, int(np.sum(density_m == 0))

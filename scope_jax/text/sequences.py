@@ -17,17 +17,17 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from scope_jax.models.tokenizer import Tokenizer
+from scope_jax.text.tokenizer import Tokenizer
 
 MODES = ("pack", "truncate")
 
 
 @dataclasses.dataclass
 class Batch:
-  index: int            # global batch number
-  tokens: np.ndarray    # [G, T] int32
-  doc: np.ndarray       # [G, T] int32, -1 where nothing is stored
-  pos: np.ndarray       # [G, T] int32 position in the document's tokens, -1 where nothing is stored
+  index: int  # global batch number
+  tokens: np.ndarray  # [G, T] int32
+  doc: np.ndarray  # [G, T] int32, -1 where nothing is stored
+  pos: np.ndarray  # [G, T] int32 position in the document's tokens, -1 where nothing is stored
 
   @property
   def keep(self) -> np.ndarray:
@@ -41,8 +41,9 @@ def _document_tokens(docs: Iterable[tuple[int, str]], tokenizer: Tokenizer):
       yield doc_id, np.asarray(ids, np.int32)
 
 
-def sequences(docs: Iterable[tuple[int, str]], tokenizer: Tokenizer, seq_len: int, mode: str = "pack"
-              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def sequences(
+  docs: Iterable[tuple[int, str]], tokenizer: Tokenizer, seq_len: int, mode: str = "pack"
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """(tokens [T], doc [T], pos [T]) per sequence."""
   if mode not in MODES:
     raise ValueError(f"extract.mode {mode!r}: expected one of {MODES}")
@@ -54,21 +55,27 @@ def sequences(docs: Iterable[tuple[int, str]], tokenizer: Tokenizer, seq_len: in
       n = min(len(ids), body)
       tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
       doc, pos = np.full(seq_len, -1, np.int32), np.full(seq_len, -1, np.int32)
-      tokens[0], tokens[1:n + 1], doc[1:n + 1], pos[1:n + 1] = tokenizer.bos_id, ids[:n], doc_id, np.arange(n)
+      tokens[0], tokens[1 : n + 1], doc[1 : n + 1], pos[1 : n + 1] = tokenizer.bos_id, ids[:n], doc_id, np.arange(n)
       yield tokens, doc, pos
     return
   buffers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
   buffered = 0
   for doc_id, ids in _document_tokens(docs, tokenizer):
     n = len(ids)
-    buffers.append((np.append(ids, tokenizer.eos_id).astype(np.int32),
-                    np.append(np.full(n, doc_id, np.int32), -1).astype(np.int32),
-                    np.append(np.arange(n, dtype=np.int32), -1).astype(np.int32)))
+    buffers.append(
+      (
+        np.append(ids, tokenizer.eos_id).astype(np.int32),
+        np.append(np.full(n, doc_id, np.int32), -1).astype(np.int32),
+        np.append(np.arange(n, dtype=np.int32), -1).astype(np.int32),
+      )
+    )
     buffered += n + 1
     while buffered >= body:
       stream = [np.concatenate(parts) for parts in zip(*buffers)]
-      head = [np.concatenate([[first], part[:body]]).astype(np.int32)
-              for first, part in zip((tokenizer.bos_id, -1, -1), stream)]
+      head = [
+        np.concatenate([[first], part[:body]]).astype(np.int32)
+        for first, part in zip((tokenizer.bos_id, -1, -1), stream)
+      ]
       yield tuple(head)
       buffers = [tuple(part[body:] for part in stream)]
       buffered -= body
@@ -77,12 +84,16 @@ def sequences(docs: Iterable[tuple[int, str]], tokenizer: Tokenizer, seq_len: in
     tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
     doc, pos = np.full(seq_len, -1, np.int32), np.full(seq_len, -1, np.int32)
     tokens[0] = tokenizer.bos_id
-    tokens[1:buffered + 1], doc[1:buffered + 1], pos[1:buffered + 1] = stream
+    tokens[1 : buffered + 1], doc[1 : buffered + 1], pos[1 : buffered + 1] = stream
     yield tokens, doc, pos
 
 
-def batches(seqs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], global_batch: int, pad_id: int,
-            max_batches: int | None = None) -> Iterator[Batch]:
+def batches(
+  seqs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+  global_batch: int,
+  pad_id: int,
+  max_batches: int | None = None,
+) -> Iterator[Batch]:
   """Groups sequences into global batches; the last one is padded with empty sequences."""
   rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
   index = 0

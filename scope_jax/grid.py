@@ -6,28 +6,29 @@
 
 A config declares the grid in `config.grid` (scope_jax/config.py): layers × kinds give the
 sites; every site trains `grid.widths` (or its own widths from `grid.site_widths`) at every λ of
-`sweep.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget.
+`stacked.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget.
 
 Jobs:
 - one extraction per (model, token budget, site set): the sites of one layer (`grid.extract_by`)
   that need the same budget are written by one forward into one store, under `extract.store`
   (a local path or gs://bucket/prefix; default WORKDIR/stores);
 - one trainer job per (site, token budget): every SAE that shares the site and the budget is
-  stacked into one sweep step (scope_jax/train/sweep.py), then exported and evaluated.
+  stacked into one sweep step (scope_jax/train/stacked.py), then exported and evaluated.
 
-Every job is idempotent: a finished store (manifest written) or a trainer job whose report is
-newer than its export is skipped, an unfinished one resumes.
+Every job is idempotent: a finished store (manifest written) or a trainer job whose evaluation
+marker matches its config and latest checkpoint is skipped, an unfinished one resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 from pathlib import Path
 
 import ml_collections
 
+from scope_jax.activations.store import KV, MANIFEST
+from scope_jax.layout import RunLayout, eval_identity
 from scope_jax.models.sites import KINDS
 
 EXTRACT_BY = ("layer", "site", "all")
@@ -35,8 +36,8 @@ EXTRACT_BY = ("layer", "site", "all")
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  kind: str                      # "extract" | "train" (train + export + eval)
-  name: str                      # e.g. "extract/L12-8B", "train/res.12-8B"
+  kind: str  # "extract" | "train" (train + export + eval)
+  name: str  # e.g. "extract/L12-8B", "train/res.12-8B"
   workdir: str
   config: ml_collections.ConfigDict
   sites: tuple[str, ...]
@@ -71,7 +72,7 @@ def site_widths(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]
       raise ValueError(f"config.grid.site_widths names {site}, which is not in the grid's layers × kinds")
     out[site] = tuple(own)
   if not all(out.values()):
-    raise ValueError("config.grid: a site has no widths (grid.widths or sweep.widths is empty)")
+    raise ValueError("config.grid: a site has no widths (grid.widths or stacked.widths is empty)")
   return out
 
 
@@ -140,24 +141,12 @@ def select(jobs: list[Job], patterns: str | None) -> list[Job]:
 
 
 def is_finished(job: Job, timeout: float | None = None) -> bool:
+  """An extraction is finished when its store's manifest exists; a trainer job when its
+  evaluation's marker holds what the job's config and latest checkpoint give (layout.py)."""
   if job.kind == "extract":
-    from scope_jax.activations.store import KV, MANIFEST
     return KV(job.workdir).read_json(MANIFEST, timeout=timeout) is not None
-  return train_outputs_current(Path(job.workdir))
-
-
-def train_outputs_current(workdir: Path) -> bool:
-  """True when the export holds the latest checkpoint and the report is newer than the export."""
-  index, metrics = workdir / "export" / "index.json", workdir / "report" / "metrics.json"
-  return export_current(workdir) and metrics.exists() and metrics.stat().st_mtime >= index.stat().st_mtime
-
-
-def export_current(workdir: Path) -> bool:
-  index, checkpoints = workdir / "export" / "index.json", workdir / "checkpoints"
-  if not index.exists() or not checkpoints.is_dir():
-    return False
-  latest = max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=None)
-  return {e["step"] for e in json.loads(index.read_text())} == {latest}
+  layout = RunLayout(job.workdir)
+  return layout.finished("eval", eval_identity(job.config, layout))
 
 
 def table(jobs: list[Job]) -> str:
@@ -171,14 +160,25 @@ def table(jobs: list[Job]) -> str:
         status = "done" if is_finished(j, timeout=20) else "to do"
       except Exception as e:  # e.g. a bucket this machine cannot reach: the table is still useful
         unreachable = f"status '?': cannot read {j.workdir} ({str(e).splitlines()[0][:200]})"
-    rows.append((str(i), j.name, ",".join(j.sites), "+".join(map(str, j.widths)) or "-",
-                 str(len(j.config.sweep.l1_coefficients)) if j.kind == "train" else "-",
-                 str(j.saes) if j.kind == "train" else "-", _tokens_name(j.tokens), status))
+    rows.append(
+      (
+        str(i),
+        j.name,
+        ",".join(j.sites),
+        "+".join(map(str, j.widths)) or "-",
+        str(len(j.config.sweep.l1_coefficients)) if j.kind == "train" else "-",
+        str(j.saes) if j.kind == "train" else "-",
+        _tokens_name(j.tokens),
+        status,
+      )
+    )
   sizes = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
   lines = ["  ".join(v.ljust(n) for v, n in zip(r, sizes)).rstrip() for r in rows]
   if unreachable:
     lines.append(unreachable)
   n_extract = sum(j.kind == "extract" for j in jobs)
-  lines.append(f"{n_extract} extraction jobs, {len(jobs) - n_extract} trainer jobs, "
-               f"{sum(j.saes for j in jobs if j.kind == 'train')} SAEs")
+  lines.append(
+    f"{n_extract} extraction jobs, {len(jobs) - n_extract} trainer jobs, "
+    f"{sum(j.saes for j in jobs if j.kind == 'train')} SAEs"
+  )
   return "\n".join(lines)

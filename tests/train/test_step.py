@@ -12,29 +12,37 @@ import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
+from scope_jax.config import default_config
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.sae import jumprelu, step, training_pre, unstack
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import PARAM_NAMES
-from scope_jax.config import default_config
-from scope_jax.train import sweep, train
+from scope_jax.train import stacked, train
 from scope_jax.train.optim import lr_schedule, project_rows
 from tests.sae.test_io import random_sae
 
 
 def _saelens_loss_and_gradients(sae, x, lam, spec, dead_m=None):
-  cfg = JumpReLUTrainingSAEConfig(d_in=sae.d_in, d_sae=sae.width, jumprelu_bandwidth=spec.bandwidth,
-                                  apply_b_dec_to_input=True, target_l0=spec.target_l0,
-                                  jumprelu_sparsity_loss_mode="quadratic" if spec.sparsity_loss == "quadratic" else "step",
-                                  pre_act_loss_coefficient=spec.dead_latent_loss or None)
+  cfg = JumpReLUTrainingSAEConfig(
+    d_in=sae.d_in,
+    d_sae=sae.width,
+    jumprelu_bandwidth=spec.bandwidth,
+    apply_b_dec_to_input=True,
+    target_l0=spec.target_l0,
+    jumprelu_sparsity_loss_mode="quadratic" if spec.sparsity_loss == "quadratic" else "step",
+    pre_act_loss_coefficient=spec.dead_latent_loss or None,
+  )
   lens = JumpReLUTrainingSAE(cfg)
   with torch.no_grad():
     for k in PARAM_NAMES:
       getattr(lens, k).copy_(torch.tensor(np.asarray(getattr(sae, k))))
   dead = None if dead_m is None else torch.tensor(dead_m)
-  out = lens.training_forward_pass(TrainStepInput(sae_in=torch.tensor(x), coefficients={"l0": lam},
-                                                  dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False))
+  out = lens.training_forward_pass(
+    TrainStepInput(
+      sae_in=torch.tensor(x), coefficients={"l0": lam}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+  )
   out.loss.backward()
   return out, {k: getattr(lens, k).grad.numpy() for k in PARAM_NAMES}
 
@@ -54,14 +62,24 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
   step_size = 1e-3  # lr / ε
   sae = random_sae(d, m, seed=7)
   x = np.random.default_rng(8).normal(0, 1, (batch, d)).astype(np.float32)
-  recipe = sweep.Recipe(lr=1e3, adam_eps=1e6, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=eps,
-                        sparsity_loss=mode.removesuffix("+dead"), target_l0=10.0 if mode == "quadratic" else None,
-                        dead_latent_loss=0.7 if mode == "l0+dead" else 0.0, dead_window_steps=5)
+  recipe = stacked.Recipe(
+    lr=1e3,
+    adam_eps=1e6,
+    lr_warmup_steps=0,
+    sparsity_warmup_steps=0,
+    bandwidth=eps,
+    sparsity_loss=mode.removesuffix("+dead"),
+    target_l0=10.0 if mode == "quadratic" else None,
+    dead_latent_loss=0.7 if mode == "l0+dead" else 0.0,
+    dead_window_steps=5,
+  )
   dead_m = (np.arange(m) % 3 == 0) if mode == "l0+dead" else None
   mesh = make_mesh(*mesh_shape)
-  init, shardings, step_fn = sweep.build(0, np.zeros(d), sweep.make_groups([m], lambdas), recipe, mesh, batch, block)
-  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
-  state = _with_params(init(), (stacked,), shardings)
+  init, shardings, step_fn = stacked.build(
+    0, np.zeros(d), stacked.make_groups([m], lambdas), recipe, mesh, batch, block
+  )
+  pair = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
+  state = _with_params(init(), (pair,), shardings)
   if dead_m is not None:
     since = np.where(dead_m, 5, 0)[None].repeat(2, 0).astype(np.int32)
     state["since_fired"] = (jax.device_put(since, state["since_fired"][0].sharding),)
@@ -100,14 +118,18 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip):
   `jumprelu`/`step`, with optax's global-norm clipping before it and the decoder projection and
   renormalization around it."""
   d, m, lam, batch = 16, 32, 0.05, 64
-  recipe = sweep.Recipe(lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1,
-                        clip_grad_norm=clip)
+  recipe = stacked.Recipe(
+    lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1, clip_grad_norm=clip
+  )
   mesh = make_mesh(4, 2)
-  init, shardings, step_fn = sweep.build(0, np.zeros(d), sweep.make_groups([m], [lam]), recipe, mesh, batch, 4)
+  init, shardings, step_fn = stacked.build(0, np.zeros(d), stacked.make_groups([m], [lam]), recipe, mesh, batch, 4)
   sae = random_sae(d, m, seed=3)
   state = _with_params(init(), (jax.tree.map(lambda a: a[None], sae),), shardings)
-  scale = optax.scale_by_adam(b1, recipe.adam_b2, recipe.adam_eps) if b1 else optax.scale_by_rms(
-      decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True)
+  scale = (
+    optax.scale_by_adam(b1, recipe.adam_b2, recipe.adam_eps)
+    if b1
+    else optax.scale_by_rms(decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True)
+  )
   opt = optax.chain(scale, optax.scale(-recipe.lr))
   opt_state, ref = opt.init(sae), sae
   for s, x in enumerate(np.split(_data(4 * batch, d, seed=4), 4)):
@@ -119,8 +141,9 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip):
       g, _ = optax.clip_by_global_norm(clip).update(g, None)
     updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
     ref = optax.apply_updates(ref, updates)
-    ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True),
-                      threshold=jnp.maximum(ref.threshold, 0.0))
+    ref = ref.replace(
+      W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True), threshold=jnp.maximum(ref.threshold, 0.0)
+    )
     got = unstack(jax.device_get(state["params"][0]))[0]
     for k in PARAM_NAMES:
       np.testing.assert_allclose(getattr(got, k), getattr(ref, k), rtol=1e-4, atol=2e-6, err_msg=f"step {s} {k}")
@@ -138,14 +161,19 @@ def test_gradient_projection_removes_the_component_along_each_decoder_row():
 
 def test_learning_rate_warms_up_along_a_cosine_from_a_tenth():
   schedule = lr_schedule(7e-5, 1000)
-  np.testing.assert_allclose([schedule(0), schedule(500), schedule(1000), schedule(5000)],
-                             [7e-6, 7e-5 * 0.55, 7e-5, 7e-5], rtol=1e-5)
+  np.testing.assert_allclose(
+    [schedule(0), schedule(500), schedule(1000), schedule(5000)], [7e-6, 7e-5 * 0.55, 7e-5, 7e-5], rtol=1e-5
+  )
 
 
 def test_learning_rate_decays_linearly_to_zero_over_the_last_steps():
   schedule = lr_schedule(1e-3, 100, decay_steps=400, total_steps=2000)
-  np.testing.assert_allclose([schedule(0), schedule(100), schedule(1600), schedule(1800), schedule(1999), schedule(2000)],
-                             [1e-4, 1e-3, 1e-3, 5e-4, 2.5e-6, 0.0], rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(
+    [schedule(0), schedule(100), schedule(1600), schedule(1800), schedule(1999), schedule(2000)],
+    [1e-4, 1e-3, 1e-3, 5e-4, 2.5e-6, 0.0],
+    rtol=1e-5,
+    atol=1e-12,
+  )
   with pytest.raises(ValueError, match=r"recipe.lr_decay_steps 3000 is longer than the run \(train.steps 2000\)"):
     lr_schedule(1e-3, 100, decay_steps=3000, total_steps=2000)
 
@@ -157,9 +185,9 @@ def _data(n=4096, d=16, seed=0):
 
 def test_decoder_rows_have_unit_norm_after_every_step():
   mesh = make_mesh(data=4, model=2)
-  groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
-  recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0)
-  init, _, step_fn = sweep.build(0, np.zeros(16), groups, recipe, mesh, 64)
+  groups = stacked.make_groups([32, 64], [1e-3, 1e-1])
+  recipe = stacked.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0)
+  init, _, step_fn = stacked.build(0, np.zeros(16), groups, recipe, mesh, 64)
   state, source = init(), ArraySource(_data(), 64, mesh)
   for s in range(5):
     before = np.asarray(state["params"][0].W_dec).copy()
@@ -187,11 +215,12 @@ def test_a_stacked_sweep_equals_each_sae_trained_alone(tmp_path):
   for gi, width in enumerate(widths):
     for li, lam in enumerate(lambdas):
       alone = _train_sweep([width], [lam], tmp_path / f"{width}-{lam}")["params"][0]
-      stacked = unstack(together["params"][gi])[li]
+      got = unstack(together["params"][gi])[li]
       for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
-        np.testing.assert_allclose(getattr(stacked, k), np.asarray(getattr(alone, k))[0], rtol=2e-4, atol=2e-5,
-                                   err_msg=f"width {width} λ {lam} {k}")
-      l0s.append(float(np.mean(np.asarray(stacked.threshold))))
+        np.testing.assert_allclose(
+          getattr(got, k), np.asarray(getattr(alone, k))[0], rtol=2e-4, atol=2e-5, err_msg=f"width {width} λ {lam} {k}"
+        )
+      l0s.append(float(np.mean(np.asarray(got.threshold))))
   # the SAEs really differ: λ pushes thresholds up
   assert l0s[0] < l0s[2] and l0s[3] < l0s[5]
 
@@ -214,12 +243,18 @@ def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 512, 3000, 500, 10**6
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200
   state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0), mesh, progress=False)
-  W_dec = np.asarray(state["params"][0].W_dec)                     # [λ, M, d]
+  W_dec = np.asarray(state["params"][0].W_dec)  # [λ, M, d]
   matched = [(directions @ w.T).max(axis=1) >= 0.9 for w in W_dec]  # per planted direction
   recovered = [float(np.mean(m)) for m in matched]
   assert max(recovered) >= 0.9, recovered
-  l0 = [float(np.mean(np.sum(((x[:2048] / np.sqrt(np.mean(np.sum(x**2, 1)))) - p.b_dec) @ p.W_enc + p.b_enc
-                                   > p.threshold, axis=1))) for p in unstack(jax.device_get(state["params"][0]))]
+  l0 = [
+    float(
+      np.mean(
+        np.sum(((x[:2048] / np.sqrt(np.mean(np.sum(x**2, 1)))) - p.b_dec) @ p.W_enc + p.b_enc > p.threshold, axis=1)
+      )
+    )
+    for p in unstack(jax.device_get(state["params"][0]))
+  ]
   assert l0[0] > l0[1] > l0[2], l0
 
 
@@ -232,30 +267,32 @@ def test_model_axis_rule_of_thumb():
 
 def test_bad_sweeps_are_clear_errors():
   with pytest.raises(ValueError, match="l1_coefficients is empty"):
-    sweep.make_groups([64], [])
+    stacked.make_groups([64], [])
   with pytest.raises(ValueError, match="widths"):
-    sweep.make_groups([64, 64], [1e-3])
+    stacked.make_groups([64, 64], [1e-3])
   with pytest.raises(ValueError, match=r"latents dimension 65 is not divisible by mesh axis 'model' of size 2"):
-    sweep.build(0, np.zeros(16), sweep.make_groups([64, 65], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64)
+    stacked.build(
+      0, np.zeros(16), stacked.make_groups([64, 65], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 64
+    )
   with pytest.raises(ValueError, match="quadratic' needs target_l0"):
-    sweep.Recipe(sparsity_loss="quadratic")
+    stacked.Recipe(sparsity_loss="quadratic")
   with pytest.raises(ValueError, match="bandwidth must be > 0"):
     LossSpec(bandwidth=0)
   with pytest.raises(ValueError, match="sparsity_loss 'l1'"):
-    dataclasses.replace(sweep.Recipe(), sparsity_loss="l1")
+    dataclasses.replace(stacked.Recipe(), sparsity_loss="l1")
 
 
 def test_latent_blocks_and_meshes_do_not_change_the_result():
-  groups = sweep.make_groups([32, 64], [1e-3, 1e-1])
-  recipe = sweep.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05)
+  groups = stacked.make_groups([32, 64], [1e-3, 1e-1])
+  recipe = stacked.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05)
   x = _data()
   results = []
   for mesh_shape, block in [((1, 1), 0), ((4, 2), 4), ((2, 4), 2)]:
     mesh = make_mesh(*mesh_shape)
-    init, _, step_fn = sweep.build(0, np.zeros(16), groups, recipe, mesh, 128, block)
+    init, _, step_fn = stacked.build(0, np.zeros(16), groups, recipe, mesh, 128, block)
     state = init()
     for s in range(4):
-      state, metrics = step_fn(state, x[128 * s:128 * (s + 1)])
+      state, metrics = step_fn(state, x[128 * s : 128 * (s + 1)])
     results.append((jax.device_get(state), metrics))
   (whole, m_whole), *others = results
   for state, metrics in others:
@@ -263,11 +300,13 @@ def test_latent_blocks_and_meshes_do_not_change_the_result():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for k in ("l0", "mse", "grad_norm", "fvu", "dead_fraction"):
       np.testing.assert_allclose(m_whole[1][k], metrics[1][k], rtol=1e-4, err_msg=k)
-  assert not np.allclose(whole["params"][0].W_enc, sweep.init_group(0, np.zeros(16), groups[0], recipe).W_enc)
+  assert not np.allclose(whole["params"][0].W_enc, stacked.init_group(0, np.zeros(16), groups[0], recipe).W_enc)
 
 
 def test_a_latent_block_that_does_not_divide_the_local_width_is_a_clear_error():
   with pytest.raises(ValueError, match="train.latent_block 5 does not divide the 32 latents each device holds"):
-    sweep.build(0, np.zeros(16), sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 64, 5)
+    stacked.build(
+      0, np.zeros(16), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 64, 5
+    )
   with pytest.raises(ValueError, match="train.batch_size 30 is not divisible by the mesh's data axis \\(4\\)"):
-    sweep.build(0, np.zeros(16), sweep.make_groups([64], [1e-3]), sweep.Recipe(), make_mesh(data=4, model=2), 30)
+    stacked.build(0, np.zeros(16), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 30)

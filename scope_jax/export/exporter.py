@@ -19,12 +19,11 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.data.source import BatchSource
+from scope_jax.layout import RunLayout, export_identity
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import save_sae, width_name
 from scope_jax.sae.model import SAE, SAEInfo, fold, training_pre, unstack
-from scope_jax.train import sweep
-from scope_jax.train.trainer import (checkpoint_manager, make_train_mesh, restore_or_init, run_identity,
-                                     source_from_config)
+from scope_jax.train.checkpoints import open_run, restore_or_init
 
 
 @jax.jit
@@ -33,8 +32,9 @@ def _fire_counts(params: tuple[SAE, ...], x_bd: jax.Array) -> tuple[jax.Array, .
   return tuple(jax.vmap(lambda sae: jnp.sum(training_pre(sae, x_bd) > sae.threshold, axis=0))(p) for p in params)
 
 
-def measure(params: tuple[SAE, ...], source: BatchSource, first_step: int, batches: int,
-            progress: bool = True) -> list[np.ndarray]:
+def measure(
+  params: tuple[SAE, ...], source: BatchSource, first_step: int, batches: int, progress: bool = True
+) -> list[np.ndarray]:
   """Firing densities `[saes, M]` per group on `batches` batches from `first_step` on."""
   counts = None
   for s in tqdm(range(first_step, first_step + batches), desc="measure L0", disable=not progress):
@@ -51,25 +51,25 @@ def gemma_scope_dir(root: Path, site: str | None, width: int, l0: float) -> Path
   return base / f"width_{width_name(width)}" / f"average_l0_{round(l0)}"
 
 
-def export(config: ml_collections.ConfigDict, workdir: str | Path, source: BatchSource | None = None,
-           mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> list[dict]:
+def export(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  source: BatchSource | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  progress: bool = True,
+) -> list[dict]:
   """Writes every SAE of the run's latest checkpoint; returns the index entries."""
-  workdir = Path(workdir)
-  groups, recipe = list(sweep.groups_from(config)), sweep.recipe_from(config)
-  mesh = mesh or make_train_mesh(config)
-  own_source = source is None
-  source = source or source_from_config(config, workdir, mesh)
-  init, shardings, _ = sweep.build(config.seed, source.mean, groups, recipe, mesh, config.train.batch_size,
-                                  total_steps=config.train.steps)
-  mngr = checkpoint_manager(workdir, config)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to export; run `scope-jax train` first")
-  state = restore_or_init(mngr, run_identity(config, source), init, shardings)
-  mngr.close()
-  step = int(state["step"])
-  densities = measure(state["params"], source, step, config.export.batches, progress)
-  if own_source and hasattr(source, "close"):
-    source.close()
+  layout = RunLayout(workdir)
+  run = open_run(config, workdir, source, mesh)
+  groups, source = run.groups, run.source
+  try:
+    if run.checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"{layout.checkpoints}: no checkpoint to export; run `scope-jax train` first")
+    state = restore_or_init(run.checkpoints, run.identity, run.init, run.shardings)
+    step = int(state["step"])
+    densities = measure(state["params"], source, step, config.export.batches, progress)
+  finally:
+    run.close()
   scale = source.scale if config.data.normalize else 1.0
   epochs = step * source.batch_size / source.describe()["rows"]  # every SAE of the sweep saw the same rows
 
@@ -79,7 +79,9 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
   model = store.config["model"] if store else config.model
   context = store.config["seq_len"] if store else config.data.context_size
   dataset = ",".join(store.config["text"]) if store else (config.data.dataset or config.data.path)
-  root, entries = workdir / "export", []
+  if writer:
+    layout.unmark("export")
+  root, entries = layout.export, []
   for group, stack, density_sm in zip(groups, params, densities):
     for (lam, seed), name, sae, density_m in zip(group.members, group.names, unstack(stack), density_sm):
       info = SAEInfo(site=config.site, model=model, context_size=context, dataset=dataset, l1_coefficient=lam)
@@ -92,11 +94,25 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path, source: Batch
       if writer:
         save_sae(released, npz, format="gemma-scope")
         save_sae(released, lens, format="saelens", sparsity_log10=np.log10(density_m + 1e-10))
-      entries.append({"name": name, "site": config.site, "width": group.width, "l1_coefficient": lam,
-                      "seed": seed, "step": step, "l0": l0, "dead_fraction": float(np.mean(density_m == 0)),
-                      "scale": scale, "epochs": epochs, "measured_rows": config.export.batches * source.batch_size,
-                      "gemma_scope": str(npz), "saelens": str(lens)})
+      entries.append(
+        {
+          "name": name,
+          "site": config.site,
+          "width": group.width,
+          "l1_coefficient": lam,
+          "seed": seed,
+          "step": step,
+          "l0": l0,
+          "dead_fraction": float(np.mean(density_m == 0)),
+          "scale": scale,
+          "epochs": epochs,
+          "measured_rows": config.export.batches * source.batch_size,
+          "gemma_scope": str(npz),
+          "saelens": str(lens),
+        }
+      )
   if writer:
-    (root / "index.json").write_text(json.dumps(entries, indent=2) + "\n")
+    layout.export_index.write_text(json.dumps(entries, indent=2) + "\n")
+    layout.mark_finished("export", export_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them
   return entries

@@ -6,7 +6,9 @@ from scope_jax import cli, jobs
 from tests.test_configs import load
 
 
-@pytest.mark.parametrize("size, n_extract, n_train, n_saes", [
+@pytest.mark.parametrize(
+  "size, n_extract, n_train, n_saes",
+  [
     # 26 layers × {res, mlp, att}; res.5/12/19 train 2^14..2^20 (1M needs 16B tokens), the rest
     # 16.4K (4B) and 65.5K (8B). Stores: one per layer at 8B (23 layers) plus, at layers 5/12/19,
     # res alone at 16B and mlp+att at 8B (6). Trainer jobs: 75 sites × 2 budgets + 3 sites × 3
@@ -16,7 +18,8 @@ from tests.test_configs import load
     ("9b", 39 + 6, 123 * 2 + 3 * 3, (123 * 2 + 3 * 7) * 5),
     # res at layers 10, 22, 34; 131K at 8B tokens
     ("27b", 3, 3, 3 * 5),
-])
+  ],
+)
 def test_preset_dry_run_prints_the_release_job_table(size, n_extract, n_train, n_saes, capsys, tmp_path):
   cli.main(["sweep", "--config", f"configs/gemma2.py:size={size}", "--workdir", str(tmp_path), "--dry_run"])
   out = capsys.readouterr().out.splitlines()
@@ -49,19 +52,27 @@ def test_grouping_by_site_and_all_and_store_root():
 def test_select_by_pattern():
   planned = jobs.plan(load("gemma2", "size=2b"), "runs")
   chosen = jobs.select(planned, "train/res.12-*,extract/L12-*")
-  assert [j.name for j in chosen] == ["extract/L12-16B", "extract/L12-8B", "train/res.12-4B", "train/res.12-8B",
-                                      "train/res.12-16B"]
+  assert [j.name for j in chosen] == [
+    "extract/L12-16B",
+    "extract/L12-8B",
+    "train/res.12-4B",
+    "train/res.12-8B",
+    "train/res.12-16B",
+  ]
   with pytest.raises(ValueError, match="--jobs 'train/res.99' matches none of the 188 jobs"):
     jobs.select(planned, "train/res.99")
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("grid.layers", (), "config.grid.layers is empty"),
     ("grid.kinds", ("resid",), r"config.grid.kinds \['resid'\]: expected a non-empty subset"),
     ("grid.extract_by", "model", "config.grid.extract_by 'model': expected one of"),
     ("grid.site_widths", (("res.99", (1024,)),), "names res.99, which is not in the grid"),
-    ("sweep.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),
-])
+    ("stacked.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),
+  ],
+)
 def test_bad_grids_are_clear_errors(field, value, message):
   c = load("gemma2", "size=2b")
   section, name = field.split(".")

@@ -13,7 +13,7 @@ repaid because every elementwise pass runs on a block that is still in cache.
 
 The functions see one device's share of a stacked group — rows `[B_local, d]`, latents
 `[M_local]` — and `psum` batch sums over `data` and latent sums over `model`;
-`sweep.make_train_step` runs them under `shard_map`.
+`stacked.make_train_step` runs them under `shard_map`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ from scope_jax.train.optim import Adam, project_rows
 
 F32 = jnp.float32
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}  # where each leaf keeps its latents
-STAT_NAMES = ("loss", "mse", "l0", "sparsity_loss", "dead_latent_loss", "grad_norm", "window_fraction")  # per SAE, besides fired_m
+STAT_NAMES = (
+  "loss",
+  "mse",
+  "l0",
+  "sparsity_loss",
+  "dead_latent_loss",
+  "grad_norm",
+  "window_fraction",
+)  # per SAE, besides fired_m
 
 
 def _starts(a: jax.Array, s, j, block: int, axis: int) -> list:
@@ -51,8 +59,9 @@ def _paste(a: jax.Array, v: jax.Array, s, j, block: int, axis: int) -> jax.Array
 
 def _block(group: SAE, s, j, block: int) -> SAE:
   """Latent block j of SAE s of a stacked group (its `b_dec` whole)."""
-  return SAE(b_dec=group.b_dec[s], **{name: _cut(getattr(group, name), s, j, block, axis)
-                                      for name, axis in LATENT_AXIS.items()})
+  return SAE(
+    b_dec=group.b_dec[s], **{name: _cut(getattr(group, name), s, j, block, axis) for name, axis in LATENT_AXIS.items()}
+  )
 
 
 def _pre(blk: SAE, x_bd: jax.Array) -> jax.Array:
@@ -74,8 +83,9 @@ def reconstruct(group: SAE, s, x_bd: jax.Array, block: int) -> tuple[jax.Array, 
   return lax.fori_loop(0, group.width // block, body, init)
 
 
-def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array,
-                    bandwidth: float, pull_k: jax.Array) -> tuple[SAE, jax.Array, dict]:
+def block_gradients(
+  blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array, bandwidth: float, pull_k: jax.Array
+) -> tuple[SAE, jax.Array, dict]:
   """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
   fired, and sums for statistics: pre-activations inside the kernel window (the only ones that
   train θ) and the dead latents' pre-activation loss. `derr_bd` = ∂loss/∂xhat, `dpenalty_b` =
@@ -86,11 +96,12 @@ def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: j
   pre_bk = _pre(blk, x_bd)
   active_bk = pre_bk > theta_k
   df_bk = derr_bd @ blk.W_dec.T
-  pull_bk = jnp.where(active_bk, 0.0, pull_k)                       # ∂/∂θ of c·relu(θ - z) on dead latents
-  dpre_bk = jnp.where(active_bk, df_bk, 0.0) - pull_bk               # ∂JumpReLU/∂z = H(z - θ)
-  in_window_bk = jnp.abs(pre_bk - theta_k) < bandwidth / 2           # rectangle kernel K((z - θ)/ε)
+  pull_bk = jnp.where(active_bk, 0.0, pull_k)  # ∂/∂θ of c·relu(θ - z) on dead latents
+  dpre_bk = jnp.where(active_bk, df_bk, 0.0) - pull_bk  # ∂JumpReLU/∂z = H(z - θ)
+  in_window_bk = jnp.abs(pre_bk - theta_k) < bandwidth / 2  # rectangle kernel K((z - θ)/ε)
   dtheta_bk = -(theta_k / bandwidth) * df_bk - dpenalty_b[:, None] / bandwidth
-  sums = lax.psum({
+  sums = lax.psum(
+    {
       "W_dec": jnp.where(active_bk, pre_bk, 0.0).T @ derr_bd,
       "x_dpre": x_bd.T @ dpre_bk,
       "b_enc": jnp.sum(dpre_bk, axis=0),
@@ -98,9 +109,16 @@ def block_gradients(blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: j
       "fired": jnp.sum(active_bk, axis=0, dtype=jnp.int32),
       "in_window": jnp.sum(in_window_bk, dtype=F32),
       "dead_loss": jnp.sum(pull_bk * (theta_k - pre_bk)),
-  }, DATA)
-  grads = SAE(W_enc=sums["x_dpre"] - jnp.outer(blk.b_dec, sums["b_enc"]), b_enc=sums["b_enc"],
-              W_dec=sums["W_dec"], b_dec=-(blk.W_enc @ sums["b_enc"]), threshold=sums["threshold"])
+    },
+    DATA,
+  )
+  grads = SAE(
+    W_enc=sums["x_dpre"] - jnp.outer(blk.b_dec, sums["b_enc"]),
+    b_enc=sums["b_enc"],
+    W_dec=sums["W_dec"],
+    b_dec=-(blk.W_enc @ sums["b_enc"]),
+    threshold=sums["threshold"],
+  )
   return grads, sums["fired"] > 0, {"in_window": sums["in_window"], "dead_loss": sums["dead_loss"]}
 
 
@@ -122,8 +140,16 @@ def _with_leaf_moments(moments: dict, name: str, leaf: dict) -> dict:
   return {k: m.replace(**{name: leaf[k]}) for k, m in moments.items()}
 
 
-def gradient_norm(group: SAE, s, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array, pull_m: jax.Array,
-                  bandwidth: float, block: int) -> jax.Array:
+def gradient_norm(
+  group: SAE,
+  s,
+  x_bd: jax.Array,
+  derr_bd: jax.Array,
+  dpenalty_b: jax.Array,
+  pull_m: jax.Array,
+  bandwidth: float,
+  block: int,
+) -> jax.Array:
   """The global norm of SAE s's gradient (every leaf), by a pass that forms each block's gradients
   and discards them: the norm must be known before the first block is updated."""
 
@@ -138,8 +164,20 @@ def gradient_norm(group: SAE, s, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b
   return jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d)))
 
 
-def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr: jax.Array, t: jax.Array,
-              dead_m: jax.Array, spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
+def train_sae(
+  group: SAE,
+  moments: dict,
+  s,
+  x_bd: jax.Array,
+  lam: jax.Array,
+  lr: jax.Array,
+  t: jax.Array,
+  dead_m: jax.Array,
+  spec: LossSpec,
+  adam: Adam,
+  block: int,
+  batch: int,
+) -> tuple[SAE, dict, dict]:
   """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch;
   `dead_m` `[M_local]` marks its dead latents (for the optional dead-latent loss).
 
@@ -149,8 +187,8 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
   b_dec_d = group.b_dec[s]
   xhat_bd, l0_b = lax.psum(reconstruct(group, s, x_bd, block), MODEL)
   err_bd = xhat_bd + b_dec_d - x_bd
-  derr_bd = (2.0 / batch) * err_bd                                   # ∂loss/∂xhat
-  dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)              # ∂loss/∂||f||₀
+  derr_bd = (2.0 / batch) * err_bd  # ∂loss/∂xhat
+  dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)  # ∂loss/∂||f||₀
   pull_m = jnp.where(dead_m, spec.dead_latent_loss / batch, 0.0)
   clip = jnp.ones((), F32)
   if adam.clip_norm:
@@ -168,39 +206,72 @@ def train_sae(group: SAE, moments: dict, s, x_bd: jax.Array, lam: jax.Array, lr:
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     new = {}
     for name, axis in LATENT_AXIS.items():
-      new[name], leaf = _adam_block(adam, getattr(blk, name), getattr(g, name), _leaf_moments(moments, name),
-                                    s, j, block, axis, t, lr)
+      new[name], leaf = _adam_block(
+        adam, getattr(blk, name), getattr(g, name), _leaf_moments(moments, name), s, j, block, axis, t, lr
+      )
       moments = _with_leaf_moments(moments, name, leaf)
     new["W_dec"] = new["W_dec"] / jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
     new["threshold"] = jnp.maximum(new["threshold"], 0.0)
-    group = group.replace(**{name: _paste(getattr(group, name), new[name], s, j, block, axis)
-                             for name, axis in LATENT_AXIS.items()})
-    return (group, moments, db_dec_d + g.b_dec, sq_sum, jax.tree.map(jnp.add, sums, sums_k),
-            lax.dynamic_update_slice_in_dim(fired_m, fired_k, j * block, 0))
+    group = group.replace(
+      **{name: _paste(getattr(group, name), new[name], s, j, block, axis) for name, axis in LATENT_AXIS.items()}
+    )
+    return (
+      group,
+      moments,
+      db_dec_d + g.b_dec,
+      sq_sum,
+      jax.tree.map(jnp.add, sums, sums_k),
+      lax.dynamic_update_slice_in_dim(fired_m, fired_k, j * block, 0),
+    )
 
   zero = jnp.zeros((), F32)
-  init = (group, moments, jnp.zeros_like(b_dec_d), zero, {"in_window": zero, "dead_loss": zero},
-          jnp.zeros(group.b_enc.shape[1:], bool))
+  init = (
+    group,
+    moments,
+    jnp.zeros_like(b_dec_d),
+    zero,
+    {"in_window": zero, "dead_loss": zero},
+    jnp.zeros(group.b_enc.shape[1:], bool),
+  )
   group, moments, db_dec_d, sq_sum, sums, fired_m = lax.fori_loop(0, group.width // block, update, init)
   sums = lax.psum(sums, MODEL)
   db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
   b_dec_moments = adam.moments(db_dec_d, {k: m[s] for k, m in _leaf_moments(moments, "b_dec").items()})
   group = group.replace(b_dec=group.b_dec.at[s].set(adam.apply(b_dec_d, db_dec_d, b_dec_moments, t, lr)))
-  moments = _with_leaf_moments(moments, "b_dec", {k: m.at[s].set(b_dec_moments[k])
-                                                  for k, m in _leaf_moments(moments, "b_dec").items()})
+  moments = _with_leaf_moments(
+    moments, "b_dec", {k: m.at[s].set(b_dec_moments[k]) for k, m in _leaf_moments(moments, "b_dec").items()}
+  )
 
-  totals = lax.psum({"sq_err": jnp.sum(jnp.square(err_bd)), "l0": jnp.sum(l0_b),
-                     "penalty": jnp.sum(spec.penalty(l0_b))}, DATA)
+  totals = lax.psum(
+    {"sq_err": jnp.sum(jnp.square(err_bd)), "l0": jnp.sum(l0_b), "penalty": jnp.sum(spec.penalty(l0_b))}, DATA
+  )
   mse, sparsity = totals["sq_err"] / batch, totals["penalty"] / batch
-  stats = {"loss": mse + lam * sparsity + sums["dead_loss"], "mse": mse, "l0": totals["l0"] / batch,
-           "sparsity_loss": sparsity, "dead_latent_loss": sums["dead_loss"],
-           "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))) / clip,
-           "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)), "fired_m": fired_m}
+  stats = {
+    "loss": mse + lam * sparsity + sums["dead_loss"],
+    "mse": mse,
+    "l0": totals["l0"] / batch,
+    "sparsity_loss": sparsity,
+    "dead_latent_loss": sums["dead_loss"],
+    "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))) / clip,
+    "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)),
+    "fired_m": fired_m,
+  }
   return group, moments, stats
 
 
-def train_group(group: SAE, moments: dict, x_bd: jax.Array, lam_s: jax.Array, lr: jax.Array, t: jax.Array,
-                dead_sm: jax.Array, spec: LossSpec, adam: Adam, block: int, batch: int) -> tuple[SAE, dict, dict]:
+def train_group(
+  group: SAE,
+  moments: dict,
+  x_bd: jax.Array,
+  lam_s: jax.Array,
+  lr: jax.Array,
+  t: jax.Array,
+  dead_sm: jax.Array,
+  spec: LossSpec,
+  adam: Adam,
+  block: int,
+  batch: int,
+) -> tuple[SAE, dict, dict]:
   """One step of every SAE of a stacked group, one after another on the same batch (a `vmap`
   would make XLA copy the group's arrays instead of updating them in place). Statistics `[S]`."""
   n = group.W_enc.shape[0]
@@ -220,8 +291,10 @@ def latent_block(width_local: int, rows_local: int, requested: int = 0, elements
   `[rows, block]` temporary within `elements` floats (8 MiB by default)."""
   if requested:
     if width_local % requested:
-      raise ValueError(f"train.latent_block {requested} does not divide the {width_local} latents each "
-                       f"device holds; use a divisor of {width_local} or 0 (automatic)")
+      raise ValueError(
+        f"train.latent_block {requested} does not divide the {width_local} latents each "
+        f"device holds; use a divisor of {width_local} or 0 (automatic)"
+      )
     return requested
   cap = max(1, elements // rows_local)
   return max(k for k in range(1, min(cap, width_local) + 1) if width_local % k == 0)

@@ -25,14 +25,14 @@ import os
 from collections.abc import Iterator, Sequence
 
 BUILTIN_CORPORA = {
-    "python-docs": "The Python documentation topics shipped with CPython in `pydoc_data.topics` "
-                   "(© Python Software Foundation, PSF License Version 2), one document per topic.",
-    "python-stdlib": "The standard library's own `.py` files (© Python Software Foundation, PSF License "
-                     "Version 2), one document per file in path order; test suites and site-packages left out. "
-                     "Its size and content follow the Python version (3.11: 734 files, ~12 MB, ~3.5M tokens).",
-    "python-docstrings": "The docstrings of the standard library's `.py` files (© Python Software Foundation, PSF "
-                         "License Version 2): one document per module, its module, class and function docstrings "
-                         "in source order (3.11: ~1.8 MB, ~0.45M tokens). Prose like the documentation's.",
+  "python-docs": "The Python documentation topics shipped with CPython in `pydoc_data.topics` "
+  "(© Python Software Foundation, PSF License Version 2), one document per topic.",
+  "python-stdlib": "The standard library's own `.py` files (© Python Software Foundation, PSF License "
+  "Version 2), one document per file in path order; test suites and site-packages left out. "
+  "Its size and content follow the Python version (3.11: 734 files, ~12 MB, ~3.5M tokens).",
+  "python-docstrings": "The docstrings of the standard library's `.py` files (© Python Software Foundation, PSF "
+  "License Version 2): one document per module, its module, class and function docstrings "
+  "in source order (3.11: ~1.8 MB, ~0.45M tokens). Prose like the documentation's.",
 }
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
@@ -40,8 +40,8 @@ SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 
 def _gcs():
   """A gcsfs filesystem; against an emulator (STORAGE_EMULATOR_HOST) anonymously."""
-  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   import gcsfs
+
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   return gcsfs.GCSFileSystem(endpoint_url=emulator, token="anon") if emulator else gcsfs.GCSFileSystem()
 
@@ -116,6 +116,7 @@ def _records(path: str, text_field: str) -> Iterator[str]:
 
 def _stdlib_files() -> list[str]:
   import sysconfig
+
   root = sysconfig.get_paths()["stdlib"]
   found = []
   for folder, dirs, files in os.walk(root):
@@ -127,6 +128,7 @@ def _stdlib_files() -> list[str]:
 def _docstrings(source: bytes) -> str:
   """A module's docstrings (module, classes, functions) in source order, blank-line separated."""
   import ast
+
   try:
     tree = ast.parse(source)
   except (SyntaxError, ValueError):  # a few stdlib files are templates or target other versions
@@ -146,6 +148,7 @@ def _builtin(name: str) -> Iterator[str]:
       yield _docstrings(source) if name == "python-docstrings" else source.decode("utf-8", errors="replace")
     return
   from pydoc_data.topics import topics
+
   for key in sorted(topics):
     yield topics[key]
 

@@ -9,27 +9,31 @@ from pathlib import Path
 import jax
 import numpy as np
 
-
-HEALTH = "train_health.json"  # in the workdir: the end-of-training health warnings, for the report
+from scope_jax.layout import RunLayout
 
 
 class MetricWriter:
   def __init__(self, workdir: Path, resume_step: int):
     self.enabled = jax.process_index() == 0
-    self.path = Path(workdir) / "metrics.jsonl"
+    layout = RunLayout(workdir)
+    self.path = layout.metrics
     self._tb = None
     if not self.enabled:
       return
     self._drop_lines_after(resume_step)
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    self._tb = SummaryWriter(str(layout.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
   def _drop_lines_after(self, step: int) -> None:
     """A resumed run re-logs the steps after its checkpoint; keep each step once."""
     if not self.path.exists():
       return
-    kept = [line for line in self.path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = [
+      line
+      for line in self.path.read_text().splitlines(keepends=True)
+      if line.strip() and json.loads(line)["step"] <= step
+    ]
     tmp = self.path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
     tmp.replace(self.path)
@@ -66,15 +70,20 @@ def health_warnings(last: dict[str, dict[str, float]], groups, steps: int) -> li
   for name, values in last.items():
     moved = values.get("threshold_moved", float("inf"))
     if moved < 0.1:
-      out.append(f"SAE {name}: thresholds moved {moved:.1%} of their initial value in {steps} steps; they are "
-                 f"not training ({values.get('window_fraction', float('nan')):.2%} of pre-activations fall inside the "
-                 f"kernel window: recipe.bandwidth may be too small for the data's scale, or recipe.lr too low)")
+      out.append(
+        f"SAE {name}: thresholds moved {moved:.1%} of their initial value in {steps} steps; they are "
+        f"not training ({values.get('window_fraction', float('nan')):.2%} of pre-activations fall inside the "
+        f"kernel window: recipe.bandwidth may be too small for the data's scale, or recipe.lr too low)"
+      )
   for group in groups:
     for seed in sorted({seed for _, seed in group.members}):
-      pairs = sorted((lam, last[name]["l0"]) for (lam, s), name in zip(group.members, group.names)
-                     if s == seed and name in last)
+      pairs = sorted(
+        (lam, last[name]["l0"]) for (lam, s), name in zip(group.members, group.names) if s == seed and name in last
+      )
       if any(hi >= lo for (_, lo), (_, hi) in zip(pairs, pairs[1:])):
         listed = ", ".join(f"λ {lam:g}: L0 {l0:.1f}" for lam, l0 in pairs)
-        out.append(f"SAEs of width {group.width} (seed {seed}): L0 does not fall as λ rises ({listed}); the "
-                   f"sparsity penalty is not acting (too few steps after its warm-up, or λ too small to matter)")
+        out.append(
+          f"SAEs of width {group.width} (seed {seed}): L0 does not fall as λ rises ({listed}); the "
+          f"sparsity penalty is not acting (too few steps after its warm-up, or λ too small to matter)"
+        )
   return out

@@ -1,7 +1,7 @@
 """A sweep of JumpReLU SAEs trained together: one jitted, sharded step updates all of them.
 
 SAEs of one width are stacked on a leading axis (a *group*); the step loops over groups and
-over each stack with the blocked single-SAE step (`blocked.py`), so every SAE sees the same
+over each stack with the blocked single-SAE step (`step.py`), so every SAE sees the same
 batch and gets exactly the update it would get alone. Shardings: batch on `data`, latents on
 `model`; the stack axis is replicated.
 """
@@ -16,35 +16,37 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from scope_jax.data.source import check_normalization
+from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, init_sae
-from scope_jax.train.blocked import STAT_NAMES, latent_block, train_group
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
+from scope_jax.train.step import STAT_NAMES, latent_block, train_group
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """Hyper-parameters shared by every SAE of a sweep (defaults: Gemma Scope, docs/recipe.md §2)."""
+
   lr: float = 7e-5
   lr_warmup_steps: int = 1_000
-  lr_decay_steps: int = 0            # linear decay to 0 over the run's last steps (train.steps); 0 = none
+  lr_decay_steps: int = 0  # linear decay to 0 over the run's last steps (train.steps); 0 = none
   sparsity_warmup_steps: int = 10_000
   adam_b1: float = 0.0
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
-  clip_grad_norm: float = 0.0        # per SAE and step, the gradient's global norm is clipped to this; 0 = off
+  clip_grad_norm: float = 0.0  # per SAE and step, the gradient's global norm is clipped to this; 0 = off
   bandwidth: float = 0.001
   init_threshold: float = 0.001
-  sparsity_loss: str = "l0"          # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
-  target_l0: float | None = None     # L0* of the quadratic loss
-  dead_window_steps: int = 1_000     # a latent is dead when it has not fired for this many steps
-  dead_latent_loss: float = 0.0      # c of the pre-activation loss on dead latents (sae/loss.py); 0 = off
-  normalize: str = "centred"         # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
-                                     # (Gemma Scope); data/source.py says why centred is the default
+  sparsity_loss: str = "l0"  # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
+  target_l0: float | None = None  # L0* of the quadratic loss
+  dead_window_steps: int = 1_000  # a latent is dead when it has not fired for this many steps
+  dead_latent_loss: float = 0.0  # c of the pre-activation loss on dead latents (sae/loss.py); 0 = off
+  normalize: str = "centred"  # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
+  # (Gemma Scope); data/source.py says why centred is the default
 
   @property
   def loss(self) -> LossSpec:
@@ -55,13 +57,14 @@ class Recipe:
     return Adam(self.adam_b1, self.adam_b2, self.adam_eps, self.clip_grad_norm)
 
   def __post_init__(self):
-    self.loss  # validates the loss fields
+    _ = self.loss  # constructing the LossSpec validates the loss fields
     check_normalization(self.normalize)
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
   """The SAEs of one width: every (λ, seed) pair, in that order."""
+
   width: int
   members: tuple[tuple[float, int], ...]  # (λ, seed)
 
@@ -94,8 +97,16 @@ def init_group(base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe)
   """The stacked initial SAEs of `group`, `b_dec` at `b_dec_d` (the data's mean); the rest of
   each depends only on (base seed, width, seed)."""
   base = jax.random.key(base_seed)
-  saes = [init_sae(jax.random.fold_in(jax.random.fold_in(base, group.width), seed), b_dec_d.shape[-1], group.width,
-                   recipe.init_threshold, b_dec_d) for _, seed in group.members]
+  saes = [
+    init_sae(
+      jax.random.fold_in(jax.random.fold_in(base, group.width), seed),
+      b_dec_d.shape[-1],
+      group.width,
+      recipe.init_threshold,
+      b_dec_d,
+    )
+    for _, seed in group.members
+  ]
   return jax.tree.map(lambda *a: jnp.stack(a), *saes)
 
 
@@ -103,8 +114,13 @@ def group_spec(mesh: Mesh, width: int) -> SAE:
   """PartitionSpecs of a stacked group: latents on `model`, the stack replicated."""
   what = f"SAE width {width}"
   latents = logical_spec(mesh, (None, "latents"), (1, width), what)[1]
-  return SAE(W_enc=P(None, None, latents), b_enc=P(None, latents), W_dec=P(None, latents, None),
-             b_dec=P(None, None), threshold=P(None, latents))
+  return SAE(
+    W_enc=P(None, None, latents),
+    b_enc=P(None, latents),
+    W_dec=P(None, latents, None),
+    b_dec=P(None, None),
+    threshold=P(None, latents),
+  )
 
 
 def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
@@ -112,22 +128,22 @@ def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
   params = tuple(jax.tree.map(to_sharding, group_spec(mesh, g.width)) for g in groups)
   replicated = NamedSharding(mesh, P())
   return {
-      "step": replicated,
-      "params": params,
-      "opt_state": {k: params for k in adam.moment_names},
-      "since_fired": tuple(p.b_enc for p in params),
-      "first_bad_step": tuple(replicated for _ in groups),
+    "step": replicated,
+    "params": params,
+    "opt_state": {k: params for k in adam.moment_names},
+    "since_fired": tuple(p.b_enc for p in params),
+    "first_bad_step": tuple(replicated for _ in groups),
   }
 
 
 def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], recipe: Recipe) -> dict:
   params = tuple(init_group(base_seed, b_dec_d, g, recipe) for g in groups)
   return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt_state": recipe.adam.init(params),
-      "since_fired": tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params),
-      "first_bad_step": tuple(jnp.full(p.b_enc.shape[:1], -1, jnp.int32) for p in params),
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": recipe.adam.init(params),
+    "since_fired": tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params),
+    "first_bad_step": tuple(jnp.full(p.b_enc.shape[:1], -1, jnp.int32) for p in params),
   }
 
 
@@ -136,7 +152,7 @@ def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], reci
 
 def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int):
   """`(params, moments, x_bd, lam_s, lr, t, dead_sm) -> (params, moments, stats)` for one stacked group:
-  `blocked.train_group` under `shard_map` (rows on `data`, latents on `model`)."""
+  `step.train_group` under `shard_map` (rows on `data`, latents on `model`)."""
   spec = group_spec(mesh, group.width)
   width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
   block = latent_block(width_local, batch // mesh.shape[DATA], requested_block)
@@ -144,9 +160,13 @@ def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_
   step = functools.partial(train_group, spec=recipe.loss, adam=recipe.adam, block=block, batch=batch)
   moment_specs = {k: spec for k in recipe.adam.moment_names}
   stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
-  return jax.shard_map(step, mesh=mesh, check_vma=False,
-                       in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P(), spec.b_enc),
-                       out_specs=(spec, moment_specs, stat_specs))
+  return jax.shard_map(
+    step,
+    mesh=mesh,
+    check_vma=False,
+    in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P(), spec.b_enc),
+    out_specs=(spec, moment_specs, stat_specs),
+  )
 
 
 def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:
@@ -155,8 +175,16 @@ def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:
   return {"threshold_p10": q[0], "threshold_p50": q[1], "threshold_p90": q[2]}
 
 
-def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, mesh: Mesh, batch: int,
-                    mean_d: jax.Array, requested_block: int = 0, total_steps: int = 0):
+def make_train_step(
+  groups: Sequence[Group],
+  recipe: Recipe,
+  shardings: dict,
+  mesh: Mesh,
+  batch: int,
+  mean_d: jax.Array,
+  requested_block: int = 0,
+  total_steps: int = 0,
+):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
   `mean_d`: the data's mean in training units (how far `b_dec` moved from it is a health metric);
@@ -180,30 +208,49 @@ def make_train_step(groups: Sequence[Group], recipe: Recipe, shardings: dict, me
       since = jnp.where(s.pop("fired_m"), 0, state["since_fired"][gi] + 1)
       bad = state["first_bad_step"][gi]
       bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)
-      s |= {"fvu": s["mse"] / variance, "dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
-            "threshold_mean": jnp.mean(p.threshold, axis=-1), "threshold_min": jnp.min(p.threshold, axis=-1),
-            "threshold_max": jnp.max(p.threshold, axis=-1), "l1_coefficient": factor * lam_s,
-            **threshold_quantiles(p.threshold),
-            "threshold_moved": jnp.mean(jnp.abs(p.threshold - recipe.init_threshold), axis=-1) / recipe.init_threshold,
-            "b_dec_drift": jnp.linalg.norm(p.b_dec - mean_d, axis=-1)}
+      s |= {
+        "fvu": s["mse"] / variance,
+        "dead_fraction": jnp.mean(since >= recipe.dead_window_steps, axis=-1),
+        "threshold_mean": jnp.mean(p.threshold, axis=-1),
+        "threshold_min": jnp.min(p.threshold, axis=-1),
+        "threshold_max": jnp.max(p.threshold, axis=-1),
+        "l1_coefficient": factor * lam_s,
+        **threshold_quantiles(p.threshold),
+        "threshold_moved": jnp.mean(jnp.abs(p.threshold - recipe.init_threshold), axis=-1) / recipe.init_threshold,
+        "b_dec_drift": jnp.linalg.norm(p.b_dec - mean_d, axis=-1),
+      }
       params.append(p)
       for k in moments:
         moments[k].append(m[k])
       since_fired.append(since)
       first_bad.append(bad)
       metrics.append(s)
-    new_state = {"step": step + 1, "params": tuple(params), "opt_state": {k: tuple(v) for k, v in moments.items()},
-                 "since_fired": tuple(since_fired), "first_bad_step": tuple(first_bad)}
+    new_state = {
+      "step": step + 1,
+      "params": tuple(params),
+      "opt_state": {k: tuple(v) for k, v in moments.items()},
+      "since_fired": tuple(since_fired),
+      "first_bad_step": tuple(first_bad),
+    }
     return new_state, metrics
 
   batch_sharding = NamedSharding(mesh, P(DATA, None))
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return jax.jit(
+    train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=(0,)
+  )
 
 
-def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int,
-          requested_block: int = 0, total_steps: int = 0):
+def build(
+  base_seed: int,
+  mean_d,
+  groups: Sequence[Group],
+  recipe: Recipe,
+  mesh: Mesh,
+  batch: int,
+  requested_block: int = 0,
+  total_steps: int = 0,
+):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
   for `batch`-row batches). `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
   starts (docs/recipe.md §2 starts it at zero; at a site with a large constant offset that spends the first
@@ -212,8 +259,9 @@ def build(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
   shardings = state_shardings(mesh, groups, recipe.adam)
   init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
-  step_fn = make_train_step(groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block,
-                            total_steps)
+  step_fn = make_train_step(
+    groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block, total_steps
+  )
   return jax.jit(init, out_shardings=shardings), shardings, step_fn
 
 

@@ -16,27 +16,13 @@ class Tokenizer:
       raise ValueError(f"{source}: not a valid sentencepiece model ({e})") from None
     self.model_proto = model_proto
     self.source = source
+    self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+    self.vocab_size = self.sp.GetPieceSize()
 
   @classmethod
-  def from_file(cls, path: str) -> "Tokenizer":
+  def from_file(cls, path: str) -> Tokenizer:
     with open(path, "rb") as f:
       return cls(f.read(), source=path)
-
-  @property
-  def bos_id(self) -> int:
-    return self.sp.bos_id()
-
-  @property
-  def eos_id(self) -> int:
-    return self.sp.eos_id()
-
-  @property
-  def pad_id(self) -> int:
-    return self.sp.pad_id()
-
-  @property
-  def vocab_size(self) -> int:
-    return self.sp.GetPieceSize()
 
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     ids = self.sp.EncodeAsIds(text)

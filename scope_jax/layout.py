@@ -1,0 +1,87 @@
+"""Where everything of a run lives, and which of its stages are finished.
+
+    WORKDIR/
+      activations/                  the store (`extract.store` puts it elsewhere, local or gs://)
+      checkpoints/STEP/             orbax: every SAE stack, Adam state, step, counters, the run's identity
+      metrics.jsonl, tensorboard/   one line / event per SAE per logged step
+      train_health.json             the training-health warnings
+      export/index.json             one entry per SAE; gemma-scope/… and saelens/… beside it
+      report/metrics.json           evaluation; report.md, report.html and the plots beside it
+      stages/STAGE.json             a finished stage's marker: the identity of what it was run on
+
+A stage is finished when its marker exists and holds the identity the current config and inputs
+give it (for export: the checkpoint step and the export fields; for eval: the export's steps and
+the eval fields). Nothing is judged by modification times, which NFS and gcsfuse do not keep
+reliably; a marker whose identity differs means the stage must run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+STAGES = ("export", "eval")
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+  """`["field.sub: old -> new", ...]` for every leaf that differs between two JSON-like records
+  (what a resumed run compares: `new` is taken through JSON first, as `old` was when saved)."""
+  new = json.loads(json.dumps(new)) if not prefix else new
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new)) for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+class RunLayout:
+  """The paths of one run's workdir (a local directory)."""
+
+  def __init__(self, root: str | Path):
+    self.root = Path(root)
+    self.activations = self.root / "activations"
+    self.checkpoints = self.root / "checkpoints"
+    self.metrics = self.root / "metrics.jsonl"
+    self.tensorboard = self.root / "tensorboard"
+    self.health = self.root / "train_health.json"
+    self.export = self.root / "export"
+    self.export_index = self.export / "index.json"
+    self.report = self.root / "report"
+    self.report_metrics = self.report / "metrics.json"
+
+  def marker(self, stage: str) -> Path:
+    if stage not in STAGES:
+      raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    return self.root / "stages" / f"{stage}.json"
+
+  def mark_finished(self, stage: str, identity: dict) -> None:
+    """Records that `stage` finished on `identity` (atomically: a crash leaves the old marker or none)."""
+    path = self.marker(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+  def unmark(self, stage: str) -> None:
+    """Forgets that `stage` finished (before it starts rewriting its outputs)."""
+    self.marker(stage).unlink(missing_ok=True)
+
+  def latest_checkpoint(self) -> int | None:
+    """The step of the newest checkpoint (orbax names each step's directory by its number)."""
+    if not self.checkpoints.is_dir():
+      return None
+    return max((int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit()), default=None)
+
+  def finished(self, stage: str, identity: dict) -> bool:
+    """True when `stage`'s marker holds exactly `identity`."""
+    path = self.marker(stage)
+    return path.exists() and not differences(json.loads(path.read_text()), identity)
+
+
+def export_identity(config, layout: RunLayout) -> dict:
+  """What an export is made from: the latest checkpoint and the export fields."""
+  return {"checkpoint": layout.latest_checkpoint(), "export": config.export.to_dict()}
+
+
+def eval_identity(config, layout: RunLayout) -> dict:
+  """What an evaluation is made from: the export and the eval fields."""
+  return {"export": export_identity(config, layout), "eval": config.eval.to_dict()}

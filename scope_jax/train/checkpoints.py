@@ -1,0 +1,145 @@
+"""What training and export share about a run: its mesh, its data source, its identity (what must
+not change between a run and its resumption) and its orbax checkpoints (every SAE stack, Adam
+state, step, dead-latent counters, and the identity beside them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from scope_jax.data.source import BatchSource, open_source
+from scope_jax.layout import RunLayout, differences
+from scope_jax.parallel.mesh import make_mesh, sae_model_axis
+from scope_jax.train import stacked
+
+
+def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  model = config.mesh.model or sae_model_axis(jax.device_count(), list(config.sweep.widths))
+  return make_mesh(data=config.mesh.data, model=model)
+
+
+def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
+  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config."""
+  from scope_jax.activations.extract import store_root
+
+  path = config.data.path or store_root(config, workdir)
+  normalize = config.recipe.normalize if config.data.normalize else None
+  return open_source(
+    path,
+    config.train.batch_size,
+    mesh,
+    config.seed,
+    normalize,
+    site=config.site,
+    expected_width=config.data.width,
+    window_chunks=config.data.window_chunks,
+    streams=config.data.streams,
+    nonfinite=config.data.nonfinite,
+  )
+
+
+def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
+  """What must not change between a run and its resumption."""
+  return {
+    "seed": config.seed,
+    "sweep": config.sweep.to_dict(),
+    "recipe": config.recipe.to_dict(),
+    "batch_size": config.train.batch_size,
+    "normalize": config.data.normalize,
+    "data": source.describe(),
+  }
+
+
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(
+    RunLayout(workdir).checkpoints.absolute(), options=options, item_names=("state", "identity")
+  )
+
+
+def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
+  """The latest checkpoint's state (refusing a different run), else a fresh state."""
+  step = mngr.latest_step()
+  if step is None:
+    return init()
+  saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
+  # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
+  saved["recipe"] = dataclasses.asdict(stacked.Recipe()) | saved["recipe"]
+  if diffs := differences(saved, identity):
+    raise ValueError(
+      f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
+      + "\n  ".join(diffs)
+      + "\nuse a new --workdir, or restore the old config"
+    )
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), jax.eval_shape(init), shardings
+  )
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+@dataclasses.dataclass
+class Run:
+  """A run as training and export open it: the sweep, the mesh, the data, the jitted state
+  initializer and step, and the checkpoints."""
+
+  groups: list[stacked.Group]
+  recipe: stacked.Recipe
+  mesh: jax.sharding.Mesh
+  source: BatchSource
+  owns_source: bool  # opened here from the config (and so closed here)
+  identity: dict
+  init: object
+  shardings: dict
+  step_fn: object
+  checkpoints: ocp.CheckpointManager
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    if self.owns_source and hasattr(self.source, "close"):
+      self.source.close()  # the loader's prefetch thread
+
+
+def open_run(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  source: BatchSource | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Run:
+  """The run of `config` in `workdir`, on `source` (default: the config's data) over `mesh`."""
+  groups, recipe = list(stacked.groups_from(config)), stacked.recipe_from(config)
+  mesh = mesh or make_train_mesh(config)
+  owns_source = source is None
+  source = source or source_from_config(config, workdir, mesh)
+  if source.batch_size != config.train.batch_size:
+    raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
+  if config.data.width is not None and source.width != config.data.width:  # .npy sources
+    raise ValueError(
+      f"data width {source.width} ({source.describe().get('name')}) differs from config.data.width {config.data.width}"
+    )
+  init, shardings, step_fn = stacked.build(
+    config.seed,
+    source.mean,
+    groups,
+    recipe,
+    mesh,
+    config.train.batch_size,
+    config.train.latent_block,
+    config.train.steps,
+  )
+  return Run(
+    groups,
+    recipe,
+    mesh,
+    source,
+    owns_source,
+    run_identity(config, source),
+    init,
+    shardings,
+    step_fn,
+    checkpoint_manager(Path(workdir), config),
+  )
