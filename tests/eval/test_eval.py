@@ -194,7 +194,7 @@ def test_local_pipeline_end_to_end(tmp_path):
   cmd = [sys.executable, "-m", "scope_jax.cli", "run", "--config", f"{REPO}/configs/local.py:tokens=1500,steps=20",
          "--workdir", str(tmp_path), "--config.train.batch_size=256", "--config.train.log_every=10",
          "--config.export.batches=2", "--config.eval.sequences=4", "--config.eval.seq_len=64",
-         "--config.eval.batch_size=4"]
+         "--config.eval.batch_size=4", "--config.eval.bfloat16=True"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as a user's laptop runs it
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
