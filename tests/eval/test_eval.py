@@ -226,6 +226,7 @@ def test_local_pipeline_end_to_end(tmp_path):
     "--config.eval.sequences=4",
     "--config.eval.seq_len=64",
     "--config.eval.batch_size=4",
+    "--config.eval.bfloat16=True",
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as a user's laptop runs it
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
