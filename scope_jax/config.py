@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/grid.py); other commands ignore it
   c.grid.layers = ()  # layers to train SAEs at
   c.grid.kinds = ("res",)  # site kinds at every layer: res | mlp | att | mlp_in
-  c.grid.widths = ()  # widths every site trains; () = stacked.widths
+  c.grid.widths = ()  # widths every site trains; () = sweep.widths
   c.grid.site_widths = ()  # ((site, (width, ...)), ...): sites that train other widths
   c.grid.tokens_by_width = ()  # ((up_to_width, tokens), ...): a width's token budget (the first
   # entry covering it; the last beyond); () = extract.tokens for all

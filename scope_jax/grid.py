@@ -6,7 +6,7 @@
 
 A config declares the grid in `config.grid` (scope_jax/config.py): layers × kinds give the
 sites; every site trains `grid.widths` (or its own widths from `grid.site_widths`) at every λ of
-`stacked.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget.
+`sweep.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget.
 
 Jobs:
 - one extraction per (model, token budget, site set): the sites of one layer (`grid.extract_by`)
@@ -72,7 +72,7 @@ def site_widths(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]
       raise ValueError(f"config.grid.site_widths names {site}, which is not in the grid's layers × kinds")
     out[site] = tuple(own)
   if not all(out.values()):
-    raise ValueError("config.grid: a site has no widths (grid.widths or stacked.widths is empty)")
+    raise ValueError("config.grid: a site has no widths (grid.widths or sweep.widths is empty)")
   return out
 
 

@@ -70,7 +70,7 @@ def test_select_by_pattern():
     ("grid.kinds", ("resid",), r"config.grid.kinds \['resid'\]: expected a non-empty subset"),
     ("grid.extract_by", "model", "config.grid.extract_by 'model': expected one of"),
     ("grid.site_widths", (("res.99", (1024,)),), "names res.99, which is not in the grid"),
-    ("stacked.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),
+    ("sweep.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),
   ],
 )
 def test_bad_grids_are_clear_errors(field, value, message):

@@ -223,7 +223,7 @@ def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
   with pytest.raises(
     ValueError,
     match=r"another run; differing fields:\n  recipe.lr: 0.001 -> 0.0003\n"
-    r"  stacked.l1_coefficients: \[0.001, 0.01\] -> \[0.001, 0.03\]",
+    r"  sweep.l1_coefficients: \[0.001, 0.01\] -> \[0.001, 0.03\]",
   ):
     train(changed, tmp_path, source, mesh, progress=False)
   longer = train(_small_config(20), tmp_path, source, mesh, progress=False)  # more steps is fine
