@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -69,6 +70,11 @@ def parse_config_command(command: str, argv: list[str]):
     fv(argv)
   except flags.Error as e:
     sys.exit(f"scope-jax {command}: {e}")
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no field of the config
+    overrides = " ".join(a for a in argv if a.startswith("--config."))
+    guess = re.search(r'Did you mean "([^"]+)"', str(e))
+    hint = f'; did you mean "{guess.group(1)}"?' if guess else ""
+    sys.exit(f"scope-jax {command}: no such config field in {overrides}{hint}")
   if fv.config is None or fv.workdir is None:
     sys.exit(f"scope-jax {command}: --config and --workdir are required")
   return fv
@@ -183,10 +189,12 @@ STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export
 def run_config_command(command: str, argv: list[str]) -> None:
   """Parses the flags, joins the other processes (if any), runs the stage."""
   from scope_jax.activations.store import StoreError
+  from scope_jax.config import validate
   from scope_jax.parallel.distributed import initialize
 
   fv = parse_config_command(command, argv)
   try:
+    validate(fv.config)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
     if command == "sweep":
       stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs)

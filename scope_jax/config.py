@@ -98,6 +98,106 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+CHOICES = {
+  "model_dtype": ("float32", "bfloat16"),
+  "extract.dtype": ("float32", "bfloat16"),
+  "extract.mode": ("pack", "truncate"),
+  "data.nonfinite": ("error", "skip"),
+  "recipe.normalize": ("centred", "raw"),
+  "recipe.sparsity_loss": ("l0", "quadratic"),
+  "grid.extract_by": ("layer", "site", "all"),
+}
+AT_LEAST = {  # integer fields and their smallest allowed value
+  "seed": 0,
+  "data.holdout_every": 0,
+  "data.window_chunks": 1,
+  "data.streams": 0,
+  "train.batch_size": 1,
+  "train.steps": 1,
+  "train.latent_block": 0,
+  "train.log_every": 1,
+  "train.checkpoint_every": 1,
+  "train.keep_checkpoints": 1,
+  "mesh.model": 0,
+  "extract.seq_len": 2,
+  "extract.batch_size": 1,
+  "extract.tokens": 0,
+  "extract.shards": 0,
+  "extract.bucket_rows": 1,
+  "extract.chunk_rows": 1,
+  "eval.sequences": 1,
+  "eval.seq_len": 2,
+  "eval.batch_size": 1,
+  "export.batches": 1,
+  "recipe.lr_warmup_steps": 0,
+  "recipe.lr_decay_steps": 0,
+  "recipe.sparsity_warmup_steps": 0,
+  "recipe.dead_window_steps": 1,
+}
+POSITIVE = ("recipe.lr", "recipe.adam_eps", "recipe.bandwidth")
+NON_NEGATIVE = ("recipe.clip_grad_norm", "recipe.dead_latent_loss", "recipe.init_threshold", "eval.delta_loss_se")
+BELOW_ONE = ("recipe.adam_b1", "recipe.adam_b2")  # in [0, 1)
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every field whose value is out of its type or range, and every broken cross-field rule, as
+  `"FIELD = VALUE: expected ..."` lines (empty when the config is sound)."""
+  found = []
+
+  def check(field: str, ok: bool, expected: str) -> None:
+    if not ok:
+      found.append(f"{field} = {_get(config, field)!r}: expected {expected}")
+
+  for field, choices in CHOICES.items():
+    check(field, _get(config, field) in choices, f"one of {choices}")
+  for field, least in AT_LEAST.items():
+    value = _get(config, field)
+    check(field, _is_int(value) and value >= least, f"an integer >= {least}")
+  for field in POSITIVE:
+    value = _get(config, field)
+    check(field, _is_number(value) and value > 0, "a number > 0")
+  for field in NON_NEGATIVE:
+    value = _get(config, field)
+    check(field, _is_number(value) and value >= 0, "a number >= 0")
+  for field in BELOW_ONE:
+    value = _get(config, field)
+    check(field, _is_number(value) and 0 <= value < 1, "a number in [0, 1)")
+  for field in ("mesh.data", "model_mesh.data", "model_mesh.model"):
+    value = _get(config, field)
+    check(field, _is_int(value) and (value == -1 or value >= 1), "-1 or an integer >= 1")
+  widths, lambdas, seeds = config.sweep.widths, config.sweep.l1_coefficients, config.sweep.seeds
+  check("sweep.widths", bool(widths) and all(_is_int(w) and w >= 1 for w in widths), "positive integers")
+  check("sweep.l1_coefficients", bool(lambdas) and all(_is_number(v) and v >= 0 for v in lambdas), "numbers >= 0")
+  check("sweep.seeds", bool(seeds) and all(_is_int(v) and v >= 0 for v in seeds), "integers >= 0")
+  if _is_int(config.recipe.lr_decay_steps) and _is_int(config.train.steps):
+    check("recipe.lr_decay_steps", config.recipe.lr_decay_steps <= config.train.steps, "at most train.steps")
+  if config.recipe.sparsity_loss == "quadratic":
+    target = config.recipe.target_l0
+    check("recipe.target_l0", _is_number(target) and target > 0, "a number > 0 (sparsity_loss 'quadratic')")
+  return found
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config, or a ValueError naming every field that is wrong and what was expected."""
+  if found := problems(config):
+    raise ValueError("config fields out of range:\n  " + "\n  ".join(found))
+  return config
+
+
 def parse_arg(arg: str | None, **defaults):
   """big_vision-style config arguments: `"runlocal,widths=1024+2048,steps=500"` -> ConfigDict.
 

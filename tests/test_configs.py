@@ -1,9 +1,14 @@
 """The config files load, with the values their docs promise."""
 
 import importlib.util
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from scope_jax.config import problems, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -44,3 +49,60 @@ def test_gemma2_preset_bad_arguments():
     load("gemma2", "size=3b")
   with pytest.raises(ValueError, match="layer 30: Gemma 2 2b has layers 0..25"):
     load("gemma2", "size=2b,layer=30")
+
+
+@pytest.mark.parametrize("name, arg", [("local", None), ("gemma2", "size=2b"), ("sweep_from_npy", "path=x.npy")])
+def test_every_shipped_config_validates(name, arg):
+  assert problems(load(name, arg)) == []
+
+
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
+    ("train.log_every", 0, "train.log_every = 0: expected an integer >= 1"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every = 0: expected an integer >= 1"),
+    ("train.batch_size", 0, "train.batch_size = 0: expected an integer >= 1"),
+    ("train.steps", 0, "train.steps = 0: expected an integer >= 1"),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints = 0: expected an integer >= 1"),
+    ("extract.seq_len", 1, "extract.seq_len = 1: expected an integer >= 2"),
+    ("extract.tokens", -5, "extract.tokens = -5: expected an integer >= 0"),
+    ("export.batches", 0, "export.batches = 0: expected an integer >= 1"),
+    ("recipe.lr", -0.002, "recipe.lr = -0.002: expected a number > 0"),
+    ("recipe.adam_b2", 1.0, "recipe.adam_b2 = 1.0: expected a number in [0, 1)"),
+    ("recipe.normalize", "mean", "recipe.normalize = 'mean': expected one of ('centred', 'raw')"),
+    ("recipe.lr_decay_steps", 500, "recipe.lr_decay_steps = 500: expected at most train.steps"),
+    ("sweep.widths", (), "sweep.widths = (): expected positive integers"),
+    ("sweep.l1_coefficients", (1e-3, -1e-3), "sweep.l1_coefficients = (0.001, -0.001): expected numbers >= 0"),
+    ("mesh.data", 0, "mesh.data = 0: expected -1 or an integer >= 1"),
+  ],
+)
+def test_a_field_out_of_range_is_named_with_what_was_expected(field, value, expected):
+  c = load("local", "steps=100")
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    validate(c)
+
+
+def test_every_bad_field_is_named_at_once():
+  c = load("local")
+  c.train.log_every, c.recipe.bandwidth = 0, 0.0
+  assert problems(c) == [
+    "train.log_every = 0: expected an integer >= 1",
+    "recipe.bandwidth = 0.0: expected a number > 0",
+  ]
+
+
+def _cli(*overrides):
+  args = ["train", "--config", f"{CONFIGS}/local.py", "--workdir", "/nonexistent/never-created", *overrides]
+  return subprocess.run([sys.executable, "-m", "scope_jax.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_refuses_a_bad_config_before_doing_anything():
+  done = _cli("--config.train.log_every=0", "--config.recipe.lr=-1")
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert "train.log_every = 0: expected an integer >= 1" in done.stderr
+  assert "recipe.lr = -1.0: expected a number > 0" in done.stderr
+  unknown = _cli("--config.train.stepz=5")
+  assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+  assert 'no such config field in --config.train.stepz=5; did you mean "steps"?' in unknown.stderr
