@@ -17,7 +17,7 @@ from scope_jax.parallel.mesh import make_mesh
 from scope_jax.sae import training_pre, unstack
 from scope_jax.train import train
 from tests.data.stores import SITE, write_store
-from tests.train.test_sweep import planted_dictionary
+from tests.train.test_step import planted_dictionary
 
 
 def _offset_rows(n=4_000, d=32, seed=0):
