@@ -6,8 +6,9 @@ decoder constraints), float32, on this machine, beside
 - the roofline: 12·d·M FLOPs per token at this machine's float32 matmul peak, measured in the
   same run with a plain `jnp.matmul` of the step's own shape [B, d] @ [d, M].
 
-Also: a sweep of 8 stacked SAEs against 8 single steps, and the compiled step's peak memory
-against params + Adam state + batch. The step is the trainer's: blocked over latents
+Also: a sweep of 8 stacked SAEs against 8 single steps, the step with `recipe.clip_grad_norm`
+against the plain one, and the compiled step's peak memory against params + Adam state + batch.
+The step is the trainer's: blocked over latents
 (`train/step.py`, automatic block size), which does 14·d·M FLOPs per token, one encoder
 matmul more than the roofline counts. The last line printed is one JSON object.
 
@@ -34,11 +35,11 @@ if os.environ.get("SHAPES") == "small":
   SHAPES = [(640, 4_096, 1_024)]
 
 
-def ours(d, m, batch, n_saes=1, repeats=5):
-  """(seconds per step, compiled peak bytes, params+Adam+batch bytes)."""
+def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0):
+  """(seconds per step, compiled peak bytes, params+Adam+batch bytes); `clip`: recipe.clip_grad_norm."""
   mesh = make_mesh(devices=jax.devices()[:1])
   groups = stacked.make_groups([m], [6e-4 * (1 + i) for i in range(n_saes)])
-  recipe = stacked.Recipe(lr_warmup_steps=10, sparsity_warmup_steps=10, bandwidth=0.001)
+  recipe = stacked.Recipe(lr_warmup_steps=10, sparsity_warmup_steps=10, bandwidth=0.001, clip_grad_norm=clip)
   init, _, step_fn = stacked.build(0, np.zeros(d), groups, recipe, mesh, batch)
   state = init()
   x = jax.device_put(np.random.default_rng(0).normal(0, 1 / np.sqrt(d), (batch, d)).astype(np.float32))
@@ -128,6 +129,15 @@ def main():
   print(
     f"sweep of 8 stacked SAEs: {min(sweeps):.2f}s per step = {results[0]['sweep8_vs_8_single']:.2f}x "
     f"8 single steps ({min(singles):.2f}s each)"
+  )
+  plain, clipped = [], []
+  for _ in range(2):
+    plain.append(ours(d, m, batch, repeats=3)[0])
+    clipped.append(ours(d, m, batch, repeats=3, clip=1e-3)[0])
+  results[0]["clipped_vs_plain"] = min(clipped) / min(plain)
+  print(
+    f"with recipe.clip_grad_norm (one more pass for the gradient's norm): {min(clipped):.2f}s per step = "
+    f"{results[0]['clipped_vs_plain']:.2f}x the plain step ({min(plain):.2f}s)"
   )
   print(json.dumps(results[0]))
 

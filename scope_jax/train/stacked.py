@@ -46,7 +46,7 @@ class Recipe:
   dead_window_steps: int = 1_000  # a latent is dead when it has not fired for this many steps
   dead_latent_loss: float = 0.0  # c of the pre-activation loss on dead latents (sae/loss.py); 0 = off
   normalize: str = "centred"  # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
-  # (Gemma Scope); data/source.py says why centred is the default
+  # (Gemma Scope); data/normalization.py says why centred is the default
 
   @property
   def loss(self) -> LossSpec:
