@@ -18,8 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from scope_jax.activations.writer import ShardWriter, ledger_batches
 from scope_jax.layout import RunLayout, differences
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import make_mesh, owned_blocks
+from scope_jax.parallel.prefetch import BackgroundWorker, prefetch_iterator
 from scope_jax.text.sequences import batches, sequences
 from scope_jax.text.sources import iter_documents
 
@@ -110,53 +109,6 @@ def _local_rows(batch, acts: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray
       )
     )
   return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(traces)
-
-
-class _Worker(threading.Thread):
-  """Runs `fn(item)` for items from a bounded queue; remembers the first error."""
-
-  def __init__(self, fn, maxsize: int):
-    super().__init__(daemon=True)
-    self.fn, self.queue, self.error = fn, queue.Queue(maxsize), None
-
-  def run(self):
-    while (item := self.queue.get()) is not None:
-      if self.error is None:
-        try:
-          self.fn(item)
-        except BaseException as e:  # surfaced by the main thread
-          self.error = e
-
-  def put(self, item):
-    if self.error is not None:
-      raise self.error
-    self.queue.put(item)
-
-  def finish(self):
-    self.queue.put(None)
-    self.join()
-    if self.error is not None:
-      raise self.error
-
-
-def _prefetch(iterator, depth: int):
-  """Iterates `iterator` in a background thread, `depth` items ahead."""
-  q: queue.Queue = queue.Queue(depth)
-  sentinel = object()
-
-  def produce():
-    try:
-      for item in iterator:
-        q.put(item)
-      q.put(sentinel)
-    except BaseException as e:
-      q.put(e)
-
-  threading.Thread(target=produce, daemon=True).start()
-  while (item := q.get()) is not sentinel:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
 
 
 def load_extraction_model(config: ml_collections.ConfigDict):
@@ -240,11 +192,11 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
         if (batch.index + 1) % bucket_batches == 0:
           writer.flush(batch.index + 1)
 
-    worker = _Worker(write, maxsize=2)
+    worker = BackgroundWorker(write, maxsize=2)
     worker.start()
     done = start
     try:
-      for batch in _prefetch((b for b in stream if b.index >= start), depth=2):
+      for batch in prefetch_iterator((b for b in stream if b.index >= start), depth=2):
         acts = lm.activations(batch.tokens, identity["sites"])
         worker.put((batch, acts))
         done = batch.index + 1

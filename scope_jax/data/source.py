@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from scope_jax.data.loader import StoreLoader
 from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
+from scope_jax.data.order import epoch_permutation
 from scope_jax.parallel.mesh import DATA
 
 
@@ -64,7 +65,7 @@ class ArraySource:
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._perm_cache:
-      self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.rows_nd.shape[0])}
+      self._perm_cache = {epoch: epoch_permutation(self.seed, epoch, self.rows_nd.shape[0])}
     return self._perm_cache[epoch]
 
   def _row_ids(self, start: int, stop: int) -> np.ndarray:

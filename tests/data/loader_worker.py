@@ -20,8 +20,7 @@ from tests.data.stores import SITE  # noqa: E402
 root, out = sys.argv[1], sys.argv[2]
 loader = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=None)
 (stream,) = loader.own_streams  # one stream per process by default
-loader._locate(stream, 0)
-epoch_rows = loader._epoch_starts[stream][1]
+epoch_rows = loader.order.epoch_rows(stream, 0)
 steps = -(-epoch_rows // loader.stream_batch)
 ids = np.concatenate([loader.stream_rows(stream, s)[:, 0] for s in range(steps)])[:epoch_rows]
 batch = loader.batch(0)  # a real global array built from both processes' rows

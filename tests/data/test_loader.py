@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from scope_jax.activations.store import StoreError
+from scope_jax.data.batcher import global_batch
 from scope_jax.data.loader import StoreLoader
 from scope_jax.parallel.mesh import make_mesh
 from tests.data.stores import SITE, write_store
@@ -73,7 +74,7 @@ def test_batches_are_handed_to_jax_without_a_copy(store_root):
   """Batch rows start on a 64-byte boundary, so JAX on CPU uses them as the device buffer."""
   ld = StoreLoader(store_root, SITE, 48, make_mesh(devices=jax.devices()[:1]), normalize="raw")
   rows = ld.local_rows(3)
-  array = ld._make_array(rows)
+  array = global_batch(rows, ld.sharding, (ld.batch_size, ld.width))
   assert array.addressable_shards[0].data.unsafe_buffer_pointer() == rows.ctypes.data
   np.testing.assert_array_equal(np.asarray(array), rows)
   ld.close()
