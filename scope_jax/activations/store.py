@@ -121,17 +121,20 @@ class Store:
       state = "unfinished (an extraction has not completed)" if started else "not a store (no manifest.json)"
       raise StoreError(f"{root}: {state}; run or resume `scope-jax extract` first")
     self.manifest = manifest
-    self.config = manifest["config"]
+    self.config = manifest["config"]  # the extraction's identity, as written (what `differences` compares)
+    c = self.config
+    self.model: str = c["model"]  # what made the rows: the model source, its text and how it was cut
+    self.text: tuple[str, ...] = tuple(c["text"])
+    self.seq_len: int = int(c["seq_len"])
+    self.chunk_rows: int = int(c["chunk_rows"])  # rows per zarr chunk
+    self.sites: tuple[str, ...] = tuple(c["sites"])
+    self._widths: dict[str, int] = {site: int(w) for site, w in c["widths"].items()}
     self.shard_rows: list[int] = manifest["rows_per_shard"]
     self.offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
     self._arrays: dict[tuple[str, int], ts.TensorStore] = {}
 
-  @property
-  def sites(self) -> list[str]:
-    return list(self.config["sites"])
-
   def width(self, site: str) -> int:
-    return int(self.config["widths"][self._check_site(site)])
+    return self._widths[self._check_site(site)]
 
   @property
   def rows(self) -> int:
@@ -143,8 +146,8 @@ class Store:
     return {"count": s["count"], "mean": np.asarray(s["mean"], np.float64), "mean_sq_norm": s["mean_sq_norm"]}
 
   def _check_site(self, site: str) -> str:
-    if site not in self.config["sites"]:
-      raise StoreError(f"{self.root}: no site {site!r}; the store holds {self.config['sites']}")
+    if site not in self.sites:
+      raise StoreError(f"{self.root}: no site {site!r}; the store holds {list(self.sites)}")
     return site
 
   def array(self, site: str, shard: int) -> ts.TensorStore:

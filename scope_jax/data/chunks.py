@@ -48,7 +48,7 @@ class WindowReader:
 
   def _chunk_name(self, c: int) -> str:
     shard, lo, _ = self.chunks[c]
-    return f"shard {shard} chunk {lo // self.store.config['chunk_rows']}"
+    return f"shard {shard} chunk {lo // self.store.chunk_rows}"
 
   def window(self, key: WindowKey) -> Window:
     """Window `key` (read now, or taken from the reads started ahead); starts the next one's reads."""
@@ -62,7 +62,7 @@ class WindowReader:
         except Exception as e:
           shard, lo, _ = self.chunks[c]
           raise StoreError(
-            f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.config['chunk_rows']} "
+            f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.chunk_rows} "
             f"(rows {lo}..) cannot be read: {e}"
           ) from e
       self._check_finite(parts, key, ids)

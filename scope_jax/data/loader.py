@@ -77,7 +77,7 @@ class StoreLoader:
     stats = self.store.stats(site)
     self.scale, divisor, self.mean = scale_and_mean(stats["mean_sq_norm"], stats["mean"], normalize)
     self._divisor = np.float32(divisor)
-    chunk_rows = self.store.config["chunk_rows"]
+    chunk_rows = self.store.chunk_rows
     # every chunk of every shard: (shard, first row in shard, rows)
     self.chunks = [
       (shard, lo, min(chunk_rows, rows - lo))

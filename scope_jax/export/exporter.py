@@ -76,9 +76,9 @@ def export(
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
   writer = jax.process_index() == 0
   store = getattr(source, "store", None)  # a store knows where its activations came from
-  model = store.config["model"] if store else config.model
-  context = store.config["seq_len"] if store else config.data.context_size
-  dataset = ",".join(store.config["text"]) if store else (config.data.dataset or config.data.path)
+  model = store.model if store else config.model
+  context = store.seq_len if store else config.data.context_size
+  dataset = ",".join(store.text) if store else (config.data.dataset or config.data.path)
   if writer:
     layout.unmark("export")
   root, entries = layout.export, []
