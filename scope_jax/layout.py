@@ -10,7 +10,7 @@
       stages/STAGE.json             a finished stage's marker: the identity of what it was run on
 
 A stage is finished when its marker exists and holds the identity the current config and inputs
-give it (for export: the checkpoint step and the export fields; for eval: the export's steps and
+give it (for export: the checkpoint step and the export fields; for eval: the export's identity and
 the eval fields). Nothing is judged by modification times, which NFS and gcsfuse do not keep
 reliably; a marker whose identity differs means the stage must run again.
 """

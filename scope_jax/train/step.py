@@ -7,6 +7,10 @@ The step never holds a `[batch, latents]` array nor a params-sized gradient:
   (the pseudo-derivatives of docs/recipe.md §1, written out by hand) and applies Adam, the decoder-
   gradient projection and the row renormalization to that block in place.
 
+With `recipe.clip_grad_norm` a pass between the two forms every block's gradient only to sum its
+squares (`gradient_norm`): the clip factor must be known before the first block is updated. It
+costs ~1.5× the step's time and no memory.
+
 Peak memory is params + Adam moments + batch plus a few `[rows, block]` temporaries. The price
 is one extra encoder matmul (14·d·M FLOPs per token where autodiff needs 12); on CPU it is
 repaid because every elementwise pass runs on a block that is still in cache.
