@@ -2,7 +2,7 @@
 
 import pytest
 
-from scope_jax import cli, jobs
+from scope_jax import cli, grid
 from tests.test_configs import load
 
 
@@ -29,7 +29,7 @@ def test_preset_dry_run_prints_the_release_job_table(size, n_extract, n_train, n
 
 
 def test_runlocal_preset_is_one_store_and_one_trainer_job_per_site(tmp_path):
-  planned = jobs.plan(load("gemma2", "size=9b,layer=3,runlocal"), tmp_path)
+  planned = grid.plan(load("gemma2", "size=9b,layer=3,runlocal"), tmp_path)
   assert [j.name for j in planned] == ["extract/L3-51.2K", "train/res.3-51.2K", "train/mlp.3-51.2K"]
   assert planned[0].config.sites == ("res.3", "mlp.3")
   train = planned[1].config
@@ -41,17 +41,17 @@ def test_grouping_by_site_and_all_and_store_root():
   c = load("gemma2", "size=2b")
   c.grid.layers, c.grid.site_widths = (3, 4), ()
   c.extract.store = "gs://bucket/acts/"
-  by_site = [j for j in jobs.plan(c, "runs") if j.kind == "extract"]
+  by_site = [j for j in grid.plan(c, "runs") if j.kind == "extract"]
   c.grid.extract_by = "site"
-  assert len([j for j in jobs.plan(c, "runs") if j.kind == "extract"]) == 6 and len(by_site) == 2
+  assert len([j for j in grid.plan(c, "runs") if j.kind == "extract"]) == 6 and len(by_site) == 2
   c.grid.extract_by = "all"
-  (everything,) = [j for j in jobs.plan(c, "runs") if j.kind == "extract"]
+  (everything,) = [j for j in grid.plan(c, "runs") if j.kind == "extract"]
   assert len(everything.sites) == 6 and everything.workdir == "gs://bucket/acts/all-8B"
 
 
 def test_select_by_pattern():
-  planned = jobs.plan(load("gemma2", "size=2b"), "runs")
-  chosen = jobs.select(planned, "train/res.12-*,extract/L12-*")
+  planned = grid.plan(load("gemma2", "size=2b"), "runs")
+  chosen = grid.select(planned, "train/res.12-*,extract/L12-*")
   assert [j.name for j in chosen] == [
     "extract/L12-16B",
     "extract/L12-8B",
@@ -60,7 +60,7 @@ def test_select_by_pattern():
     "train/res.12-16B",
   ]
   with pytest.raises(ValueError, match="--jobs 'train/res.99' matches none of the 188 jobs"):
-    jobs.select(planned, "train/res.99")
+    grid.select(planned, "train/res.99")
 
 
 @pytest.mark.parametrize(
@@ -78,4 +78,4 @@ def test_bad_grids_are_clear_errors(field, value, message):
   section, name = field.split(".")
   c[section][name] = value
   with pytest.raises(ValueError, match=message):
-    jobs.plan(c, "runs")
+    grid.plan(c, "runs")
