@@ -1,6 +1,6 @@
 """The local run: Gemma 3 270M (embedded), text every Python installation carries (the Python
 documentation and the standard library's docstrings), res.6, six JumpReLU SAEs that a 2-core
-machine trains to a usable quality in about 13 minutes end to end.
+machine trains to a usable quality in about 14½ minutes end to end (AMD EPYC, 2 cores).
 
     scope-jax run --config configs/local.py --workdir runs/local
 
