@@ -98,15 +98,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-CHOICES = {
-  "model_dtype": ("float32", "bfloat16"),
-  "extract.dtype": ("float32", "bfloat16"),
-  "extract.mode": ("pack", "truncate"),
-  "data.nonfinite": ("error", "skip"),
-  "recipe.normalize": ("centred", "raw"),
-  "recipe.sparsity_loss": ("l0", "quadratic"),
-  "grid.extract_by": ("layer", "site", "all"),
-}
 AT_LEAST = {  # integer fields and their smallest allowed value
   "seed": 0,
   "data.holdout_every": 0,
@@ -153,6 +144,26 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+  """Fields that take one of a few names, with the names as the modules that use them define them."""
+  from scope_jax.activations.extract import DTYPES
+  from scope_jax.data.chunks import NONFINITE
+  from scope_jax.data.normalization import NORMALIZATIONS
+  from scope_jax.grid import EXTRACT_BY
+  from scope_jax.sae.loss import SPARSITY_LOSSES
+  from scope_jax.text.sequences import MODES
+
+  return {
+    "model_dtype": DTYPES,
+    "extract.dtype": DTYPES,
+    "extract.mode": MODES,
+    "data.nonfinite": NONFINITE,
+    "recipe.normalize": NORMALIZATIONS,
+    "recipe.sparsity_loss": SPARSITY_LOSSES,
+    "grid.extract_by": EXTRACT_BY,
+  }
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every field whose value is out of its type or range, and every broken cross-field rule, as
   `"FIELD = VALUE: expected ..."` lines (empty when the config is sound)."""
@@ -162,8 +173,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     if not ok:
       found.append(f"{field} = {_get(config, field)!r}: expected {expected}")
 
-  for field, choices in CHOICES.items():
-    check(field, _get(config, field) in choices, f"one of {choices}")
+  for field, names in choices().items():
+    check(field, _get(config, field) in names, f"one of {tuple(sorted(names))}")
   for field, least in AT_LEAST.items():
     value = _get(config, field)
     check(field, _is_int(value) and value >= least, f"an integer >= {least}")
