@@ -4,12 +4,55 @@ a bounded queue (extraction's writer)."""
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+_END = object()
+
+
+class _Producer:
+  """Runs `items` on a background thread, up to `depth` ahead, until exhausted or stopped; an
+  exception raised while making an item is handed over in its place."""
+
+  def __init__(self, items: Iterator, depth: int):
+    self._queue: queue.Queue = queue.Queue(depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
+    self._thread.start()
+
+  def _run(self, items: Iterator) -> None:
+    try:
+      for item in items:
+        if not self._put(item):
+          return
+      self._put(_END)
+    except BaseException as e:
+      self._put(e)
+
+  def _put(self, item) -> bool:
+    """Queues `item` unless stopped first (a full queue is retried, so `stop` is never blocked)."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def next(self):
+    """The next item (`_END` after the last); raises the exception made in an item's place."""
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._thread.join()
 
 
 class Prefetcher(Generic[T]):
@@ -19,52 +62,23 @@ class Prefetcher(Generic[T]):
 
   def __init__(self, make: Callable[[int], T], depth: int = 2):
     self.make, self.depth = make, depth
-    self._queue: queue.Queue | None = None
-    self._thread: threading.Thread | None = None
-    self._stop = threading.Event()
+    self._producer: _Producer | None = None
     self._next: int | None = None
 
   def get(self, i: int) -> T:
     if self._next != i:
-      self._start(i)
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      self._next = None
-      raise item
+      self.close()
+      self._producer = _Producer(map(self.make, itertools.count(i)), self.depth)
+    self._next = None  # until the item is in hand: after an error the next get restarts
+    item = self._producer.next()
     self._next = i + 1
     return item
 
-  def _start(self, first: int) -> None:
-    self.close()
-    stop, q = threading.Event(), queue.Queue(self.depth)
-    self._stop, self._queue = stop, q
-
-    def produce():
-      i = first
-      while not stop.is_set():
-        try:
-          item = self.make(i)
-        except BaseException as e:
-          item = e
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if isinstance(item, BaseException):
-          return
-        i += 1
-
-    self._thread = threading.Thread(target=produce, daemon=True)
-    self._thread.start()
-
   def close(self) -> None:
     """Stops the thread (items made ahead are dropped)."""
-    if self._thread is not None:
-      self._stop.set()
-      self._thread.join()
-      self._thread = None
+    if self._producer is not None:
+      self._producer.stop()
+      self._producer = None
     self._next = None
 
 
@@ -98,20 +112,11 @@ class BackgroundWorker(threading.Thread):
 
 
 def prefetch_iterator(iterator: Iterable[T], depth: int) -> Iterator[T]:
-  """Iterates `iterator` in a background thread, `depth` items ahead."""
-  q: queue.Queue = queue.Queue(depth)
-  sentinel = object()
-
-  def produce():
-    try:
-      for item in iterator:
-        q.put(item)
-      q.put(sentinel)
-    except BaseException as e:
-      q.put(e)
-
-  threading.Thread(target=produce, daemon=True).start()
-  while (item := q.get()) is not sentinel:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
+  """Iterates `iterator` in a background thread, `depth` items ahead (stopped when the loop ends
+  or is abandoned)."""
+  producer = _Producer(iter(iterator), depth)
+  try:
+    while (item := producer.next()) is not _END:
+      yield item
+  finally:
+    producer.stop()
