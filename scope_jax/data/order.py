@@ -37,6 +37,7 @@ class StreamOrder:
     self.seed, self.streams, self.window_chunks = seed, streams, max(1, window_chunks)
     self._epochs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     self._epoch_starts: dict[int, list[int]] = {}  # per stream, where each epoch starts; extended as needed
+    self._last_permutation: dict[int, tuple[WindowKey, np.ndarray]] = {}  # per stream: a window serves many steps
 
   def epoch(self, stream: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """A stream's chunk ids in the epoch's order and their cumulative row ends."""
@@ -74,8 +75,12 @@ class StreamOrder:
   def window_permutation(self, key: WindowKey) -> np.ndarray:
     """The order of the window's rows (indices into its chunks' concatenated rows)."""
     stream, epoch, window = key
-    rows = int(self.chunk_rows[self.window_ids(key)].sum())
-    return np.random.default_rng([self.seed, epoch, stream, window]).permutation(rows)
+    last = self._last_permutation.get(stream)
+    if last is None or last[0] != key:
+      rows = int(self.chunk_rows[self.window_ids(key)].sum())
+      last = key, np.random.default_rng([self.seed, epoch, stream, window]).permutation(rows)
+      self._last_permutation[stream] = last
+    return last[1]
 
   def plan(self, stream: int, step: int, batch: int) -> list[tuple[WindowKey, np.ndarray]]:
     """Rows [step·batch, (step+1)·batch) of a stream, as [(window, sorted row indices into the
