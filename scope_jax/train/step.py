@@ -144,6 +144,11 @@ def _with_leaf_moments(moments: dict, name: str, leaf: dict) -> dict:
   return {k: m.replace(**{name: leaf[k]}) for k, m in moments.items()}
 
 
+def _latent_sq_norm(g: SAE) -> jax.Array:
+  """Σ g² over a block's per-latent leaves (`b_dec`'s share is summed separately, once per SAE)."""
+  return sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS)
+
+
 def gradient_norm(
   group: SAE,
   s,
@@ -161,7 +166,7 @@ def gradient_norm(
     sq_sum, db_dec_d = carry
     pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
     g, _, _ = block_gradients(_block(group, s, j, block), x_bd, derr_bd, dpenalty_b, bandwidth, pull_k)
-    return sq_sum + sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS), db_dec_d + g.b_dec
+    return sq_sum + _latent_sq_norm(g), db_dec_d + g.b_dec
 
   sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, (jnp.zeros((), F32), jnp.zeros_like(derr_bd[0])))
   db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
@@ -206,7 +211,7 @@ def train_sae(
     blk = _block(group, s, j, block)
     pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
     g, fired_k, sums_k = block_gradients(blk, x_bd, derr_bd, dpenalty_b, spec.bandwidth, pull_k)
-    sq_sum += sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS)
+    sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     new = {}
     for name, axis in LATENT_AXIS.items():
