@@ -33,6 +33,32 @@ _DM_NORMS = {
 }
 
 
+def by_part(
+  embed: Callable[[], np.ndarray],
+  final_norm: Callable[[], np.ndarray],
+  layer_norm: Callable[[int, str], np.ndarray],
+  layer: Callable[[int, list[str]], np.ndarray | None],
+) -> Reader:
+  """A reader from a file layout's four kinds of tensor: the embedding, the final norm's scale,
+  layer `i`'s norm scale `name` (a key of `_HF_NORMS`) and layer `i`'s other parameter `rest`
+  (e.g. `["attn", "q"]`; None when the layout has no such name)."""
+
+  def tensor(path: ParamPath) -> np.ndarray:
+    if path == ("embed",):
+      return embed()
+    if path == ("final_norm", "scale"):
+      return final_norm()
+    _, i, *rest = path
+    if len(rest) == 2 and rest[0] in _HF_NORMS and rest[1] == "scale":
+      return layer_norm(i, rest[0])
+    found = layer(i, rest)
+    if found is None:
+      raise KeyError(path)
+    return found
+
+  return tensor
+
+
 def checked_shape(source: str, key: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if tuple(x.shape) != tuple(shape):
     raise ValueError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, expected {tuple(shape)}")
@@ -80,16 +106,9 @@ def hf_layout_reader(get: Callable[[str, tuple[int, ...]], np.ndarray], config: 
   c = config
   D, N, K, H, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
 
-  def tensor(path: ParamPath) -> np.ndarray:
-    if path == ("embed",):
-      return get("embed_tokens.weight", (c.vocab_size, D))
-    if path == ("final_norm", "scale"):
-      return get("norm.weight", (D,))
-    _, i, *rest = path
+  def layer(i: int, rest: list[str]) -> np.ndarray | None:
     p = f"layers.{i}."
     match rest:
-      case [norm, "scale"] if norm in _HF_NORMS:
-        return get(p + _HF_NORMS[norm] + ".weight", (D,))
       case ["attn", "q"]:
         return get(p + "self_attn.q_proj.weight", (N * H, D)).T.reshape(D, N, H)
       case ["attn", ("k" | "v") as kv]:
@@ -102,9 +121,14 @@ def hf_layout_reader(get: Callable[[str, tuple[int, ...]], np.ndarray], config: 
         return get(p + f"mlp.{proj}_proj.weight", (F, D)).T
       case ["mlp", "down"]:
         return get(p + "mlp.down_proj.weight", (D, F)).T
-    raise KeyError(path)
+    return None
 
-  return tensor
+  return by_part(
+    embed=lambda: get("embed_tokens.weight", (c.vocab_size, D)),
+    final_norm=lambda: get("norm.weight", (D,)),
+    layer_norm=lambda i, norm: get(f"layers.{i}.{_HF_NORMS[norm]}.weight", (D,)),
+    layer=layer,
+  )
 
 
 # --------------------------------------------------------------------------- google-deepmind/gemma
@@ -162,19 +186,15 @@ def orbax_reader(params: dict[str, np.ndarray], config: GemmaConfig, source: str
       raise ValueError(f"{source}: parameter {key!r} is missing" + (f" (expected shape {shape})" if shape else ""))
     return params[key] if shape is None else checked_shape(source, key, params[key], shape)
 
-  def tensor(path: ParamPath) -> np.ndarray:
-    if path == ("embed",):
-      table = get("transformer/embedder/input_embedding")
-      if table.ndim != 2 or table.shape[0] < c.vocab_size or table.shape[1] != D:
-        raise ValueError(f"{source}: embedding has shape {table.shape}, expected ({c.vocab_size}+, {D})")
-      return table[: c.vocab_size]  # Flax tables carry padding rows (256,128 for 256,000)
-    if path == ("final_norm", "scale"):
-      return get("transformer/final_norm/scale", (D,))
-    _, i, *rest = path
+  def embed() -> np.ndarray:
+    table = get("transformer/embedder/input_embedding")
+    if table.ndim != 2 or table.shape[0] < c.vocab_size or table.shape[1] != D:
+      raise ValueError(f"{source}: embedding has shape {table.shape}, expected ({c.vocab_size}+, {D})")
+    return table[: c.vocab_size]  # Flax tables carry padding rows (256,128 for 256,000)
+
+  def layer(i: int, rest: list[str]) -> np.ndarray | None:
     p = f"transformer/layer_{i}/"
     match rest:
-      case [norm, "scale"] if norm in _DM_NORMS:
-        return get(p + _DM_NORMS[norm] + "/scale", (D,))
       case ["attn", "q"]:
         return get(p + "attn/q_einsum/w", (N, D, H)).transpose(1, 0, 2)
       case ["attn", ("k" | "v") as kv]:
@@ -191,6 +211,11 @@ def orbax_reader(params: dict[str, np.ndarray], config: GemmaConfig, source: str
         return checked_shape(source, p + "mlp/gating_einsum/w", w, (2, D, F))[index]  # 2B layout
       case ["mlp", "down"]:
         return get(p + "mlp/linear/w", (F, D))
-    raise KeyError(path)
+    return None
 
-  return tensor
+  return by_part(
+    embed,
+    final_norm=lambda: get("transformer/final_norm/scale", (D,)),
+    layer_norm=lambda i, norm: get(f"transformer/layer_{i}/{_DM_NORMS[norm]}/scale", (D,)),
+    layer=layer,
+  )
