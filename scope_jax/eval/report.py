@@ -75,14 +75,14 @@ def density_plot(name: str, density_m: np.ndarray, path: Path) -> None:
   plt.close(fig)
 
 
-CURVES = [
-  ("loss", "loss", "log"),
-  ("l0", "L0", "log"),
-  ("fvu", "FVU (training batch)", "log"),
-  ("dead_fraction", "dead fraction", "linear"),
-  ("window_fraction", "pre-activations in θ's kernel window", "log"),
-  ("threshold_moved", "mean |θ − θ₀| / θ₀", "log"),
-]
+CURVES = {  # metric: (axis label, y scale)
+  "loss": ("loss", "log"),
+  "l0": ("L0", "log"),
+  "fvu": ("FVU (training batch)", "log"),
+  "dead_fraction": ("dead fraction", "linear"),
+  "window_fraction": ("pre-activations in θ's kernel window", "log"),
+  "threshold_moved": ("mean |θ − θ₀| / θ₀", "log"),
+}
 
 
 def training_curves(metrics_jsonl: Path, path: Path) -> bool:
@@ -97,7 +97,7 @@ def training_curves(metrics_jsonl: Path, path: Path) -> bool:
   if not series:
     return False
   fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), dpi=100)
-  for ax, (key, label, scale) in zip(axes.flat, CURVES):
+  for ax, (key, (label, scale)) in zip(axes.flat, CURVES.items()):
     for name, records in sorted(series.items()):
       points = [(r["step"], r[key]) for r in records if key in r and (scale == "linear" or r[key] > 0)]
       if points:
