@@ -57,9 +57,9 @@ def test_finished_stages_are_told_by_their_markers_whatever_the_file_times(tmp_p
   mesh = make_mesh(data=4, model=2)
   source = ArraySource(np.random.default_rng(0).normal(size=(1024, 16)).astype(np.float32), 64, mesh)
   layout = RunLayout(tmp_path)
-  train(_config(10), tmp_path, source, mesh, progress=False)
+  train(_config(10), tmp_path, source, progress=False)
   assert not layout.finished("export", export_identity(_config(10), layout))
-  export(_config(10), tmp_path, source, mesh, progress=False)
+  export(_config(10), tmp_path, source, progress=False)
   assert layout.finished("export", export_identity(_config(10), layout))
 
   # The export looks older than the checkpoints it was made from, then newer: nothing changes.
@@ -73,14 +73,14 @@ def test_finished_stages_are_told_by_their_markers_whatever_the_file_times(tmp_p
   other.export.batches = 3
   assert not layout.finished("export", export_identity(other, layout))  # other export fields: to do
 
-  train(_config(20), tmp_path, source, mesh, progress=False)  # a newer checkpoint: to do again
+  train(_config(20), tmp_path, source, progress=False)  # a newer checkpoint: to do again
   _set_times(layout.checkpoints, 1_000)
   assert not layout.finished("export", export_identity(_config(20), layout))
 
   # Evaluation: done only when its marker names this export and these eval fields.
   job = Job("train", "train/res.6-1K", str(tmp_path), _config(20), ("res.6",), (32,), 1_000)
   assert not is_finished(job)
-  export(_config(20), tmp_path, source, mesh, progress=False)
+  export(_config(20), tmp_path, source, progress=False)
   layout.mark_finished("eval", eval_identity(_config(20), layout))
   _set_times(layout.root, 1_000)
   assert is_finished(job)

@@ -17,15 +17,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from scope_jax.data.batcher import aligned_empty, global_batch
 from scope_jax.data.loader import StoreLoader
 from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
 from scope_jax.data.order import epoch_permutation
-from scope_jax.parallel.mesh import DATA
+from scope_jax.parallel.mesh import DATA, owned_blocks
 
 
 class BatchSource(Protocol):
   width: int
   batch_size: int
+  mesh: Mesh  # the batches are sharded over its `data` axis
   scale: float  # C (data/normalization.py)
   mean: np.ndarray  # μ / C, [width] float32: the site's mean in training units (b_dec's start)
 
@@ -78,18 +80,23 @@ class ArraySource:
       out[sel] = self._permutation(int(e))[pos[sel] % n]
     return out
 
-  def batch(self, step: int) -> jax.Array:
+  def local_rows(self, step: int) -> np.ndarray:
+    """This process's rows of step `step` (its devices' blocks of the batch, in row order),
+    read in sorted order (kinder to memory maps) and normalized."""
+    blocks = self.mesh.shape[DATA]
+    size = self.batch_size // blocks
     first = step * self.batch_size
+    owned = owned_blocks(self.mesh, self.batch_size, blocks, "mesh.data")
+    ids = np.concatenate([self._row_ids(first + b * size, first + (b + 1) * size) for b in owned])
+    order = np.argsort(ids)
+    out = aligned_empty((len(ids), self.width))
+    out[order] = self.rows_nd[ids[order]]
+    if self._divisor != 1:
+      np.divide(out, np.float32(self._divisor), out=out)
+    return out
 
-    def rows(index):
-      lo, hi, _ = index[0].indices(self.batch_size)
-      ids = self._row_ids(first + lo, first + hi)
-      order = np.argsort(ids)  # sorted reads are kinder to memory maps
-      out = np.empty((len(ids), self.width), np.float32)
-      out[order] = self.rows_nd[ids[order]]
-      return out / np.float32(self._divisor)
-
-    return jax.make_array_from_callback((self.batch_size, self.width), self.sharding, rows)
+  def batch(self, step: int) -> jax.Array:
+    return global_batch(self.local_rows(step), self.sharding, (self.batch_size, self.width))
 
   def describe(self) -> dict:
     return {

@@ -55,12 +55,11 @@ def export(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
   source: BatchSource | None = None,
-  mesh: jax.sharding.Mesh | None = None,
   progress: bool = True,
 ) -> list[dict]:
   """Writes every SAE of the run's latest checkpoint; returns the index entries."""
   layout = RunLayout(workdir)
-  run = open_run(config, workdir, source, mesh)
+  run = open_run(config, workdir, source)
   groups, source = run.groups, run.source
   try:
     if run.checkpoints.latest_step() is None:

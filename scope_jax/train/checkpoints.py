@@ -108,13 +108,13 @@ def open_run(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
   source: BatchSource | None = None,
-  mesh: jax.sharding.Mesh | None = None,
 ) -> Run:
-  """The run of `config` in `workdir`, on `source` (default: the config's data) over `mesh`."""
+  """The run of `config` in `workdir`, on `source` (default: the config's data), over the
+  source's mesh: the batches arrive sharded on it, so the step must run on it too."""
   groups, recipe = list(stacked.groups_from(config)), stacked.recipe_from(config)
-  mesh = mesh or make_train_mesh(config)
   owns_source = source is None
-  source = source or source_from_config(config, workdir, mesh)
+  source = source or source_from_config(config, workdir, make_train_mesh(config))
+  mesh = source.mesh
   if source.batch_size != config.train.batch_size:
     raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
   if config.data.width is not None and source.width != config.data.width:  # .npy sources

@@ -91,12 +91,11 @@ def train(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
   source: BatchSource | None = None,
-  mesh: jax.sharding.Mesh | None = None,
   progress: bool = True,
 ) -> dict:
   """Trains the config's sweep to `train.steps`, resuming from `workdir`; returns the final state."""
   workdir = Path(workdir)
-  run = open_run(config, workdir, source, mesh)
+  run = open_run(config, workdir, source)
   groups, source, step_fn, identity, mngr = run.groups, run.source, run.step_fn, run.identity, run.checkpoints
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, run.init, run.shardings)

@@ -46,7 +46,7 @@ def test_b_dec_starts_at_the_data_mean_and_c_follows_recipe_normalize(tmp_path, 
   mesh = make_mesh(devices=jax.devices()[:1])
   source = ArraySource(x.astype(np.float32), 256, mesh, normalize=normalize)
   assert source.scale == pytest.approx(expected_c, rel=1e-6)
-  state = train(_config(0, normalize), tmp_path, source, mesh, progress=False)  # step 0: the initial state
+  state = train(_config(0, normalize), tmp_path, source, progress=False)  # step 0: the initial state
   np.testing.assert_allclose(np.asarray(state["params"][0].b_dec)[0], mean / expected_c, rtol=1e-5, atol=1e-6)
 
 
@@ -111,7 +111,7 @@ def test_a_planted_dictionary_is_recovered_under_a_large_constant_offset(tmp_pat
   c.sweep.widths, c.sweep.l1_coefficients = [128], [3e-2, 1e-1]
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 512, 2500, 500, 10**6
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200
-  state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0, normalize="centred"), mesh, progress=False)
+  state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0, normalize="centred"), progress=False)
   W_dec = np.asarray(state["params"][0].W_dec)  # [λ, M, d]
   recovered = [float(np.mean((directions @ w.T).max(axis=1) >= 0.9)) for w in W_dec]
   assert max(recovered) >= 0.9, recovered

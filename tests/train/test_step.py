@@ -205,7 +205,7 @@ def _train_sweep(widths, lambdas, tmp_path, steps=25):
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 1000
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 5e-3, 5, 10
   c.recipe.bandwidth = 0.05
-  return train(c, tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+  return train(c, tmp_path, ArraySource(_data(), 64, mesh), progress=False)
 
 
 def test_a_stacked_sweep_equals_each_sae_trained_alone(tmp_path):
@@ -242,7 +242,7 @@ def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
   c.sweep.widths, c.sweep.l1_coefficients = [128], [1e-2, 3e-2, 1e-1]
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 512, 3000, 500, 10**6
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200
-  state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0), mesh, progress=False)
+  state = train(c, tmp_path, ArraySource(x, 512, mesh, seed=0), progress=False)
   W_dec = np.asarray(state["params"][0].W_dec)  # [λ, M, d]
   matched = [(directions @ w.T).max(axis=1) >= 0.9 for w in W_dec]  # per planted direction
   recovered = [float(np.mean(m)) for m in matched]

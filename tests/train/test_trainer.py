@@ -127,7 +127,7 @@ def test_a_nan_loss_stops_the_run_naming_sae_and_step_and_keeps_the_last_checkpo
     match=r"SAE w32-l0.001-s0: loss became NaN or Inf at step 23; "
     r"the last checkpoint \(step 20\) is kept",
   ):
-    train(_small_config(), tmp_path, source, mesh, progress=False)
+    train(_small_config(), tmp_path, source, progress=False)
   assert _checkpoints(tmp_path) == [10, 20]
 
 
@@ -145,7 +145,7 @@ def _read_events(directory: Path) -> list[Event]:
 
 def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
   mesh = make_mesh(data=4, model=2)
-  train(_small_config(20), tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+  train(_small_config(20), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert sorted({r["sae"] for r in rows}) == ["w32-l0.001-s0", "w32-l0.01-s0", "w64-l0.001-s0", "w64-l0.01-s0"]
   assert sorted({r["step"] for r in rows}) == [5, 10, 15, 20]
@@ -209,14 +209,14 @@ def test_a_bandwidth_too_narrow_to_train_thresholds_is_warned_about(tmp_path):
   c = _small_config(20)
   c.recipe.bandwidth = 1e-12
   with pytest.warns(UserWarning, match=r"SAE w32-l0.001-s0: thresholds moved 0.0% of their initial value in 20 steps"):
-    train(c, tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+    train(c, tmp_path, ArraySource(_data(), 64, mesh), progress=False)
   assert len(json.loads((tmp_path / "train_health.json").read_text())["warnings"]) >= 4
 
 
 def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
   mesh = make_mesh(data=4, model=2)
   source = ArraySource(_data(), 64, mesh)
-  train(_small_config(10), tmp_path, source, mesh, progress=False)
+  train(_small_config(10), tmp_path, source, progress=False)
   changed = _small_config(20)
   changed.sweep.l1_coefficients = [1e-3, 3e-2]
   changed.recipe.lr = 3e-4
@@ -225,8 +225,8 @@ def test_resuming_with_another_config_is_refused_naming_the_fields(tmp_path):
     match=r"another run; differing fields:\n  recipe.lr: 0.001 -> 0.0003\n"
     r"  sweep.l1_coefficients: \[0.001, 0.01\] -> \[0.001, 0.03\]",
   ):
-    train(changed, tmp_path, source, mesh, progress=False)
-  longer = train(_small_config(20), tmp_path, source, mesh, progress=False)  # more steps is fine
+    train(changed, tmp_path, source, progress=False)
+  longer = train(_small_config(20), tmp_path, source, progress=False)  # more steps is fine
   assert int(longer["step"]) == 20
 
 
@@ -240,12 +240,12 @@ def test_a_checkpoint_from_before_a_new_recipe_field_resumes_at_its_default(tmp_
   identity = checkpoints.run_identity
   with monkeypatch.context() as m:
     m.setattr(checkpoints, "run_identity", without_clip)
-    train(_small_config(10), tmp_path, source, mesh, progress=False)
-  assert int(train(_small_config(20), tmp_path, source, mesh, progress=False)["step"]) == 20
+    train(_small_config(10), tmp_path, source, progress=False)
+  assert int(train(_small_config(20), tmp_path, source, progress=False)["step"]) == 20
   changed = _small_config(30)
   changed.recipe.clip_grad_norm = 1.0
   with pytest.raises(ValueError, match=r"recipe.clip_grad_norm: 0.0 -> 1.0"):
-    train(changed, tmp_path, source, mesh, progress=False)
+    train(changed, tmp_path, source, progress=False)
 
 
 def test_data_of_another_width_is_refused(tmp_path):
@@ -253,7 +253,7 @@ def test_data_of_another_width_is_refused(tmp_path):
   c.data.width = 32
   mesh = make_mesh(data=4, model=2)
   with pytest.raises(ValueError, match="data width 16 .* differs from config.data.width 32"):
-    train(c, tmp_path, ArraySource(_data(), 64, mesh), mesh, progress=False)
+    train(c, tmp_path, ArraySource(_data(), 64, mesh), progress=False)
 
 
 def test_train_and_export_commands(tmp_path, acts_npy):
