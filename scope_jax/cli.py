@@ -16,6 +16,7 @@ import re
 import sys
 import time
 
+import jax
 import numpy as np
 
 from scope_jax.layout import RunLayout
@@ -206,8 +207,10 @@ def run_config_command(command: str, argv: list[str]) -> None:
 
 def prepare_environment() -> None:
   """The process settings the library leaves alone, made here before anything starts: XLA:CPU's
-  XNNPACK kernels, and gcsfs's stable filesystem rather than its experimental zonal one."""
+  XNNPACK kernels, gloo for collectives between CPU processes, and gcsfs's stable filesystem
+  rather than its experimental zonal one."""
   use_xnnpack_on_cpu()
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 

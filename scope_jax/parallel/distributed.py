@@ -10,8 +10,9 @@
   for the same thing and disagree, that is an error naming both.
 
 A process whose peer dies stops when the coordination service misses the peer's heartbeats for
-SCOPE_JAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's own); it does not hang. On CPU the
-collectives run over gloo. Call before anything touches a device.
+SCOPE_JAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's own); it does not hang. Call before
+anything touches a device; the entry point chooses the CPU collectives (the CLI: gloo, in
+`cli.prepare_environment`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return False
   if jax.distributed.is_initialized():
     return True
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if not address:  # Cloud TPU: the cluster is detected from the VM's metadata
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     return True
