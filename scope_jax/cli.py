@@ -11,6 +11,7 @@ SCOPE_JAX_* variables; scope_jax/parallel/distributed.py).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -22,6 +23,9 @@ import numpy as np
 from scope_jax.layout import RunLayout
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
+REDO_STAGES = ("export", "eval")  # finished stages --redo may replace
+# OS errors that are the user's to fix (full disk, permissions): one line, no traceback
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
 CONFIG_COMMANDS = ("extract", "train", "export", "eval", "run", "sweep")
 
 
@@ -62,6 +66,9 @@ def parse_config_command(command: str, argv: list[str]):
   flags.DEFINE_string("coordinator", None, "multi-process: the coordinator's host:port", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "multi-process: how many processes run this command", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
+  flags.DEFINE_multi_enum(
+    "redo", [], REDO_STAGES, "replace this finished stage although its fields changed (repeatable)", flag_values=fv
+  )
   if command == "sweep":
     flags.DEFINE_boolean("dry_run", False, "print the job table and exit", flag_values=fv)
     flags.DEFINE_string(
@@ -81,7 +88,7 @@ def parse_config_command(command: str, argv: list[str]):
   return fv
 
 
-def stage_extract(config, workdir) -> None:
+def stage_extract(config, workdir, redo=()) -> None:
   from scope_jax.activations.extract import extract
   from scope_jax.activations.writer import NonFiniteActivations
 
@@ -99,7 +106,7 @@ def stage_extract(config, workdir) -> None:
     )
 
 
-def stage_train(config, workdir) -> None:
+def stage_train(config, workdir, redo=()) -> None:
   from scope_jax.train import Preempted, TrainingDiverged, train
 
   try:
@@ -108,13 +115,20 @@ def stage_train(config, workdir) -> None:
     sys.exit(f"scope-jax train: {e}")
   except Preempted as e:
     print(f"scope-jax train: {e}", file=sys.stderr)
-    sys.exit(143)
+    sys.exit(128 + e.signal)
   print(f"train: step {int(state['step'])}; checkpoints and metrics.jsonl in {workdir}")
 
 
-def stage_export(config, workdir) -> None:
+def stage_export(config, workdir, redo=()) -> None:
+  """Exports the latest checkpoint, unless an export of it with these fields exists (layout.py:
+  each stage's marker holds the identity it was made from; changed export fields are refused)."""
   from scope_jax.export import export
+  from scope_jax.layout import export_identity
 
+  layout = RunLayout(workdir)
+  if not layout.to_do("export", export_identity(config, layout), redo):
+    print(f"export: {layout.export_index} is up to date; skipped")
+    return
   entries = export(config, workdir)
   for e in entries:
     print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
@@ -124,8 +138,15 @@ def stage_export(config, workdir) -> None:
   )
 
 
-def stage_eval(config, workdir) -> None:
+def stage_eval(config, workdir, redo=()) -> None:
+  """Evaluates the export, unless a report of it with these fields exists (as for export)."""
   from scope_jax.eval import run_eval
+  from scope_jax.layout import eval_identity
+
+  layout = RunLayout(workdir)
+  if not layout.to_do("eval", eval_identity(config, layout), redo):
+    print(f"eval: {layout.report_metrics} is up to date; skipped")
+    return
 
   out = run_eval(config, workdir)
   for name, r in sorted(out["results"].items()):
@@ -138,36 +159,27 @@ def stage_eval(config, workdir) -> None:
     print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
 
 
-def stage_train_export_eval(config, workdir) -> None:
-  """train -> export -> eval; an export or report already made from the same inputs is skipped
-  (layout.py: each stage's marker holds the identity it was made from)."""
-  from scope_jax.layout import eval_identity, export_identity
-
-  layout = RunLayout(workdir)
+def stage_train_export_eval(config, workdir, redo=()) -> None:
+  """train -> export -> eval; a stage already run on the same inputs is skipped."""
   stage_train(config, workdir)
-  if layout.finished("export", export_identity(config, layout)):
-    print(f"export: {layout.export_index} is up to date; skipped")
-  else:
-    stage_export(config, workdir)
-  if layout.finished("eval", eval_identity(config, layout)):
-    print(f"eval: {layout.report_metrics} is up to date; skipped")
-  else:
-    stage_eval(config, workdir)
+  stage_export(config, workdir, redo)
+  stage_eval(config, workdir, redo)
 
 
-def stage_run(config, workdir) -> None:
+def stage_run(config, workdir, redo=()) -> None:
   """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
   stage_extract(config, workdir)
-  stage_train_export_eval(config, workdir)
+  stage_train_export_eval(config, workdir, redo)
   layout = RunLayout(workdir)
   print(f"\ndone: exports in {layout.export} (Gemma Scope npz and SAELens), report in {layout.report / 'report.html'}")
 
 
-def stage_sweep(config, workdir, dry_run: bool, patterns: str | None) -> None:
+def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=()) -> None:
   """Prints the job table; without `dry_run` runs every unfinished job in order."""
   import jax
 
   from scope_jax import grid
+  from scope_jax.lease import holding
 
   planned = grid.select(grid.plan(config, workdir), patterns)
   if jax.process_index() == 0:  # one table in a pod's merged log, not one per host
@@ -178,19 +190,29 @@ def stage_sweep(config, workdir, dry_run: bool, patterns: str | None) -> None:
     print(f"\n=== job {i + 1}/{len(planned)}: {job.name} ({job.workdir})")
     if grid.is_finished(job):
       print("finished earlier; skipped")
-    elif job.kind == "extract":
-      stage_extract(job.config, job.workdir)
-    else:
-      stage_train_export_eval(job.config, job.workdir)
+      continue
+    with holding(job.workdir, "workdir"):
+      if job.kind == "extract":
+        stage_extract(job.config, job.workdir)
+      else:
+        stage_train_export_eval(job.config, job.workdir, redo)
 
 
 STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval, "run": stage_run}
+
+
+def _hint(e: Exception) -> str:
+  """What to do next, for the failures whose message does not say it (a full disk)."""
+  if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+    return "\nthe disk is full: free space and run the same command; it resumes from what was committed"
+  return ""
 
 
 def run_config_command(command: str, argv: list[str]) -> None:
   """Parses the flags, joins the other processes (if any), runs the stage."""
   from scope_jax.activations.store import StoreError
   from scope_jax.config import validate
+  from scope_jax.lease import LeaseHeld, holding
   from scope_jax.parallel.distributed import initialize
 
   fv = parse_config_command(command, argv)
@@ -198,11 +220,19 @@ def run_config_command(command: str, argv: list[str]) -> None:
     validate(fv.config)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
     if command == "sweep":
-      stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs)
+      stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo)
     else:
-      STAGES[command](fv.config, fv.workdir)
-  except (ValueError, FileNotFoundError, StoreError) as e:  # the user's to fix; anything else keeps its traceback
-    sys.exit(f"scope-jax {command}: {e}")
+      with holding(fv.workdir, "workdir"):
+        STAGES[command](fv.config, fv.workdir, fv.redo)
+  except (ValueError, FileNotFoundError, StoreError, LeaseHeld) as e:  # the user's to fix
+    sys.exit(f"scope-jax {command}: {e}{_hint(e)}")
+  except OSError as e:
+    if e.errno not in USER_OS_ERRORS:
+      raise  # unexpected: keeps its traceback
+    sys.exit(f"scope-jax {command}: {e}{_hint(e)}")
+  except KeyboardInterrupt:
+    print(f"scope-jax {command}: interrupted (Ctrl-C); run the same command to resume", file=sys.stderr)
+    sys.exit(130)
 
 
 def prepare_environment() -> None:

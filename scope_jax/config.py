@@ -144,6 +144,16 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_site(value) -> bool:
+  from scope_jax.models.sites import parse_site
+
+  try:
+    parse_site(value)
+  except ValueError:
+    return False
+  return True
+
+
 def choices() -> dict[str, tuple[str, ...]]:
   """Fields that take one of a few names, with the names as the modules that use them define them."""
   from scope_jax.activations.extract import DTYPES
@@ -196,6 +206,14 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   check("sweep.seeds", bool(seeds) and all(_is_int(v) and v >= 0 for v in seeds), "integers >= 0")
   if _is_int(config.recipe.lr_decay_steps) and _is_int(config.train.steps):
     check("recipe.lr_decay_steps", config.recipe.lr_decay_steps <= config.train.steps, "at most train.steps")
+  sites = tuple(config.sites)
+  check("sites", bool(sites) and all(_is_site(v) for v in sites), "site names KIND.LAYER, e.g. ('res.6',)")
+  duplicated = sorted({v for v in sites if sites.count(v) > 1})
+  check("sites", not duplicated, f"each site once (repeated: {duplicated})")
+  if config.site is not None:
+    check("site", _is_site(config.site), "a site name KIND.LAYER, e.g. 'res.6'")
+    if config.data.path is None:  # training reads the store this config's extraction writes
+      check("site", config.site in sites, f"one of sites {sites} (the store holds those), or set data.path")
   if config.recipe.sparsity_loss == "quadratic":
     target = config.recipe.target_l0
     check("recipe.target_l0", _is_number(target) and target > 0, "a number > 0 (sparsity_loss 'quadratic')")

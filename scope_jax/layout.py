@@ -19,9 +19,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 STAGES = ("export", "eval")
+
+
+def kvstore_spec(root: str) -> dict:
+  """tensorstore kvstore spec for a local path or `gs://bucket/prefix` (the GCS driver honours
+  TENSORSTORE_GCS_HTTP_URL, which points tests at an emulator)."""
+  if root.startswith("gs://"):
+    bucket, _, prefix = root.removeprefix("gs://").partition("/")
+    if not bucket:
+      raise ValueError(f"store root {root!r}: no bucket")
+    return {"driver": "gcs", "bucket": bucket, "path": prefix.strip("/") + "/" if prefix.strip("/") else ""}
+  return {"driver": "file", "path": os.path.abspath(os.path.expanduser(root)) + "/"}
 
 
 def differences(old, new, prefix: str = "") -> list[str]:
@@ -31,6 +44,18 @@ def differences(old, new, prefix: str = "") -> list[str]:
   if isinstance(old, dict) and isinstance(new, dict):
     return [d for k in sorted(set(old) | set(new)) for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
   return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def replace_directory(new: Path, old: Path) -> Path:
+  """Puts the finished directory `new` where `old` is, so no file of `old` survives beside it.
+  A crash leaves `old` whole, `new` whole under its own name, or `old` moved to `old.replaced`."""
+  retired = old.with_name(old.name + ".replaced")
+  shutil.rmtree(retired, ignore_errors=True)
+  if old.exists():
+    old.rename(retired)
+  new.rename(old)
+  shutil.rmtree(retired, ignore_errors=True)
+  return old
 
 
 class RunLayout:
@@ -70,6 +95,23 @@ class RunLayout:
     if not self.checkpoints.is_dir():
       return None
     return max((int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit()), default=None)
+
+  def to_do(self, stage: str, identity: dict, redo: Sequence[str] = ()) -> bool:
+    """Whether `stage` must run on `identity`: not when its marker holds it; yes when there is
+    no marker, when `redo` names the stage, or when only its inputs changed (a newer checkpoint,
+    a new export). When its own config fields changed it is refused (a ValueError naming them):
+    a finished result is replaced only when the user asks."""
+    path = self.marker(stage)
+    if stage in redo or not path.exists():
+      return True
+    changed = differences(json.loads(path.read_text()), identity)
+    if own := [d for d in changed if d.startswith(f"{stage}.")]:
+      raise ValueError(
+        f"the {stage} in {self.root} was made with other {stage} fields:\n  "
+        + "\n  ".join(own)
+        + f"\nadd --redo={stage} to replace it, restore the fields, or use another workdir"
+      )
+    return bool(changed)
 
   def finished(self, stage: str, identity: dict) -> bool:
     """True when `stage`'s marker holds exactly `identity`."""

@@ -45,3 +45,21 @@ def gcs():
   fs = gcsfs.GCSFileSystem(endpoint_url=server.url, token="anon")
   yield fs
   server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A real 256 KiB tmpfs, to fill up (`resize("512m")` gives it room again); skipped where this
+  process may not mount (the suite's machines run as root)."""
+  import subprocess
+
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("mounting a tmpfs needs root")
+
+  def resize(size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+  yield mount, resize
+  subprocess.run(["umount", "-l", str(mount)], check=False)

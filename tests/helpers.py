@@ -206,3 +206,15 @@ def run_processes(args: list[str], n: int = 2, devices: int = 2, cwd=None, timeo
   outs = [p.communicate(timeout=timeout)[0] for p in procs]
   assert [p.returncode for p in procs] == [0] * n, outs
   return outs
+
+
+def tree_hashes(root) -> dict[str, str]:
+  """{relative path: sha256} of every file under `root`: what a refused or failed command must
+  leave unchanged."""
+  import hashlib
+  from pathlib import Path
+
+  root = Path(root)
+  return {
+    str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+  }

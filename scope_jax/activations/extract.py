@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from scope_jax.activations.store import CONFIG, KV, MANIFEST, TRACE_COLUMNS, StoreError, write_manifest
 from scope_jax.activations.writer import ShardWriter, ledger_batches
 from scope_jax.layout import RunLayout, differences
+from scope_jax.lease import holding
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import make_mesh, owned_blocks
 from scope_jax.parallel.prefetch import BackgroundWorker, prefetch_iterator
@@ -119,8 +120,13 @@ def load_extraction_model(config: ml_collections.ConfigDict):
 
 
 def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, progress: bool = True) -> dict:
-  """Runs (or resumes, or confirms) the extraction; returns a summary dict."""
+  """Runs (or resumes, or confirms) the extraction, holding the store's lease; returns a summary dict."""
   root = store_root(config, workdir)
+  with holding(root, "store"):
+    return _extract(config, root, lm, progress)
+
+
+def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -> dict:
   kv = KV(root)
   lm = lm or load_extraction_model(config)
   if lm.tokenizer is None:
@@ -167,6 +173,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pro
   start = min(ledger_batches(kv, shards))
   for writer in writers.values():
     writer.rewind(start)
+    writer.verify()
   summary = {"root": root, "already_finished": False, "resumed_at_batch": start}
   t0, tokens_seen = time.perf_counter(), 0
   if not all(w.ledger["finished"] for w in writers.values()):

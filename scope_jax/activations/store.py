@@ -3,21 +3,25 @@
     ROOT/config.json                  what the store is (checked when a run resumes)
     ROOT/manifest.json                written by process 0 once every shard is finished
     ROOT/shards/K/ledger.json         shard K (extract.shards; one process writes it): flushes, statistics, finished
-    ROOT/shards/K/SITE/               zarr3 float32|bfloat16 [rows, width] (chunks [chunk_rows, width])
+    ROOT/shards/K/SITE/               zarr3 float32|bfloat16 [rows, width] (chunks [chunk_rows, width], CRC-32C each)
     ROOT/shards/K/trace/              zarr3 int32 [rows, 5]: TRACE_COLUMNS of every row
 
+    ROOT/LEASE                        the extraction writing it (lease.py)
+
 Row r of a shard is the same token in every site array and in `trace`. A store is finished
-(immutable, readable) exactly when manifest.json exists.
+(immutable, readable) exactly when manifest.json exists. Every chunk carries a CRC-32C checked
+on every read, and a resumed extraction re-reads its committed rows before it seals the store.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import tensorstore as ts
+
+from scope_jax.layout import kvstore_spec
 
 TRACE_COLUMNS = ("token", "doc", "pos", "seq", "col")  # token id, document, position in it, sequence, column
 MANIFEST, CONFIG, LEDGER = "manifest.json", "config.json", "ledger.json"
@@ -25,17 +29,6 @@ MANIFEST, CONFIG, LEDGER = "manifest.json", "config.json", "ledger.json"
 
 class StoreError(RuntimeError):
   """A store that cannot be used as asked (unfinished, unreachable, made by another config)."""
-
-
-def kvstore_spec(root: str) -> dict:
-  """tensorstore kvstore spec for a local path or `gs://bucket/prefix` (the GCS driver honours
-  TENSORSTORE_GCS_HTTP_URL, which points tests at an emulator)."""
-  if root.startswith("gs://"):
-    bucket, _, prefix = root.removeprefix("gs://").partition("/")
-    if not bucket:
-      raise ValueError(f"store root {root!r}: no bucket")
-    return {"driver": "gcs", "bucket": bucket, "path": prefix.strip("/") + "/" if prefix.strip("/") else ""}
-  return {"driver": "file", "path": os.path.abspath(os.path.expanduser(root)) + "/"}
 
 
 def _child(spec: dict, key: str) -> dict:
@@ -86,13 +79,14 @@ def array_spec(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: in
   return {
     "driver": "zarr3",
     "kvstore": _child(root_spec, key + "/"),
-    # Plain little-endian bytes, one file per chunk. (Left to itself tensorstore picks a
-    # sharding codec with one-row inner chunks, which reads 4-5x slower.)
+    # Little-endian bytes and a CRC-32C of them, one file per chunk: a damaged chunk is a read
+    # error, never silently different rows. (Left to itself tensorstore picks a sharding codec
+    # with one-row inner chunks, which reads 4-5x slower.)
     "metadata": {
       "shape": [0, width],
       "data_type": dtype,
       "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}},
-      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
     },
   }
 

@@ -24,7 +24,7 @@ class ShardWriter:
   def __init__(
     self, kv: KV, shard: int, sites: list[str], widths: dict[str, int], dtype: str, chunk_rows: int, seed: int
   ):
-    self.kv, self.shard, self.sites, self.seed = kv, shard, sites, seed
+    self.kv, self.shard, self.sites, self.seed, self.chunk_rows = kv, shard, sites, seed, chunk_rows
     self.key = shard_key(shard)
     self.ledger = kv.read_json(f"{self.key}/{LEDGER}") or {
       "rows": 0,
@@ -58,6 +58,20 @@ class ShardWriter:
       k: a.resize(exclusive_max=[rows, None], shrink_only=True) for k, a in self.arrays.items() if a.shape[0] > rows
     }
     self.arrays.update({k: f.result() for k, f in resized.items()})
+
+  def verify(self) -> None:
+    """Re-reads every committed row (each chunk's CRC-32C is checked as it is read), so a chunk
+    damaged since it was written is found before a resume seals it into the finished store."""
+    rows = self.ledger["rows"]
+    for key, array in self.arrays.items():
+      for lo in range(0, rows, self.chunk_rows):
+        try:
+          array[lo : min(lo + self.chunk_rows, rows)].read().result()
+        except Exception as e:
+          raise StoreError(
+            f"{self.kv.root}: shard {self.shard} site {key} chunk {lo // self.chunk_rows} (rows {lo}..) "
+            f"is damaged ({e}); it was committed earlier, so start the extraction in a new store"
+          ) from e
 
   def add(self, acts: dict[str, np.ndarray], trace: np.ndarray) -> None:
     """Buffers the rows of one batch: `acts[site] [n, width]`, `trace [n, 5]`."""

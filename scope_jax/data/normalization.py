@@ -38,11 +38,20 @@ def scale_and_mean(mean_sq_norm: float, mean_d: np.ndarray, normalize: str | Non
   return scale, divisor, (np.asarray(mean_d) / divisor).astype(np.float32)
 
 
-def array_statistics(rows_nd: np.ndarray, chunk_rows: int = 65_536) -> tuple[float, np.ndarray]:
-  """(E||x||², μ) over every row, in float64, streamed in chunks (the store's manifest has the same)."""
-  sq, total = 0.0, np.zeros(rows_nd.shape[1], np.float64)
+def array_statistics(rows_nd: np.ndarray, name: str = "array", chunk_rows: int = 65_536) -> tuple[float, np.ndarray]:
+  """(E||x||², μ) over every row, in float64, streamed in chunks (the store's manifest has the same).
+  Rows holding NaN or Inf are an error naming `name`, how many and the first."""
+  sq, total, bad, first_bad = 0.0, np.zeros(rows_nd.shape[1], np.float64), 0, None
   for lo in range(0, rows_nd.shape[0], chunk_rows):
     block = np.asarray(rows_nd[lo : lo + chunk_rows], np.float64)
-    sq += float(np.sum(np.square(block)))
+    if not np.isfinite(block_sq := float(np.sum(np.square(block)))):
+      rows_bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+      bad, first_bad = bad + len(rows_bad), first_bad if first_bad is not None else lo + int(rows_bad[0])
+    sq += block_sq
     total += block.sum(axis=0)
+  if bad:
+    raise ValueError(
+      f"{name}: {bad} of {rows_nd.shape[0]} rows hold NaN or Inf (the first: row {first_bad}); "
+      "expected finite activations"
+    )
   return sq / rows_nd.shape[0], total / rows_nd.shape[0]

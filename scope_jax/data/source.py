@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -38,6 +39,10 @@ class BatchSource(Protocol):
     """JSON-able identity of the data, checked when a run resumes."""
 
 
+# float16 is refused: Gemma's residual stream overflows its range (and rounds coarsely)
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
+
+
 class ArraySource:
   """Batches drawn from an in-memory (or memory-mapped) `[rows, width]` array.
 
@@ -57,12 +62,16 @@ class ArraySource:
   ):
     if rows_nd.ndim != 2 or rows_nd.shape[0] == 0:
       raise ValueError(f"{name}: expected a non-empty [rows, width] array; got shape {rows_nd.shape}")
+    if rows_nd.dtype not in FLOAT_DTYPES:
+      raise ValueError(f"{name}: dtype {rows_nd.dtype}; expected activations as {' or '.join(map(str, FLOAT_DTYPES))}")
+    if rows_nd.shape[0] < batch_size:
+      raise ValueError(f"{name}: {rows_nd.shape[0]} rows, fewer than one batch (train.batch_size {batch_size})")
     if batch_size % mesh.shape[DATA]:
       raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
     self.rows_nd, self.batch_size, self.mesh, self.seed, self.name = rows_nd, batch_size, mesh, seed, name
     self.width = rows_nd.shape[1]
     self.sharding = NamedSharding(mesh, P(DATA, None))
-    self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd), normalize)
+    self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd, name), normalize)
     self._perm_cache: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:

@@ -9,6 +9,7 @@ write each SAE as Gemma Scope `params.npz` in the hub layout and as a SAELens di
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.data.source import BatchSource
-from scope_jax.layout import RunLayout, export_identity
+from scope_jax.layout import RunLayout, export_identity, replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import save_sae, width_name
 from scope_jax.sae.model import SAE, SAEInfo, fold, training_pre, unstack
@@ -78,9 +79,11 @@ def export(
   model = store.model if store else config.model
   context = store.seq_len if store else config.data.context_size
   dataset = ",".join(store.text) if store else (config.data.dataset or config.data.path)
+  root, entries = layout.export, []
+  staging = root.with_name(root.name + ".partial")  # the export is written whole here, then swapped in
   if writer:
     layout.unmark("export")
-  root, entries = layout.export, []
+    shutil.rmtree(staging, ignore_errors=True)
   for group, stack, density_sm in zip(groups, params, densities):
     for (lam, seed), name, sae, density_m in zip(group.members, group.names, unstack(stack), density_sm):
       info = SAEInfo(site=config.site, model=model, context_size=context, dataset=dataset, l1_coefficient=lam)
@@ -91,8 +94,9 @@ def export(
         npz_dir = npz_dir.with_name(f"{npz_dir.name}_{name}")
       npz, lens = npz_dir / "params.npz", root / "saelens" / (f"{config.site}-{name}" if config.site else name)
       if writer:
-        save_sae(released, npz, format="gemma-scope")
-        save_sae(released, lens, format="saelens", sparsity_log10=np.log10(density_m + 1e-10))
+        save_sae(released, staging / npz.relative_to(root), format="gemma-scope")
+        density_log10 = np.log10(density_m + 1e-10)
+        save_sae(released, staging / lens.relative_to(root), format="saelens", sparsity_log10=density_log10)
       entries.append(
         {
           "name": name,
@@ -111,7 +115,8 @@ def export(
         }
       )
   if writer:
-    layout.export_index.write_text(json.dumps(entries, indent=2) + "\n")
+    (staging / layout.export_index.relative_to(root)).write_text(json.dumps(entries, indent=2) + "\n")
+    replace_directory(staging, root)  # no file of an older export survives outside the index
     layout.mark_finished("export", export_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them
   return entries

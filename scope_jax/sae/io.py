@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from scope_jax.layout import replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
@@ -77,30 +80,51 @@ def _check_shapes(arrays: dict[str, np.ndarray], where: str) -> None:
       )
 
 
+def _check_values(arrays: dict[str, np.ndarray], where: str) -> None:
+  """Every weight finite and every threshold >= 0: what a JumpReLU SAE can hold."""
+  for k in PARAM_NAMES:
+    bad = int(np.size(arrays[k]) - np.count_nonzero(np.isfinite(arrays[k])))
+    if bad:
+      raise ValueError(f"{where}: {k} holds {bad} NaN or Inf values; expected finite weights")
+  if negative := int(np.count_nonzero(arrays["threshold"] < 0)):
+    raise ValueError(f"{where}: threshold holds {negative} negative values; expected thresholds >= 0")
+
+
 def _from_arrays(arrays: dict[str, np.ndarray], info: SAEInfo, where: str) -> SAE:
   _check_shapes(arrays, where)
+  _check_values(arrays, where)
   import jax.numpy as jnp
 
   return SAE(**{k: jnp.asarray(arrays[k], jnp.float32) for k in PARAM_NAMES}, info=info)
 
 
 def _load_npz(path: Path, site: str | None) -> SAE:
-  with np.load(path) as z:
-    by_lower = {k.lower(): k for k in z.files}
-    missing = [k for k in PARAM_NAMES if k.lower() not in by_lower]
-    if missing:
-      raise ValueError(
-        f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
-        f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)"
-      )
-    arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES}
+  try:
+    with np.load(path) as z:
+      by_lower = {k.lower(): k for k in z.files}
+      missing = [k for k in PARAM_NAMES if k.lower() not in by_lower]
+      if missing:
+        raise ValueError(
+          f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
+          f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)"
+        )
+      arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES}
+  except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    if str(path) in str(e):
+      raise
+    raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
   return _from_arrays(arrays, SAEInfo(site=site or _site_from_path(path.resolve())), str(path))
 
 
 def _load_saelens(path: Path, site: str | None) -> SAE:
   from safetensors.numpy import load_file
 
-  cfg = json.loads((path / _SAELENS_CFG).read_text())
+  try:
+    cfg = json.loads((path / _SAELENS_CFG).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path / _SAELENS_CFG}: not valid JSON ({e})") from e
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{path / _SAELENS_CFG}: expected a JSON object, found {type(cfg).__name__}")
   if cfg.get("architecture") != "jumprelu":
     raise ValueError(
       f"{path / _SAELENS_CFG}: architecture {cfg.get('architecture')!r}; scope_jax reads 'jumprelu' SAEs only"
@@ -110,11 +134,19 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
       f"{path / _SAELENS_CFG}: normalize_activations={cfg['normalize_activations']!r}; "
       f"only 'none' can be loaded (fold the normalization into the weights first)"
     )
-  arrays = load_file(path / _SAELENS_WEIGHTS)
+  try:
+    arrays = load_file(path / _SAELENS_WEIGHTS)
+  except Exception as e:  # safetensors raises its own error types for damaged files
+    raise ValueError(f"{path / _SAELENS_WEIGHTS}: not a readable safetensors file ({e})") from e
   missing = [k for k in PARAM_NAMES if k not in arrays]
   if missing:
     raise ValueError(f"{path / _SAELENS_WEIGHTS}: missing tensors {missing}")
   arrays = {k: arrays[k].astype(np.float32) for k in PARAM_NAMES}
+  _check_shapes(arrays, str(path / _SAELENS_WEIGHTS))
+  sizes = {"d_in": arrays["W_enc"].shape[0], "d_sae": arrays["W_enc"].shape[1]}
+  for field, size in sizes.items():
+    if field in cfg and cfg[field] != size:
+      raise ValueError(f"{path / _SAELENS_CFG}: {field} = {cfg[field]!r}, but the weights have {field} {size}")
   if cfg.get("apply_b_dec_to_input", False):  # pre = (x - b_dec) W + b  ==  x W + (b - b_dec W)
     arrays["b_enc"] = arrays["b_enc"] - arrays["b_dec"] @ arrays["W_enc"]
   meta = cfg.get("metadata", {}) or {}
@@ -171,7 +203,9 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     return path
   from safetensors.numpy import save_file
 
-  path.mkdir(parents=True, exist_ok=True)
+  final, path = path, path.with_name(path.name + ".partial")  # written whole, then swapped in
+  shutil.rmtree(path, ignore_errors=True)
+  path.mkdir(parents=True)
   save_file(arrays, path / _SAELENS_WEIGHTS)
   if sparsity_log10 is not None:
     save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, path / _SAELENS_SPARSITY)
@@ -199,7 +233,7 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     },
   }
   (path / _SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-  return path
+  return replace_directory(path, final)
 
 
 __all__ = ["FORMATS", "hook_name", "load_sae", "save_sae", "site_from_hook_name", "width_name"]

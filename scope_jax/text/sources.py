@@ -73,7 +73,14 @@ def _open(path: str, mode: str = "rb"):
 def _text_lines(path: str) -> Iterator[str]:
   with _open(path) as raw:
     stream = gzip.open(raw) if path.endswith(".gz") else raw
-    yield from io.TextIOWrapper(stream, encoding="utf-8")
+    lines = io.TextIOWrapper(stream, encoding="utf-8")
+    n = 0
+    try:
+      for line in lines:
+        n += 1
+        yield line
+    except UnicodeDecodeError as e:
+      raise ValueError(f"text source {path}: not UTF-8 after line {n} ({e}); convert the file to UTF-8") from e
 
 
 def _paragraphs(path: str) -> Iterator[str]:

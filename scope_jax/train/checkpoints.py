@@ -56,10 +56,16 @@ def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict
 
 
 def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """orbax's manager of `WORKDIR/checkpoints`, made only once that directory exists (a directory
+  orbax cannot create fails in its background thread, and the process then hangs on exit)."""
+  path = RunLayout(workdir).checkpoints.absolute()
+  if jax.process_index() == 0:
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+      raise ValueError(f"{path} is a file, not a directory; move it away") from e
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(
-    RunLayout(workdir).checkpoints.absolute(), options=options, item_names=("state", "identity")
-  )
+  return ocp.CheckpointManager(path, options=options, item_names=("state", "identity"))
 
 
 def restore_or_init(mngr, identity: dict, init, shardings) -> dict:

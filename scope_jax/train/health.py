@@ -13,34 +13,51 @@ from scope_jax.layout import RunLayout
 
 
 class MetricWriter:
+  """metrics.jsonl and TensorBoard events, written by process 0; a resumed run starts them again
+  at its checkpoint. Nothing is written (or rewritten) before the first new step is logged, so a
+  rerun with nothing to do leaves a finished (even read-only) workdir alone."""
+
   def __init__(self, workdir: Path, resume_step: int):
     self.enabled = jax.process_index() == 0
-    layout = RunLayout(workdir)
-    self.path = layout.metrics
+    self.layout, self.resume_step = RunLayout(workdir), resume_step
+    self.path = self.layout.metrics
     self._tb = None
-    if not self.enabled:
-      return
-    self._drop_lines_after(resume_step)
+
+  def _start(self) -> None:
+    self._drop_lines_after(self.resume_step)
     from tensorboardX import SummaryWriter
 
-    self._tb = SummaryWriter(str(layout.tensorboard), purge_step=resume_step + 1 if resume_step else None)
+    purge = self.resume_step + 1 if self.resume_step else None
+    self._tb = SummaryWriter(str(self.layout.tensorboard), purge_step=purge)
 
   def _drop_lines_after(self, step: int) -> None:
-    """A resumed run re-logs the steps after its checkpoint; keep each step once."""
+    """A resumed run re-logs the steps after its checkpoint; keep each step once. A torn last
+    line (a crash mid-write) is dropped; a damaged line before it is an error naming it."""
     if not self.path.exists():
       return
-    kept = [
-      line
-      for line in self.path.read_text().splitlines(keepends=True)
-      if line.strip() and json.loads(line)["step"] <= step
-    ]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(self.path)
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        if number == len(lines):
+          continue
+        raise ValueError(f"{self.path}: line {number} is not JSON ({e}); remove or repair it to resume") from e
+      if record["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(kept))
+      tmp.replace(self.path)
 
   def write(self, step: int, per_sae: dict[str, dict[str, float]]) -> None:
     if not self.enabled:
       return
+    if self._tb is None:
+      self._start()
     with self.path.open("a") as f:
       for name, values in per_sae.items():
         f.write(json.dumps({"step": step, "sae": name, **values}) + "\n")

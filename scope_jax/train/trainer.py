@@ -36,7 +36,11 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(SystemExit):
-  """SIGTERM arrived; a checkpoint of the current step was saved."""
+  """SIGTERM (or Ctrl-C's SIGINT) arrived; a checkpoint of the current step was saved."""
+
+  def __init__(self, message: str, signal: int):
+    super().__init__(message)
+    self.signal = signal
 
 
 def check_finite(state: dict, groups: list[stacked.Group], last_checkpoint: int | None) -> None:
@@ -51,30 +55,33 @@ def check_finite(state: dict, groups: list[stacked.Group], last_checkpoint: int 
 
 
 class _Preemption:
-  """SIGTERM (preemption), acted on by every process at the same step.
+  """SIGTERM (preemption) or Ctrl-C, acted on by every process at the same step.
 
-  One process: a Python SIGTERM handler sets a flag the loop checks between steps. Several:
-  JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any
-  process and agrees with the others on a step at which all of them stop, so their checkpoint
-  is of one step. It must be asked at every step.
+  One process: Python handlers of SIGTERM and SIGINT set `signal`, which the loop checks between
+  steps (a second Ctrl-C interrupts at once). Several: JAX's preemption service (started by
+  `jax.distributed.initialize`) catches SIGTERM on any process and agrees with the others on a
+  step at which all of them stop, so their checkpoint is of one step. It must be asked at every step.
   """
 
   def __init__(self):
-    self.raised = False
-    self._previous = None
+    self.signal = 0
+    self._previous = {}
     self.shared = jax.process_count() > 1
     if not self.shared and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    self.raised = True
+    self.signal = signum
+    signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C stops at once
 
   def reached(self, step: int) -> bool:
-    return multihost_utils.reached_preemption_sync_point(step) if self.shared else self.raised
+    if self.shared and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = signal.SIGTERM
+    return bool(self.signal)
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def report_health(workdir: Path, last: dict, groups: list[stacked.Group], steps: int) -> None:
@@ -100,6 +107,12 @@ def train(
   latest = mngr.latest_step()
   state = restore_or_init(mngr, identity, run.init, run.shardings)
   start = int(state["step"])
+  if start > config.train.steps:
+    run.close()
+    raise ValueError(
+      f"train.steps = {config.train.steps}, but {workdir / 'checkpoints'} holds a checkpoint of step {start}; "
+      "set train.steps to at least that, or use another workdir (its exports were made from the later step)"
+    )
   if start:
     tqdm.write(f"train: resuming from the checkpoint of step {start} in {workdir / 'checkpoints'}")
   names = [g.names for g in groups]
@@ -146,7 +159,8 @@ def train(
         if latest != s + 1:
           save(s + 1)
         mngr.wait_until_finished()
-        raise Preempted(f"SIGTERM: saved a checkpoint at step {s + 1}; run the same command to resume")
+        name, number = signal.Signals(preemption.signal).name, preemption.signal
+        raise Preempted(f"{name}: saved a checkpoint at step {s + 1}; run the same command to resume", number)
     if latest != steps and start < steps:
       save(steps)
       report_health(workdir, values, groups, steps)

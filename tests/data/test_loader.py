@@ -137,14 +137,22 @@ def test_width_other_than_expected_is_refused(store_root):
     loader(store_root, expected_width=16)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def flip_bit(path: Path, byte: int) -> None:
+  data = bytearray(path.read_bytes())
+  data[byte] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip one bit"])
 def test_missing_or_corrupt_chunk_names_shard_and_chunk(tmp_path, damage):
   write_store(tmp_path)
   chunk = tmp_path / "shards" / "00001" / SITE / "c" / "3" / "0"
   if damage == "delete":
     chunk.unlink()
-  else:
+  elif damage == "truncate":
     chunk.write_bytes(chunk.read_bytes()[:10])
+  else:  # a float of row 0 of the chunk, no longer matching the chunk's CRC-32C
+    flip_bit(chunk, 13)
   ld = loader(str(tmp_path), window_chunks=1)
   with pytest.raises(StoreError, match=r"shard 1 site res.0 chunk 3 \(rows 192..\) cannot be read"):
     ids_of(ld, N // 50)

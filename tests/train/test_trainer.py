@@ -3,6 +3,7 @@ stops with a message, metrics reach metrics.jsonl and TensorBoard, bad runs are 
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -21,6 +22,7 @@ from scope_jax.config import default_config
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import TrainingDiverged, checkpoints, train
+from tests.helpers import tree_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,21 +73,29 @@ def acts_npy(tmp_path_factory):
   return path
 
 
-def test_sigterm_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
+def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   subprocess.run(_cli(straight, acts_npy), cwd=REPO, check=True, capture_output=True)
   assert _checkpoints(straight)[-1] == 60
 
-  rc, out = _run_until(_cli(interrupted, acts_npy), lambda: 10 in _checkpoints(interrupted), signal.SIGTERM)
-  assert rc == 143, out
-  preempted_at = _checkpoints(interrupted)[-1]
-  assert 10 <= preempted_at < 60 and f"saved a checkpoint at step {preempted_at}" in out
+  preempted_at = 0
+  for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):  # Ctrl-C saves what SIGTERM saves
+    before = preempted_at
+    rc, out = _run_until(
+      _cli(interrupted, acts_npy), lambda b=before: any(c > b for c in _checkpoints(interrupted)), sig
+    )
+    assert rc == code, out
+    preempted_at = _checkpoints(interrupted)[-1]
+    assert before < preempted_at < 60 and f"{sig.name}: saved a checkpoint at step {preempted_at}" in out
+    assert "Traceback" not in out
 
   rc, out = _run_until(
     _cli(interrupted, acts_npy), lambda: _checkpoints(interrupted)[-1] > preempted_at, signal.SIGKILL
   )
   assert rc == -signal.SIGKILL, out
   assert _checkpoints(interrupted)[-1] < 60, "killed too late to test anything"
+  holder = json.loads((interrupted / "LEASE").read_text())  # left by the killed run; does not block the next
+  assert holder["pid"] > 0 and holder["host"]
 
   subprocess.run(_cli(interrupted, acts_npy), cwd=REPO, check=True, capture_output=True)
   for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
@@ -321,3 +331,107 @@ def test_training_from_a_store(tmp_path):
   state = train(c, tmp_path / "w", progress=False)
   assert int(state["step"]) == 12
   assert (tmp_path / "w" / "checkpoints" / "12").exists()
+
+
+def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tmp_path, acts_npy):
+  single, shared = tmp_path / "single", tmp_path / "shared"
+  subprocess.run(_cli(single, acts_npy), cwd=REPO, check=True, capture_output=True)
+  first = subprocess.Popen(_cli(shared, acts_npy), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  while not (shared / "LEASE").exists():
+    assert first.poll() is None, first.stdout.read().decode()
+    time.sleep(0.01)
+  started = time.time()
+  other_lambda = subprocess.run(
+    _cli(shared, acts_npy, "--config.sweep.l1_coefficients=(0.003,)"), cwd=REPO, capture_output=True, text=True
+  )
+  assert other_lambda.returncode == 1 and time.time() - started < 5, other_lambda.stderr
+  assert f"workdir {shared} is in use by another job (host " in other_lambda.stderr
+  assert f"pid {first.pid}," in other_lambda.stderr
+  out, _ = first.communicate(timeout=240)
+  assert first.returncode == 0, out.decode()
+  for a, b in zip(_final_state(single, 60), _final_state(shared, 60), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert (shared / "metrics.jsonl").read_text() == (single / "metrics.jsonl").read_text()
+  assert not (shared / "LEASE").exists()  # released at the end
+
+
+def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(tmp_path, acts_npy, small_disk):
+  disk, resize = small_disk
+  straight, workdir = tmp_path / "straight", disk / "w"
+  subprocess.run(_cli(straight, acts_npy), cwd=REPO, check=True, capture_output=True)
+  full = subprocess.run(_cli(workdir, acts_npy), cwd=REPO, capture_output=True, text=True, timeout=240)
+  assert full.returncode == 1, full.stderr
+  last = full.stderr.strip().splitlines()[-2:]
+  assert last[0].startswith("scope-jax train: ") and "No space left on device" in last[0]
+  assert last[1] == "the disk is full: free space and run the same command; it resumes from what was committed"
+  assert _checkpoints(workdir) == []
+  resize("512m")
+  subprocess.run(_cli(workdir, acts_npy), cwd=REPO, check=True, capture_output=True, timeout=240)
+  for a, b in zip(_final_state(straight, 60), _final_state(workdir, 60), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoints_path_that_is_a_file_fails_at_once(tmp_path, acts_npy):
+  (tmp_path / "checkpoints").write_text("not a directory")
+  started = time.time()
+  done = subprocess.run(_cli(tmp_path, acts_npy), cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and time.time() - started < 60
+  expected = f"scope-jax train: {tmp_path / 'checkpoints'} is a file, not a directory; move it away"
+  assert done.stderr.strip().endswith(expected), done.stderr
+  assert (tmp_path / "checkpoints").read_text() == "not a directory"
+
+
+def test_a_rerun_with_nothing_to_do_changes_no_file(tmp_path, acts_npy):
+  cmd = _cli(tmp_path, acts_npy, "--config.train.steps=20")
+  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+  before = tree_hashes(tmp_path)
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert again.returncode == 0 and "train: step 20" in again.stdout, again.stderr
+  assert tree_hashes(tmp_path) == before
+
+
+def test_fewer_steps_than_the_checkpoint_are_refused_and_nothing_changes(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  train(_small_config(20), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  before = tree_hashes(tmp_path)
+  with pytest.raises(ValueError, match=r"train.steps = 10, but .*checkpoints holds a checkpoint of step 20; set"):
+    train(_small_config(10), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  assert tree_hashes(tmp_path) == before
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_damaged_one_is_named(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  train(_small_config(10), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  metrics = tmp_path / "metrics.jsonl"
+  whole = metrics.read_text()
+  metrics.write_text(whole + '{"step": 15, "sae": "w3')  # what a crash mid-write leaves
+  train(_small_config(20), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  steps = [(r["step"], r["sae"]) for r in records]
+  assert len(steps) == len(set(steps)) == 4 * 4 and metrics.read_text().startswith(whole)
+
+  lines = metrics.read_text().splitlines(keepends=True)
+  metrics.write_text("".join(lines[:3] + ["{oops\n"] + lines[3:]))
+  before = tree_hashes(tmp_path)
+  with pytest.raises(ValueError, match=rf"{metrics}: line 4 is not JSON .*; remove or repair it to resume"):
+    train(_small_config(30), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+  "rows, expected",
+  [
+    (np.arange(4096 * 16).reshape(4096, 16), r"dtype int64; expected activations as float32 or float64 or bfloat16"),
+    (np.ones((1, 16), np.float32), r"1 rows, fewer than one batch \(train.batch_size 512\)"),
+    (np.ones((4096, 16), np.float16), r"dtype float16; expected activations as float32"),
+    (np.full((4096, 16), np.nan, np.float32), r"4096 of 4096 rows hold NaN or Inf \(the first: row 0\)"),
+  ],
+  ids=["integers", "one row", "float16", "all NaN"],
+)
+def test_a_npy_that_is_not_activations_is_refused_naming_the_file(tmp_path, rows, expected):
+  npy = tmp_path / "acts.npy"
+  np.save(npy, rows)
+  done = subprocess.run(_cli(tmp_path / "w", npy), cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+  assert re.search(rf"scope-jax train: {re.escape(str(npy))}: {expected}", done.stderr), done.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists() or not list((tmp_path / "w" / "checkpoints").iterdir())

@@ -1,0 +1,158 @@
+"""One job at a time on a workdir or a store: an exclusive lease, renewed while the job runs.
+
+The lease is one small JSON object, `ROOT/LEASE` = {host, pid, started, renewed}, created and
+renewed with tensorstore's conditional writes (a file on local disks and NFS, an object with a
+generation precondition on GCS), so the same code guards a local workdir, one on a shared
+filesystem and a `gs://` store. A second job finds it and stops at once, naming the holder.
+
+A lease is stale, and is taken over (again by a conditional write, so two jobs cannot both take
+it), when its holder is gone: on the same host, its process no longer exists (a `kill -9`); from
+another host, it has not been renewed for `STALE_AFTER_S` (a thread renews it every
+`RENEW_EVERY_S`). In a multi-process job only process 0 holds it, for the whole job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import tensorstore as ts
+
+from scope_jax.layout import kvstore_spec
+
+LEASE = "LEASE"
+RENEW_EVERY_S = 10.0
+STALE_AFTER_S = 120.0
+
+
+class LeaseHeld(RuntimeError):
+  """Another live job holds the lease; the message names it."""
+
+
+def _process_exists(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
+
+
+def is_stale(holder: dict, now: float) -> bool:
+  """True when `holder`'s job is gone: its process died (same host) or it stopped renewing."""
+  if holder.get("host") == socket.gethostname() and not _process_exists(int(holder.get("pid", -1))):
+    return True
+  return now - float(holder.get("renewed", 0)) > STALE_AFTER_S
+
+
+def describe(holder: dict) -> str:
+  started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+  return f"host {holder.get('host')}, pid {holder.get('pid')}, since {started}"
+
+
+class Lease:
+  """The lease on `root` (a local directory or `gs://bucket/prefix`), named `what` in messages."""
+
+  def __init__(self, root: str, what: str):
+    self.root, self.what = str(root), what
+    self._kv = ts.KvStore.open(kvstore_spec(self.root)).result()
+    self._generation: bytes | None = None
+    self._record: dict = {}
+    self._stop = threading.Event()
+    self._renewer: threading.Thread | None = None
+    self.lost = False  # set when a renewal finds the lease taken over
+
+  def _write(self, record: dict, if_equal: bytes) -> bytes | None:
+    """Writes `record` if the lease's generation is still `if_equal`; its new generation, or None."""
+    stamp = self._kv.write(LEASE, json.dumps(record).encode(), if_equal=if_equal).result()
+    return stamp.generation or None
+
+  def acquire(self) -> None:
+    """Takes the lease, or raises LeaseHeld naming the live holder."""
+    now = time.time()
+    current = self._kv.read(LEASE).result()
+    self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now}
+    if current.state != "missing":
+      try:
+        holder = json.loads(bytes(current.value))
+      except json.JSONDecodeError:
+        holder = {}  # a torn write of a dead holder: stale
+      if holder and not is_stale(holder, now):
+        raise LeaseHeld(
+          f"{self.what} {self.root} is in use by another job ({describe(holder)}; lease {self.root}/{LEASE}); "
+          "wait for it to finish or stop it, or use another directory"
+        )
+    self._generation = self._write(self._record, current.stamp.generation)
+    if self._generation is None:  # another job created or took it between our read and write
+      raise LeaseHeld(f"{self.what} {self.root} was just taken by another job (lease {self.root}/{LEASE})")
+    self._stop.clear()
+    self._renewer = threading.Thread(target=self._renew, name=f"lease {self.root}", daemon=True)
+    self._renewer.start()
+
+  def _renew(self) -> None:
+    while not self._stop.wait(RENEW_EVERY_S):
+      self._record["renewed"] = time.time()
+      try:
+        generation = self._write(self._record, self._generation)
+      except Exception:  # a transient storage error: try again at the next renewal
+        continue
+      if generation is None:
+        self.lost = True
+        return
+      self._generation = generation
+
+  def release(self) -> None:
+    """Stops renewing and removes the lease (only if it is still ours)."""
+    self._stop.set()
+    if self._renewer is not None:
+      self._renewer.join()
+      self._renewer = None
+    if self._generation is not None and not self.lost:
+      with contextlib.suppress(Exception):
+        self._kv.write(LEASE, None, if_equal=self._generation).result()
+    self._generation = None
+
+
+@contextlib.contextmanager
+def holding(root: str, what: str) -> Iterator[None]:
+  """Holds the lease on `root` for the block, from process 0 of a (possibly multi-process) job.
+
+  Every process learns whether process 0 got it, so all stop together when another job holds it.
+  A root that cannot be written (a read-only finished workdir) is used without a lease: no one
+  can change it, and a stage that needs to write there fails with its own error."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  lease, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      if not str(root).startswith("gs://"):
+        os.makedirs(root, exist_ok=True)
+      lease = Lease(root, what)
+      lease.acquire()
+    except LeaseHeld as e:
+      lease, error = None, str(e)
+    except (OSError, ValueError) as e:  # not writable: tensorstore reports it as ValueError
+      if not str(root).startswith("gs://") and os.access(root, os.W_OK):
+        raise
+      lease = None
+      print(f"{what} {root}: not writable ({type(e).__name__}); running without a lease")
+  if jax.process_count() > 1:
+    import numpy as np
+
+    failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+    if failed and not error:
+      error = f"{what} {root} is in use by another job (process 0 holds the message)"
+  if error:
+    raise LeaseHeld(error)
+  try:
+    yield
+  finally:
+    if lease is not None:
+      lease.release()
