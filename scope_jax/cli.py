@@ -217,7 +217,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
 
   fv = parse_config_command(command, argv)
   try:
-    validate(fv.config)
+    validate(fv.config, command)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
     if command == "sweep":
       stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo)

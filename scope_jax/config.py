@@ -174,9 +174,10 @@ def choices() -> dict[str, tuple[str, ...]]:
   }
 
 
-def problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Every field whose value is out of its type or range, and every broken cross-field rule, as
-  `"FIELD = VALUE: expected ..."` lines (empty when the config is sound)."""
+def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[str]:
+  """Every field whose value is out of its type or range, and every broken cross-field rule of
+  `command` (the CLI's; `extract` does not read `site`), as `"FIELD = VALUE: expected ..."`
+  lines (empty when the config is sound)."""
   found = []
 
   def check(field: str, ok: bool, expected: str) -> None:
@@ -212,7 +213,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   check("sites", not duplicated, f"each site once (repeated: {duplicated})")
   if config.site is not None:
     check("site", _is_site(config.site), "a site name KIND.LAYER, e.g. 'res.6'")
-    if config.data.path is None:  # training reads the store this config's extraction writes
+    if config.data.path is None and command != "extract":  # training reads the store extraction writes
       check("site", config.site in sites, f"one of sites {sites} (the store holds those), or set data.path")
   if config.recipe.sparsity_loss == "quadratic":
     target = config.recipe.target_l0
@@ -220,9 +221,9 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   return found
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict, command: str = "run") -> ml_collections.ConfigDict:
   """The config, or a ValueError naming every field that is wrong and what was expected."""
-  if found := problems(config):
+  if found := problems(config, command):
     raise ValueError("config fields out of range:\n  " + "\n  ".join(found))
   return config
 

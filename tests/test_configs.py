@@ -106,3 +106,30 @@ def test_the_cli_refuses_a_bad_config_before_doing_anything():
   unknown = _cli("--config.train.stepz=5")
   assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
   assert 'no such config field in --config.train.stepz=5; did you mean "steps"?' in unknown.stderr
+
+
+def test_sites_must_be_distinct_and_hold_the_site_trained_on():
+  c = load("local")
+  c.sites = ("res.6", "res.6")
+  assert problems(c) == ["sites = ('res.6', 'res.6'): expected each site once (repeated: ['res.6'])"]
+  c.sites, c.site = ("res.6", "mlp.6"), "res.7"
+  expected = "site = 'res.7': expected one of sites ('res.6', 'mlp.6') (the store holds those), or set data.path"
+  assert problems(c) == [expected]
+  assert problems(c, "extract") == []  # extraction does not read `site`
+  c.data.path = "acts.npy"
+  assert problems(c) == []
+  c.sites = ("res6",)
+  assert problems(c, "extract") == ["sites = ('res6',): expected site names KIND.LAYER, e.g. ('res.6',)"]
+
+
+def test_the_cli_refuses_duplicated_sites_before_writing_a_store(tmp_path):
+  done = subprocess.run(
+    [sys.executable, "-m", "scope_jax.cli", "extract", "--config", f"{CONFIGS}/local.py", "--workdir", str(tmp_path)]
+    + ["--config.sites=('res.6','res.6')"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert "sites = ('res.6', 'res.6'): expected each site once (repeated: ['res.6'])" in done.stderr
+  assert list(tmp_path.iterdir()) == []

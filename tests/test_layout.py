@@ -1,6 +1,7 @@
 """The run's layout and its stage markers: a finished stage is told by the identity it was made from,
 never by modification times."""
 
+import json
 import os
 
 import numpy as np
@@ -87,3 +88,34 @@ def test_finished_stages_are_told_by_their_markers_whatever_the_file_times(tmp_p
   more = _config(20)
   more.eval.sequences = 7
   assert not is_finished(Job("train", job.name, job.workdir, more, job.sites, job.widths, job.tokens))
+
+
+def test_changed_stage_fields_are_refused_unless_redone_and_exports_are_replaced_whole(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  source = ArraySource(np.random.default_rng(0).normal(size=(1024, 16)).astype(np.float32), 64, mesh)
+  layout = RunLayout(tmp_path)
+  train(_config(10), tmp_path, source, progress=False)
+  assert layout.to_do("export", export_identity(_config(10), layout))  # never exported
+  export(_config(10), tmp_path, source, progress=False)
+  assert not layout.to_do("export", export_identity(_config(10), layout))
+  old_files = {p for p in layout.export.rglob("*") if p.is_file()}
+
+  other = _config(10)
+  other.export.batches = 3
+  with pytest.raises(ValueError, match=r"export in .* was made with other export fields:\n  export.batches: 2 -> 3"):
+    layout.to_do("export", export_identity(other, layout))
+  assert layout.to_do("export", export_identity(other, layout), redo=("export",))
+  more = _config(10)
+  more.eval.sequences = 7
+  layout.mark_finished("eval", eval_identity(_config(10), layout))
+  with pytest.raises(ValueError, match=r"eval.sequences: .* -> 7\nadd --redo=eval to replace it"):
+    layout.to_do("eval", eval_identity(more, layout))
+
+  train(_config(20), tmp_path, source, progress=False)  # only the input changed: export again, no question
+  assert layout.to_do("export", export_identity(_config(20), layout))
+  export(_config(20), tmp_path, source, progress=False)
+  indexed = {p for e in json.loads(layout.export_index.read_text()) for p in (e["gemma_scope"], e["saelens"])}
+  files = [p for p in layout.export.rglob("*") if p.is_file() and p != layout.export_index]
+  assert files and all(any(str(f).startswith(i) for i in indexed) for f in files)  # nothing outside the index
+  assert old_files - set(files), "the test needs exports whose L0 moved between steps 10 and 20"
+  assert not list(tmp_path.glob("export.*"))

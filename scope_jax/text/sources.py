@@ -73,14 +73,10 @@ def _open(path: str, mode: str = "rb"):
 def _text_lines(path: str) -> Iterator[str]:
   with _open(path) as raw:
     stream = gzip.open(raw) if path.endswith(".gz") else raw
-    lines = io.TextIOWrapper(stream, encoding="utf-8")
-    n = 0
     try:
-      for line in lines:
-        n += 1
-        yield line
-    except UnicodeDecodeError as e:
-      raise ValueError(f"text source {path}: not UTF-8 after line {n} ({e}); convert the file to UTF-8") from e
+      yield from io.TextIOWrapper(stream, encoding="utf-8")
+    except UnicodeDecodeError as e:  # its position is within a decoded block, not the file
+      raise ValueError(f"text source {path}: not UTF-8 ({e.reason}: {e.object[e.start : e.end]!r}); convert it") from e
 
 
 def _paragraphs(path: str) -> Iterator[str]:

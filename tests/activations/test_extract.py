@@ -20,7 +20,7 @@ from scope_jax.activations.store import StoreError, open_store
 from scope_jax.activations.writer import NonFiniteActivations
 from scope_jax.config import default_config
 from scope_jax.text.sources import iter_documents
-from tests.helpers import run_processes
+from tests.helpers import run_processes, tree_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["res.1", "att.2", "mlp_in.0"]
@@ -157,9 +157,17 @@ def _shard_content(root):
   return {k: store.read(k, 0, store.rows) for k in ("trace", "res.1", "mlp.2")}, store.manifest
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path):
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def straight_store(tiny_model, tmp_path_factory):
+  """The CLI's extraction run straight through: what every interrupted one must end up equal to."""
+  straight = tmp_path_factory.mktemp("straight")
   subprocess.run(_extract_cmd(tiny_model, straight), cwd=REPO, check=True, capture_output=True)
+  return _shard_content(straight / "activations")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
+def test_kill_9_or_sigterm_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path, straight_store, sig):
+  killed = tmp_path / "killed"
   proc = subprocess.Popen(
     _extract_cmd(tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
@@ -168,12 +176,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path):
   while not (ledger.exists() and json.loads(ledger.read_text())["rows"] > 2_000):
     assert proc.poll() is None and time.time() < deadline, "extraction ended before it could be killed"
     time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
+  proc.send_signal(sig)
   proc.wait()
   assert not (killed / "activations" / "manifest.json").exists()
+  assert (killed / "LEASE").exists() or sig != signal.SIGKILL  # left behind by kill -9; must not block
   done = subprocess.run(_extract_cmd(tiny_model, killed), cwd=REPO, capture_output=True, text=True)
   assert done.returncode == 0 and "resumed at batch" in done.stdout, done.stderr
-  (a, manifest_a), (b, manifest_b) = _shard_content(straight / "activations"), _shard_content(killed / "activations")
+  (a, manifest_a), (b, manifest_b) = straight_store, _shard_content(killed / "activations")
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert manifest_a["stats"] == manifest_b["stats"]
@@ -266,3 +275,40 @@ def test_non_finite_activations_name_site_document_and_position(tiny_model, lm, 
   ledger = json.loads((tmp_path / "w" / "activations" / "shards" / "00000" / "ledger.json").read_text())
   assert ledger["rows"] > 0 and not ledger["finished"]  # earlier buckets stay committed
   assert f"the store keeps {ledger['rows']} committed rows" in str(e.value)
+
+
+def test_a_damaged_committed_chunk_stops_the_resume_naming_shard_site_and_chunk(tiny_model, tmp_path):
+  """A crash after the last flush but before manifest.json (every shard finished): the resume
+  re-reads what was committed, finds the flipped bit by its CRC-32C, and seals nothing."""
+  subprocess.run(_extract_cmd(tiny_model, tmp_path), cwd=REPO, check=True, capture_output=True)
+  store = tmp_path / "activations"
+  (store / "manifest.json").unlink()
+  chunk = store / "shards" / "00000" / "mlp.2" / "c" / "3" / "0"
+  data = bytearray(chunk.read_bytes())
+  data[100] ^= 0x04
+  chunk.write_bytes(bytes(data))
+  before = tree_hashes(store)
+  done = subprocess.run(_extract_cmd(tiny_model, tmp_path), cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+  assert f"scope-jax extract: {store}: shard 0 site mlp.2 chunk 3 (rows 192..) is damaged" in done.stderr
+  assert tree_hashes(store) == before and not (store / "manifest.json").exists()
+
+
+def test_disk_full_during_extraction_is_one_clear_error_and_resumes(tiny_model, tmp_path, small_disk):
+  disk, resize = small_disk
+  budget = "--config.extract.tokens=100000"
+  subprocess.run(_extract_cmd(tiny_model, tmp_path / "straight", budget), cwd=REPO, check=True, capture_output=True)
+  cmd = _extract_cmd(tiny_model, disk / "w", budget)
+  full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+  last = full.stderr.strip().splitlines()[-2:]
+  assert last[0].startswith(f"scope-jax extract: {disk / 'w' / 'activations'}/shards/00000: writing rows")
+  assert "No space left on device" in last[0] and last[1].startswith("the disk is full: free space and run")
+  assert not (disk / "w" / "activations" / "manifest.json").exists()
+  resize("512m")
+  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+  a, manifest_a = _shard_content(tmp_path / "straight" / "activations")
+  b, manifest_b = _shard_content(disk / "w" / "activations")
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert manifest_a["stats"] == manifest_b["stats"]

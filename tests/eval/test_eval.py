@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -229,9 +230,21 @@ def test_local_pipeline_end_to_end(tmp_path):
     "--config.eval.bfloat16=True",
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as a user's laptop runs it
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+  first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  while not (tmp_path / "LEASE").exists():  # the same command again, while the first holds the workdir
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    time.sleep(0.01)
+  started = time.time()
+  second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert second.returncode == 1 and time.time() - started < 5, second.stderr
+  assert f"scope-jax run: workdir {tmp_path} is in use by another job (host " in second.stderr
+  assert f"pid {first.pid}," in second.stderr
+  stdout, stderr = first.communicate(timeout=1200)
+  done = subprocess.CompletedProcess(cmd, first.returncode, stdout, stderr)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "report in" in done.stdout
+  logged = [(r["step"], r["sae"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+  assert len(logged) == len(set(logged)) == 2 * 6  # every line once: the second run wrote nothing
   assert (tmp_path / "activations" / "manifest.json").exists()
   assert (tmp_path / "checkpoints" / "20").exists() and (tmp_path / "metrics.jsonl").exists()
   index = json.loads((tmp_path / "export" / "index.json").read_text())

@@ -128,3 +128,36 @@ def test_bad_sae_files_are_clear_errors(tmp_path):
     sj.load_sae(lens)
   with pytest.raises(ValueError, match="format 'hf'"):
     sj.save_sae(random_sae(), tmp_path / "x", format="hf")
+
+
+def test_damaged_or_impossible_sae_files_are_refused_naming_the_file(tmp_path):
+  good = sj.save_sae(random_sae(), tmp_path / "good.npz")
+  (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:200])
+  with pytest.raises(ValueError, match=r"truncated.npz: not a readable .npz file \(BadZipFile"):
+    sj.load_sae(tmp_path / "truncated.npz")
+  arrays = random_sae().numpy()
+  np.savez(tmp_path / "nan.npz", **(arrays | {"W_dec": np.where(np.eye(80, 24) > 0, np.nan, arrays["W_dec"])}))
+  with pytest.raises(ValueError, match=r"nan.npz: W_dec holds 24 NaN or Inf values; expected finite weights"):
+    sj.load_sae(tmp_path / "nan.npz")
+  np.savez(tmp_path / "negative.npz", **(arrays | {"threshold": -arrays["threshold"]}))
+  with pytest.raises(ValueError, match=r"negative.npz: threshold holds 80 negative values; expected thresholds >= 0"):
+    sj.load_sae(tmp_path / "negative.npz")
+
+  lens = sj.save_sae(random_sae(), tmp_path / "lens", format="saelens")
+  cfg = json.loads((lens / "cfg.json").read_text())
+  (lens / "cfg.json").write_text(json.dumps(cfg | {"d_sae": 4096}))
+  with pytest.raises(ValueError, match=r"lens/cfg.json: d_sae = 4096, but the weights have d_sae 80"):
+    sj.load_sae(lens)
+  (lens / "cfg.json").write_text('{"architecture": "jumprelu",')
+  with pytest.raises(ValueError, match=r"lens/cfg.json: not valid JSON"):
+    sj.load_sae(lens)
+
+
+def test_a_saelens_directory_is_replaced_whole(tmp_path):
+  density = np.full(80, -2.0, np.float32)
+  lens = sj.save_sae(random_sae(seed=1), tmp_path / "lens", format="saelens", sparsity_log10=density)
+  assert (lens / "sparsity.safetensors").exists()
+  sj.save_sae(random_sae(seed=2), lens, format="saelens")  # no densities this time
+  assert sorted(p.name for p in lens.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]
+  np.testing.assert_array_equal(sj.load_sae(lens).W_enc, random_sae(seed=2).W_enc)

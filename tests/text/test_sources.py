@@ -78,3 +78,10 @@ def test_bad_sources_are_clear_errors(tmp_path):
     list(iter_documents(str(tmp_path / "p.parquet")))
   with pytest.raises(ValueError, match="builtin:nope: unknown"):
     list(iter_documents("builtin:nope"))
+
+
+def test_text_that_is_not_utf8_names_the_file_and_the_bytes(tmp_path):
+  (tmp_path / "latin1.txt").write_bytes("first paragraph\n\ncaf\xe9 au lait\n".encode("latin-1"))
+  expected = r"text source .*latin1.txt: not UTF-8 \(invalid continuation byte: b'\\xe9'\); convert it"
+  with pytest.raises(ValueError, match=expected):
+    list(iter_documents(str(tmp_path / "latin1.txt")))
