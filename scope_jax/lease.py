@@ -119,6 +119,9 @@ class Lease:
     self._generation = None
 
 
+_held: set[str] = set()  # roots this process holds: holding one again (a sweep's store) is a no-op
+
+
 @contextlib.contextmanager
 def holding(root: str, what: str) -> Iterator[None]:
   """Holds the lease on `root` for the block, from process 0 of a (possibly multi-process) job.
@@ -129,6 +132,10 @@ def holding(root: str, what: str) -> Iterator[None]:
   import jax
   from jax.experimental import multihost_utils
 
+  key = str(root) if str(root).startswith("gs://") else os.path.abspath(root)
+  if key in _held:
+    yield
+    return
   lease, error = None, ""
   if jax.process_index() == 0:
     try:
@@ -151,8 +158,10 @@ def holding(root: str, what: str) -> Iterator[None]:
       error = f"{what} {root} is in use by another job (process 0 holds the message)"
   if error:
     raise LeaseHeld(error)
+  _held.add(key)
   try:
     yield
   finally:
+    _held.discard(key)
     if lease is not None:
       lease.release()

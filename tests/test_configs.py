@@ -67,6 +67,7 @@ def test_every_shipped_config_validates(name, arg):
     ("extract.seq_len", 1, "extract.seq_len = 1: expected an integer >= 2"),
     ("extract.tokens", -5, "extract.tokens = -5: expected an integer >= 0"),
     ("export.batches", 0, "export.batches = 0: expected an integer >= 1"),
+    ("eval.sequences", 0, "eval.sequences = 0: expected an integer >= 1"),
     ("recipe.lr", -0.002, "recipe.lr = -0.002: expected a number > 0"),
     ("recipe.adam_b2", 1.0, "recipe.adam_b2 = 1.0: expected a number in [0, 1)"),
     ("recipe.normalize", "mean", "recipe.normalize = 'mean': expected one of ('centred', 'raw')"),

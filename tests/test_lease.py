@@ -56,3 +56,14 @@ def test_a_torn_lease_is_stale_and_a_taken_over_lease_is_not_deleted_by_its_old_
   _write(tmp_path, host="elsewhere", pid=1, renewed=time.time())  # someone took it over meanwhile
   old.release()  # must not remove the new holder's lease
   assert json.loads((tmp_path / LEASE).read_text())["host"] == "elsewhere"
+
+
+def test_holding_a_root_this_process_already_holds_is_a_no_op(tmp_path):
+  """A sweep's extraction job: its workdir is its store, held twice by one process."""
+  from scope_jax.lease import holding
+
+  with holding(str(tmp_path), "workdir"):
+    with holding(str(tmp_path / "." / ""), "store"):
+      assert (tmp_path / LEASE).exists()
+    assert (tmp_path / LEASE).exists()
+  assert not (tmp_path / LEASE).exists()

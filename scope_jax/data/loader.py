@@ -75,7 +75,9 @@ class StoreLoader:
     self.own_streams = owned_blocks(mesh, batch_size, self.streams, "data.streams")
     self.window_chunks = max(1, window_chunks)
     stats = self.store.stats(site)
-    self.scale, divisor, self.mean = scale_and_mean(stats["mean_sq_norm"], stats["mean"], normalize)
+    self.scale, divisor, self.mean = scale_and_mean(
+      stats["mean_sq_norm"], stats["mean"], normalize, f"{self.store.root} site {site}"
+    )
     self._divisor = np.float32(divisor)
     chunk_rows = self.store.chunk_rows
     # every chunk of every shard: (shard, first row in shard, rows)

@@ -21,19 +21,22 @@ def check_normalization(how: str | None) -> None:
     raise ValueError(f"recipe.normalize {how!r}: expected one of {NORMALIZATIONS}")
 
 
-def normalization_scale(mean_sq_norm: float, mean_d: np.ndarray, how: str = "raw") -> float:
+def normalization_scale(mean_sq_norm: float, mean_d: np.ndarray, how: str = "raw", name: str = "activations") -> float:
   """C with E||x / C||² = 1 ("raw") or E||(x - μ) / C||² = 1 ("centred"), from E||x||² and μ."""
   check_normalization(how)
   second_moment = mean_sq_norm - float(np.dot(mean_d, mean_d)) if how == "centred" else mean_sq_norm
   if not np.isfinite(second_moment) or second_moment <= 0:
     what = "variance (E||x - μ||²)" if how == "centred" else "mean squared norm"
-    raise ValueError(f"activations have {what} {second_moment}; cannot normalize")
+    raise ValueError(f"{name}: the activations have {what} {second_moment}; cannot normalize")
   return float(np.sqrt(second_moment))
 
 
-def scale_and_mean(mean_sq_norm: float, mean_d: np.ndarray, normalize: str | None) -> tuple[float, float, np.ndarray]:
-  """(C, the divisor batches get: C or 1 when `normalize` is None, μ / divisor as float32)."""
-  scale = normalization_scale(mean_sq_norm, mean_d, normalize or "raw")
+def scale_and_mean(
+  mean_sq_norm: float, mean_d: np.ndarray, normalize: str | None, name: str = "activations"
+) -> tuple[float, float, np.ndarray]:
+  """(C, the divisor batches get: C or 1 when `normalize` is None, μ / divisor as float32); `name`
+  (the data's file or store and site) is what an error names."""
+  scale = normalization_scale(mean_sq_norm, mean_d, normalize or "raw", name)
   divisor = scale if normalize else 1.0
   return scale, divisor, (np.asarray(mean_d) / divisor).astype(np.float32)
 

@@ -71,7 +71,7 @@ class ArraySource:
     self.rows_nd, self.batch_size, self.mesh, self.seed, self.name = rows_nd, batch_size, mesh, seed, name
     self.width = rows_nd.shape[1]
     self.sharding = NamedSharding(mesh, P(DATA, None))
-    self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd, name), normalize)
+    self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd, name), normalize, name)
     self._perm_cache: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:

@@ -4,6 +4,7 @@ stops with a message, metrics reach metrics.jsonl and TensorBoard, bad runs are 
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -27,13 +28,13 @@ from tests.helpers import tree_hashes
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cli(workdir, npy, *extra):
+def _cli(workdir, npy, *extra, command="train"):
   cfg = f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=1024+2048,l1=0.001+0.01,steps=60,batch_size=512,runlocal"
   return [
     sys.executable,
     "-m",
     "scope_jax.cli",
-    "train",
+    command,
     "--config",
     cfg,
     "--workdir",
@@ -435,3 +436,53 @@ def test_a_npy_that_is_not_activations_is_refused_naming_the_file(tmp_path, rows
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
   assert re.search(rf"scope-jax train: {re.escape(str(npy))}: {expected}", done.stderr), done.stderr
   assert not (tmp_path / "w" / "checkpoints").exists() or not list((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def _run(cmd, **kwargs):
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+SHORT = "--config.train.steps=20"
+
+
+def test_disk_full_while_exporting_is_one_clear_error_and_the_rerun_exports(tmp_path, acts_npy, small_disk):
+  disk, resize = small_disk
+  resize("512m")
+  straight, workdir = tmp_path / "straight", disk / "w"
+  for w in (straight, workdir):
+    assert _run(_cli(w, acts_npy, SHORT)).returncode == 0
+  assert _run(_cli(straight, acts_npy, SHORT, command="export")).returncode == 0
+  resize(f"{shutil.disk_usage(disk).used // 1024 + 256}k")  # room for the checkpoints, not the export
+  full = _run(_cli(workdir, acts_npy, SHORT, command="export"))
+  assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
+  assert full.stderr.strip().endswith("free space and run the same command; it resumes from what was committed")
+  assert not (workdir / "stages" / "export.json").exists() and not (workdir / "export").exists()
+  resize("512m")
+  assert _run(_cli(workdir, acts_npy, SHORT, command="export")).returncode == 0
+  for a, b in zip(*(json.loads((w / "export" / "index.json").read_text()) for w in (straight, workdir)), strict=True):
+    with np.load(a["gemma_scope"]) as za, np.load(b["gemma_scope"]) as zb:
+      assert za.files == zb.files and all(np.array_equal(za[k], zb[k]) for k in za.files)
+
+
+def test_a_changed_export_field_is_refused_until_redone(tmp_path, acts_npy):
+  assert _run(_cli(tmp_path, acts_npy, SHORT)).returncode == 0
+  assert _run(_cli(tmp_path, acts_npy, SHORT, command="export")).returncode == 0
+  before = tree_hashes(tmp_path)
+  changed = _run(_cli(tmp_path, acts_npy, SHORT, "--config.export.batches=3", command="export"))
+  assert changed.returncode == 1 and "Traceback" not in changed.stderr, changed.stderr
+  assert re.search(r"other export fields:\n  export.batches: \d+ -> 3\nadd --redo=export to replace it", changed.stderr)
+  assert tree_hashes(tmp_path) == before
+  redone = _run(_cli(tmp_path, acts_npy, SHORT, "--config.export.batches=3", "--redo=export", command="export"))
+  assert redone.returncode == 0, redone.stderr
+  assert {e["measured_rows"] for e in json.loads((tmp_path / "export" / "index.json").read_text())} == {3 * 512}
+
+
+def test_a_finished_workdir_on_a_read_only_disk_reruns_with_nothing_to_do(acts_npy, small_disk):
+  disk, resize = small_disk
+  resize("512m")
+  assert _run(_cli(disk / "w", acts_npy, SHORT)).returncode == 0
+  before = tree_hashes(disk / "w")
+  subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+  again = _run(_cli(disk / "w", acts_npy, SHORT))
+  assert again.returncode == 0 and "train: step 20" in again.stdout, again.stderr
+  assert tree_hashes(disk / "w") == before
