@@ -1,5 +1,7 @@
 """`scope-jax sweep`: the job table of each Gemma 2 preset, grouping rules, selection, bad grids."""
 
+import json
+
 import pytest
 
 from scope_jax import cli, grid
@@ -79,3 +81,17 @@ def test_bad_grids_are_clear_errors(field, value, message):
   c[section][name] = value
   with pytest.raises(ValueError, match=message):
     grid.plan(c, "runs")
+
+
+def test_a_sweep_runs_every_job_then_finds_them_finished(tiny_model, tmp_path, capsys):
+  """The runlocal grid on a tiny model: one extraction job (whose workdir is its store, held
+  once by the sweep) and two trainer jobs; the second sweep runs nothing and no lease is left."""
+  args = ["sweep", "--config", f"configs/gemma2.py:size=2b,runlocal,layer=1,model={tiny_model}"]
+  cli.main([*args, "--workdir", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert out.count("eval: report in") == 2
+  for site in ("res.1", "mlp.1"):
+    assert len(json.loads((tmp_path / "train" / f"{site}-51.2K" / "export" / "index.json").read_text())) == 4
+  cli.main([*args, "--workdir", str(tmp_path)])
+  assert capsys.readouterr().out.count("finished earlier; skipped") == 3
+  assert not list(tmp_path.rglob("LEASE"))
