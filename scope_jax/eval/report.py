@@ -24,20 +24,27 @@ import numpy as np  # noqa: E402
 
 from scope_jax.eval.statistics import log10_density_histogram  # noqa: E402
 
-COLUMNS = [
+
+def _with_se(key: str, label: str, fmt: str) -> list[tuple[str, str, str]]:
+  """A metric's column and its standard error's (`{key}_se`), printed alike."""
+  return [(key, label, fmt), (f"{key}_se", "± SE", fmt)]
+
+
+_FRACTIONS = {  # printed as percentages
+  "loss_recovered_mean": "recovered (mean abl.)",
+  "loss_recovered": "recovered (zero abl.)",
+  "dead_fraction": "silent on eval text",
+  "dead_export": "dead (export rows)",
+  "dense_fraction": "dense",
+}
+COLUMNS = [  # (metric, header, format) of the report's table
   ("width", "width", "{:d}"),
   ("l1_coefficient", "λ", "{:g}"),
   ("l0", "L0", "{:.1f}"),
-  ("delta_loss", "Δ loss", "{:.4f}"),
-  ("delta_loss_se", "± SE", "{:.4f}"),
-  ("fvu", "FVU", "{:.3f}"),
-  ("fvu_se", "± SE", "{:.3f}"),
+  *_with_se("delta_loss", "Δ loss", "{:.4f}"),
+  *_with_se("fvu", "FVU", "{:.3f}"),
   ("mse", "MSE", "{:.4g}"),
-  ("loss_recovered_mean", "recovered (mean abl.)", "{:.1%}"),
-  ("loss_recovered", "recovered (zero abl.)", "{:.1%}"),
-  ("dead_fraction", "silent on eval text", "{:.1%}"),
-  ("dead_export", "dead (export rows)", "{:.1%}"),
-  ("dense_fraction", "dense", "{:.1%}"),
+  *((key, label, "{:.1%}") for key, label in _FRACTIONS.items()),
 ]
 
 
