@@ -165,8 +165,12 @@ def straight_store(tiny_model, tmp_path_factory):
   return _shard_content(straight / "activations")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
-def test_kill_9_or_sigterm_then_resume_gives_the_uninterrupted_store(tiny_model, tmp_path, straight_store, sig):
+@pytest.mark.parametrize(
+  "sig, code", [(signal.SIGKILL, -9), (signal.SIGTERM, -15), (signal.SIGINT, 130)], ids=["kill -9", "SIGTERM", "Ctrl-C"]
+)
+def test_kill_9_sigterm_or_ctrl_c_then_resume_gives_the_uninterrupted_store(
+  tiny_model, tmp_path, straight_store, sig, code
+):
   killed = tmp_path / "killed"
   proc = subprocess.Popen(
     _extract_cmd(tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -177,7 +181,7 @@ def test_kill_9_or_sigterm_then_resume_gives_the_uninterrupted_store(tiny_model,
     assert proc.poll() is None and time.time() < deadline, "extraction ended before it could be killed"
     time.sleep(0.01)
   proc.send_signal(sig)
-  proc.wait()
+  assert proc.wait() == code
   assert not (killed / "activations" / "manifest.json").exists()
   assert (killed / "LEASE").exists() or sig != signal.SIGKILL  # left behind by kill -9; must not block
   done = subprocess.run(_extract_cmd(tiny_model, killed), cwd=REPO, capture_output=True, text=True)
