@@ -176,8 +176,6 @@ def stage_run(config, workdir, redo=()) -> None:
 
 def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=()) -> None:
   """Prints the job table; without `dry_run` runs every unfinished job in order."""
-  import jax
-
   from scope_jax import grid
   from scope_jax.lease import holding
 
@@ -198,6 +196,7 @@ def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=()) -
         stage_train_export_eval(job.config, job.workdir, redo)
 
 
+# Every stage takes (config, workdir, redo); only export and eval have anything to redo.
 STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval, "run": stage_run}
 
 
