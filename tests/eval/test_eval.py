@@ -26,6 +26,7 @@ from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_er
 from scope_jax.export.exporter import export
 from scope_jax.sae import SAE, fold, init_sae
 from scope_jax.train import train
+from tests.helpers import tree_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -362,3 +363,41 @@ def test_the_engine_equals_plain_spliced_forwards_and_compiles_the_model_once_pe
   with compilations() as compiled:
     evaluate_saes(lm, more, batches, progress=False)
   assert compiled["_to_site"] == compiled["_losses_from_site"] == compiled["sae_batch"] == 0, compiled
+
+
+def test_two_runs_started_on_one_workdir_end_as_one_run_alone(tiny_model, tmp_path):
+  """The full pipeline on the tiny model: a second `run` on the same workdir stops within 5 s
+  naming the first; what the first leaves equals a run that was alone, file for file."""
+  cmd = lambda workdir: [
+    sys.executable,
+    "-m",
+    "scope_jax.cli",
+    "run",
+    "--config",
+    f"{REPO}/configs/local.py:tokens=20000,steps=20,widths=64,l1=0.001+0.01,site=res.1",
+    "--workdir",
+    str(workdir),
+    f"--config.model={tiny_model}",
+    "--config.train.batch_size=256",
+    "--config.export.batches=2",
+    "--config.eval.sequences=4",
+    "--config.eval.seq_len=64",
+    "--config.eval.batch_size=4",
+  ]
+  alone = subprocess.run(cmd(tmp_path / "alone"), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert alone.returncode == 0, alone.stderr[-3000:]
+  first = subprocess.Popen(cmd(tmp_path / "pair"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  while not (tmp_path / "pair" / "LEASE").exists():
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    time.sleep(0.01)
+  started = time.time()
+  second = subprocess.run(cmd(tmp_path / "pair"), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 1 and time.time() - started < 5, second.stderr
+  assert "is in use by another job (host " in second.stderr and f"pid {first.pid}," in second.stderr
+  assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
+  alone_files, pair_files = tree_hashes(tmp_path / "alone"), tree_hashes(tmp_path / "pair")
+  same = [p for p in alone_files if p.startswith(("activations/shards", "export/gemma-scope", "metrics.jsonl"))]
+  assert same and all(alone_files[p] == pair_files[p] for p in same)
+  reports = [json.loads((tmp_path / w / "report" / "metrics.json").read_text())["float32"] for w in ("alone", "pair")]
+  numbers = lambda report: {n: {k: v for k, v in r.items() if isinstance(v, float)} for n, r in report.items()}
+  assert numbers(reports[0]) == numbers(reports[1]) and len(reports[0]) == 2  # (paths differ)
