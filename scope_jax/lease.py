@@ -21,7 +21,10 @@ import threading
 import time
 from collections.abc import Iterator
 
+import jax
+import numpy as np
 import tensorstore as ts
+from jax.experimental import multihost_utils
 
 from scope_jax.layout import kvstore_spec
 
@@ -129,9 +132,6 @@ def holding(root: str, what: str) -> Iterator[None]:
   Every process learns whether process 0 got it, so all stop together when another job holds it.
   A root that cannot be written (a read-only finished workdir) is used without a lease: no one
   can change it, and a stage that needs to write there fails with its own error."""
-  import jax
-  from jax.experimental import multihost_utils
-
   key = str(root) if str(root).startswith("gs://") else os.path.abspath(root)
   if key in _held:
     yield
@@ -151,11 +151,9 @@ def holding(root: str, what: str) -> Iterator[None]:
       lease = None
       print(f"{what} {root}: not writable ({type(e).__name__}); running without a lease")
   if jax.process_count() > 1:
-    import numpy as np
-
     failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
     if failed and not error:
-      error = f"{what} {root} is in use by another job (process 0 holds the message)"
+      error = f"{what} {root} is in use by another job (process 0's log names it)"
   if error:
     raise LeaseHeld(error)
   _held.add(key)

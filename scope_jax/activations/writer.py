@@ -59,19 +59,23 @@ class ShardWriter:
     }
     self.arrays.update({k: f.result() for k, f in resized.items()})
 
-  def verify(self) -> None:
+  def verify(self, chunks_in_flight: int = 64) -> None:
     """Re-reads every committed row (each chunk's CRC-32C is checked as it is read), so a chunk
-    damaged since it was written is found before a resume seals it into the finished store."""
-    rows = self.ledger["rows"]
+    damaged since it was written is found before a resume seals it into the finished store.
+    Reads `chunks_in_flight` chunks at a time; this costs one read of the shard per resume."""
+    rows, step = self.ledger["rows"], self.chunk_rows
     for key, array in self.arrays.items():
-      for lo in range(0, rows, self.chunk_rows):
-        try:
-          array[lo : min(lo + self.chunk_rows, rows)].read().result()
-        except Exception as e:
-          raise StoreError(
-            f"{self.kv.root}: shard {self.shard} site {key} chunk {lo // self.chunk_rows} (rows {lo}..) "
-            f"is damaged ({e}); it was committed earlier, so start the extraction in a new store"
-          ) from e
+      for first in range(0, rows, step * chunks_in_flight):
+        starts = range(first, min(first + step * chunks_in_flight, rows), step)
+        reads = [(lo, array[lo : min(lo + step, rows)].read()) for lo in starts]
+        for lo, read in reads:
+          try:
+            read.result()
+          except Exception as e:
+            raise StoreError(
+              f"{self.kv.root}: shard {self.shard} site {key} chunk {lo // step} (rows {lo}..) "
+              f"is damaged ({e}); it was committed earlier, so start the extraction in a new store"
+            ) from e
 
   def add(self, acts: dict[str, np.ndarray], trace: np.ndarray) -> None:
     """Buffers the rows of one batch: `acts[site] [n, width]`, `trace [n, 5]`."""
