@@ -38,9 +38,9 @@ class TrainingDiverged(RuntimeError):
 class Preempted(SystemExit):
   """SIGTERM (or Ctrl-C's SIGINT) arrived; a checkpoint of the current step was saved."""
 
-  def __init__(self, message: str, signal: int):
+  def __init__(self, message: str, signum: int):
     super().__init__(message)
-    self.signal = signal
+    self.signal = signum  # the exit code is 128 + signum, as the shell reports a killed process
 
 
 def check_finite(state: dict, groups: list[stacked.Group], last_checkpoint: int | None) -> None:
