@@ -197,3 +197,24 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert f"resuming from the checkpoint of step {stops[0]}" in outs[1]
+
+
+def test_a_two_process_job_on_a_workdir_in_use_stops_on_both_processes(tmp_path):
+  """One lease per job, held by process 0; the other process learns the refusal by broadcast."""
+  from scope_jax.lease import Lease
+
+  npy = tmp_path / "acts.npy"
+  np.save(npy, np.random.default_rng(0).normal(size=(2_000, 64)).astype(np.float32))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  held = Lease(str(workdir), "workdir")
+  held.acquire()  # this test process is the other job
+  try:
+    procs = start_processes(_train_cmd(npy, workdir), cwd=REPO)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    held.release()
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert f"workdir {workdir} is in use by another job (host " in outs[0] and f"pid {os.getpid()}," in outs[0]
+  assert f"workdir {workdir} is in use by another job (process 0's log names it)" in outs[1]
+  assert sorted(p.name for p in workdir.iterdir()) == []  # the lease was released; nothing written
