@@ -8,6 +8,7 @@
       export/index.json             one entry per SAE; gemma-scope/… and saelens/… beside it
       report/metrics.json           evaluation; report.md, report.html and the plots beside it
       stages/STAGE.json             a finished stage's marker: the identity of what it was run on
+      LEASE                         the job holding the workdir (lease.py)
 
 A stage is finished when its marker exists and holds the identity the current config and inputs
 give it (for export: the checkpoint step and the export fields; for eval: the export's identity and
