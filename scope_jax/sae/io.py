@@ -203,12 +203,12 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     return path
   from safetensors.numpy import save_file
 
-  final, path = path, path.with_name(path.name + ".partial")  # written whole, then swapped in
-  shutil.rmtree(path, ignore_errors=True)
-  path.mkdir(parents=True)
-  save_file(arrays, path / _SAELENS_WEIGHTS)
+  staging = path.with_name(path.name + ".partial")  # written whole, then swapped in
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  save_file(arrays, staging / _SAELENS_WEIGHTS)
   if sparsity_log10 is not None:
-    save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, path / _SAELENS_SPARSITY)
+    save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, staging / _SAELENS_SPARSITY)
   info = sae.info
   cfg = {
     "architecture": "jumprelu",
@@ -232,8 +232,8 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
       "l1_coefficient": info.l1_coefficient,
     },
   }
-  (path / _SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-  return replace_directory(path, final)
+  (staging / _SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+  return replace_directory(staging, path)
 
 
 __all__ = ["FORMATS", "hook_name", "load_sae", "save_sae", "site_from_hook_name", "width_name"]
