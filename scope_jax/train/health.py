@@ -22,19 +22,25 @@ class MetricWriter:
     self.layout, self.resume_step = RunLayout(workdir), resume_step
     self.path = self.layout.metrics
     self._tb = None
+    # read (and a damaged line refused) now, before any step is trained; rewritten on first write
+    self._lines, self._kept = self._lines_to_keep(resume_step) if self.enabled else ([], [])
 
   def _start(self) -> None:
-    self._drop_lines_after(self.resume_step)
+    if self._kept != self._lines:
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(self._kept))
+      tmp.replace(self.path)
     from tensorboardX import SummaryWriter
 
     purge = self.resume_step + 1 if self.resume_step else None
     self._tb = SummaryWriter(str(self.layout.tensorboard), purge_step=purge)
 
-  def _drop_lines_after(self, step: int) -> None:
-    """A resumed run re-logs the steps after its checkpoint; keep each step once. A torn last
-    line (a crash mid-write) is dropped; a damaged line before it is an error naming it."""
+  def _lines_to_keep(self, step: int) -> tuple[list[str], list[str]]:
+    """(the log's lines, those to keep): a resumed run re-logs the steps after its checkpoint, so
+    each step stays once. A torn last line (a crash mid-write) is dropped; a damaged line before
+    it is an error naming it."""
     if not self.path.exists():
-      return
+      return [], []
     lines = self.path.read_text().splitlines(keepends=True)
     kept = []
     for number, line in enumerate(lines, 1):
@@ -48,10 +54,7 @@ class MetricWriter:
         raise ValueError(f"{self.path}: line {number} is not JSON ({e}); remove or repair it to resume") from e
       if record["step"] <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
-    if kept != lines:
-      tmp = self.path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(kept))
-      tmp.replace(self.path)
+    return lines, kept
 
   def write(self, step: int, per_sae: dict[str, dict[str, float]]) -> None:
     if not self.enabled:

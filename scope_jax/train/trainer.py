@@ -105,18 +105,21 @@ def train(
   run = open_run(config, workdir, source)
   groups, source, step_fn, identity, mngr = run.groups, run.source, run.step_fn, run.identity, run.checkpoints
   latest = mngr.latest_step()
-  state = restore_or_init(mngr, identity, run.init, run.shardings)
-  start = int(state["step"])
-  if start > config.train.steps:
+  try:  # a refusal here still closes the run (its checkpoint manager and the loader's thread)
+    state = restore_or_init(mngr, identity, run.init, run.shardings)
+    start = int(state["step"])
+    if start > config.train.steps:
+      raise ValueError(
+        f"train.steps = {config.train.steps}, but {workdir / 'checkpoints'} holds a checkpoint of step {start}; "
+        "set train.steps to at least that, or use another workdir (its exports were made from the later step)"
+      )
+    writer = MetricWriter(workdir, start)
+  except BaseException:
     run.close()
-    raise ValueError(
-      f"train.steps = {config.train.steps}, but {workdir / 'checkpoints'} holds a checkpoint of step {start}; "
-      "set train.steps to at least that, or use another workdir (its exports were made from the later step)"
-    )
+    raise
   if start:
     tqdm.write(f"train: resuming from the checkpoint of step {start} in {workdir / 'checkpoints'}")
   names = [g.names for g in groups]
-  writer = MetricWriter(workdir, start)
   preemption = _Preemption()
   steps, every_log, every_ckpt = config.train.steps, config.train.log_every, config.train.checkpoint_every
   bar = tqdm(
