@@ -49,7 +49,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 4_096
   c.train.steps = 100_000
   c.train.latent_block = 0  # latents per block of the blocked step; 0 = automatic (temporaries
-  # of ~8 MiB, train/step.py latent_block)
+  # of 2-4 MiB, train/step.py latent_block)
+  c.train.step = "auto"  # dense | sparse | auto: the sparse step once it is measured faster
+  # (train/sparse.py, train/selection.py)
+  c.train.capacity = 0  # the sparse step's slots per token; more in a step runs the dense step
+  # instead; 0 = automatic, from the slots observed
   c.train.log_every = 100
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3
@@ -106,6 +110,7 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "train.batch_size": 1,
   "train.steps": 1,
   "train.latent_block": 0,
+  "train.capacity": 0,
   "train.log_every": 1,
   "train.checkpoint_every": 1,
   "train.keep_checkpoints": 1,
@@ -162,6 +167,7 @@ def choices() -> dict[str, tuple[str, ...]]:
   from scope_jax.grid import EXTRACT_BY
   from scope_jax.sae.loss import SPARSITY_LOSSES
   from scope_jax.text.sequences import MODES
+  from scope_jax.train.selection import STEP_KINDS
 
   return {
     "model_dtype": DTYPES,
@@ -171,6 +177,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     "recipe.normalize": NORMALIZATIONS,
     "recipe.sparsity_loss": SPARSITY_LOSSES,
     "grid.extract_by": EXTRACT_BY,
+    "train.step": STEP_KINDS,
   }
 
 
@@ -205,6 +212,9 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
   check("sweep.widths", bool(widths) and all(_is_int(w) and w >= 1 for w in widths), "positive integers")
   check("sweep.l1_coefficients", bool(lambdas) and all(_is_number(v) and v >= 0 for v in lambdas), "numbers >= 0")
   check("sweep.seeds", bool(seeds) and all(_is_int(v) and v >= 0 for v in seeds), "integers >= 0")
+  capacity = config.train.capacity
+  if _is_int(capacity) and capacity and all(_is_int(w) for w in widths) and widths:
+    check("train.capacity", capacity <= min(widths), f"at most the narrowest width ({min(widths)}), or 0 (automatic)")
   if _is_int(config.recipe.lr_decay_steps) and _is_int(config.train.steps):
     check("recipe.lr_decay_steps", config.recipe.lr_decay_steps <= config.train.steps, "at most train.steps")
   sites = tuple(config.sites)

@@ -6,9 +6,12 @@ state, step, dead-latent counters, and the identity beside them).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -65,7 +68,7 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
     except FileExistsError as e:
       raise ValueError(f"{path} is a file, not a directory; move it away") from e
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(path, options=options, item_names=("state", "identity"))
+  return ocp.CheckpointManager(path, options=options, item_names=("state", "identity", "selection"))
 
 
 def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
@@ -88,10 +91,20 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
+def restore_selection(mngr) -> dict | None:
+  """The step choices saved beside the latest checkpoint (train/selection.py), if any: checkpoints
+  written before `train.step` existed have none."""
+  step = mngr.latest_step()
+  if step is None or not (Path(mngr.directory) / str(step) / "selection").exists():
+    return None
+  return mngr.restore(step, args=ocp.args.Composite(selection=ocp.args.JsonRestore()))["selection"]
+
+
 @dataclasses.dataclass
 class Run:
   """A run as training and export open it: the sweep, the mesh, the data, the jitted state
-  initializer and step, and the checkpoints."""
+  initializer, the step (`make_step(capacities)`: dense for `()`, see `stacked.make_train_step`)
+  and the checkpoints."""
 
   groups: list[stacked.Group]
   recipe: stacked.Recipe
@@ -101,7 +114,7 @@ class Run:
   identity: dict
   init: object
   shardings: dict
-  step_fn: object
+  make_step: Callable[[tuple[int, ...]], Callable]
   checkpoints: ocp.CheckpointManager
 
   def close(self) -> None:
@@ -127,13 +140,16 @@ def open_run(
     raise ValueError(
       f"data width {source.width} ({source.describe().get('name')}) differs from config.data.width {config.data.width}"
     )
-  init, shardings, step_fn = stacked.build(
-    config.seed,
-    source.mean,
+  batch, mean = config.train.batch_size, source.mean
+  init, shardings, _ = stacked.build(config.seed, mean, groups, recipe, mesh, batch)
+  make_step = functools.partial(
+    stacked.make_train_step,
     groups,
     recipe,
+    shardings,
     mesh,
-    config.train.batch_size,
+    batch,
+    jnp.asarray(mean, jnp.float32),
     config.train.latent_block,
     config.train.steps,
   )
@@ -146,6 +162,6 @@ def open_run(
     run_identity(config, source),
     init,
     shardings,
-    step_fn,
+    make_step,
     checkpoint_manager(Path(workdir), config),
   )

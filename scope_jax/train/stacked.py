@@ -23,8 +23,9 @@ from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, init_sae
+from scope_jax.train import sparse, step
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
-from scope_jax.train.step import STAT_NAMES, latent_block, train_group
+from scope_jax.train.step import DENSE_TILE, SPARSE_TILE, STAT_NAMES, latent_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,23 +151,34 @@ def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], reci
 # ------------------------------------------------------------------ the step
 
 
-def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int):
+def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int, capacity: int):
   """`(params, moments, x_bd, lam_s, lr, t, dead_sm) -> (params, moments, stats)` for one stacked group:
-  `step.train_group` under `shard_map` (rows on `data`, latents on `model`)."""
+  `step.train_group` under `shard_map` (rows on `data`, latents on `model`), by the dense step, or
+  by the sparse one with `capacity` slots per token (train/sparse.py)."""
   spec = group_spec(mesh, group.width)
   width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
-  block = latent_block(width_local, batch // mesh.shape[DATA], requested_block)
-
-  step = functools.partial(train_group, spec=recipe.loss, adam=recipe.adam, block=block, batch=batch)
+  tile = SPARSE_TILE if capacity else DENSE_TILE
+  block = latent_block(width_local, batch // mesh.shape[DATA], requested_block, tile)
+  bound = dict(spec=recipe.loss, adam=recipe.adam, block=block, batch=batch)
+  if capacity:
+    one = functools.partial(sparse.train_sae, **bound, capacity=check_capacity(capacity, group.width))
+  else:
+    one = functools.partial(step.train_sae, **bound)
   moment_specs = {k: spec for k in recipe.adam.moment_names}
   stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
   return jax.shard_map(
-    step,
+    functools.partial(step.train_group, train_one=one),
     mesh=mesh,
     check_vma=False,
     in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P(), spec.b_enc),
     out_specs=(spec, moment_specs, stat_specs),
   )
+
+
+def check_capacity(capacity: int, width: int) -> int:
+  if not 1 <= capacity <= width:
+    raise ValueError(f"train.capacity {capacity}: slots per token must be between 1 and the SAE width {width}")
+  return capacity
 
 
 def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:
@@ -184,16 +196,21 @@ def make_train_step(
   mean_d: jax.Array,
   requested_block: int = 0,
   total_steps: int = 0,
+  capacities: Sequence[int] = (),
 ):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
   `mean_d`: the data's mean in training units (how far `b_dec` moved from it is a health metric);
   `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`);
-  `total_steps`: where the learning rate's decay ends (`recipe.lr_decay_steps`)."""
+  `total_steps`: where the learning rate's decay ends (`recipe.lr_decay_steps`); `capacities`:
+  per group, 0 for the dense step or the sparse step's slots per token (none given: all dense)."""
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
   lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, total_steps)
-  group_steps = [_group_step(mesh, g, recipe, batch, requested_block) for g in groups]
+  capacities = tuple(capacities) or (0,) * len(groups)
+  group_steps = [
+    _group_step(mesh, g, recipe, batch, requested_block, k) for g, k in zip(groups, capacities, strict=True)
+  ]
 
   def train_step(state, x_bd):
     step = state["step"]
@@ -250,9 +267,11 @@ def build(
   batch: int,
   requested_block: int = 0,
   total_steps: int = 0,
+  capacities: Sequence[int] = (),
 ):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
-  for `batch`-row batches). `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
+  for `batch`-row batches: dense, or sparse for groups given a capacity, see `make_train_step`).
+  `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
   starts (docs/recipe.md §2 starts it at zero; at a site with a large constant offset that spends the first
   thousands of steps, and many latents, on the offset)."""
   if batch % mesh.shape[DATA]:
@@ -260,7 +279,7 @@ def build(
   shardings = state_shardings(mesh, groups, recipe.adam)
   init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
   step_fn = make_train_step(
-    groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block, total_steps
+    groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block, total_steps, capacities
   )
   return jax.jit(init, out_shardings=shardings), shardings, step_fn
 

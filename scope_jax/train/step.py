@@ -22,6 +22,9 @@ The functions see one device's share of a stacked group — rows `[B_local, d]`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -41,7 +44,22 @@ STAT_NAMES = (
   "dead_latent_loss",
   "grad_norm",
   "window_fraction",
+  "slots_max",
+  "sparse",
 )  # per SAE, besides fired_m
+
+
+class Forward(NamedTuple):
+  """Pass 1 of a step on the local rows and latents: the reconstruction `Σ f @ W_dec` `[B, d]`,
+  active latents per row `[B]` (float) and slots (active or in-window latents) per row `[B]`."""
+
+  xhat_bd: jax.Array
+  l0_b: jax.Array
+  slots_b: jax.Array
+
+
+# (block, j, ∂loss/∂xhat [B, d], ∂loss/∂||f||₀ [B], pull [block]) -> (gradients, fired, sums)
+BlockGradients = Callable[[SAE, jax.Array, jax.Array, jax.Array, jax.Array], tuple[SAE, jax.Array, dict]]
 
 
 def _starts(a: jax.Array, s, j, block: int, axis: int) -> list:
@@ -73,18 +91,30 @@ def _pre(blk: SAE, x_bd: jax.Array) -> jax.Array:
   return x_bd @ blk.W_enc + (blk.b_enc - blk.b_dec @ blk.W_enc)
 
 
-def reconstruct(group: SAE, s, x_bd: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-  """Pass 1 for SAE s on the local latents: (`Σ f @ W_dec` `[B, d]`, active latents per row `[B]`)."""
+def candidates(pre_bk: jax.Array, theta_k: jax.Array, bandwidth: float) -> tuple[jax.Array, jax.Array]:
+  """(active `pre > θ`, inside the kernel window `|pre - θ| < ε/2`): the only (row, latent) pairs
+  with a non-zero gradient (docs/recipe.md §1). Both steps decide with these expressions."""
+  return pre_bk > theta_k, jnp.abs(pre_bk - theta_k) < bandwidth / 2
+
+
+def reconstruct(group: SAE, s, x_bd: jax.Array, block: int, bandwidth: float) -> Forward:
+  """Pass 1 for SAE s on the local latents: `Σ f @ W_dec`, active latents per row and slots
+  (active or in-window latents) per row."""
 
   def body(j, carry):
-    xhat_bd, l0_b = carry
+    xhat_bd, l0_b, slots_b = carry
     blk = _block(group, s, j, block)
     pre_bk = _pre(blk, x_bd)
-    active_bk = pre_bk > blk.threshold
-    return xhat_bd + jnp.where(active_bk, pre_bk, 0.0) @ blk.W_dec, l0_b + jnp.sum(active_bk, axis=-1, dtype=F32)
+    active_bk, in_window_bk = candidates(pre_bk, blk.threshold, bandwidth)
+    return (
+      xhat_bd + jnp.where(active_bk, pre_bk, 0.0) @ blk.W_dec,
+      l0_b + jnp.sum(active_bk, axis=-1, dtype=F32),
+      slots_b + jnp.sum(active_bk | in_window_bk, axis=-1, dtype=jnp.int32),
+    )
 
-  init = (jnp.zeros_like(x_bd), jnp.zeros(x_bd.shape[:1], F32))
-  return lax.fori_loop(0, group.width // block, body, init)
+  rows = x_bd.shape[:1]
+  init = (jnp.zeros_like(x_bd), jnp.zeros(rows, F32), jnp.zeros(rows, jnp.int32))
+  return Forward(*lax.fori_loop(0, group.width // block, body, init))
 
 
 def block_gradients(
@@ -98,13 +128,13 @@ def block_gradients(
   gradient (`-W_enc_k @ db_enc_k`)."""
   theta_k = blk.threshold
   pre_bk = _pre(blk, x_bd)
-  active_bk = pre_bk > theta_k
+  active_bk, in_window_bk = candidates(pre_bk, theta_k, bandwidth)
   df_bk = derr_bd @ blk.W_dec.T
   pull_bk = jnp.where(active_bk, 0.0, pull_k)  # ∂/∂θ of c·relu(θ - z) on dead latents
   dpre_bk = jnp.where(active_bk, df_bk, 0.0) - pull_bk  # ∂JumpReLU/∂z = H(z - θ)
-  in_window_bk = jnp.abs(pre_bk - theta_k) < bandwidth / 2  # rectangle kernel K((z - θ)/ε)
   dtheta_bk = -(theta_k / bandwidth) * df_bk - dpenalty_b[:, None] / bandwidth
-  sums = lax.psum(
+  return assemble(
+    blk,
     {
       "W_dec": jnp.where(active_bk, pre_bk, 0.0).T @ derr_bd,
       "x_dpre": x_bd.T @ dpre_bk,
@@ -114,8 +144,14 @@ def block_gradients(
       "in_window": jnp.sum(in_window_bk, dtype=F32),
       "dead_loss": jnp.sum(pull_bk * (theta_k - pre_bk)),
     },
-    DATA,
   )
+
+
+def assemble(blk: SAE, local: dict) -> tuple[SAE, jax.Array, dict]:
+  """A block's (gradients, fired latents, statistics) from its sums over the local rows: `x_dpre`
+  = xᵀ ∂pre `[d, block]`, `W_dec` = fᵀ ∂xhat, `b_enc`, `threshold`, `fired` (counts), `in_window`,
+  `dead_loss`. Summed over `data` here; the pre-encoder bias adds its share to ∂W_enc."""
+  sums = lax.psum(local, DATA)
   grads = SAE(
     W_enc=sums["x_dpre"] - jnp.outer(blk.b_dec, sums["b_enc"]),
     b_enc=sums["b_enc"],
@@ -150,14 +186,7 @@ def _latent_sq_norm(g: SAE) -> jax.Array:
 
 
 def gradient_norm(
-  group: SAE,
-  s,
-  x_bd: jax.Array,
-  derr_bd: jax.Array,
-  dpenalty_b: jax.Array,
-  pull_m: jax.Array,
-  bandwidth: float,
-  block: int,
+  group: SAE, s, derr_bd: jax.Array, dpenalty_b: jax.Array, pull_m: jax.Array, gradients: BlockGradients, block: int
 ) -> jax.Array:
   """The global norm of SAE s's gradient (every leaf), by a pass that forms each block's gradients
   and discards them: the norm must be known before the first block is updated."""
@@ -165,7 +194,7 @@ def gradient_norm(
   def body(j, carry):
     sq_sum, db_dec_d = carry
     pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
-    g, _, _ = block_gradients(_block(group, s, j, block), x_bd, derr_bd, dpenalty_b, bandwidth, pull_k)
+    g, _, _ = gradients(_block(group, s, j, block), j, derr_bd, dpenalty_b, pull_k)
     return sq_sum + _latent_sq_norm(g), db_dec_d + g.b_dec
 
   sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, (jnp.zeros((), F32), jnp.zeros_like(derr_bd[0])))
@@ -173,11 +202,13 @@ def gradient_norm(
   return jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d)))
 
 
-def train_sae(
+def update_sae(
   group: SAE,
   moments: dict,
   s,
   x_bd: jax.Array,
+  forward: Forward,
+  gradients: BlockGradients,
   lam: jax.Array,
   lr: jax.Array,
   t: jax.Array,
@@ -187,14 +218,16 @@ def train_sae(
   block: int,
   batch: int,
 ) -> tuple[SAE, dict, dict]:
-  """One step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global batch;
-  `dead_m` `[M_local]` marks its dead latents (for the optional dead-latent loss).
+  """Passes 2 (and with clipping 1½) of SAE s's step given pass 1 (`forward`) and a way to form a
+  block's gradients (the dense `block_gradients` or the sparse step's): every block's gradients
+  formed and applied in place (Adam, decoder-gradient projection, renormalization, θ ≥ 0), then
+  `b_dec`. `dead_m` `[M_local]` marks the dead latents (for the optional dead-latent loss).
 
   Returns (group, moments, SAE s's statistics: STAT_NAMES — window_fraction is the fraction of
   pre-activations inside the threshold's kernel window — and fired_m).
   """
   b_dec_d = group.b_dec[s]
-  xhat_bd, l0_b = lax.psum(reconstruct(group, s, x_bd, block), MODEL)
+  xhat_bd, l0_b, slots_b = lax.psum(tuple(forward), MODEL)
   err_bd = xhat_bd + b_dec_d - x_bd
   derr_bd = (2.0 / batch) * err_bd  # ∂loss/∂xhat
   dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)  # ∂loss/∂||f||₀
@@ -202,7 +235,7 @@ def train_sae(
   clip = jnp.ones((), F32)
   if adam.clip_norm:
     # Every gradient is linear in (derr, dpenalty, pull): scaling them scales the whole gradient.
-    norm = gradient_norm(group, s, x_bd, derr_bd, dpenalty_b, pull_m, spec.bandwidth, block)
+    norm = gradient_norm(group, s, derr_bd, dpenalty_b, pull_m, gradients, block)
     clip = jnp.minimum(1.0, adam.clip_norm / norm)
     derr_bd, dpenalty_b, pull_m = derr_bd * clip, dpenalty_b * clip, pull_m * clip
 
@@ -210,7 +243,7 @@ def train_sae(
     group, moments, db_dec_d, sq_sum, sums, fired_m = carry
     blk = _block(group, s, j, block)
     pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
-    g, fired_k, sums_k = block_gradients(blk, x_bd, derr_bd, dpenalty_b, spec.bandwidth, pull_k)
+    g, fired_k, sums_k = gradients(blk, j, derr_bd, dpenalty_b, pull_k)
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     new = {}
@@ -219,7 +252,10 @@ def train_sae(
         adam, getattr(blk, name), getattr(g, name), _leaf_moments(moments, name), s, j, block, axis, t, lr
       )
       moments = _with_leaf_moments(moments, name, leaf)
-    new["W_dec"] = new["W_dec"] / jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
+    # A row that did not fire got a zero gradient and so kept its unit norm: left bit for bit as
+    # it was, which both steps (and the sparse step's lazy Adam) rely on.
+    renormalized = new["W_dec"] / jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
+    new["W_dec"] = jnp.where(fired_k[:, None], renormalized, new["W_dec"])
     new["threshold"] = jnp.maximum(new["threshold"], 0.0)
     group = group.replace(
       **{name: _paste(getattr(group, name), new[name], s, j, block, axis) for name, axis in LATENT_AXIS.items()}
@@ -256,16 +292,48 @@ def train_sae(
   )
   mse, sparsity = totals["sq_err"] / batch, totals["penalty"] / batch
   stats = {
-    "loss": mse + lam * sparsity + sums["dead_loss"],
+    "loss": mse + lam * sparsity + sums["dead_loss"] / clip,
     "mse": mse,
     "l0": totals["l0"] / batch,
     "sparsity_loss": sparsity,
-    "dead_latent_loss": sums["dead_loss"],
+    "dead_latent_loss": sums["dead_loss"] / clip,  # its sum was taken with the clipped pull
     "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))) / clip,
     "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)),
+    "slots_max": lax.pmax(jnp.max(slots_b), DATA).astype(F32),
     "fired_m": fired_m,
   }
   return group, moments, stats
+
+
+def dense_gradients(x_bd: jax.Array, bandwidth: float) -> BlockGradients:
+  return lambda blk, j, derr_bd, dpenalty_b, pull_k: block_gradients(blk, x_bd, derr_bd, dpenalty_b, bandwidth, pull_k)
+
+
+def train_sae(
+  group: SAE,
+  moments: dict,
+  s,
+  x_bd: jax.Array,
+  lam: jax.Array,
+  lr: jax.Array,
+  t: jax.Array,
+  dead_m: jax.Array,
+  spec: LossSpec,
+  adam: Adam,
+  block: int,
+  batch: int,
+) -> tuple[SAE, dict, dict]:
+  """The dense step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global
+  batch. Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
+  forward = reconstruct(group, s, x_bd, block, spec.bandwidth)
+  gradients = dense_gradients(x_bd, spec.bandwidth)
+  group, moments, stats = update_sae(
+    group, moments, s, x_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
+  )
+  return group, moments, stats | {"sparse": jnp.zeros((), F32)}
+
+
+TrainSAE = Callable[..., tuple[SAE, dict, dict]]  # train_sae's signature
 
 
 def train_group(
@@ -276,28 +344,32 @@ def train_group(
   lr: jax.Array,
   t: jax.Array,
   dead_sm: jax.Array,
-  spec: LossSpec,
-  adam: Adam,
-  block: int,
-  batch: int,
+  train_one: TrainSAE,
 ) -> tuple[SAE, dict, dict]:
   """One step of every SAE of a stacked group, one after another on the same batch (a `vmap`
-  would make XLA copy the group's arrays instead of updating them in place). Statistics `[S]`."""
+  would make XLA copy the group's arrays instead of updating them in place), each by `train_one`
+  (`train_sae` or `sparse.train_sae` with the loss, Adam, block and batch bound). Statistics `[S]`."""
   n = group.W_enc.shape[0]
   stats = {k: jnp.zeros((n,), F32) for k in STAT_NAMES}
   stats["fired_m"] = jnp.zeros(group.b_enc.shape, bool)
 
   def one(s, carry):
     group, moments, stats = carry
-    group, moments, stats_s = train_sae(group, moments, s, x_bd, lam_s[s], lr, t, dead_sm[s], spec, adam, block, batch)
+    group, moments, stats_s = train_one(group, moments, s, x_bd, lam_s[s], lr, t, dead_sm[s])
     return group, moments, {k: v.at[s].set(stats_s[k]) for k, v in stats.items()}
 
   return lax.fori_loop(0, n, one, (group, moments, stats))
 
 
-def latent_block(width_local: int, rows_local: int, requested: int = 0, elements: int = 1 << 21) -> int:
+DENSE_TILE, SPARSE_TILE = 1 << 20, 1 << 19  # floats per `[rows, block]` temporary (4 and 2 MiB)
+
+
+def latent_block(width_local: int, rows_local: int, requested: int = 0, elements: int = DENSE_TILE) -> int:
   """Latents per block: `requested`, or the largest divisor of the local width that keeps a
-  `[rows, block]` temporary within `elements` floats (8 MiB by default)."""
+  `[rows, block]` temporary within `elements` floats. Measured (benchmarks/README.md): at 4 MiB
+  the dense step keeps its peak memory under 1.3× params + Adam + batch for ~4% of its speed
+  (against 8 MiB); the sparse step is fastest with 2 MiB tiles (the encoder's output stays in
+  cache while its slots are found)."""
   if requested:
     if width_local % requested:
       raise ValueError(

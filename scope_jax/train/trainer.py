@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from scope_jax.data.source import BatchSource
 from scope_jax.layout import RunLayout
 from scope_jax.train import stacked
-from scope_jax.train.checkpoints import open_run, restore_or_init
+from scope_jax.train.checkpoints import open_run, restore_or_init, restore_selection
 from scope_jax.train.health import MetricWriter, health_warnings, per_sae_metrics
+from scope_jax.train.selection import StepChooser
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,7 +104,7 @@ def train(
   """Trains the config's sweep to `train.steps`, resuming from `workdir`; returns the final state."""
   workdir = Path(workdir)
   run = open_run(config, workdir, source)
-  groups, source, step_fn, identity, mngr = run.groups, run.source, run.step_fn, run.identity, run.checkpoints
+  groups, source, identity, mngr = run.groups, run.source, run.identity, run.checkpoints
   latest = mngr.latest_step()
   try:  # a refusal here still closes the run (its checkpoint manager and the loader's thread)
     state = restore_or_init(mngr, identity, run.init, run.shardings)
@@ -114,6 +115,14 @@ def train(
         "set train.steps to at least that, or use another workdir (its exports were made from the later step)"
       )
     writer = MetricWriter(workdir, start)
+    chooser = StepChooser(
+      config.train.step,
+      config.train.capacity,
+      [g.width for g in groups],
+      run.make_step,
+      restore_selection(mngr),
+      config.train.log_every,
+    )
   except BaseException:
     run.close()
     raise
@@ -136,7 +145,11 @@ def train(
     check_finite(state, groups, latest)
     mngr.save(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), identity=ocp.args.JsonSave(identity)),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        identity=ocp.args.JsonSave(identity),
+        selection=ocp.args.JsonSave(chooser.record()),
+      ),
       force=True,
     )
     latest = step
@@ -144,13 +157,14 @@ def train(
   try:
     x_bd = source.batch(start) if start < steps else None
     for s in range(start, steps):
-      state, metrics = step_fn(state, x_bd)
+      state, metrics = chooser.run(s, state, x_bd)
       if s + 1 < steps:
         x_bd = source.batch(s + 1)  # built on the host while the step runs
       done += 1
       if (s + 1) % every_log == 0 or s + 1 == steps:
         values = per_sae_metrics(names, metrics)
         writer.write(s + 1, values)
+        chooser.observe(s + 1, [max(values[n]["slots_max"] for n in group) for group in names])
         check_finite(state, groups, latest)
         rate = done * source.batch_size / (time.perf_counter() - t0)
         first = next(iter(values.values()))

@@ -53,11 +53,12 @@ def _with_params(state, group_params, shardings):
 
 @pytest.mark.parametrize("mode", ["l0", "quadratic", "l0+dead"])
 @pytest.mark.parametrize("mesh_shape,block", [((1, 1), 0), ((4, 2), 8)])
-def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
+@pytest.mark.parametrize("capacity", [0, 80], ids=["dense", "sparse"])
+def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block, capacity):
   """With Adam's ε far above |g| the update is -lr/ε · g, so one real training step (blocked,
-  sharded, stacked) reveals the gradient it used; it must be SAELens' autograd gradient.
-  "l0+dead": a third of the latents have not fired for the dead window, and the dead-latent
-  loss (SAELens' pre_act_loss) is on."""
+  sharded, stacked; dense, or sparse with room for every slot) reveals the gradient it used; it
+  must be SAELens' autograd gradient. "l0+dead": a third of the latents have not fired for the
+  dead window, and the dead-latent loss (SAELens' pre_act_loss) is on."""
   d, m, lambdas, eps, batch = 24, 80, [0.3, 0.05], 0.05, 64
   step_size = 1e-3  # lr / ε
   sae = random_sae(d, m, seed=7)
@@ -76,7 +77,7 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
   dead_m = (np.arange(m) % 3 == 0) if mode == "l0+dead" else None
   mesh = make_mesh(*mesh_shape)
   init, shardings, step_fn = stacked.build(
-    0, np.zeros(d), stacked.make_groups([m], lambdas), recipe, mesh, batch, block
+    0, np.zeros(d), stacked.make_groups([m], lambdas), recipe, mesh, batch, block, 0, (capacity,)
   )
   pair = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
   state = _with_params(init(), (pair,), shardings)
@@ -84,6 +85,7 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block):
     since = np.where(dead_m, 5, 0)[None].repeat(2, 0).astype(np.int32)
     state["since_fired"] = (jax.device_put(since, state["since_fired"][0].sharding),)
   state, metrics = step_fn(state, x)
+  np.testing.assert_array_equal(metrics[0]["sparse"], [capacity > 0] * 2)
   in_window = np.abs(np.asarray(training_pre(sae, x)) - np.asarray(sae.threshold)) < eps / 2
   assert in_window.sum() > 20  # threshold gradients really are exercised
   for i, lam in enumerate(lambdas):

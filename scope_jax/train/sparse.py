@@ -1,0 +1,225 @@
+"""The exact sparse training step: the dense step's result from the pairs that have a gradient.
+
+With the pseudo-derivatives of docs/recipe.md §1 a (row, latent) pair contributes to the gradient
+only where the latent is active (`pre > θ`: ∂pre, ∂W_enc, ∂W_dec, ∂b_enc) or its pre-activation is
+inside the kernel window (`|pre - θ| < ε/2`: ∂θ). A trained JumpReLU SAE has ~20–200 of these
+*slots* per token out of 16 K–1 M latents. This step
+
+1. runs the encoder densely, block by block as the dense step does (the same `_pre` on the same
+   blocks, so it decides with the same float values), and lists each block's slots as *entries*
+   (row, latent, pre-activation), grouped by block (`find_slots`). The reconstruction is summed
+   from the entries while the block's decoder rows are in cache;
+2. forms each block's gradients from its entries by gathers and scatter-adds of `d`-wide rows
+   (`block_gradients_from`), and applies Adam, the projection and the renormalization exactly as
+   the dense step does (`step.update_sae`, the same code).
+
+The dead latents' pre-activation loss (sae/loss.py) is dense in rows: every non-active row pulls.
+Its gradients are the dense ones rewritten as a sum over the active rows minus a rank-one
+correction from `Σ_b x_b`, so they too cost only the entries.
+
+Shapes stay static: a per-token capacity K bounds the entries (`rows × K`); where any token of
+the global batch has more slots the step runs the dense step instead (`lax.cond`), so every
+step is exact. Entries are found in a block's `[rows, block]` tile by packing the candidates
+into 32-bit words and peeling the lowest set bit per row, one bit per row per iteration.
+
+Cost per token: the encoder's 2·d·M FLOPs (dense), then a few `d`-wide gathers and scatters per
+slot; the dense step costs 12–14·d·M (benchmarks/README.md has the measured figures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from scope_jax.parallel.mesh import DATA, MODEL
+from scope_jax.sae.loss import LossSpec
+from scope_jax.sae.model import SAE
+from scope_jax.train import step
+from scope_jax.train.optim import Adam
+
+F32, I32, U32 = jnp.float32, jnp.int32, jnp.uint32
+CHUNK = 1024  # entries per gather/scatter chunk
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """The local slots of one SAE as entries grouped by latent block: those of block j are
+  `[start_j[j], start_j[j + 1])`. Arrays are `CHUNK` longer than the capacity so that a chunk
+  read never runs past the end."""
+
+  row_n: jax.Array  # [N + CHUNK] int32: the entry's local row
+  latent_n: jax.Array  # [N + CHUNK] int32: its latent, within its block
+  pre_n: jax.Array  # [N + CHUNK] float32: its pre-activation
+  start_j: jax.Array  # [blocks + 1] int32
+
+
+def _pack(mask_bk: jax.Array) -> jax.Array:
+  """`[rows, k]` bool -> `[rows, ⌈k/32⌉]` uint32, latent i at bit i % 32 of word i // 32."""
+  rows, k = mask_bk.shape
+  words = -(-k // 32)
+  mask = jnp.pad(mask_bk, ((0, 0), (0, 32 * words - k))).reshape(rows, words, 32).astype(U32)
+  return jnp.sum(mask << jnp.arange(32, dtype=U32), axis=-1, dtype=U32)
+
+
+def _append(slots: Slots, j, pre_bk: jax.Array, candidate_bk: jax.Array) -> tuple[Slots, jax.Array]:
+  """Block j's candidates appended as entries, row by row in latent order; and their count per
+  row `[rows]`. Entries past the capacity are dropped (the step then falls back)."""
+  rows, k = pre_bk.shape
+  capacity = slots.row_n.shape[0] - CHUNK
+  words_bw = _pack(candidate_bk)
+  n_b = jnp.sum(lax.population_count(words_bw), axis=-1, dtype=I32)
+  start = slots.start_j[j]
+  first_b = start + jnp.cumsum(n_b) - n_b  # where row b's entries of this block begin
+  row_ids = jnp.arange(rows, dtype=I32)
+  word_ids = jnp.arange(words_bw.shape[1], dtype=I32)
+
+  def peel(t, carry):
+    """Each row's lowest remaining candidate becomes its entry number t."""
+    words_bw, row_n, latent_n, pre_n = carry
+    w_b = jnp.argmax(words_bw != 0, axis=-1).astype(I32)
+    word_b = jnp.take_along_axis(words_bw, w_b[:, None], axis=-1)[:, 0]
+    lowest_b = word_b & (~word_b + U32(1))
+    latent_b = jnp.minimum(32 * w_b + lax.population_count(lowest_b - U32(1)).astype(I32), k - 1)
+    at_b = jnp.where((t < n_b) & (first_b + t < capacity), first_b + t, capacity + CHUNK)  # else dropped
+    pre_b = jnp.take_along_axis(pre_bk, latent_b[:, None], axis=-1)[:, 0]
+    words_bw = jnp.where(word_ids == w_b[:, None], (word_b & (word_b - U32(1)))[:, None], words_bw)
+    return (
+      words_bw,
+      row_n.at[at_b].set(row_ids, mode="drop"),
+      latent_n.at[at_b].set(latent_b, mode="drop"),
+      pre_n.at[at_b].set(pre_b, mode="drop"),
+    )
+
+  _, row_n, latent_n, pre_n = lax.fori_loop(0, jnp.max(n_b), peel, (words_bw, slots.row_n, slots.latent_n, slots.pre_n))
+  end = jnp.minimum(start + jnp.sum(n_b), capacity)
+  return Slots(row_n, latent_n, pre_n, slots.start_j.at[j + 1].set(end)), n_b
+
+
+def _chunk(slots: Slots, start, end) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(rows, latents, pre-activations, valid) of the `CHUNK` entries from `start`; valid before `end`."""
+  take = lambda a: lax.dynamic_slice_in_dim(a, start, CHUNK)
+  return take(slots.row_n), take(slots.latent_n), take(slots.pre_n), start + jnp.arange(CHUNK) < end
+
+
+def _over_block(slots: Slots, j, body, init):
+  """`body(row_c, latent_c, pre_c, valid_c, carry)` over block j's entries, `CHUNK` at a time."""
+  start, end = slots.start_j[j], slots.start_j[j + 1]
+  chunks = (end - start + CHUNK - 1) // CHUNK
+  return lax.fori_loop(0, chunks, lambda c, carry: body(*_chunk(slots, start + c * CHUNK, end), carry), init)
+
+
+def find_slots(
+  group: SAE, s, x_bd: jax.Array, block: int, capacity: int, bandwidth: float
+) -> tuple[step.Forward, Slots]:
+  """Pass 1 of the sparse step for SAE s on the local rows and latents: (the dense pass 1's
+  `Forward` — the reconstruction summed from the entries — and the entries). At most `capacity`
+  entries per row fit; `Forward.slots_b` says whether a row had more."""
+  rows = x_bd.shape[0]
+  blocks = group.width // block
+  n = rows * capacity + CHUNK
+  slots = Slots(jnp.zeros(n, I32), jnp.zeros(n, I32), jnp.zeros(n, F32), jnp.zeros(blocks + 1, I32))
+
+  def body(j, carry):
+    xhat_bd, l0_b, slots_b, slots = carry
+    blk = step._block(group, s, j, block)
+    pre_bk = step._pre(blk, x_bd)
+    active_bk, in_window_bk = step.candidates(pre_bk, blk.threshold, bandwidth)
+    slots, n_b = _append(slots, j, pre_bk, active_bk | in_window_bk)
+
+    def add(row_c, latent_c, pre_c, valid_c, xhat_bd):
+      f_c = jnp.where(valid_c & (pre_c > blk.threshold[latent_c]), pre_c, 0.0)
+      return xhat_bd.at[jnp.where(valid_c, row_c, rows)].add(f_c[:, None] * blk.W_dec[latent_c], mode="drop")
+
+    xhat_bd = _over_block(slots, j, add, xhat_bd)
+    return xhat_bd, l0_b + jnp.sum(active_bk, axis=-1, dtype=F32), slots_b + n_b, slots
+
+  init = (jnp.zeros_like(x_bd), jnp.zeros((rows,), F32), jnp.zeros((rows,), I32), slots)
+  xhat_bd, l0_b, slots_b, slots = lax.fori_loop(0, blocks, body, init)
+  return step.Forward(xhat_bd, l0_b, slots_b), slots
+
+
+def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float) -> step.BlockGradients:
+  """A block's gradients (as `step.block_gradients` gives them) from its entries."""
+  rows = x_bd.shape[0]
+  x_sum_d = jnp.sum(x_bd, axis=0)  # for the dead latents' pull on every non-active row
+
+  def gradients(blk: SAE, j, derr_bd, dpenalty_b, pull_k):
+    k, d = blk.W_dec.shape
+
+    def add(row_c, latent_c, pre_c, valid_c, carry):
+      g_dec_kd, g_enc_kd, g_b_k, g_theta_k, fired_k, active_pre_k, in_window = carry
+      theta_c = blk.threshold[latent_c]
+      active_c, in_window_c = step.candidates(pre_c, theta_c, bandwidth)
+      active_c, in_window_c = active_c & valid_c, in_window_c & valid_c
+      derr_cd = derr_bd[row_c]
+      df_c = jnp.sum(derr_cd * blk.W_dec[latent_c], axis=-1)
+      # dense: dpre = H·df - (1 - H)·pull, summed over every row; here H·(df + pull) over the
+      # entries, and -pull·Σ_b x_b after the loop
+      dpre_c = jnp.where(active_c, df_c + pull_k[latent_c], 0.0)
+      dtheta_c = jnp.where(in_window_c, -(theta_c / bandwidth) * df_c - dpenalty_b[row_c] / bandwidth, 0.0)
+      f_c = jnp.where(active_c, pre_c, 0.0)
+      to_c = jnp.where(valid_c, latent_c, k)
+      scatter = lambda a, v: a.at[to_c].add(v, mode="drop")
+      return (
+        scatter(g_dec_kd, f_c[:, None] * derr_cd),
+        scatter(g_enc_kd, dpre_c[:, None] * x_bd[row_c]),
+        scatter(g_b_k, dpre_c),
+        scatter(g_theta_k, dtheta_c),
+        scatter(fired_k, active_c.astype(I32)),
+        scatter(active_pre_k, f_c),
+        in_window + jnp.sum(in_window_c, dtype=F32),
+      )
+
+    zeros_k = jnp.zeros((k,), F32)
+    init = (jnp.zeros((k, d), F32), jnp.zeros((k, d), F32), zeros_k, zeros_k, jnp.zeros((k,), I32), zeros_k, F32(0))
+    g_dec_kd, g_enc_kd, g_b_k, g_theta_k, fired_k, active_pre_k, in_window = _over_block(slots, j, add, init)
+    inactive_k = rows - fired_k.astype(F32)
+    pre_sum_k = x_sum_d @ blk.W_enc + rows * (blk.b_enc - blk.b_dec @ blk.W_enc)  # Σ_b pre_b, for the dead loss
+    return step.assemble(
+      blk,
+      {
+        "W_dec": g_dec_kd,
+        "x_dpre": (g_enc_kd - jnp.outer(pull_k, x_sum_d)).T,
+        "b_enc": g_b_k - rows * pull_k,
+        "threshold": g_theta_k + pull_k * inactive_k,
+        "fired": fired_k,
+        "in_window": in_window,
+        "dead_loss": jnp.sum(pull_k * (blk.threshold * inactive_k - (pre_sum_k - active_pre_k))),
+      },
+    )
+
+  return gradients
+
+
+def train_sae(
+  group: SAE,
+  moments: dict,
+  s,
+  x_bd: jax.Array,
+  lam: jax.Array,
+  lr: jax.Array,
+  t: jax.Array,
+  dead_m: jax.Array,
+  spec: LossSpec,
+  adam: Adam,
+  block: int,
+  batch: int,
+  capacity: int,
+) -> tuple[SAE, dict, dict]:
+  """`step.train_sae` by the sparse step, or by the dense one where a token of the global batch has
+  more than `capacity` slots (statistic `sparse` says which ran)."""
+  forward, slots = find_slots(group, s, x_bd, block, capacity, spec.bandwidth)
+  too_many = lax.pmax(jnp.max(lax.psum(forward.slots_b, MODEL)), DATA) > capacity
+  # The choice is made per pass and per block, never around the whole update: arrays carried
+  # through a `lax.cond` are copied, and the group's would double the step's memory.
+  forward = lax.cond(too_many, lambda: step.reconstruct(group, s, x_bd, block, spec.bandwidth), lambda: forward)
+  dense, sparse = step.dense_gradients(x_bd, spec.bandwidth), block_gradients_from(slots, x_bd, spec.bandwidth)
+  gradients = lambda *args: lax.cond(too_many, dense, sparse, *args)
+  group, moments, stats = step.update_sae(
+    group, moments, s, x_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
+  )
+  return group, moments, stats | {"sparse": 1.0 - too_many.astype(F32)}
