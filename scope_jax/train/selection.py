@@ -33,9 +33,10 @@ MAX_AUTO_CAPACITY = 1024  # slots per token the automatic capacity grows to at m
 
 
 def auto_capacity(slots_max: float, width: int) -> int:
-  """Room for twice the most slots a token had, in multiples of 32; at most a quarter of the
-  width (beyond that the sparse step cannot win) and `MAX_AUTO_CAPACITY` (its entries' memory)."""
-  return max(1, min(32 * math.ceil(2 * slots_max / 32), width // 4, MAX_AUTO_CAPACITY))
+  """Room for 1.5× the most slots a token had, in multiples of 32; at most a quarter of the width
+  (beyond that the sparse step cannot win) and `MAX_AUTO_CAPACITY`. The entries take 12 bytes
+  per row and slot of capacity, so more room costs memory, not time."""
+  return max(1, min(32 * math.ceil(1.5 * slots_max / 32), width // 4, MAX_AUTO_CAPACITY))
 
 
 class StepChooser:

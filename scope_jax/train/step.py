@@ -2,10 +2,15 @@
 
 The step never holds a `[batch, latents]` array nor a params-sized gradient:
 
-- pass 1 walks the latents a block at a time and sums the reconstruction `f @ W_dec`;
+- pass 1 walks the latents a block at a time and sums the reconstruction `f @ W_dec`
+  (`reconstruct`);
 - pass 2 walks them again, recomputes each block's pre-activations, forms the block's gradients
-  (the pseudo-derivatives of docs/recipe.md §1, written out by hand) and applies Adam, the decoder-
-  gradient projection and the row renormalization to that block in place.
+  (the pseudo-derivatives of docs/recipe.md §1, written out by hand: `block_gradients`) and
+  applies Adam, the decoder-gradient projection and the row renormalization to that block in
+  place (`update_sae`).
+
+`update_sae` takes pass 1's result and the way a block's gradients are formed, so the sparse step
+(train/sparse.py) shares everything after them with this one.
 
 With `recipe.clip_grad_norm` a pass between the two forms every block's gradient only to sum its
 squares (`gradient_norm`): the clip factor must be known before the first block is updated. It

@@ -147,9 +147,9 @@ def test_capacities_and_step_kinds_out_of_range_are_clear_errors():
     StepChooser("fast", 0, [64], lambda caps: None)
 
 
-def test_the_automatic_capacity_doubles_the_slots_seen_within_a_quarter_of_the_width():
-  assert auto_capacity(40, 16_384) == 96
-  assert auto_capacity(200, 16_384) == 416
+def test_the_automatic_capacity_is_half_again_the_slots_seen_within_a_quarter_of_the_width():
+  assert auto_capacity(40, 16_384) == 64
+  assert auto_capacity(200, 16_384) == 320
   assert auto_capacity(200, 512) == 128
   assert auto_capacity(5_000, 1 << 20) == 1024
 
@@ -185,7 +185,7 @@ def test_auto_times_both_steps_and_keeps_the_faster(sparse_seconds, switches):
   chooser.observe(20, [100.0])
   for s in range(20, 30):
     chooser.run(s, state, None)
-  assert chooser.capacities == (224,)
+  assert chooser.capacities == (160,)
   assert log[10:14] == [0.04, sparse_seconds, 0.04, sparse_seconds]  # alternated, two of each
   assert chooser.running == ("sparse" if switches else "dense")
   assert set(log[14:]) == {sparse_seconds if switches else 0.04}

@@ -106,6 +106,24 @@ def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
   assert len(steps) == len(set(steps)) == 6 * 4  # logged every 10 steps, 4 SAEs, no step twice
 
 
+def test_kill_9_resumes_the_sparse_step_bit_identically(tmp_path, acts_npy):
+  """`train.step=sparse` with its automatic capacity: the capacity in use is kept beside each
+  checkpoint, so the resumed run makes the same sparse-or-dense choice at every step."""
+  sparse = ("--config.train.step=sparse", "--config.recipe.init_threshold=0.15")  # L0 ≈ 1% from the start
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  subprocess.run(_cli(straight, acts_npy, *sparse), cwd=REPO, check=True, capture_output=True)
+  rc, out = _run_until(_cli(interrupted, acts_npy, *sparse), lambda: _checkpoints(interrupted), signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out
+  assert _checkpoints(interrupted)[-1] < 60, "killed too late to test anything"
+  subprocess.run(_cli(interrupted, acts_npy, *sparse), cwd=REPO, check=True, capture_output=True)
+  for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
+    np.testing.assert_array_equal(a, b)
+  lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+  assert all(r["sparse"] == 1 for r in lines), [(r["step"], r["sae"], r["slots_max"]) for r in lines]
+  selection = json.loads((interrupted / "checkpoints" / "60" / "selection" / "metadata").read_text())
+  assert selection["running"] == "sparse" and selection["capacities"] == [256, 256]
+
+
 class _PoisonedSource(ArraySource):
   """Finite batches until `bad_step`, then a batch with a NaN row."""
 
