@@ -104,9 +104,9 @@ def test_the_cli_refuses_a_bad_config_before_doing_anything():
   assert done.returncode == 1 and "Traceback" not in done.stderr
   assert "train.log_every = 0: expected an integer >= 1" in done.stderr
   assert "recipe.lr = -1.0: expected a number > 0" in done.stderr
-  unknown = _cli("--config.train.stepz=5")
+  unknown = _cli("--config.train.stepss=5")
   assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
-  assert 'no such config field in --config.train.stepz=5; did you mean "steps"?' in unknown.stderr
+  assert 'no such config field in --config.train.stepss=5; did you mean "steps"?' in unknown.stderr
 
 
 def test_sites_must_be_distinct_and_hold_the_site_trained_on():

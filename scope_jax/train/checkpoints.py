@@ -141,7 +141,7 @@ def open_run(
       f"data width {source.width} ({source.describe().get('name')}) differs from config.data.width {config.data.width}"
     )
   batch, mean = config.train.batch_size, source.mean
-  init, shardings, _ = stacked.build(config.seed, mean, groups, recipe, mesh, batch)
+  init, shardings = stacked.initializer(config.seed, mean, groups, recipe, mesh, batch)
   make_step = functools.partial(
     stacked.make_train_step,
     groups,

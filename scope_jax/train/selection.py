@@ -4,7 +4,9 @@
 - `sparse`: the sparse step (train/sparse.py), which itself runs the dense step at any step where a
   token has more slots than its capacity K. With `train.capacity = 0`, K starts at
   min(256, width/4) and grows at a logged step where a token had more slots
-  (`auto_capacity`); K only decides when the dense step stands in, never a result.
+  (`auto_capacity`); K only decides when the dense step stands in, never a result. A group
+  whose logged step had more slots than K fits runs the dense step (without the sparse step's
+  slot search, which would be wasted) until a logged step says they fit again.
 - `auto`: the dense step until a logged step's slots per token say the sparse step might win;
   then both are timed on the next steps (alternated, best of two each) and the faster runs on.
   While the dense one wins the timing is repeated every `PROBE_EVERY` logged steps. Timings are
@@ -55,10 +57,12 @@ class StepChooser:
       raise ValueError(f"train.step {kind!r}: expected one of {STEP_KINDS}")
     self.kind, self.fixed, self.widths, self.make_step = kind, capacity, list(widths), make_step
     self.probe_every = PROBE_EVERY * log_every
-    record = record or {}
+    if not record or record.get("kind") != kind:
+      record = {}  # a run resumed with another train.step starts choosing afresh
     self.running = record.get("running", "sparse" if kind == "sparse" else "dense")
     initial = [capacity or min(256, max(1, w // 4)) for w in self.widths]
-    self.capacities = tuple(record.get("capacities", initial))
+    self.capacities = tuple(initial if capacity else record.get("capacities", initial))
+    self.fits = tuple(record.get("fits", [True] * len(self.widths)))  # per group: its slots fit last time
     self.next_probe = record.get("next_probe", 0)
     self.probes = list(record.get("probes", []))
     self._compiled: dict = {}
@@ -71,12 +75,14 @@ class StepChooser:
       "kind": self.kind,
       "running": self.running,
       "capacities": list(self.capacities),
+      "fits": list(self.fits),
       "next_probe": self.next_probe,
       "probes": self.probes,
     }
 
   def _step_fn(self, kind: str, state, x_bd):
-    capacities = self.capacities if kind == "sparse" else ()
+    capacities = tuple(k if fit else 0 for k, fit in zip(self.capacities, self.fits)) if kind == "sparse" else ()
+    capacities = capacities if any(capacities) else ()
     if capacities not in self._compiled:
       self._compiled[capacities] = self.make_step(capacities).lower(state, x_bd).compile()
     return self._compiled[capacities]
@@ -105,12 +111,15 @@ class StepChooser:
       if grown != self.capacities:
         tqdm.write(f"train: sparse step capacity {list(self.capacities)} -> {list(grown)} slots per token")
         self.capacities = grown
+    if self.running == "sparse":
+      self.fits = tuple(bool(n <= k) for n, k in zip(slots_max, self.capacities))
     if self.kind != "auto" or self.running == "sparse" or self._probe or step < self.next_probe:
       return
     if all(n > w // 4 for n, w in zip(slots_max, self.widths)):
       return  # too many slots for the sparse step to win anywhere
     if not self.fixed:
       self.capacities = tuple(auto_capacity(n, w) for n, w in zip(slots_max, self.widths))
+    self.fits = tuple(bool(n <= k) for n, k in zip(slots_max, self.capacities))
     self._probe = [(step, "dense"), (step + 1, "sparse"), (step + 2, "dense"), (step + 3, "sparse")]
     self._times = {}
 

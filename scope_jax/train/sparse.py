@@ -124,8 +124,8 @@ def find_slots(
 
   def body(j, carry):
     l0_b, slots_b, slots = carry
-    blk = step._block(group, s, j, block)
-    pre_bk = step._pre(blk, x_bd)
+    blk = step.block_of(group, s, j, block)
+    pre_bk = step.block_pre(blk, x_bd)
     active_bk, in_window_bk = step.candidates(pre_bk, blk.threshold, bandwidth)
     slots, n_b = _append(slots, j, pre_bk, active_bk | in_window_bk)
     return l0_b + jnp.sum(active_bk, axis=-1, dtype=F32), slots_b + n_b, slots

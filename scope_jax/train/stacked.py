@@ -258,6 +258,18 @@ def make_train_step(
   )
 
 
+def initializer(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int):
+  """(jitted `init() -> state` placing the initial state on the mesh, its shardings). `mean_d`
+  `[d]`: the data's mean in training units, where every `b_dec` starts (docs/recipe.md §2 starts
+  it at zero; at a site with a large constant offset that spends the first thousands of steps,
+  and many latents, on the offset)."""
+  if batch % mesh.shape[DATA]:
+    raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
+  shardings = state_shardings(mesh, groups, recipe.adam)
+  init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
+  return jax.jit(init, out_shardings=shardings), shardings
+
+
 def build(
   base_seed: int,
   mean_d,
@@ -269,19 +281,13 @@ def build(
   total_steps: int = 0,
   capacities: Sequence[int] = (),
 ):
-  """(jitted `init() -> state` placing the initial state on the mesh, its shardings, the jitted step
-  for `batch`-row batches: dense, or sparse for groups given a capacity, see `make_train_step`).
-  `mean_d` `[d]`: the data's mean in training units, where every `b_dec`
-  starts (docs/recipe.md §2 starts it at zero; at a site with a large constant offset that spends the first
-  thousands of steps, and many latents, on the offset)."""
-  if batch % mesh.shape[DATA]:
-    raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
-  shardings = state_shardings(mesh, groups, recipe.adam)
-  init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
+  """(`initializer`'s init and shardings, the jitted step for `batch`-row batches: dense, or sparse
+  for groups given a capacity, see `make_train_step`)."""
+  init, shardings = initializer(base_seed, mean_d, groups, recipe, mesh, batch)
   step_fn = make_train_step(
     groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block, total_steps, capacities
   )
-  return jax.jit(init, out_shardings=shardings), shardings, step_fn
+  return init, shardings, step_fn
 
 
 def recipe_from(config: ml_collections.ConfigDict) -> Recipe:

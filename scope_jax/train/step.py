@@ -84,14 +84,14 @@ def _paste(a: jax.Array, v: jax.Array, s, j, block: int, axis: int) -> jax.Array
   return lax.dynamic_update_slice(a, v[None], _starts(a, s, j, block, axis))
 
 
-def _block(group: SAE, s, j, block: int) -> SAE:
+def block_of(group: SAE, s, j, block: int) -> SAE:
   """Latent block j of SAE s of a stacked group (its `b_dec` whole)."""
   return SAE(
     b_dec=group.b_dec[s], **{name: _cut(getattr(group, name), s, j, block, axis) for name, axis in LATENT_AXIS.items()}
   )
 
 
-def _pre(blk: SAE, x_bd: jax.Array) -> jax.Array:
+def block_pre(blk: SAE, x_bd: jax.Array) -> jax.Array:
   """Pre-activations `[B, block]`, the pre-encoder bias folded into the bias."""
   return x_bd @ blk.W_enc + (blk.b_enc - blk.b_dec @ blk.W_enc)
 
@@ -108,8 +108,8 @@ def reconstruct(group: SAE, s, x_bd: jax.Array, block: int, bandwidth: float) ->
 
   def body(j, carry):
     xhat_bd, l0_b, slots_b = carry
-    blk = _block(group, s, j, block)
-    pre_bk = _pre(blk, x_bd)
+    blk = block_of(group, s, j, block)
+    pre_bk = block_pre(blk, x_bd)
     active_bk, in_window_bk = candidates(pre_bk, blk.threshold, bandwidth)
     return (
       xhat_bd + jnp.where(active_bk, pre_bk, 0.0) @ blk.W_dec,
@@ -132,7 +132,7 @@ def block_gradients(
   (sae/loss.py's last term). The `b_dec` field holds this block's share of the pre-encoder-bias
   gradient (`-W_enc_k @ db_enc_k`)."""
   theta_k = blk.threshold
-  pre_bk = _pre(blk, x_bd)
+  pre_bk = block_pre(blk, x_bd)
   active_bk, in_window_bk = candidates(pre_bk, theta_k, bandwidth)
   df_bk = derr_bd @ blk.W_dec.T
   pull_bk = jnp.where(active_bk, 0.0, pull_k)  # ∂/∂θ of c·relu(θ - z) on dead latents
@@ -199,7 +199,7 @@ def gradient_norm(
   def body(j, carry):
     sq_sum, db_dec_d = carry
     pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
-    g, _, _ = gradients(_block(group, s, j, block), j, derr_bd, dpenalty_b, pull_k)
+    g, _, _ = gradients(block_of(group, s, j, block), j, derr_bd, dpenalty_b, pull_k)
     return sq_sum + _latent_sq_norm(g), db_dec_d + g.b_dec
 
   sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, (jnp.zeros((), F32), jnp.zeros_like(derr_bd[0])))
@@ -246,7 +246,7 @@ def update_sae(
 
   def update(j, carry):
     group, moments, db_dec_d, sq_sum, sums, fired_m = carry
-    blk = _block(group, s, j, block)
+    blk = block_of(group, s, j, block)
     pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
     g, fired_k, sums_k = gradients(blk, j, derr_bd, dpenalty_b, pull_k)
     sq_sum += _latent_sq_norm(g)

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from scope_jax.activations.store import open_store
 from tests.helpers import start_processes
@@ -38,6 +40,7 @@ def _sweep_cmd(tiny_model, workdir, store):
     "--config.train.batch_size=2048",
     "--config.train.log_every=5",
     "--config.eval.bfloat16=False",
+    "--config.train.step=dense",  # `auto` chooses by timing: the two runs could choose differently
   ]
 
 
@@ -218,3 +221,50 @@ def test_a_two_process_job_on_a_workdir_in_use_stops_on_both_processes(tmp_path)
   assert f"workdir {workdir} is in use by another job (host " in outs[0] and f"pid {os.getpid()}," in outs[0]
   assert f"workdir {workdir} is in use by another job (process 0's log names it)" in outs[1]
   assert sorted(p.name for p in workdir.iterdir()) == []  # the lease was released; nothing written
+
+
+def _final_state(workdir):
+  """(the latest checkpoint's step, its arrays as numpy: saved on other devices than this process's)."""
+  step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  path, checkpointer = workdir / "checkpoints" / str(step) / "state", ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+  return step, jax.tree.leaves(checkpointer.restore(path, restore_args=as_numpy))
+
+
+def test_two_processes_run_the_sparse_step_as_one_process_does_and_agree_on_auto(tmp_path):
+  """Latents split over the processes' devices (mesh 2 × 2): the sparse step's slot counts, its
+  fall-back decision and `auto`'s timing are global, so every process runs the same program."""
+  npy = tmp_path / "acts.npy"
+  np.save(npy, np.random.default_rng(2).normal(size=(20_000, 64)).astype(np.float32))
+
+  def cmd(workdir, kind):
+    return [
+      *_train_cmd(npy, workdir),
+      f"--config.train.step={kind}",
+      "--config.train.steps=30",
+      "--config.train.log_every=5",
+      "--config.mesh.model=2",
+      "--config.recipe.init_threshold=0.3",  # L0 ≈ 1% from the start: the sparse step runs
+    ]
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  one = subprocess.run(cmd(tmp_path / "one", "sparse"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+  procs = start_processes(cmd(tmp_path / "two", "sparse"), cwd=REPO)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  (step_one, state_one), (step_two, state_two) = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
+  assert step_one == step_two == 30
+  for a, b in zip(state_one, state_two, strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+  assert lines and all(r["sparse"] == 1 for r in lines)
+
+  procs = start_processes(cmd(tmp_path / "auto", "auto"), cwd=REPO)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  decisions = [[line for line in out.splitlines() if "sparse step is faster" in line] for out in outs]
+  assert decisions[0] == decisions[1], outs  # process 0's timing, broadcast
+  selection = json.loads((tmp_path / "auto" / "checkpoints" / "30" / "selection" / "metadata").read_text())
+  assert selection["probes"] and selection["probes"][0]["step"] == 9  # timed on steps 6-9

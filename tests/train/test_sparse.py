@@ -193,3 +193,26 @@ def test_auto_times_both_steps_and_keeps_the_faster(sparse_seconds, switches):
   assert chooser.record()["next_probe"] == (0 if switches else 124)
   resumed = StepChooser("auto", 0, [4096], make, chooser.record(), log_every=10)
   assert resumed.record() == chooser.record()
+
+
+def test_a_run_resumed_with_another_step_or_capacity_follows_the_new_config():
+  record = StepChooser("auto", 0, [4096], None).record() | {"running": "sparse", "capacities": [160]}
+  assert StepChooser("dense", 0, [4096], None, record).running == "dense"
+  assert StepChooser("auto", 0, [4096], None, record).capacities == (160,)
+  assert StepChooser("auto", 96, [4096], None, record).capacities == (96,)
+
+
+def test_sparse_runs_the_dense_step_for_a_group_whose_slots_did_not_fit():
+  built = []
+  make = lambda caps: built.append(caps) or _Timed(0.0, [])
+  chooser = StepChooser("sparse", 64, [1024, 2048], make, log_every=10)
+  state = jnp.zeros(())
+  chooser.run(0, state, None)
+  chooser.observe(10, [80.0, 30.0])  # the first group's tokens had more slots than 64
+  chooser.run(10, state, None)
+  chooser.observe(20, [200.0, 300.0])
+  chooser.run(20, state, None)
+  chooser.observe(30, [50.0, 40.0])
+  chooser.run(30, state, None)
+  assert built == [(64, 64), (0, 64), ()]  # neither fits: the dense step; each variant compiled once
+  assert chooser.record()["fits"] == [True, True]

@@ -115,16 +115,18 @@ def _composed_loss(sae, x, lam, spec):
 
 
 @pytest.mark.parametrize("b1,clip", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.05)])
-def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip):
-  """Several real steps (blocked, sharded) against optax's Adam fed `jax.grad` through the public
-  `jumprelu`/`step`, with optax's global-norm clipping before it and the decoder projection and
-  renormalization around it."""
+@pytest.mark.parametrize("capacity", [0, 32], ids=["dense", "sparse"])
+def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, capacity):
+  """Several real steps (blocked, sharded; dense, or sparse with room for every slot) against
+  optax's Adam fed `jax.grad` through the public `jumprelu`/`step`, with optax's global-norm
+  clipping before it and the decoder projection and renormalization around it."""
   d, m, lam, batch = 16, 32, 0.05, 64
   recipe = stacked.Recipe(
     lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1, clip_grad_norm=clip
   )
   mesh = make_mesh(4, 2)
-  init, shardings, step_fn = stacked.build(0, np.zeros(d), stacked.make_groups([m], [lam]), recipe, mesh, batch, 4)
+  groups = stacked.make_groups([m], [lam])
+  init, shardings, step_fn = stacked.build(0, np.zeros(d), groups, recipe, mesh, batch, 4, 0, (capacity,))
   sae = random_sae(d, m, seed=3)
   state = _with_params(init(), (jax.tree.map(lambda a: a[None], sae),), shardings)
   scale = (
@@ -136,6 +138,7 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip):
   opt_state, ref = opt.init(sae), sae
   for s, x in enumerate(np.split(_data(4 * batch, d, seed=4), 4)):
     state, stats = step_fn(state, x)
+    assert stats[0]["sparse"][0] == (capacity > 0)
     g = jax.grad(_composed_loss)(ref, x, lam, recipe.loss)
     np.testing.assert_allclose(stats[0]["grad_norm"][0], optax.global_norm(g), rtol=1e-4)
     if clip:
@@ -206,7 +209,9 @@ def _train_sweep(widths, lambdas, tmp_path, steps=25):
   c.sweep.widths, c.sweep.l1_coefficients = widths, lambdas
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 1000
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 5e-3, 5, 10
+  c.recipe.lr_decay_steps = 10  # the run's length reaches the schedule
   c.recipe.bandwidth = 0.05
+  c.train.step = "dense"  # not `auto`, whose timing could choose differently for the sweep and a lone SAE
   return train(c, tmp_path, ArraySource(_data(), 64, mesh), progress=False)
 
 

@@ -75,15 +75,18 @@ def acts_npy(tmp_path_factory):
 
 
 def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
+  """`train.step=dense` (and `sparse`, below): `auto` chooses by timing, so two separate runs can
+  switch at different steps and then differ by float rounding."""
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-  subprocess.run(_cli(straight, acts_npy), cwd=REPO, check=True, capture_output=True)
+  dense = "--config.train.step=dense"
+  subprocess.run(_cli(straight, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
   assert _checkpoints(straight)[-1] == 60
 
   preempted_at = 0
   for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):  # Ctrl-C saves what SIGTERM saves
     before = preempted_at
     rc, out = _run_until(
-      _cli(interrupted, acts_npy), lambda b=before: any(c > b for c in _checkpoints(interrupted)), sig
+      _cli(interrupted, acts_npy, dense), lambda b=before: any(c > b for c in _checkpoints(interrupted)), sig
     )
     assert rc == code, out
     preempted_at = _checkpoints(interrupted)[-1]
@@ -91,14 +94,14 @@ def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
     assert "Traceback" not in out
 
   rc, out = _run_until(
-    _cli(interrupted, acts_npy), lambda: _checkpoints(interrupted)[-1] > preempted_at, signal.SIGKILL
+    _cli(interrupted, acts_npy, dense), lambda: _checkpoints(interrupted)[-1] > preempted_at, signal.SIGKILL
   )
   assert rc == -signal.SIGKILL, out
   assert _checkpoints(interrupted)[-1] < 60, "killed too late to test anything"
   holder = json.loads((interrupted / "LEASE").read_text())  # left by the killed run; does not block the next
   assert holder["pid"] > 0 and holder["host"]
 
-  subprocess.run(_cli(interrupted, acts_npy), cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_cli(interrupted, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
   for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
     np.testing.assert_array_equal(a, b)
   lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
