@@ -8,7 +8,8 @@
   whose logged step had more slots than K fits runs the dense step (without the sparse step's
   slot search, which would be wasted) until a logged step says they fit again.
 - `auto`: the dense step until a logged step's slots per token say the sparse step might win;
-  then both are timed on the next steps (alternated, best of two each) and the faster runs on.
+  then both are timed on the next steps (alternated, best of two each) and the sparse step runs
+  on if it took under 90% of the dense step's time (`SWITCH_MARGIN`).
   While the dense one wins the timing is repeated every `PROBE_EVERY` logged steps. Timings are
   process 0's, broadcast, so every process runs the same program.
 
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 
 STEP_KINDS = ("auto", "dense", "sparse")
 PROBE_EVERY = 10  # logged steps between timings while the dense step is the faster
+SWITCH_MARGIN = 0.9  # auto switches when the sparse step takes under 90% of the dense step's time:
+# a narrower win is within timing noise, and the sparse step's fallback steps cost more than dense ones
 MAX_AUTO_CAPACITY = 1024  # slots per token the automatic capacity grows to at most
 
 
@@ -127,7 +130,7 @@ class StepChooser:
     dense_s, sparse_s = min(self._times["dense"]), min(self._times["sparse"])
     dense_s, sparse_s = (float(v) for v in multihost_utils.broadcast_one_to_all(np.asarray([dense_s, sparse_s])))
     self.probes.append({"step": step, "dense_s": dense_s, "sparse_s": sparse_s, "capacities": list(self.capacities)})
-    if sparse_s < dense_s:
+    if sparse_s < SWITCH_MARGIN * dense_s:
       self.running = "sparse"
       tqdm.write(f"train: step {step}: the sparse step is faster ({sparse_s:.3f} s vs {dense_s:.3f} s); using it")
     else:
