@@ -11,7 +11,9 @@ decoder constraints), float32, on this machine, for
   the same run with a plain `jnp.matmul` of the step's own shape [B, d] @ [d, M]. No dense step
   can beat it; `*_roofline_multiple` says how far past it the sparse step goes.
 
-Also, at the first shape: a sweep of 8 stacked SAEs against 8 single steps and the step with
+Also: the sparse step with lazy Adam (`recipe.lazy_adam`, the default) against Adam updating
+every latent every step, at the first and last shapes and at the widest one on 256 rows, where
+most latents see no slot in a step. And at the first shape: a sweep of 8 stacked SAEs against 8 single steps and the step with
 `recipe.clip_grad_norm` against the plain one (dense, from initialization), each compiled step's
 peak memory against params + Adam state + batch, and the bfloat16 encoder matmul against the
 float32 one (the most a bfloat16 screening encoder could gain). The last line printed is one JSON
@@ -34,6 +36,7 @@ from benchmarks.common import seconds_per_call
 from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
 from scope_jax.sae.model import SAE
 from scope_jax.train import stacked
+from scope_jax.train.params import TrainParams
 from scope_jax.train.selection import auto_capacity
 
 SHAPES = [(640, 16_384, 4_096), (2_304, 16_384, 1_024), (640, 131_072, 4_096)]  # (d, M, batch)
@@ -82,14 +85,18 @@ def slots_per_token(sae: SAE, x: np.ndarray) -> np.ndarray:
   return counts
 
 
-def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0):
+def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, lazy=True):
   """(seconds per step, compiled peak bytes, params+Adam+batch bytes); `clip`: recipe.clip_grad_norm;
   `start`: (SAE, batch) to step from (default: initialization, Gaussian rows); `capacity`: the
-  sparse step's slots per token (0: the dense step)."""
+  sparse step's slots per token (0: the dense step); `lazy`: recipe.lazy_adam."""
   mesh = make_mesh(devices=jax.devices()[:1])
   groups = stacked.make_groups([m], [LAMBDA * (1 + i) for i in range(n_saes)])
   recipe = stacked.Recipe(
-    lr_warmup_steps=10, sparsity_warmup_steps=0 if start else 10, bandwidth=BANDWIDTH, clip_grad_norm=clip
+    lr_warmup_steps=10,
+    sparsity_warmup_steps=0 if start else 10,
+    bandwidth=BANDWIDTH,
+    clip_grad_norm=clip,
+    lazy_adam=lazy,
   )
   init, shardings, step_fn = stacked.build(0, np.zeros(d), groups, recipe, mesh, batch, 0, 0, (capacity,))
   state = init()
@@ -97,10 +104,10 @@ def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0):
     x = np.random.default_rng(0).normal(0, 1 / np.sqrt(d), (batch, d)).astype(np.float32)
   else:
     sae, x = start
-    params = jax.tree.map(lambda a: np.asarray(a)[None], sae)
+    params = TrainParams.from_sae(jax.tree.map(lambda a: np.asarray(a)[None], sae))
     state["params"] = jax.device_put((params,), shardings["params"])
     nu = jax.tree.map(lambda a: np.full(a.shape, 1e-8, np.float32), params)  # a trained Adam state
-    state["opt_state"] = {"nu": jax.device_put((nu,), shardings["opt_state"]["nu"])}
+    state["opt_state"]["nu"] = jax.device_put((nu,), shardings["opt_state"]["nu"])
   x = jax.device_put(x)
   compiled = step_fn.lower(state, x).compile()
   mem = compiled.memory_analysis()
@@ -160,13 +167,33 @@ def matmul_peak(d, m, batch, dtype=jnp.float32):
   return 2 * batch * d * m / seconds
 
 
+def lazy_adam(headline: dict, starts: dict) -> None:
+  """The sparse step with and without lazy Adam, at the first and the last shape's full batch and at
+  the last shape (the widest) on 256 of its rows, where most latents see no slot in a step.
+  `starts`: the trained-like (SAE, batch) of each shape."""
+  for d, m, batch, rows in (*((d, m, b, b) for d, m, b in (SHAPES[0], SHAPES[-1])), (*SHAPES[-1], 256)):
+    sae, x = starts[d, m, batch]
+    start = (sae, x[:rows])
+    capacity = auto_capacity(slots_per_token(*start).max(), m)
+    repeats = 2 if m > 65_536 else 3
+    seconds = {lazy: ours(d, m, rows, repeats=repeats, start=start, capacity=capacity, lazy=lazy)[0] for lazy in (1, 0)}
+    pre = start[1] @ sae.W_enc
+    touched = np.mean(np.any((pre > sae.threshold) | (np.abs(pre - sae.threshold) < BANDWIDTH / 2), axis=0))
+    key = f"lazy_adam_speedup_d{d}_m{m // 1024}k_b{rows}"
+    headline[key] = seconds[0] / seconds[1]
+    print(
+      f"lazy Adam, sparse step, d={d} M={m} B={rows} ({touched:.0%} of latents touched per step): "
+      f"{seconds[1]:.3f}s per step against {seconds[0]:.3f}s updating every latent = {headline[key]:.2f}x"
+    )
+
+
 def main():
   use_xnnpack_on_cpu()
   torch.set_num_threads(os.cpu_count())
   print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, torch {torch.__version__}, jax {jax.__version__}")
-  results = []
+  results, starts = [], {}
   for d, m, batch in SHAPES:
-    start = trained_like(d, m, batch)
+    start = starts[d, m, batch] = trained_like(d, m, batch)
     slots = slots_per_token(*start)
     capacity = auto_capacity(slots.max(), m)
     repeats = 2 if m > 65_536 else 5
@@ -213,6 +240,7 @@ def main():
     suffix = "_131k" if r["M"] == 131_072 else f"_d{r['d']}"
     kept = ("sparse_roofline_multiple", "sparse_ratio_vs_saelens", "roofline_fraction", "sparse_peak_memory_ratio")
     headline |= {f"{k}{suffix}": r[k] for k in kept}
+  lazy_adam(headline, starts)
   d, m, batch = SHAPES[0]
   headline["bf16_encoder_speedup"] = matmul_peak(d, m, batch, jnp.bfloat16) / matmul_peak(d, m, batch)
   print(f"bfloat16 encoder matmul: {headline['bf16_encoder_speedup']:.2f}x the float32 one")

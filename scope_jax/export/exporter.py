@@ -23,18 +23,21 @@ from scope_jax.data.source import BatchSource
 from scope_jax.layout import RunLayout, export_identity, replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import save_sae, width_name
-from scope_jax.sae.model import SAE, SAEInfo, fold, training_pre, unstack
+from scope_jax.sae.model import SAEInfo, fold, training_pre, unstack
 from scope_jax.train.checkpoints import open_run, restore_or_init
+from scope_jax.train.params import TrainParams
 
 
 @jax.jit
-def _fire_counts(params: tuple[SAE, ...], x_bd: jax.Array) -> tuple[jax.Array, ...]:
-  """Per group `[saes, M]`: how many rows of the batch fire each latent."""
-  return tuple(jax.vmap(lambda sae: jnp.sum(training_pre(sae, x_bd) > sae.threshold, axis=0))(p) for p in params)
+def _fire_counts(params: tuple[TrainParams, ...], x_bd: jax.Array) -> tuple[jax.Array, ...]:
+  """Per group `[saes, M]`: how many rows of the batch fire each latent (the layout's transpose is
+  folded into the matmul here, not copied)."""
+  counts = lambda sae: jnp.sum(training_pre(sae, x_bd) > sae.threshold, axis=0)
+  return tuple(jax.vmap(counts)(p.to_sae()) for p in params)
 
 
 def measure(
-  params: tuple[SAE, ...], source: BatchSource, first_step: int, batches: int, progress: bool = True
+  params: tuple[TrainParams, ...], source: BatchSource, first_step: int, batches: int, progress: bool = True
 ) -> list[np.ndarray]:
   """Firing densities `[saes, M]` per group on `batches` batches from `first_step` on."""
   counts = None
@@ -74,6 +77,7 @@ def export(
   epochs = step * source.batch_size / source.describe()["rows"]  # every SAE of the sweep saw the same rows
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
+  params = [p.to_sae() for p in params]
   writer = jax.process_index() == 0
   store = getattr(source, "store", None)  # a store knows where its activations came from
   model = store.model if store else config.model

@@ -46,9 +46,15 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
   )
 
 
+# The trainer state's layout: 2 = latent-major W_enc and Adam's latent_step (train/params.py). Checkpoints
+# of layout 1 (W_enc [d, M], written before it) have no field.
+STATE_LAYOUT = 2
+
+
 def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict:
   """What must not change between a run and its resumption."""
   return {
+    "state_layout": STATE_LAYOUT,
     "seed": config.seed,
     "sweep": config.sweep.to_dict(),
     "recipe": config.recipe.to_dict(),
@@ -77,6 +83,12 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   if step is None:
     return init()
   saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
+  if saved.get("state_layout", 1) != STATE_LAYOUT:
+    raise ValueError(
+      f"{mngr.directory}/{step}: a checkpoint of state layout {saved.get('state_layout', 1)} (this scope_jax "
+      f"reads layout {STATE_LAYOUT}: latent-major W_enc and lazy Adam); export or resume it with the "
+      "scope_jax that wrote it, or train in a new --workdir"
+    )
   # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
   saved["recipe"] = dataclasses.asdict(stacked.Recipe()) | saved["recipe"]
   if diffs := differences(saved, identity):

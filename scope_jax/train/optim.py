@@ -51,13 +51,34 @@ class Adam:
   b2: float = 0.999
   eps: float = 1e-8
   clip_norm: float = 0.0  # each step's gradient scaled to this global norm when above it; 0 = off
+  lazy_updates: bool = True  # skip latents with a zero gradient (exact with β1 = 0 only: see `lazy`)
 
   @property
   def moment_names(self) -> tuple[str, ...]:
     return ("mu", "nu") if self.b1 else ("nu",)
 
-  def init(self, params):
-    return {k: jax.tree.map(jnp.zeros_like, params) for k in self.moment_names}
+  @property
+  def lazy(self) -> bool:
+    """Whether a latent with a zero gradient may be skipped: with β1 = 0 its parameters would not
+    move and its second moments would only be multiplied by β2 (`catch_up` applies that later)."""
+    return self.lazy_updates and self.b1 == 0
+
+  def init(self, params: tuple) -> dict:
+    """Zero moments for a tuple of stacked `TrainParams`, and `latent_step` `[S, M]` per group:
+    the step through which each latent's moments are current (the lazy update's bookkeeping)."""
+    state = {k: jax.tree.map(jnp.zeros_like, params) for k in self.moment_names}
+    return state | {"latent_step": tuple(jnp.zeros(p.b_enc.shape, jnp.int32) for p in params)}
+
+  def catch_up(self, m: dict, skipped: jax.Array) -> dict:
+    """Moments `[n, ...]` of n latents that skipped `skipped` `[n]` updates with zero gradient,
+    brought to what the dense update would hold: ν·β2^skipped (μ·β1^skipped). β^0 = 1 exactly,
+    so a latent updated every step is bit-identical to the dense update."""
+
+    def decay(a, beta):
+      factor = jnp.power(jnp.float32(beta), skipped.astype(jnp.float32))
+      return a * factor.reshape(factor.shape + (1,) * (a.ndim - factor.ndim))
+
+    return {k: decay(v, self.b2 if k == "nu" else self.b1) for k, v in m.items()}
 
   def moments(self, g: jax.Array, m: dict) -> dict:
     new = {"nu": self.b2 * m["nu"] + (1 - self.b2) * jnp.square(g)}

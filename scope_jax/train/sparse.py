@@ -36,9 +36,9 @@ from jax import lax
 
 from scope_jax.parallel.mesh import DATA, MODEL
 from scope_jax.sae.loss import LossSpec
-from scope_jax.sae.model import SAE
 from scope_jax.train import step
 from scope_jax.train.optim import Adam
+from scope_jax.train.params import TrainParams
 
 F32, I32, U32 = jnp.float32, jnp.int32, jnp.uint32
 CHUNK = 256  # entries per gather/scatter chunk: measured fastest of 256-2,048 at d 640 and 2,304
@@ -112,7 +112,7 @@ def _over(slots: Slots, start, end, body, init):
 
 
 def find_slots(
-  group: SAE, s, x_bd: jax.Array, block: int, capacity: int, bandwidth: float
+  group: TrainParams, s, x_bd: jax.Array, block: int, capacity: int, bandwidth: float
 ) -> tuple[step.Forward, Slots]:
   """Pass 1 of the sparse step for SAE s on the local rows and latents: (the dense pass 1's
   `Forward` — the reconstruction summed from the entries — and the entries). At most `capacity`
@@ -147,7 +147,7 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls:
   rows = x_bd.shape[0]
   x_sum_d = jnp.sum(x_bd, axis=0)  # for the dead latents' pull on every non-active row
 
-  def gradients(blk: SAE, j, derr_bd, dpenalty_b, pull_k):
+  def gradients(blk: TrainParams, j, derr_bd, dpenalty_b, pull_k):
     k, d = blk.W_dec.shape
 
     def add(row_c, latent_c, pre_c, valid_c, carry):
@@ -182,16 +182,14 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls:
     local = {"W_dec": g_dec_kd, "fired": fired_k, "in_window": in_window}
     if not pulls:
       zero = jnp.zeros((), F32)
-      return step.assemble(
-        blk, local | {"x_dpre": g_enc_kd.T, "b_enc": g_b_k, "threshold": g_theta_k, "dead_loss": zero}
-      )
+      return step.assemble(blk, local | {"dpre_x": g_enc_kd, "b_enc": g_b_k, "threshold": g_theta_k, "dead_loss": zero})
     inactive_k = rows - fired_k.astype(F32)
-    pre_sum_k = x_sum_d @ blk.W_enc + rows * (blk.b_enc - blk.b_dec @ blk.W_enc)  # Σ_b pre_b, for the dead loss
+    pre_sum_k = blk.W_enc @ x_sum_d + rows * (blk.b_enc - blk.W_enc @ blk.b_dec)  # Σ_b pre_b, for the dead loss
     return step.assemble(
       blk,
       local
       | {
-        "x_dpre": (g_enc_kd - jnp.outer(pull_k, x_sum_d)).T,
+        "dpre_x": g_enc_kd - jnp.outer(pull_k, x_sum_d),
         "b_enc": g_b_k - rows * pull_k,
         "threshold": g_theta_k + pull_k * inactive_k,
         "dead_loss": jnp.sum(pull_k * (blk.threshold * inactive_k - (pre_sum_k - active_pre_k))),
@@ -202,7 +200,7 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls:
 
 
 def train_sae(
-  group: SAE,
+  group: TrainParams,
   moments: dict,
   s,
   x_bd: jax.Array,
@@ -215,7 +213,7 @@ def train_sae(
   block: int,
   batch: int,
   capacity: int,
-) -> tuple[SAE, dict, dict]:
+) -> tuple[TrainParams, dict, dict]:
   """`step.train_sae` by the sparse step, or by the dense one where a token of the global batch has
   more than `capacity` slots (statistic `sparse` says which ran)."""
   forward, slots = find_slots(group, s, x_bd, block, capacity, spec.bandwidth)

@@ -22,9 +22,10 @@ from jax.sharding import PartitionSpec as P
 from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.sae.loss import LossSpec
-from scope_jax.sae.model import SAE, init_sae
+from scope_jax.sae.model import init_sae
 from scope_jax.train import sparse, step
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
+from scope_jax.train.params import LATENT_LEAVES, TrainParams
 from scope_jax.train.step import DENSE_TILE, SPARSE_TILE, STAT_NAMES, latent_block
 
 
@@ -40,6 +41,7 @@ class Recipe:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   clip_grad_norm: float = 0.0  # per SAE and step, the gradient's global norm is clipped to this; 0 = off
+  lazy_adam: bool = True  # Adam skips latents with a zero gradient, exactly (β1 = 0 only; train/step.py)
   bandwidth: float = 0.001
   init_threshold: float = 0.001
   sparsity_loss: str = "l0"  # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
@@ -55,7 +57,7 @@ class Recipe:
 
   @property
   def adam(self) -> Adam:
-    return Adam(self.adam_b1, self.adam_b2, self.adam_eps, self.clip_grad_norm)
+    return Adam(self.adam_b1, self.adam_b2, self.adam_eps, self.clip_grad_norm, self.lazy_adam)
 
   def __post_init__(self):
     _ = self.loss  # constructing the LossSpec validates the loss fields
@@ -94,9 +96,9 @@ def make_groups(widths: Sequence[int], lambdas: Sequence[float], seeds: Sequence
 # ------------------------------------------------------------------ state and shardings
 
 
-def init_group(base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe) -> SAE:
-  """The stacked initial SAEs of `group`, `b_dec` at `b_dec_d` (the data's mean); the rest of
-  each depends only on (base seed, width, seed)."""
+def init_group(base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe) -> TrainParams:
+  """The stacked initial SAEs of `group` in the trainer's layout, `b_dec` at `b_dec_d` (the data's
+  mean); the rest of each depends only on (base seed, width, seed)."""
   base = jax.random.key(base_seed)
   saes = [
     init_sae(
@@ -108,15 +110,15 @@ def init_group(base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe)
     )
     for _, seed in group.members
   ]
-  return jax.tree.map(lambda *a: jnp.stack(a), *saes)
+  return TrainParams.from_sae(jax.tree.map(lambda *a: jnp.stack(a), *saes))
 
 
-def group_spec(mesh: Mesh, width: int) -> SAE:
+def group_spec(mesh: Mesh, width: int) -> TrainParams:
   """PartitionSpecs of a stacked group: latents on `model`, the stack replicated."""
   what = f"SAE width {width}"
   latents = logical_spec(mesh, (None, "latents"), (1, width), what)[1]
-  return SAE(
-    W_enc=P(None, None, latents),
+  return TrainParams(
+    W_enc=P(None, latents, None),
     b_enc=P(None, latents),
     W_dec=P(None, latents, None),
     b_dec=P(None, None),
@@ -131,7 +133,7 @@ def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
   return {
     "step": replicated,
     "params": params,
-    "opt_state": {k: params for k in adam.moment_names},
+    "opt_state": {k: params for k in adam.moment_names} | {"latent_step": tuple(p.b_enc for p in params)},
     "since_fired": tuple(p.b_enc for p in params),
     "first_bad_step": tuple(replicated for _ in groups),
   }
@@ -164,7 +166,7 @@ def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_
     one = functools.partial(sparse.train_sae, **bound, capacity=check_capacity(capacity, group.width))
   else:
     one = functools.partial(step.train_sae, **bound)
-  moment_specs = {k: spec for k in recipe.adam.moment_names}
+  moment_specs = {k: spec for k in recipe.adam.moment_names} | {"latent_step": spec.b_enc}
   stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
   return jax.shard_map(
     functools.partial(step.train_group, train_one=one),
@@ -179,6 +181,21 @@ def check_capacity(capacity: int, width: int) -> int:
   if not 1 <= capacity <= width:
     raise ValueError(f"train.capacity {capacity}: slots per token must be between 1 and the SAE width {width}")
   return capacity
+
+
+def current_moments(state: dict, adam: Adam) -> dict:
+  """The Adam moments the dense update would hold at `state["step"]`: the lazy update (train/step.py)
+  leaves each latent with the moments of the step in `latent_step`."""
+  opt, out = state["opt_state"], {k: [] for k in adam.moment_names}
+  for gi, latent_step_sm in enumerate(opt["latent_step"]):
+    skipped_sm = state["step"] - latent_step_sm
+    caught = {
+      name: adam.catch_up({k: getattr(opt[k][gi], name) for k in adam.moment_names}, skipped_sm)
+      for name in LATENT_LEAVES
+    }
+    for k in adam.moment_names:
+      out[k].append(opt[k][gi].replace(**{name: caught[name][k] for name in LATENT_LEAVES}))
+  return {k: tuple(v) for k, v in out.items()}
 
 
 def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:

@@ -36,11 +36,11 @@ from jax import lax
 
 from scope_jax.parallel.mesh import DATA, MODEL
 from scope_jax.sae.loss import LossSpec
-from scope_jax.sae.model import SAE
 from scope_jax.train.optim import Adam, project_rows
+from scope_jax.train.params import LATENT_LEAVES, TrainParams
 
-F32 = jnp.float32
-LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}  # where each leaf keeps its latents
+F32, I32 = jnp.float32, jnp.int32
+UPDATE_ROWS = 64  # latents per gather/scatter chunk of the update
 STAT_NAMES = (
   "loss",
   "mse",
@@ -51,7 +51,7 @@ STAT_NAMES = (
   "window_fraction",
   "slots_max",
   "sparse",
-)  # per SAE, besides fired_m
+)  # per TrainParams, besides fired_m
 
 
 class Forward(NamedTuple):
@@ -64,36 +64,24 @@ class Forward(NamedTuple):
 
 
 # (block, j, ∂loss/∂xhat [B, d], ∂loss/∂||f||₀ [B], pull [block]) -> (gradients, fired, sums)
-BlockGradients = Callable[[SAE, jax.Array, jax.Array, jax.Array, jax.Array], tuple[SAE, jax.Array, dict]]
+BlockGradients = Callable[
+  [TrainParams, jax.Array, jax.Array, jax.Array, jax.Array], tuple[TrainParams, jax.Array, dict]
+]
 
 
-def _starts(a: jax.Array, s, j, block: int, axis: int) -> list:
-  starts = [s] + [0] * (a.ndim - 1)
-  starts[axis + 1] = j * block
-  return starts
+def _cut(a: jax.Array, s, j, block: int) -> jax.Array:
+  """Latent block j of SAE s of a stacked latent-major array `[S, M, ...]`."""
+  return lax.dynamic_slice(a, (s, j * block) + (0,) * (a.ndim - 2), (1, block, *a.shape[2:]))[0]
 
 
-def _cut(a: jax.Array, s, j, block: int, axis: int) -> jax.Array:
-  """Latent block j (along `axis` of one SAE's array) of SAE s of a stacked group array."""
-  sizes = [1, *a.shape[1:]]
-  sizes[axis + 1] = block
-  return lax.dynamic_slice(a, _starts(a, s, j, block, axis), sizes)[0]
-
-
-def _paste(a: jax.Array, v: jax.Array, s, j, block: int, axis: int) -> jax.Array:
-  return lax.dynamic_update_slice(a, v[None], _starts(a, s, j, block, axis))
-
-
-def block_of(group: SAE, s, j, block: int) -> SAE:
+def block_of(group: TrainParams, s, j, block: int) -> TrainParams:
   """Latent block j of SAE s of a stacked group (its `b_dec` whole)."""
-  return SAE(
-    b_dec=group.b_dec[s], **{name: _cut(getattr(group, name), s, j, block, axis) for name, axis in LATENT_AXIS.items()}
-  )
+  return TrainParams(b_dec=group.b_dec[s], **{name: _cut(getattr(group, name), s, j, block) for name in LATENT_LEAVES})
 
 
-def block_pre(blk: SAE, x_bd: jax.Array) -> jax.Array:
+def block_pre(blk: TrainParams, x_bd: jax.Array) -> jax.Array:
   """Pre-activations `[B, block]`, the pre-encoder bias folded into the bias."""
-  return x_bd @ blk.W_enc + (blk.b_enc - blk.b_dec @ blk.W_enc)
+  return x_bd @ blk.W_enc.T + (blk.b_enc - blk.W_enc @ blk.b_dec)
 
 
 def candidates(pre_bk: jax.Array, theta_k: jax.Array, bandwidth: float) -> tuple[jax.Array, jax.Array]:
@@ -102,7 +90,7 @@ def candidates(pre_bk: jax.Array, theta_k: jax.Array, bandwidth: float) -> tuple
   return pre_bk > theta_k, jnp.abs(pre_bk - theta_k) < bandwidth / 2
 
 
-def reconstruct(group: SAE, s, x_bd: jax.Array, block: int, bandwidth: float) -> Forward:
+def reconstruct(group: TrainParams, s, x_bd: jax.Array, block: int, bandwidth: float) -> Forward:
   """Pass 1 for SAE s on the local latents: `Σ f @ W_dec`, active latents per row and slots
   (active or in-window latents) per row."""
 
@@ -123,8 +111,8 @@ def reconstruct(group: SAE, s, x_bd: jax.Array, block: int, bandwidth: float) ->
 
 
 def block_gradients(
-  blk: SAE, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array, bandwidth: float, pull_k: jax.Array
-) -> tuple[SAE, jax.Array, dict]:
+  blk: TrainParams, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array, bandwidth: float, pull_k: jax.Array
+) -> tuple[TrainParams, jax.Array, dict]:
   """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
   fired, and sums for statistics: pre-activations inside the kernel window (the only ones that
   train θ) and the dead latents' pre-activation loss. `derr_bd` = ∂loss/∂xhat, `dpenalty_b` =
@@ -142,7 +130,7 @@ def block_gradients(
     blk,
     {
       "W_dec": jnp.where(active_bk, pre_bk, 0.0).T @ derr_bd,
-      "x_dpre": x_bd.T @ dpre_bk,
+      "dpre_x": dpre_bk.T @ x_bd,
       "b_enc": jnp.sum(dpre_bk, axis=0),
       "threshold": jnp.sum(jnp.where(in_window_bk, dtheta_bk, 0.0) + pull_bk, axis=0),
       "fired": jnp.sum(active_bk, axis=0, dtype=jnp.int32),
@@ -152,46 +140,77 @@ def block_gradients(
   )
 
 
-def assemble(blk: SAE, local: dict) -> tuple[SAE, jax.Array, dict]:
-  """A block's (gradients, fired latents, statistics) from its sums over the local rows: `x_dpre`
-  = xᵀ ∂pre `[d, block]`, `W_dec` = fᵀ ∂xhat, `b_enc`, `threshold`, `fired` (counts), `in_window`,
+def assemble(blk: TrainParams, local: dict) -> tuple[TrainParams, jax.Array, dict]:
+  """A block's (gradients, fired latents, statistics) from its sums over the local rows: `dpre_x`
+  = ∂preᵀ x `[block, d]`, `W_dec` = fᵀ ∂xhat, `b_enc`, `threshold`, `fired` (counts), `in_window`,
   `dead_loss`. Summed over `data` here; the pre-encoder bias adds its share to ∂W_enc."""
   sums = lax.psum(local, DATA)
-  grads = SAE(
-    W_enc=sums["x_dpre"] - jnp.outer(blk.b_dec, sums["b_enc"]),
+  grads = TrainParams(
+    W_enc=sums["dpre_x"] - jnp.outer(sums["b_enc"], blk.b_dec),
     b_enc=sums["b_enc"],
     W_dec=sums["W_dec"],
-    b_dec=-(blk.W_enc @ sums["b_enc"]),
+    b_dec=-(sums["b_enc"] @ blk.W_enc),
     threshold=sums["threshold"],
   )
   return grads, sums["fired"] > 0, {"in_window": sums["in_window"], "dead_loss": sums["dead_loss"]}
 
 
-def _adam_block(adam: Adam, p_k: jax.Array, g_k: jax.Array, moments: dict, s, j, block: int, axis: int, t, lr):
-  """(block `p_k` after the update, moment arrays with the block updated in place)."""
-  new_k = adam.moments(g_k, {k: _cut(m, s, j, block, axis) for k, m in moments.items()})
-  moments = {k: _paste(m, new_k[k], s, j, block, axis) for k, m in moments.items()}
-  # The update reads the new moments back from the written arrays: given a single producer, XLA
-  # writes the moment arrays in place; reading the old block beside the write copied them whole.
-  new_k = {k: _cut(m, s, j, block, axis) for k, m in moments.items()}
-  return adam.apply(p_k, g_k, new_k, t, lr), moments
+def touched(g: TrainParams) -> jax.Array:
+  """`[block]` bool: the latents whose gradient is not zero. With β1 = 0 Adam leaves every other
+  latent's parameters bit for bit and only multiplies its second moments by β2, which the lazy
+  update defers (`update_rows`)."""
+  return (g.b_enc != 0) | (g.threshold != 0) | jnp.any(g.W_enc != 0, axis=-1) | jnp.any(g.W_dec != 0, axis=-1)
 
 
-def _leaf_moments(moments: dict, name: str) -> dict:
-  return {k: getattr(m, name) for k, m in moments.items()}
+def update_rows(
+  group: TrainParams, moments: dict, s, j, block: int, g: TrainParams, fired_k, update_k, adam: Adam, t, lr
+) -> tuple[TrainParams, dict]:
+  """Adam, the renormalization of fired decoder rows and θ ≥ 0 for the latents of block j marked
+  in `update_k`, written in place `UPDATE_ROWS` latents at a time. Their moments first catch up
+  on the steps they skipped (`moments["latent_step"]`, see `Adam.catch_up`); the other latents
+  are not read or written. `g`: the block's gradients, the decoder's already projected."""
+  ids_u = jnp.nonzero(update_k, size=block + UPDATE_ROWS, fill_value=block)[0]
+  step = t.astype(I32)
+
+  def chunk(c, carry):
+    group, moments = carry
+    i_u = lax.dynamic_slice_in_dim(ids_u, c * UPDATE_ROWS, UPDATE_ROWS)
+    at_u = jnp.where(i_u < block, j * block + i_u, group.width)  # padding: past the end, dropped
+    rows = lambda a: a.at[s, at_u].get(mode="clip")
+    write = lambda a, v: a.at[s, at_u].set(v, mode="drop")
+    skipped_u = t - 1 - rows(moments["latent_step"])
+    new = {}
+    for name in LATENT_LEAVES:
+      g_u = getattr(g, name).at[i_u].get(mode="clip")
+      leaf_moments = {k: rows(getattr(moments[k], name)) for k in adam.moment_names}
+      m_u = adam.moments(g_u, adam.catch_up(leaf_moments, skipped_u))
+      new[name] = adam.apply(rows(getattr(group, name)), g_u, m_u, t, lr)
+      moments = moments | {k: moments[k].replace(**{name: write(getattr(moments[k], name), m_u[k])}) for k in m_u}
+    # A row that did not fire got a zero decoder gradient and so kept its unit norm: it is left
+    # bit for bit as it was, as the lazy update leaves an untouched latent.
+    renormalized = new["W_dec"] / jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
+    new["W_dec"] = jnp.where(fired_k.at[i_u].get(mode="clip")[:, None], renormalized, new["W_dec"])
+    new["threshold"] = jnp.maximum(new["threshold"], 0.0)
+    group = group.replace(**{name: write(getattr(group, name), new[name]) for name in LATENT_LEAVES})
+    return group, moments | {"latent_step": write(moments["latent_step"], step)}
+
+  chunks = (jnp.sum(update_k, dtype=I32) + UPDATE_ROWS - 1) // UPDATE_ROWS
+  return lax.fori_loop(0, chunks, chunk, (group, moments))
 
 
-def _with_leaf_moments(moments: dict, name: str, leaf: dict) -> dict:
-  return {k: m.replace(**{name: leaf[k]}) for k, m in moments.items()}
-
-
-def _latent_sq_norm(g: SAE) -> jax.Array:
+def _latent_sq_norm(g: TrainParams) -> jax.Array:
   """Σ g² over a block's per-latent leaves (`b_dec`'s share is summed separately, once per SAE)."""
-  return sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_AXIS)
+  return sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_LEAVES)
 
 
 def gradient_norm(
-  group: SAE, s, derr_bd: jax.Array, dpenalty_b: jax.Array, pull_m: jax.Array, gradients: BlockGradients, block: int
+  group: TrainParams,
+  s,
+  derr_bd: jax.Array,
+  dpenalty_b: jax.Array,
+  pull_m: jax.Array,
+  gradients: BlockGradients,
+  block: int,
 ) -> jax.Array:
   """The global norm of SAE s's gradient (every leaf), by a pass that forms each block's gradients
   and discards them: the norm must be known before the first block is updated."""
@@ -208,7 +227,7 @@ def gradient_norm(
 
 
 def update_sae(
-  group: SAE,
+  group: TrainParams,
   moments: dict,
   s,
   x_bd: jax.Array,
@@ -222,7 +241,7 @@ def update_sae(
   adam: Adam,
   block: int,
   batch: int,
-) -> tuple[SAE, dict, dict]:
+) -> tuple[TrainParams, dict, dict]:
   """Passes 2 (and with clipping 1½) of SAE s's step given pass 1 (`forward`) and a way to form a
   block's gradients (the dense `block_gradients` or the sparse step's): every block's gradients
   formed and applied in place (Adam, decoder-gradient projection, renormalization, θ ≥ 0), then
@@ -251,20 +270,8 @@ def update_sae(
     g, fired_k, sums_k = gradients(blk, j, derr_bd, dpenalty_b, pull_k)
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
-    new = {}
-    for name, axis in LATENT_AXIS.items():
-      new[name], leaf = _adam_block(
-        adam, getattr(blk, name), getattr(g, name), _leaf_moments(moments, name), s, j, block, axis, t, lr
-      )
-      moments = _with_leaf_moments(moments, name, leaf)
-    # A row that did not fire got a zero gradient and so kept its unit norm: left bit for bit as
-    # it was, which both steps (and the sparse step's lazy Adam) rely on.
-    renormalized = new["W_dec"] / jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
-    new["W_dec"] = jnp.where(fired_k[:, None], renormalized, new["W_dec"])
-    new["threshold"] = jnp.maximum(new["threshold"], 0.0)
-    group = group.replace(
-      **{name: _paste(getattr(group, name), new[name], s, j, block, axis) for name, axis in LATENT_AXIS.items()}
-    )
+    update_k = touched(g) if adam.lazy else jnp.ones_like(fired_k)
+    group, moments = update_rows(group, moments, s, j, block, g, fired_k, update_k, adam, t, lr)
     return (
       group,
       moments,
@@ -286,11 +293,9 @@ def update_sae(
   group, moments, db_dec_d, sq_sum, sums, fired_m = lax.fori_loop(0, group.width // block, update, init)
   sums = lax.psum(sums, MODEL)
   db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
-  b_dec_moments = adam.moments(db_dec_d, {k: m[s] for k, m in _leaf_moments(moments, "b_dec").items()})
+  b_dec_moments = adam.moments(db_dec_d, {k: moments[k].b_dec[s] for k in adam.moment_names})
   group = group.replace(b_dec=group.b_dec.at[s].set(adam.apply(b_dec_d, db_dec_d, b_dec_moments, t, lr)))
-  moments = _with_leaf_moments(
-    moments, "b_dec", {k: m.at[s].set(b_dec_moments[k]) for k, m in _leaf_moments(moments, "b_dec").items()}
-  )
+  moments = moments | {k: moments[k].replace(b_dec=moments[k].b_dec.at[s].set(v)) for k, v in b_dec_moments.items()}
 
   totals = lax.psum(
     {"sq_err": jnp.sum(jnp.square(err_bd)), "l0": jnp.sum(l0_b), "penalty": jnp.sum(spec.penalty(l0_b))}, DATA
@@ -315,7 +320,7 @@ def dense_gradients(x_bd: jax.Array, bandwidth: float) -> BlockGradients:
 
 
 def train_sae(
-  group: SAE,
+  group: TrainParams,
   moments: dict,
   s,
   x_bd: jax.Array,
@@ -327,7 +332,7 @@ def train_sae(
   adam: Adam,
   block: int,
   batch: int,
-) -> tuple[SAE, dict, dict]:
+) -> tuple[TrainParams, dict, dict]:
   """The dense step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global
   batch. Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
   forward = reconstruct(group, s, x_bd, block, spec.bandwidth)
@@ -338,11 +343,11 @@ def train_sae(
   return group, moments, stats | {"sparse": jnp.zeros((), F32)}
 
 
-TrainSAE = Callable[..., tuple[SAE, dict, dict]]  # train_sae's signature
+TrainSAE = Callable[..., tuple[TrainParams, dict, dict]]  # train_sae's signature
 
 
 def train_group(
-  group: SAE,
+  group: TrainParams,
   moments: dict,
   x_bd: jax.Array,
   lam_s: jax.Array,
@@ -350,7 +355,7 @@ def train_group(
   t: jax.Array,
   dead_sm: jax.Array,
   train_one: TrainSAE,
-) -> tuple[SAE, dict, dict]:
+) -> tuple[TrainParams, dict, dict]:
   """One step of every SAE of a stacked group, one after another on the same batch (a `vmap`
   would make XLA copy the group's arrays instead of updating them in place), each by `train_one`
   (`train_sae` or `sparse.train_sae` with the loss, Adam, block and batch bound). Statistics `[S]`."""

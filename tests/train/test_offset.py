@@ -88,7 +88,7 @@ def test_centred_export_on_raw_inputs_gives_c_times_the_training_latents_and_the
   scale = entries[0]["scale"]
   assert scale == pytest.approx(source.scale) and scale < 0.5 * np.sqrt(np.mean(np.sum(x**2, 1)))
   xn = x[:512] / scale
-  for entry, sae in zip(entries, unstack(jax.device_get(state["params"][0]))):
+  for entry, sae in zip(entries, unstack(jax.device_get(state["params"][0]).to_sae())):
     pre = np.asarray(training_pre(sae, xn))
     f_train = np.where(pre > np.asarray(sae.threshold), pre, 0.0)
     recon_train = f_train @ np.asarray(sae.W_dec) + np.asarray(sae.b_dec)

@@ -13,6 +13,7 @@ from scope_jax.config import default_config, validate
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.sae.model import PARAM_NAMES, SAE, init_sae
 from scope_jax.train import stacked
+from scope_jax.train.params import LATENT_LEAVES, TrainParams
 from scope_jax.train.selection import StepChooser, auto_capacity
 
 D, M, ROWS, L0 = 32, 256, 128, 16
@@ -25,7 +26,9 @@ def trained_like(seed: int, x: np.ndarray, l0: float = L0, bandwidth: float = 0.
   rows, d = x.shape
   sae = init_sae(jax.random.key(seed), d, M)
   rng = np.random.default_rng(seed)
-  sae = sae.replace(b_enc=jnp.asarray(rng.normal(0, 0.05, M), jnp.float32))
+  sae = sae.replace(
+    b_enc=jnp.asarray(rng.normal(0, 0.05, M), jnp.float32), b_dec=jnp.asarray(rng.normal(0, 0.1, d), jnp.float32)
+  )  # a trained b_dec, not the zero of initialization: the step moves it by ~lr, as it moves the rest
   pre = np.asarray((x - sae.b_dec) @ sae.W_enc + sae.b_enc, np.float64)
   zipf = 1 / np.arange(1, M + 1) ** 1.2
   density = np.minimum(l0 * zipf / zipf.sum(), 0.5)
@@ -39,10 +42,10 @@ def _one_step(mesh_shape, capacity, saes, x, recipe, dead_m, block=32):
   mesh = make_mesh(*mesh_shape)
   groups = stacked.make_groups([M], [0.01, 0.1][: len(saes)])
   init, shardings, step_fn = stacked.build(0, np.zeros(D), groups, recipe, mesh, ROWS, block, 0, (capacity,))
-  stacked_saes = jax.tree.map(lambda *a: np.stack(a), *[jax.device_get(s) for s in saes])
+  stacked_saes = TrainParams.from_sae(jax.tree.map(lambda *a: np.stack(a), *[jax.device_get(s) for s in saes]))
   state = init() | {"params": jax.device_put((stacked_saes,), shardings["params"])}
   nu = jax.tree.map(lambda p: np.full(p.shape, 1e-6, np.float32), stacked_saes)  # a trained Adam state
-  state["opt_state"] = {"nu": jax.device_put((nu,), shardings["opt_state"]["nu"])}
+  state["opt_state"]["nu"] = jax.device_put((nu,), shardings["opt_state"]["nu"])
   since = np.where(dead_m, recipe.dead_window_steps, 0)[None].repeat(len(saes), 0).astype(np.int32)
   state["since_fired"] = (jax.device_put(since, state["since_fired"][0].sharding),)
   state, metrics = step_fn(state, x)
@@ -51,12 +54,6 @@ def _one_step(mesh_shape, capacity, saes, x, recipe, dead_m, block=32):
 
 def _data(seed=0):
   return np.random.default_rng(seed).normal(size=(ROWS, D)).astype(np.float32)
-
-
-def _latent_leaves(tree: SAE) -> dict:
-  """Each latent-indexed leaf of a stacked group as `[S, M, ...]`."""
-  leaves = {"b_enc": tree.b_enc, "W_dec": tree.W_dec, "threshold": tree.threshold}
-  return leaves | {"W_enc": np.moveaxis(tree.W_enc, -1, 1)}
 
 
 @pytest.mark.parametrize(
@@ -103,8 +100,53 @@ def test_the_sparse_step_gives_the_dense_steps_parameters_and_adam_state(mesh_sh
     for tree in ("params", "nu"):
       a = dense["params"][0] if tree == "params" else dense["opt_state"]["nu"][0]
       b = sparse["params"][0] if tree == "params" else sparse["opt_state"]["nu"][0]
-      for k, leaf in _latent_leaves(a).items():
-        np.testing.assert_array_equal(_latent_leaves(b)[k][i][untouched], leaf[i][untouched], err_msg=f"{tree} {k}")
+      for k in LATENT_LEAVES:
+        leaf_a, leaf_b = np.asarray(getattr(a, k)), np.asarray(getattr(b, k))
+        np.testing.assert_array_equal(leaf_b[i][untouched], leaf_a[i][untouched], err_msg=f"{tree} {k}")
+
+
+def test_lazy_adam_over_several_steps_equals_dense_adam_after_the_flush():
+  """Adam with β1 = 0 skipping the latents a step leaves at zero gradient (`recipe.lazy_adam`, the
+  default) against Adam updating every latent every step: sparse step, mesh 4×2, stacked λs, a
+  new batch each step so that latents skip steps and are touched again (their moments catching
+  up). The parameters, and the moments after `current_moments`, agree; untouched latents' raw
+  moments are stale until then."""
+  x = _data()
+  saes = [trained_like(0, x), trained_like(1, x)]
+  batches = [_data(seed) for seed in range(10, 16)]
+  runs = {}
+  for lazy in (True, False):
+    recipe = stacked.Recipe(lr=1e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, lazy_adam=lazy)
+    mesh = make_mesh(4, 2)
+    init, shardings, step_fn = stacked.build(
+      0, np.zeros(D), stacked.make_groups([M], [0.01, 0.1]), recipe, mesh, ROWS, 32, 0, (64,)
+    )
+    stacked_saes = TrainParams.from_sae(jax.tree.map(lambda *a: np.stack(a), *[jax.device_get(s) for s in saes]))
+    state = init() | {"params": jax.device_put((stacked_saes,), shardings["params"])}
+    caught_up = 0  # latents updated after skipping at least one step
+    for t, batch in enumerate(batches, start=1):
+      before = np.asarray(state["opt_state"]["latent_step"][0])
+      state, metrics = step_fn(state, batch)
+      assert np.all(np.asarray(metrics[0]["sparse"]) == 1)
+      after = np.asarray(state["opt_state"]["latent_step"][0])
+      caught_up += np.sum((after == t) & (before < t - 1))
+    runs[lazy] = (jax.device_get(state), caught_up)
+  (lazy, caught_up), (dense, _) = runs[True], runs[False]
+  lazy_step, dense_step = lazy["opt_state"]["latent_step"][0], dense["opt_state"]["latent_step"][0]
+  assert np.all(dense_step == len(batches))
+  assert 0.1 < np.mean(lazy_step < len(batches)) < 0.9 and caught_up > 20  # skips and catch-ups both happened
+  assert not np.allclose(lazy["opt_state"]["nu"][0].W_dec, dense["opt_state"]["nu"][0].W_dec)  # stale before
+  flushed = stacked.current_moments(lazy, stacked.Recipe().adam)
+  pairs = (("params", lazy["params"][0], dense["params"][0]), ("nu", flushed["nu"][0], dense["opt_state"]["nu"][0]))
+  for tree, a, b in pairs:
+    for k in PARAM_NAMES:
+      u, v = np.asarray(getattr(a, k)), np.asarray(getattr(b, k))
+      assert np.linalg.norm(u - v) <= 1e-6 * np.linalg.norm(v), f"{tree} {k}"
+  never = lazy_step == 0  # never touched: bit for bit the dense run's parameters
+  assert never.sum() > 10
+  for k in LATENT_LEAVES:
+    a, b = np.asarray(getattr(lazy["params"][0], k)), np.asarray(getattr(dense["params"][0], k))
+    np.testing.assert_array_equal(a[never], b[never], err_msg=k)
 
 
 def test_a_token_with_more_slots_than_the_capacity_runs_the_dense_step():

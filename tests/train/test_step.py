@@ -20,6 +20,7 @@ from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import PARAM_NAMES
 from scope_jax.train import stacked, train
 from scope_jax.train.optim import lr_schedule, project_rows
+from scope_jax.train.params import TrainParams
 from tests.sae.test_io import random_sae
 
 
@@ -47,7 +48,9 @@ def _saelens_loss_and_gradients(sae, x, lam, spec, dead_m=None):
   return out, {k: getattr(lens, k).grad.numpy() for k in PARAM_NAMES}
 
 
-def _with_params(state, group_params, shardings):
+def _with_params(state, group_saes, shardings):
+  """`state` with its groups' parameters set from stacked training-form `SAE`s."""
+  group_params = tuple(TrainParams.from_sae(p) for p in group_saes)
   return state | {"params": jax.device_put(group_params, shardings["params"])}
 
 
@@ -93,7 +96,7 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block, capacit
     if dead_m is not None:
       assert out.losses["pre_act_loss"].item() > 0.05 * out.loss.item()
       np.testing.assert_allclose(metrics[0]["dead_latent_loss"][i], out.losses["pre_act_loss"].item(), rtol=1e-5)
-    new = unstack(jax.device_get(state["params"][0]))[i]
+    new = unstack(jax.device_get(state["params"][0]).to_sae())[i]
     assert 5 < float(metrics[0]["l0"][i]) < 75
     np.testing.assert_allclose(metrics[0]["loss"][i], out.loss.item(), rtol=1e-5)
     np.testing.assert_allclose(metrics[0]["mse"][i], out.losses["mse_loss"].item(), rtol=1e-5)
@@ -149,7 +152,7 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, capacity)
     ref = ref.replace(
       W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True), threshold=jnp.maximum(ref.threshold, 0.0)
     )
-    got = unstack(jax.device_get(state["params"][0]))[0]
+    got = unstack(jax.device_get(state["params"][0]).to_sae())[0]
     for k in PARAM_NAMES:
       np.testing.assert_allclose(getattr(got, k), getattr(ref, k), rtol=1e-4, atol=2e-6, err_msg=f"step {s} {k}")
   assert not np.allclose(ref.threshold, sae.threshold)
@@ -260,7 +263,7 @@ def test_training_recovers_a_planted_sparse_dictionary(tmp_path):
         np.sum(((x[:2048] / np.sqrt(np.mean(np.sum(x**2, 1)))) - p.b_dec) @ p.W_enc + p.b_enc > p.threshold, axis=1)
       )
     )
-    for p in unstack(jax.device_get(state["params"][0]))
+    for p in unstack(jax.device_get(state["params"][0]).to_sae())
   ]
   assert l0[0] > l0[1] > l0[2], l0
 

@@ -110,8 +110,9 @@ def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
 
 
 def test_kill_9_resumes_the_sparse_step_bit_identically(tmp_path, acts_npy):
-  """`train.step=sparse` with its automatic capacity: the capacity in use is kept beside each
-  checkpoint, so the resumed run makes the same sparse-or-dense choice at every step."""
+  """`train.step=sparse` with its automatic capacity and lazy Adam: the capacity in use is kept
+  beside each checkpoint, so the resumed run makes the same sparse-or-dense choice at every step,
+  and each latent's `latent_step` travels with the Adam state."""
   sparse = ("--config.train.step=sparse", "--config.recipe.init_threshold=0.15")  # L0 ≈ 1% from the start
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   subprocess.run(_cli(straight, acts_npy, *sparse), cwd=REPO, check=True, capture_output=True)
@@ -121,6 +122,15 @@ def test_kill_9_resumes_the_sparse_step_bit_identically(tmp_path, acts_npy):
   subprocess.run(_cli(interrupted, acts_npy, *sparse), cwd=REPO, check=True, capture_output=True)
   for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
     np.testing.assert_array_equal(a, b)
+  latent_step = np.concatenate(
+    [
+      np.ravel(a)
+      for a in jax.tree.leaves(
+        ocp.StandardCheckpointer().restore(interrupted / "checkpoints" / "60" / "state")["opt_state"]["latent_step"]
+      )
+    ]
+  )
+  assert 0.05 < np.mean(latent_step < 60), "lazy Adam skipped no latent: the resume did not test it"
   lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
   assert all(r["sparse"] == 1 for r in lines), [(r["step"], r["sae"], r["slots_max"]) for r in lines]
   selection = json.loads((interrupted / "checkpoints" / "60" / "selection" / "metadata").read_text())
@@ -278,6 +288,20 @@ def test_a_checkpoint_from_before_a_new_recipe_field_resumes_at_its_default(tmp_
   changed.recipe.clip_grad_norm = 1.0
   with pytest.raises(ValueError, match=r"recipe.clip_grad_norm: 0.0 -> 1.0"):
     train(changed, tmp_path, source, progress=False)
+
+
+def test_a_checkpoint_of_the_earlier_state_layout_is_refused_and_kept(tmp_path, monkeypatch):
+  source = ArraySource(_data(), 64, make_mesh(data=4, model=2))
+  identity = checkpoints.run_identity
+  with monkeypatch.context() as m:  # what scope_jax wrote before W_enc became latent-major
+    m.setattr(checkpoints, "run_identity", lambda *a: {k: v for k, v in identity(*a).items() if k != "state_layout"})
+    train(_small_config(10), tmp_path, source, progress=False)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  with pytest.raises(
+    ValueError, match=r"checkpoints/10: a checkpoint of state layout 1 \(this scope_jax reads layout 2"
+  ):
+    train(_small_config(20), tmp_path, source, progress=False)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_data_of_another_width_is_refused(tmp_path):
