@@ -13,11 +13,11 @@ decoder constraints), float32, on this machine, for
 
 Also: the sparse step with lazy Adam (`recipe.lazy_adam`, the default) against Adam updating
 every latent every step, at the first and last shapes and at the widest one on 256 rows, where
-most latents see no slot in a step. And at the first shape: a sweep of 8 stacked SAEs against 8 single steps and the step with
-`recipe.clip_grad_norm` against the plain one (dense, from initialization), each compiled step's
-peak memory against params + Adam state + batch, and the bfloat16 encoder matmul against the
-float32 one (the most a bfloat16 screening encoder could gain). The last line printed is one JSON
-object.
+most latents see no slot in a step. And at the first shape: a sweep of 8 stacked SAEs against 8
+single steps and the step with `recipe.clip_grad_norm` against the plain one (dense, from
+initialization), each compiled step's peak memory against params + Adam state + batch, and the
+bfloat16 encoder matmul against the float32 one (the most a bfloat16 screening encoder could
+gain). The last line printed is one JSON object.
 
 Adam with β1 = 0 keeps no first moment (see train/optim.py), so "Adam state" is the second moment.
 

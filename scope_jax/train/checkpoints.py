@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from scope_jax.data.source import BatchSource, open_source
 from scope_jax.layout import RunLayout, differences
@@ -46,8 +48,8 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
   )
 
 
-# The trainer state's layout: 2 = latent-major W_enc and Adam's latent_step (train/params.py). Checkpoints
-# of layout 1 (W_enc [d, M], written before it) have no field.
+# The trainer state's layout: 2 = latent-major W_enc and Adam's latent_step (train/params.py).
+# Checkpoints of layout 1 (W_enc [S, d, M], no latent_step) have no field; they are converted.
 STATE_LAYOUT = 2
 
 
@@ -83,15 +85,15 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   if step is None:
     return init()
   saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
-  if saved.get("state_layout", 1) != STATE_LAYOUT:
+  layout = saved.setdefault("state_layout", 1)
+  if layout not in (1, STATE_LAYOUT):
     raise ValueError(
-      f"{mngr.directory}/{step}: a checkpoint of state layout {saved.get('state_layout', 1)} (this scope_jax "
-      f"reads layout {STATE_LAYOUT}: latent-major W_enc and lazy Adam); export or resume it with the "
-      "scope_jax that wrote it, or train in a new --workdir"
+      f"{mngr.directory}/{step}: a checkpoint of state layout {layout}, written by a newer scope_jax "
+      f"(this one reads layouts 1 and {STATE_LAYOUT}); resume it with that version"
     )
   # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
   saved["recipe"] = dataclasses.asdict(stacked.Recipe()) | saved["recipe"]
-  if diffs := differences(saved, identity):
+  if diffs := differences(saved | {"state_layout": STATE_LAYOUT}, identity):
     raise ValueError(
       f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
       + "\n  ".join(diffs)
@@ -100,7 +102,33 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   abstract = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), jax.eval_shape(init), shardings
   )
+  if layout == 1:
+    return _from_layout_1(mngr, step, abstract, shardings)
   return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+def _from_layout_1(mngr, step: int, abstract: dict, shardings: dict) -> dict:
+  """A checkpoint of state layout 1 in today's layout: `W_enc` and its moments transposed to
+  `[S, M, d]`, every latent's moments current at the checkpoint's step (layout 1 updated every
+  latent every step). The files are left as they are; the next checkpoint is of layout 2."""
+
+  def as_saved(p):  # W_enc as layout 1 held it: [S, d, M], latents still on `model`
+    w = p.W_enc
+    spec = w.sharding.spec
+    sharding = NamedSharding(w.sharding.mesh, P(spec[0], spec[2], spec[1]))
+    return p.replace(W_enc=jax.ShapeDtypeStruct((w.shape[0], w.shape[2], w.shape[1]), w.dtype, sharding=sharding))
+
+  moments = {k: tuple(map(as_saved, v)) for k, v in abstract["opt_state"].items() if k != "latent_step"}
+  saved = abstract | {"params": tuple(map(as_saved, abstract["params"])), "opt_state": moments}
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved)))["state"]
+
+  def convert(state):
+    swap = lambda p: p.replace(W_enc=jnp.swapaxes(p.W_enc, -1, -2))
+    latent_step = tuple(jnp.full(p.b_enc.shape, state["step"], jnp.int32) for p in state["params"])
+    opt = {k: tuple(map(swap, v)) for k, v in state["opt_state"].items()}
+    return state | {"params": tuple(map(swap, state["params"])), "opt_state": opt | {"latent_step": latent_step}}
+
+  return jax.jit(convert, out_shardings=shardings, donate_argnums=0)(state)
 
 
 def restore_selection(mngr) -> dict | None:

@@ -155,11 +155,13 @@ def assemble(blk: TrainParams, local: dict) -> tuple[TrainParams, jax.Array, dic
   return grads, sums["fired"] > 0, {"in_window": sums["in_window"], "dead_loss": sums["dead_loss"]}
 
 
-def touched(g: TrainParams) -> jax.Array:
-  """`[block]` bool: the latents whose gradient is not zero. With β1 = 0 Adam leaves every other
-  latent's parameters bit for bit and only multiplies its second moments by β2, which the lazy
-  update defers (`update_rows`)."""
-  return (g.b_enc != 0) | (g.threshold != 0) | jnp.any(g.W_enc != 0, axis=-1) | jnp.any(g.W_dec != 0, axis=-1)
+def touched(g: TrainParams, fired_k: jax.Array) -> jax.Array:
+  """`[block]` bool: the latents that may have a non-zero gradient. With β1 = 0 Adam leaves every
+  other latent's parameters bit for bit and only multiplies its second moments by β2, which the
+  lazy update defers (`update_rows`). A latent that fired on no row has zero ∂W_dec (f = 0) and
+  ∂pre only from the dead-latent pull, which also makes its ∂b_enc = -rows·pull non-zero; so
+  firing, ∂b_enc and ∂θ decide without reading the `[block, d]` gradients."""
+  return fired_k | (g.b_enc != 0) | (g.threshold != 0)
 
 
 def update_rows(
@@ -270,7 +272,7 @@ def update_sae(
     g, fired_k, sums_k = gradients(blk, j, derr_bd, dpenalty_b, pull_k)
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
-    update_k = touched(g) if adam.lazy else jnp.ones_like(fired_k)
+    update_k = touched(g, fired_k) if adam.lazy else jnp.ones_like(fired_k)
     group, moments = update_rows(group, moments, s, j, block, g, fired_k, update_k, adam, t, lr)
     return (
       group,

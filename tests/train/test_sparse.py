@@ -105,18 +105,28 @@ def test_the_sparse_step_gives_the_dense_steps_parameters_and_adam_state(mesh_sh
         np.testing.assert_array_equal(leaf_b[i][untouched], leaf_a[i][untouched], err_msg=f"{tree} {k}")
 
 
-def test_lazy_adam_over_several_steps_equals_dense_adam_after_the_flush():
+@pytest.mark.parametrize("dead", [False, True], ids=["plain", "dead-latent-loss"])
+def test_lazy_adam_over_several_steps_equals_dense_adam_after_the_flush(dead):
   """Adam with β1 = 0 skipping the latents a step leaves at zero gradient (`recipe.lazy_adam`, the
   default) against Adam updating every latent every step: sparse step, mesh 4×2, stacked λs, a
   new batch each step so that latents skip steps and are touched again (their moments catching
   up). The parameters, and the moments after `current_moments`, agree; untouched latents' raw
-  moments are stale until then."""
+  moments are stale until then. With the dead-latent loss, latents that stop firing for two
+  steps are pulled, i.e. touched, from then on."""
   x = _data()
   saes = [trained_like(0, x), trained_like(1, x)]
   batches = [_data(seed) for seed in range(10, 16)]
   runs = {}
   for lazy in (True, False):
-    recipe = stacked.Recipe(lr=1e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, lazy_adam=lazy)
+    recipe = stacked.Recipe(
+      lr=1e-3,
+      lr_warmup_steps=0,
+      sparsity_warmup_steps=0,
+      bandwidth=0.05,
+      lazy_adam=lazy,
+      dead_latent_loss=0.5 if dead else 0.0,
+      dead_window_steps=2,
+    )
     mesh = make_mesh(4, 2)
     init, shardings, step_fn = stacked.build(
       0, np.zeros(D), stacked.make_groups([M], [0.01, 0.1]), recipe, mesh, ROWS, 32, 0, (64,)
@@ -143,7 +153,7 @@ def test_lazy_adam_over_several_steps_equals_dense_adam_after_the_flush():
       u, v = np.asarray(getattr(a, k)), np.asarray(getattr(b, k))
       assert np.linalg.norm(u - v) <= 1e-6 * np.linalg.norm(v), f"{tree} {k}"
   never = lazy_step == 0  # never touched: bit for bit the dense run's parameters
-  assert never.sum() > 10
+  assert never.sum() > 10 or dead
   for k in LATENT_LEAVES:
     a, b = np.asarray(getattr(lazy["params"][0], k)), np.asarray(getattr(dense["params"][0], k))
     np.testing.assert_array_equal(a[never], b[never], err_msg=k)

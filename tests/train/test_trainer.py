@@ -290,18 +290,35 @@ def test_a_checkpoint_from_before_a_new_recipe_field_resumes_at_its_default(tmp_
     train(changed, tmp_path, source, progress=False)
 
 
-def test_a_checkpoint_of_the_earlier_state_layout_is_refused_and_kept(tmp_path, monkeypatch):
+def test_a_checkpoint_of_the_earlier_state_layout_resumes_converted(tmp_path):
+  """A checkpoint written before W_enc became latent-major (`[S, d, M]`, no `latent_step`, no
+  `state_layout` in its identity) is converted on restore and the run goes on as if it had never
+  stopped. That layout's Adam updated every latent, so `lazy_adam=False` here makes the two runs
+  comparable bit for bit."""
   source = ArraySource(_data(), 64, make_mesh(data=4, model=2))
-  identity = checkpoints.run_identity
-  with monkeypatch.context() as m:  # what scope_jax wrote before W_enc became latent-major
-    m.setattr(checkpoints, "run_identity", lambda *a: {k: v for k, v in identity(*a).items() if k != "state_layout"})
-    train(_small_config(10), tmp_path, source, progress=False)
-  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-  with pytest.raises(
-    ValueError, match=r"checkpoints/10: a checkpoint of state layout 1 \(this scope_jax reads layout 2"
-  ):
-    train(_small_config(20), tmp_path, source, progress=False)
-  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+  def config(steps):
+    c = _small_config(steps)
+    c.recipe.lazy_adam = False
+    return c
+
+  straight = jax.device_get(train(config(20), tmp_path / "straight", source, progress=False))
+  old = tmp_path / "old"
+  state = jax.device_get(train(config(10), old, source, progress=False))
+  swap = lambda p: p.replace(W_enc=np.swapaxes(p.W_enc, -1, -2))
+  opt = {k: tuple(map(swap, v)) for k, v in state["opt_state"].items() if k != "latent_step"}
+  layout_1 = state | {"params": tuple(map(swap, state["params"])), "opt_state": opt}
+  identity = {k: v for k, v in checkpoints.run_identity(config(10), source).items() if k != "state_layout"}
+  shutil.rmtree(old / "checkpoints")
+  mngr = ocp.CheckpointManager((old / "checkpoints").absolute(), item_names=("state", "identity"))
+  mngr.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(layout_1), identity=ocp.args.JsonSave(identity)))
+  mngr.wait_until_finished()
+  mngr.close()
+
+  resumed = jax.device_get(train(config(20), old, source, progress=False))
+  assert int(resumed["step"]) == 20
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_data_of_another_width_is_refused(tmp_path):
