@@ -12,6 +12,12 @@ The step never holds a `[batch, latents]` array nor a params-sized gradient:
 `update_sae` takes pass 1's result and the way a block's gradients are formed, so the sparse step
 (train/sparse.py) shares everything after them with this one.
 
+Lazy Adam (`recipe.lazy_adam`): the update reads and writes only the latents that may have a
+gradient (`touched`), `UPDATE_ROWS` rows at a time, gathered from the latent-major arrays
+(train/params.py); a skipped latent's parameters are what the dense update would leave (β1 = 0)
+and its second moments catch up on the skipped steps' β2 decay when it is next touched
+(`Adam.catch_up`, bookkept in `latent_step`).
+
 With `recipe.clip_grad_norm` a pass between the two forms every block's gradient only to sum its
 squares (`gradient_norm`): the clip factor must be known before the first block is updated. It
 costs ~1.5× the step's time and no memory.
@@ -51,7 +57,7 @@ STAT_NAMES = (
   "window_fraction",
   "slots_max",
   "sparse",
-)  # per TrainParams, besides fired_m
+)  # per SAE, besides fired_m
 
 
 class Forward(NamedTuple):
