@@ -122,14 +122,8 @@ def test_kill_9_resumes_the_sparse_step_bit_identically(tmp_path, acts_npy):
   subprocess.run(_cli(interrupted, acts_npy, *sparse), cwd=REPO, check=True, capture_output=True)
   for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
     np.testing.assert_array_equal(a, b)
-  latent_step = np.concatenate(
-    [
-      np.ravel(a)
-      for a in jax.tree.leaves(
-        ocp.StandardCheckpointer().restore(interrupted / "checkpoints" / "60" / "state")["opt_state"]["latent_step"]
-      )
-    ]
-  )
+  saved = ocp.StandardCheckpointer().restore(interrupted / "checkpoints" / "60" / "state")
+  latent_step = np.concatenate([np.ravel(a) for a in jax.tree.leaves(saved["opt_state"]["latent_step"])])
   assert 0.05 < np.mean(latent_step < 60), "lazy Adam skipped no latent: the resume did not test it"
   lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
   assert all(r["sparse"] == 1 for r in lines), [(r["step"], r["sae"], r["slots_max"]) for r in lines]
