@@ -115,16 +115,20 @@ class StepChooser:
         tqdm.write(f"train: sparse step capacity {list(self.capacities)} -> {list(grown)} slots per token")
         self.capacities = grown
     if self.running == "sparse":
-      self.fits = tuple(bool(n <= k) for n, k in zip(slots_max, self.capacities))
+      self._note_fits(slots_max)
     if self.kind != "auto" or self.running == "sparse" or self._probe or step < self.next_probe:
       return
     if all(n > w // 4 for n, w in zip(slots_max, self.widths)):
       return  # too many slots for the sparse step to win anywhere
     if not self.fixed:
       self.capacities = tuple(auto_capacity(n, w) for n, w in zip(slots_max, self.widths))
-    self.fits = tuple(bool(n <= k) for n, k in zip(slots_max, self.capacities))
+    self._note_fits(slots_max)
     self._probe = [(step, "dense"), (step + 1, "sparse"), (step + 2, "dense"), (step + 3, "sparse")]
     self._times = {}
+
+  def _note_fits(self, slots_max: Sequence[float]) -> None:
+    """Which groups' most slots per token fit their capacity (the others run the dense step)."""
+    self.fits = tuple(bool(n <= k) for n, k in zip(slots_max, self.capacities))
 
   def _decide(self, step: int) -> None:
     dense_s, sparse_s = min(self._times["dense"]), min(self._times["sparse"])

@@ -38,13 +38,22 @@ def trained_like(seed: int, x: np.ndarray, l0: float = L0, bandwidth: float = 0.
   return sae.replace(threshold=jnp.asarray(np.maximum(theta, 1e-3), jnp.float32))
 
 
+def _recipe(**changes) -> stacked.Recipe:
+  return stacked.Recipe(lr=1e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, **changes)
+
+
+def _starting_at(saes: list[SAE], init, shardings) -> dict:
+  """A fresh state of one stacked group whose parameters are `saes` (training-form `SAE`s)."""
+  stacked_saes = TrainParams.from_sae(jax.tree.map(lambda *a: np.stack(a), *[jax.device_get(s) for s in saes]))
+  return init() | {"params": jax.device_put((stacked_saes,), shardings["params"])}
+
+
 def _one_step(mesh_shape, capacity, saes, x, recipe, dead_m, block=32):
   mesh = make_mesh(*mesh_shape)
   groups = stacked.make_groups([M], [0.01, 0.1][: len(saes)])
   init, shardings, step_fn = stacked.build(0, np.zeros(D), groups, recipe, mesh, ROWS, block, 0, (capacity,))
-  stacked_saes = TrainParams.from_sae(jax.tree.map(lambda *a: np.stack(a), *[jax.device_get(s) for s in saes]))
-  state = init() | {"params": jax.device_put((stacked_saes,), shardings["params"])}
-  nu = jax.tree.map(lambda p: np.full(p.shape, 1e-6, np.float32), stacked_saes)  # a trained Adam state
+  state = _starting_at(saes, init, shardings)
+  nu = jax.tree.map(lambda p: np.full(p.shape, 1e-6, np.float32), state["params"][0])  # a trained Adam state
   state["opt_state"]["nu"] = jax.device_put((nu,), shardings["opt_state"]["nu"])
   since = np.where(dead_m, recipe.dead_window_steps, 0)[None].repeat(len(saes), 0).astype(np.int32)
   state["since_fired"] = (jax.device_put(since, state["since_fired"][0].sharding),)
@@ -64,15 +73,7 @@ def _data(seed=0):
 def test_the_sparse_step_gives_the_dense_steps_parameters_and_adam_state(mesh_shape, clip, dead):
   x = _data()
   saes = [trained_like(0, x), trained_like(1, x)]
-  recipe = stacked.Recipe(
-    lr=1e-3,
-    lr_warmup_steps=0,
-    sparsity_warmup_steps=0,
-    bandwidth=0.05,
-    clip_grad_norm=clip,
-    dead_latent_loss=0.5 if dead else 0.0,
-    dead_window_steps=3,
-  )
+  recipe = _recipe(clip_grad_norm=clip, dead_latent_loss=0.5 if dead else 0.0, dead_window_steps=3)
   dead_m = (np.arange(M) % 7 == 3) if dead else np.zeros(M, bool)
   dense, m_dense = _one_step(mesh_shape, 0, saes, x, recipe, dead_m)
   sparse, m_sparse = _one_step(mesh_shape, 64, saes, x, recipe, dead_m)
@@ -118,21 +119,12 @@ def test_lazy_adam_over_several_steps_equals_dense_adam_after_the_flush(dead):
   batches = [_data(seed) for seed in range(10, 16)]
   runs = {}
   for lazy in (True, False):
-    recipe = stacked.Recipe(
-      lr=1e-3,
-      lr_warmup_steps=0,
-      sparsity_warmup_steps=0,
-      bandwidth=0.05,
-      lazy_adam=lazy,
-      dead_latent_loss=0.5 if dead else 0.0,
-      dead_window_steps=2,
-    )
+    recipe = _recipe(lazy_adam=lazy, dead_latent_loss=0.5 if dead else 0.0, dead_window_steps=2)
     mesh = make_mesh(4, 2)
     init, shardings, step_fn = stacked.build(
       0, np.zeros(D), stacked.make_groups([M], [0.01, 0.1]), recipe, mesh, ROWS, 32, 0, (64,)
     )
-    stacked_saes = TrainParams.from_sae(jax.tree.map(lambda *a: np.stack(a), *[jax.device_get(s) for s in saes]))
-    state = init() | {"params": jax.device_put((stacked_saes,), shardings["params"])}
+    state = _starting_at(saes, init, shardings)
     caught_up = 0  # latents updated after skipping at least one step
     for t, batch in enumerate(batches, start=1):
       before = np.asarray(state["opt_state"]["latent_step"][0])
@@ -167,7 +159,7 @@ def test_a_token_with_more_slots_than_the_capacity_runs_the_dense_step():
   top2 = np.sort(pre, axis=0)[-2:]
   mine = (pre.argmax(axis=0) == 5) & (top2[1] - top2[0] > 0.2)
   saes = [sae.replace(threshold=jnp.where(mine, (top2[0] + top2[1]) / 2, sae.threshold))]  # fire on row 5 alone
-  recipe = stacked.Recipe(lr=1e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05)
+  recipe = _recipe()
   none_dead = np.zeros(M, bool)
   dense, m_dense = _one_step((4, 2), 0, saes, x, recipe, none_dead)
   fallback, m_fallback = _one_step((4, 2), 64, saes, x, recipe, none_dead)
