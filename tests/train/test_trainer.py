@@ -315,6 +315,18 @@ def test_a_checkpoint_of_the_earlier_state_layout_resumes_converted(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_checkpoint_of_a_newer_state_layout_is_refused_and_kept(tmp_path, monkeypatch):
+  source = ArraySource(_data(), 64, make_mesh(data=4, model=2))
+  identity = checkpoints.run_identity
+  with monkeypatch.context() as m:
+    m.setattr(checkpoints, "run_identity", lambda *a: identity(*a) | {"state_layout": 3})
+    train(_small_config(10), tmp_path, source, progress=False)
+  before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+  with pytest.raises(ValueError, match=r"checkpoints/10: a checkpoint of state layout 3, written by a newer scope_jax"):
+    train(_small_config(20), tmp_path, source, progress=False)
+  assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
+
+
 def test_data_of_another_width_is_refused(tmp_path):
   c = _small_config()
   c.data.width = 32
