@@ -5,19 +5,31 @@ machine trains to a usable quality in about 16 minutes end to end (AMD EPYC, 2 c
     scope-jax run --config configs/local.py --workdir runs/local
 
 Arguments (`configs/local.py:tokens=20000,steps=300`): tokens (extraction budget, 0 = all the
-text), steps, widths, l1, site. Warm-ups and the decay scale with `steps`. Every choice below was
-measured: docs/local_recipe.md.
+text), steps, widths, l1, site, kind. Warm-ups and the decay scale with `steps`. Every choice below
+was measured: docs/local_recipe.md.
+
+`kind=transcoder` (or `skip_transcoder`) trains MLP transcoders of layer 6 instead (input
+mlp_in.6, target mlp.6, both extracted by one forward); `kind=matryoshka` trains Matryoshka SAEs
+at res.6 with nested prefixes of 128 and 512 latents.
 """
 
 from scope_jax.config import default_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, tokens=0, steps=2_000, widths=[1_024, 2_048], l1=[2e-4, 4.5e-4, 1e-3], site="res.6")
+  arg = parse_arg(arg, tokens=0, steps=2_000, widths=[1_024, 2_048], l1=[2e-4, 4.5e-4, 1e-3], site="res.6", kind="sae")
   c = default_config()
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
   c.site = arg.site
+  if arg.kind in ("transcoder", "skip_transcoder"):
+    layer = arg.site.split(".")[1]
+    c.kind, c.site, c.target_site = arg.kind, f"mlp_in.{layer}", f"mlp.{layer}"
+    c.sites = (c.site, c.target_site)
+  elif arg.kind == "matryoshka":
+    c.sweep.prefixes = (128, 512)
+  elif arg.kind != "sae":
+    raise ValueError(f"configs/local.py kind={arg.kind!r}: expected sae, transcoder, skip_transcoder or matryoshka")
   c.data.text = (
     "builtin:python-docs",
     "builtin:python-docstrings",

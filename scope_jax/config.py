@@ -20,6 +20,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_dtype = "float32"  # forward dtype: float32 | bfloat16
   c.sites = ("res.6",)  # extract: every site written by one forward
   c.site = ml_collections.FieldReference(None, field_type=str)  # train/export: the site to train on
+  c.kind = "sae"  # sae | transcoder | skip_transcoder (docs/recipe.md §4): a transcoder reads `site`
+  # (an MLP input, mlp_in.L) and predicts `target_site`
+  c.target_site = ml_collections.FieldReference(None, field_type=str)  # a transcoder's target, a site of
+  # the same layer in the same store; unset = mlp.L for site mlp_in.L
 
   c.data = ml_collections.ConfigDict()
   c.data.text = ("builtin:python-docs",)  # text sources (scope_jax/text/sources.py)
@@ -41,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sweep.widths = (16_384,)  # one stacked group per width
   c.sweep.l1_coefficients = (6e-4,)  # λ values; every width trains every λ
   c.sweep.seeds = (0,)  # init seeds; every (width, λ) trains every seed
+  c.sweep.prefixes = ()  # Matryoshka: nested prefix sizes, increasing, each at most the narrowest
+  # width (the width itself is always the last prefix); () = plain SAEs
 
   c.recipe = ml_collections.ConfigDict({f.name: f.default for f in Recipe.__dataclass_fields__.values()})
   c.recipe.target_l0 = ml_collections.FieldReference(None, field_type=float)
@@ -54,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   # (train/sparse.py, train/selection.py)
   c.train.capacity = 0  # the sparse step's slots per token; more in a step runs the dense step
   # instead; 0 = automatic, from the slots observed
+  c.train.init_from = ""  # start every SAE of the sweep from this file (ours, Gemma Scope 1/2,
+  # SAELens; its released normalization unfolded into this store's) instead of a fresh init
   c.train.log_every = 100
   c.train.checkpoint_every = 1_000
   c.train.keep_checkpoints = 3
@@ -131,7 +139,13 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "recipe.dead_window_steps": 1,
 }
 POSITIVE = ("recipe.lr", "recipe.adam_eps", "recipe.bandwidth")
-NON_NEGATIVE = ("recipe.clip_grad_norm", "recipe.dead_latent_loss", "recipe.init_threshold", "eval.delta_loss_se")
+NON_NEGATIVE = (
+  "recipe.clip_grad_norm",
+  "recipe.dead_latent_loss",
+  "recipe.init_threshold",
+  "recipe.frequency_scale",
+  "eval.delta_loss_se",
+)
 BELOW_ONE = ("recipe.adam_b1", "recipe.adam_b2")  # in [0, 1)
 
 
@@ -168,6 +182,7 @@ def choices() -> dict[str, tuple[str, ...]]:
   from scope_jax.sae.loss import SPARSITY_LOSSES
   from scope_jax.text.sequences import MODES
   from scope_jax.train.selection import STEP_KINDS
+  from scope_jax.train.stacked import KINDS
 
   return {
     "model_dtype": DTYPES,
@@ -178,6 +193,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     "recipe.sparsity_loss": SPARSITY_LOSSES,
     "grid.extract_by": EXTRACT_BY,
     "train.step": STEP_KINDS,
+    "kind": KINDS,
   }
 
 
@@ -212,6 +228,13 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
   check("sweep.widths", bool(widths) and all(_is_int(w) and w >= 1 for w in widths), "positive integers")
   check("sweep.l1_coefficients", bool(lambdas) and all(_is_number(v) and v >= 0 for v in lambdas), "numbers >= 0")
   check("sweep.seeds", bool(seeds) and all(_is_int(v) and v >= 0 for v in seeds), "integers >= 0")
+  prefixes = config.sweep.prefixes
+  if widths and all(_is_int(w) and w >= 1 for w in widths):
+    narrowest = min(widths)
+    ok = all(_is_int(p) and p >= 1 for p in prefixes) and all(b > a for a, b in zip(prefixes, prefixes[1:]))
+    check("sweep.prefixes", ok, "positive integers, strictly increasing (Matryoshka prefix sizes)")
+    if ok and prefixes:
+      check("sweep.prefixes", prefixes[-1] <= narrowest, f"sizes at most the narrowest width ({narrowest})")
   capacity = config.train.capacity
   if _is_int(capacity) and capacity and all(_is_int(w) for w in widths) and widths:
     check("train.capacity", capacity <= min(widths), f"at most the narrowest width ({min(widths)}), or 0 (automatic)")
@@ -225,9 +248,35 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
     check("site", _is_site(config.site), "a site name KIND.LAYER, e.g. 'res.6'")
     if config.data.path is None and command != "extract":  # training reads the store extraction writes
       check("site", config.site in sites, f"one of sites {sites} (the store holds those), or set data.path")
+  if config.kind != "sae" and command != "extract":
+    found.extend(transcoder_problems(config))
   if config.recipe.sparsity_loss == "quadratic":
     target = config.recipe.target_l0
     check("recipe.target_l0", _is_number(target) and target > 0, "a number > 0 (sparsity_loss 'quadratic')")
+  return found
+
+
+def transcoder_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """A transcoder's input and target: sites of one layer, both in the store extraction writes."""
+  from scope_jax.models.sites import parse_site
+  from scope_jax.train.checkpoints import target_site
+
+  site, target = config.site, target_site(config)
+  if site is None or not _is_site(site):
+    return [f"site = {site!r}: expected the transcoder's input site (e.g. 'mlp_in.6') with kind = {config.kind!r}"]
+  if target is None or not _is_site(target):
+    return [
+      f"target_site = {config.target_site!r}: expected the transcoder's target site (e.g. 'mlp.6'); "
+      f"it defaults to mlp.L only for site mlp_in.L, not {site!r}"
+    ]
+  found = []
+  if parse_site(target).layer != parse_site(site).layer:
+    layer = parse_site(site).layer
+    found.append(f"target_site = {target!r}: expected a site of layer {layer}, the layer of site {site!r}")
+  if target == site:
+    found.append(f"target_site = {target!r}: a transcoder's target must differ from its input site")
+  if config.data.path is None and target not in tuple(config.sites):
+    found.append(f"target_site = {target!r}: expected one of sites {tuple(config.sites)} (the store holds those)")
   return found
 
 

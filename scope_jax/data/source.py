@@ -23,6 +23,7 @@ from scope_jax.data.loader import StoreLoader
 from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
 from scope_jax.data.order import epoch_permutation
 from scope_jax.parallel.mesh import DATA, owned_blocks
+from scope_jax.parallel.prefetch import Prefetcher
 
 
 class BatchSource(Protocol):
@@ -116,6 +117,56 @@ class ArraySource:
       "seed": self.seed,
       "batch_size": self.batch_size,
     }
+
+
+class PairedSource:
+  """A transcoder's batches: `[batch, d_in + d_out]`, each row its input site's activation then its
+  target site's, from the same row of one extraction (the store writes every site of a row
+  together, and two sources of one store with one seed read the same rows in the same order).
+
+  Input and target are each normalized by their own C ("centred" by default): a λ then means the
+  same for a transcoder as for an SAE of the target site, whatever the two sites' scales (Gemma
+  Scope divided both by √d_model instead, docs/recipe.md §4). `scale` is the input's C,
+  `target_scale` the target's; export folds both back (sae/model.py `fold`).
+  """
+
+  def __init__(self, input_source: BatchSource, target_source: BatchSource):
+    ins, outs = input_source.describe(), target_source.describe()
+    same = {k: (ins.get(k), outs.get(k)) for k in ("root", "rows", "seed", "batch_size", "streams")}
+    if any(a != b for a, b in same.values()):
+      raise ValueError(f"transcoder input and target must come from one store read alike; they differ in {same}")
+    if getattr(input_source, "reader", None) is not None and input_source.reader.nonfinite != "error":
+      raise ValueError(
+        "data.nonfinite 'skip' replaces rows per site, so input and target rows would no longer pair; "
+        "use 'error' to train a transcoder"
+      )
+    self.input, self.target = input_source, target_source
+    self.input_width, self.width = input_source.width, input_source.width + target_source.width
+    self.batch_size, self.mesh = input_source.batch_size, input_source.mesh
+    self.scale, self.target_scale = input_source.scale, target_source.scale
+    self.mean = np.concatenate([input_source.mean, target_source.mean]).astype(np.float32)
+    self.store = getattr(input_source, "store", None)
+    self.sharding = NamedSharding(self.mesh, P(DATA, None))
+    self._prefetch = Prefetcher(self.local_rows, 2)
+
+  def local_rows(self, step: int) -> np.ndarray:
+    x, y = self.input.local_rows(step), self.target.local_rows(step)
+    out = aligned_empty((x.shape[0], self.width))
+    out[:, : self.input_width], out[:, self.input_width :] = x, y
+    return out
+
+  def batch(self, step: int) -> jax.Array:
+    return global_batch(self._prefetch.get(step), self.sharding, (self.batch_size, self.width))
+
+  def close(self) -> None:
+    self._prefetch.close()
+    for source in (self.input, self.target):
+      if hasattr(source, "close"):
+        source.close()
+
+  def describe(self) -> dict:
+    inputs = self.input.describe()
+    return {"kind": "paired", "rows": inputs["rows"], "input": inputs, "target": self.target.describe()}
 
 
 def open_source(

@@ -21,6 +21,7 @@ the loss only predictions of text tokens, and splices leave BOS (position 0) unt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -92,10 +93,15 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer) -> list:
 
 
 def check_sae(sae: SAE, site: str, lm, name: str) -> None:
-  s = parse_site(site, lm.config)
-  width = site_width(s, lm.config)
-  if sae.d_in != width:
-    raise ValueError(f"SAE {name}: input width {sae.d_in} does not match site {site} of {lm.source} (width {width})")
+  """The SAE reads a site of `lm` as wide as its input and writes one as wide as its output; a
+  transcoder's input site is of the layer of the site it replaces."""
+  input_site = sae.info.site if sae.info.target_site else site
+  for what, where, size in (("input", input_site, sae.d_in), ("output", site, sae.W_dec.shape[-1])):
+    width = site_width(parse_site(where, lm.config), lm.config)
+    if size != width:
+      raise ValueError(f"SAE {name}: {what} width {size} does not match site {where} of {lm.source} (width {width})")
+  if sae.info.target_site and parse_site(input_site).layer != parse_site(site).layer:
+    raise ValueError(f"transcoder {name}: input site {input_site} is not of the layer of its target {site}")
 
 
 @jax.jit
@@ -135,7 +141,9 @@ class _Losses:
 def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar) -> dict[str, dict]:
   """Every SAE of one site. Pass 1 runs the forward up to the site for its mean and variance; pass 2
   runs it again, then the rest of the forward once per SAE and per reference (clean, zero- and
-  mean-ablated), all from the same on-device activations."""
+  mean-ablated), all from the same on-device activations. A transcoder replaces the site (its
+  target, the MLP's output) with its prediction from its input site of the same layer (the MLP's
+  input), read by one more forward up to that site."""
   site_stats = SiteStats()
   for batch in token_batches:
     _, act, _ = lm.to_site(batch.tokens, site)
@@ -153,8 +161,11 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
       ("mean", _ablate(act, mean_d)),
     ):
       losses.add(key, lm.token_losses_from_site(batch.tokens, site, resid, replaced), pred_bt)
+    inputs = {
+      s: lm.to_site(batch.tokens, s)[1] for s in {sae.info.site for sae in saes.values() if sae.info.target_site}
+    }
     for name, sae in saes.items():
-      spliced, sums = sae_batch(sae, act, keep_bt)
+      spliced, sums = sae_batch(sae, act, keep_bt, inputs.get(sae.info.site) if sae.info.target_site else None)
       stats[name].add(sums, batch.keep.sum(axis=1))
       losses.add(name, lm.token_losses_from_site(batch.tokens, site, resid, spliced), pred_bt)
     bar.update(1)
@@ -218,11 +229,14 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     for e in json.loads(index.read_text()):
       entries[e["name"]] = {
         "path": e["gemma_scope"],
-        "site": e["site"] or config.site,
+        "site": e.get("target_site") or e["site"] or config.site,
+        "input_site": e["site"] or config.site,
         "width": e["width"],
         "l1_coefficient": e["l1_coefficient"],
         "dead_export": e["dead_fraction"],
       }
+      for m in e.get("prefixes", [])[:-1]:  # a Matryoshka SAE's narrower prefixes, each on its own
+        entries[f"{e['name']}@{m}"] = entries[e["name"]] | {"prefix": m, "width": m, "dead_export": None}
   for path in config.eval.saes:
     sae = load_sae(path)
     site = sae.info.site or config.site
@@ -230,13 +244,28 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
       raise ValueError(f"eval.saes {path}: the file does not say its site; set config.site")
     entries[str(path)] = {
       "path": str(path),
-      "site": site,
+      "site": sae.info.target_site or site,
+      "input_site": site,
       "width": sae.width,
       "l1_coefficient": sae.info.l1_coefficient,
     }
   if not entries:
     raise FileNotFoundError(f"nothing to evaluate: no {index} and eval.saes is empty")
   return entries
+
+
+def entry_sae(entry: dict) -> SAE:
+  """The SAE of a `saes_to_evaluate` entry: its file read with its sites, cut to its prefix."""
+  sae = load_sae(entry["path"], site=entry["input_site"])
+  if entry["site"] != entry["input_site"]:
+    sae = sae.replace(info=dataclasses.replace(sae.info, target_site=entry["site"]))
+  return prefix_sae(sae, entry["prefix"]) if entry.get("prefix") else sae
+
+
+def prefix_sae(sae: SAE, m: int) -> SAE:
+  """The SAE of the first `m` latents (a Matryoshka prefix)."""
+  cut = {k: getattr(sae, k)[..., :m] for k in ("W_enc", "b_enc", "threshold")}
+  return sae.replace(**cut, W_dec=sae.W_dec[:m])
 
 
 def check_standard_errors(results: dict[str, dict], target: float) -> list[str]:
@@ -270,7 +299,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
     layout.unmark("eval")
   lm = lm or load_extraction_model(config)
   token_batches = eval_batches(config, lm.tokenizer)
-  saes = {name: (load_sae(e["path"], site=e["site"]), e["site"]) for name, e in entries.items()}
+  saes = {name: (entry_sae(e), e["site"]) for name, e in entries.items()}
   results = evaluate_saes(lm, saes, token_batches, progress=progress)
   warnings_ = check_standard_errors(results, config.eval.delta_loss_se)
   results_bf16 = None

@@ -53,13 +53,17 @@ def site_sums(act_btd: jax.Array, keep_bt: jax.Array) -> dict[str, jax.Array]:
 
 
 @jax.jit
-def sae_batch(sae: SAE, act_btd: jax.Array, keep_bt: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sae_batch(
+  sae: SAE, act_btd: jax.Array, keep_bt: jax.Array, input_btd: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(the site's activation with the SAE's reconstruction spliced in at every position but BOS,
-  per-sequence sums over text positions). The SAE is a traced argument: one compilation serves
-  every SAE of a shape."""
+  per-sequence sums over text positions). A transcoder predicts the site's activation from
+  `input_btd` (its input site's). The SAE is a traced argument: one compilation serves every SAE
+  of a shape."""
   x_btd = act_btd.astype(sae.W_enc.dtype)
-  f_btm = sae.encode(x_btd)
-  recon_btd = sae.decode(f_btm)
+  in_btd = x_btd if input_btd is None else input_btd.astype(sae.W_enc.dtype)
+  f_btm = sae.encode(in_btd)
+  recon_btd = sae.decode(f_btm) + sae.skip(in_btd)
   keep = keep_bt.astype(jnp.float32)
   err_bt = jnp.sum(jnp.square((recon_btd - x_btd).astype(jnp.float32)), axis=-1)
   active_btm = (f_btm > 0).astype(jnp.float32)

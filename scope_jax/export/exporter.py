@@ -1,13 +1,18 @@
 """Export a trained sweep: fold the normalization (docs/recipe.md §3), measure L0 and latent densities,
-write each SAE as Gemma Scope `params.npz` in the hub layout and as a SAELens directory.
+write each SAE (or transcoder) as Gemma Scope `params.npz` in the hub layout, as a Gemma Scope 2
+folder and as a SAELens directory.
 
     workdir/export/gemma-scope/res/layer_6/width_4k/average_l0_37/params.npz
+    workdir/export/gemma-scope/transcoder/layer_6/width_4k/average_l0_37/params.npz     (transcoders)
+    workdir/export/gemma-scope-2/resid_post/layer_6_width_4k_l0_37/{params.safetensors,config.json}
+    workdir/export/gemma-scope-2/transcoder/layer_6_width_4k_l0_37_affine/...          (skip-transcoders)
     workdir/export/saelens/res.6-w4096-l0.001-s0/{cfg.json,sae_weights.safetensors,sparsity.safetensors}
     workdir/export/index.json     every SAE: name, width, λ, seed, L0, density summary, paths
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -22,37 +27,53 @@ from tqdm.auto import tqdm
 from scope_jax.data.source import BatchSource
 from scope_jax.layout import RunLayout, export_identity, replace_directory
 from scope_jax.models.sites import parse_site
-from scope_jax.sae.io import save_sae, width_name
+from scope_jax.sae.io import GS2_FOLDERS, save_sae, width_name
 from scope_jax.sae.model import SAEInfo, fold, training_pre, unstack
-from scope_jax.train.checkpoints import open_run, restore_or_init
+from scope_jax.train.checkpoints import data_scales, open_run, restore_or_init, target_site
 from scope_jax.train.params import TrainParams
+from scope_jax.train.step import inputs_and_targets
 
 
-@jax.jit
-def _fire_counts(params: tuple[TrainParams, ...], x_bd: jax.Array) -> tuple[jax.Array, ...]:
+@functools.partial(jax.jit, static_argnums=2)
+def _fire_counts(params: tuple[TrainParams, ...], batch_bd: jax.Array, transcoder: bool) -> tuple[jax.Array, ...]:
   """Per group `[saes, M]`: how many rows of the batch fire each latent (the layout's transpose is
   folded into the matmul here, not copied)."""
-  counts = lambda sae: jnp.sum(training_pre(sae, x_bd) > sae.threshold, axis=0)
+  x_bd, _ = inputs_and_targets(batch_bd, params[0].W_enc.shape[-1])
+  counts = lambda sae: jnp.sum(training_pre(sae, x_bd, transcoder) > sae.threshold, axis=0)
   return tuple(jax.vmap(counts)(p.to_sae()) for p in params)
 
 
 def measure(
-  params: tuple[TrainParams, ...], source: BatchSource, first_step: int, batches: int, progress: bool = True
+  params: tuple[TrainParams, ...],
+  source: BatchSource,
+  first_step: int,
+  batches: int,
+  progress: bool = True,
+  transcoder: bool = False,
 ) -> list[np.ndarray]:
   """Firing densities `[saes, M]` per group on `batches` batches from `first_step` on."""
   counts = None
   for s in tqdm(range(first_step, first_step + batches), desc="measure L0", disable=not progress):
-    c = _fire_counts(params, source.batch(s))
+    c = _fire_counts(params, source.batch(s), transcoder)
     counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
   return [np.asarray(c, np.float64) / (batches * source.batch_size) for c in counts]
 
 
-def gemma_scope_dir(root: Path, site: str | None, width: int, l0: float) -> Path:
+def gemma_scope_dir(root: Path, site: str | None, width: int, l0: float, kind: str = "sae") -> Path:
   base = root / "gemma-scope"
   if site:
     s = parse_site(site)
-    base = base / s.kind / f"layer_{s.layer}"
+    base = base / (s.kind if kind == "sae" else kind) / f"layer_{s.layer}"
   return base / f"width_{width_name(width)}" / f"average_l0_{round(l0)}"
+
+
+def gemma_scope_2_dir(root: Path, site: str | None, width: int, l0: float, kind: str = "sae") -> Path:
+  """Gemma Scope 2's folder: `resid_post/layer_6_width_16k_l0_40` (its names end in small, medium or
+  big; ours in the measured L0); a transcoder's under `transcoder/`, a skip-transcoder's ending `_affine`."""
+  s = parse_site(site) if site else None
+  folder = (GS2_FOLDERS.get(s.kind, s.kind) if s else "sae") if kind == "sae" else "transcoder"
+  name = f"layer_{s.layer if s else 0}_width_{width_name(width)}_l0_{round(l0)}"
+  return root / "gemma-scope-2" / folder / (name + ("_affine" if kind == "skip_transcoder" else ""))
 
 
 def export(
@@ -70,10 +91,10 @@ def export(
       raise FileNotFoundError(f"{layout.checkpoints}: no checkpoint to export; run `scope-jax train` first")
     state = restore_or_init(run.checkpoints, run.identity, run.init, run.shardings)
     step = int(state["step"])
-    densities = measure(state["params"], source, step, config.export.batches, progress)
+    densities = measure(state["params"], source, step, config.export.batches, progress, config.kind != "sae")
   finally:
     run.close()
-  scale = source.scale if config.data.normalize else 1.0
+  scale, target_scale = data_scales(config, source)
   epochs = step * source.batch_size / source.describe()["rows"]  # every SAE of the sweep saw the same rows
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
@@ -90,21 +111,36 @@ def export(
     shutil.rmtree(staging, ignore_errors=True)
   for group, stack, density_sm in zip(groups, params, densities):
     for (lam, seed), name, sae, density_m in zip(group.members, group.names, unstack(stack), density_sm):
-      info = SAEInfo(site=config.site, model=model, context_size=context, dataset=dataset, l1_coefficient=lam)
-      released = jax.tree.map(np.asarray, fold(sae, scale)).replace(info=info)
+      info = SAEInfo(
+        site=config.site,
+        model=model,
+        context_size=context,
+        dataset=dataset,
+        l1_coefficient=lam,
+        target_site=target_site(config),
+        prefixes=group.prefixes,
+      )
+      released = jax.tree.map(np.asarray, fold(sae, scale, target_scale)).replace(info=info)
       l0 = float(density_m.sum())
-      npz_dir = gemma_scope_dir(root, config.site, group.width, l0)
+      npz_dir = gemma_scope_dir(root, config.site, group.width, l0, config.kind)
+      gs2 = gemma_scope_2_dir(root, config.site, group.width, l0, config.kind)
       if any(e["gemma_scope"] == str(npz_dir / "params.npz") for e in entries):
         npz_dir = npz_dir.with_name(f"{npz_dir.name}_{name}")
+      if any(e["gemma_scope_2"] == str(gs2) for e in entries):
+        gs2 = gs2.with_name(f"{gs2.name}_{name}")
       npz, lens = npz_dir / "params.npz", root / "saelens" / (f"{config.site}-{name}" if config.site else name)
       if writer:
         save_sae(released, staging / npz.relative_to(root), format="gemma-scope")
+        save_sae(released, staging / gs2.relative_to(root), format="gemma-scope-2")
         density_log10 = np.log10(density_m + 1e-10)
         save_sae(released, staging / lens.relative_to(root), format="saelens", sparsity_log10=density_log10)
       entries.append(
         {
           "name": name,
+          "kind": config.kind,
           "site": config.site,
+          "target_site": target_site(config),
+          "prefixes": list(group.prefixes),
           "width": group.width,
           "l1_coefficient": lam,
           "seed": seed,
@@ -112,9 +148,11 @@ def export(
           "l0": l0,
           "dead_fraction": float(np.mean(density_m == 0)),
           "scale": scale,
+          "target_scale": target_scale,
           "epochs": epochs,
           "measured_rows": config.export.batches * source.batch_size,
           "gemma_scope": str(npz),
+          "gemma_scope_2": str(gs2),
           "saelens": str(lens),
         }
       )

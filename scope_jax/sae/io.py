@@ -1,9 +1,18 @@
-"""Reading and writing SAEs: Gemma Scope `params.npz` and SAELens directories (docs/recipe.md §7).
+"""Reading and writing SAEs and transcoders: Gemma Scope `params.npz`, Gemma Scope 2 folders and
+SAELens directories (docs/recipe.md §7, §10).
 
     sae = load_sae("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82/params.npz")
+    sae = load_sae("gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small")  # config.json + params.safetensors
     sae = load_sae("exports/saelens/res.6-w4096-l0.001")     # cfg.json + sae_weights.safetensors
     save_sae(sae, "out/params.npz", format="gemma-scope")
+    save_sae(sae, "out/layer_6_width_4k_l0_40", format="gemma-scope-2")
     save_sae(sae, "out/my_sae", format="saelens", sparsity_log10=density)
+
+Gemma Scope 2's layout is what SAELens's Gemma 3 loader (`gemma_3_sae_huggingface_loader`) reads:
+tensors `w_enc [d_in, M]`, `w_dec [M, d_out]`, `b_enc`, `b_dec`, `threshold` and for a
+skip-transcoder `affine_skip_connection [d_in, d_out]`; `config.json` with `architecture:
+"jump_relu"`, `model_name`, `hf_hook_point_in` (and `hf_hook_point_out`, `affine_connection` for
+transcoders), hook points named as transformers names Gemma 3's modules.
 
 Files hold the released form (raw inputs, no pre-encoder bias). A SAELens file trained with
 `apply_b_dec_to_input` is converted on load; input normalizations it cannot express are refused.
@@ -23,7 +32,7 @@ from scope_jax.layout import replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
-FORMATS = ("gemma-scope", "saelens")
+FORMATS = ("gemma-scope", "gemma-scope-2", "saelens")
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write; older versions are read as pre-v6 configs
 
 # our site kind -> TransformerLens/SAELens hook name template
@@ -37,6 +46,18 @@ _HOOK_PATTERNS = {
   kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$") for kind, t in HOOK_NAMES.items()
 }
 _SAELENS_WEIGHTS, _SAELENS_CFG, _SAELENS_SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
+_GS2_PARAMS, _GS2_CONFIG = "params.safetensors", "config.json"
+# our site kind -> the transformers module whose output (or input) it is, as Gemma Scope 2 names hook points
+HF_HOOK_POINTS = {
+  "res": "model.layers.{layer}.output",
+  "att": "model.layers.{layer}.self_attn.o_proj.input",
+  "mlp": "model.layers.{layer}.post_feedforward_layernorm.output",
+  "mlp_in": "model.layers.{layer}.pre_feedforward_layernorm.output",
+}
+_HF_PATTERNS = {
+  kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$") for kind, t in HF_HOOK_POINTS.items()
+}
+GS2_FOLDERS = {"res": "resid_post", "att": "attn_out", "mlp": "mlp_out"}  # SAEs; transcoders: "transcoder"
 
 
 def hook_name(site: str) -> str:
@@ -45,9 +66,13 @@ def hook_name(site: str) -> str:
 
 
 def site_from_hook_name(name: str) -> str | None:
-  for kind, pattern in _HOOK_PATTERNS.items():
-    if m := pattern.match(name or ""):
-      return f"{kind}.{m.group(1)}"
+  """Our site of a TransformerLens hook name (SAELens) or a transformers hook point (Gemma Scope 2)."""
+  name = (name or "").replace(".hook_mlp_in", ".ln2.hook_normalized")  # SAELens's other name for mlp_in
+  name = re.sub(r"^model\.language_model\.", "model.", name)  # Gemma 3's multimodal models
+  for patterns in (_HOOK_PATTERNS, _HF_PATTERNS):
+    for kind, pattern in patterns.items():
+      if m := pattern.match(name):
+        return f"{kind}.{m.group(1)}"
   return None
 
 
@@ -58,31 +83,40 @@ def width_name(width: int) -> str:
   return f"{width // 1000}k" if width >= 1000 else str(width)
 
 
-def _site_from_path(path: Path) -> str | None:
-  """`.../gemma-scope-2b-pt-res/layer_12/...` or `.../res/layer_12/...` -> 'res.12'."""
+def _sites_from_path(path: Path) -> tuple[str | None, str | None]:
+  """(site, transcoder target) from a Gemma Scope path: `.../gemma-scope-2b-pt-res/layer_12/...` or
+  `.../res/layer_12/...` -> ('res.12', None); `.../gemma-scope-2b-pt-transcoders/layer_3/...` or
+  `.../transcoder/layer_3/...` -> ('mlp_in.3', 'mlp.3')."""
   parts = path.parts
   for i, part in enumerate(parts):
     m = re.fullmatch(r"layer_(\d+)", part)
     if m and i > 0:
+      if re.search(r"(?:^|-|_)(skip_)?transcoders?$", parts[i - 1]):
+        return f"mlp_in.{m.group(1)}", f"mlp.{m.group(1)}"
       kind = re.search(r"(?:^|-)(mlp_in|res|mlp|att)s?$", parts[i - 1])
       if kind:
-        return f"{kind.group(1)}.{m.group(1)}"
-  return None
+        return f"{kind.group(1)}.{m.group(1)}", None
+  return None, None
 
 
-def _check_shapes(arrays: dict[str, np.ndarray], where: str) -> None:
+def _check_shapes(arrays: dict[str, np.ndarray], where: str, transcoder: bool = False) -> None:
+  """Shapes of an SAE (`d_out = d_in`) or a transcoder (`d_out` from W_dec)."""
   d, m = arrays["W_enc"].shape if arrays["W_enc"].ndim == 2 else (None, None)
-  expected = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,), "threshold": (m,)}
+  d_out = (arrays["W_dec"].shape[-1] if arrays["W_dec"].ndim == 2 else None) if transcoder else d
+  expected = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d_out), "b_dec": (d_out,), "threshold": (m,)}
+  if "W_skip" in arrays:
+    expected["W_skip"] = (d, d_out)
   for k, shape in expected.items():
-    if d is None or arrays[k].shape != shape:
+    if d is None or d_out is None or arrays[k].shape != shape:
       raise ValueError(
-        f"{where}: {k} has shape {arrays[k].shape}; expected {shape} for W_enc {arrays['W_enc'].shape} = [d_in, width]"
+        f"{where}: {k} has shape {arrays[k].shape}; expected {shape} for W_enc {arrays['W_enc'].shape} = "
+        f"[d_in, width] and W_dec {arrays['W_dec'].shape} = [width, d_out]"
       )
 
 
 def _check_values(arrays: dict[str, np.ndarray], where: str) -> None:
   """Every weight finite and every threshold >= 0: what a JumpReLU SAE can hold."""
-  for k in PARAM_NAMES:
+  for k in arrays:
     bad = int(np.size(arrays[k]) - np.count_nonzero(np.isfinite(arrays[k])))
     if bad:
       raise ValueError(f"{where}: {k} holds {bad} NaN or Inf values; expected finite weights")
@@ -91,11 +125,11 @@ def _check_values(arrays: dict[str, np.ndarray], where: str) -> None:
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], info: SAEInfo, where: str) -> SAE:
-  _check_shapes(arrays, where)
+  _check_shapes(arrays, where, info.target_site is not None or "W_skip" in arrays)
   _check_values(arrays, where)
   import jax.numpy as jnp
 
-  return SAE(**{k: jnp.asarray(arrays[k], jnp.float32) for k in PARAM_NAMES}, info=info)
+  return SAE(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}, info=info)
 
 
 def _load_npz(path: Path, site: str | None) -> SAE:
@@ -108,41 +142,84 @@ def _load_npz(path: Path, site: str | None) -> SAE:
           f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
           f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)"
         )
-      arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES}
+      arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES + ("W_skip",) if k.lower() in by_lower}
   except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
     if str(path) in str(e):
       raise
     raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-  return _from_arrays(arrays, SAEInfo(site=site or _site_from_path(path.resolve())), str(path))
+  path_site, path_target = _sites_from_path(path.resolve())
+  info = SAEInfo(site=site or path_site, target_site=path_target)
+  return _from_arrays(arrays, info, str(path))
 
 
-def _load_saelens(path: Path, site: str | None) -> SAE:
+def _read_json(path: Path) -> dict:
+  try:
+    cfg = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+  return cfg
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
 
   try:
-    cfg = json.loads((path / _SAELENS_CFG).read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path / _SAELENS_CFG}: not valid JSON ({e})") from e
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{path / _SAELENS_CFG}: expected a JSON object, found {type(cfg).__name__}")
-  if cfg.get("architecture") != "jumprelu":
+    return load_file(path)
+  except Exception as e:  # safetensors raises its own error types for damaged files
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _load_gemma_scope_2(path: Path, site: str | None) -> SAE:
+  cfg = _read_json(path / _GS2_CONFIG)
+  if cfg.get("architecture") != "jump_relu":
+    raise ValueError(f"{path / _GS2_CONFIG}: architecture {cfg.get('architecture')!r}; expected 'jump_relu'")
+  raw = _read_safetensors(path / _GS2_PARAMS)
+  names = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
+  if missing := [k for k in names if k not in raw]:
+    raise ValueError(f"{path / _GS2_PARAMS}: missing tensors {missing} (found {sorted(raw)})")
+  arrays = {ours: raw[theirs].astype(np.float32) for theirs, ours in names.items()}
+  if cfg.get("affine_connection"):
+    if "affine_skip_connection" not in raw:
+      raise ValueError(f"{path / _GS2_PARAMS}: config says affine_connection but holds no affine_skip_connection")
+    arrays["W_skip"] = raw["affine_skip_connection"].astype(np.float32)
+  hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
+  info = SAEInfo(
+    site=site or site_from_hook_name(hook_in),
+    target_site=site_from_hook_name(hook_out) if hook_out and hook_out != hook_in else None,
+    model=cfg.get("model_name"),
+  )
+  return _from_arrays(arrays, info, str(path / _GS2_PARAMS))
+
+
+SAELENS_ARCHITECTURES = {
+  "sae": "jumprelu",
+  "transcoder": "jumprelu_transcoder",
+  "skip_transcoder": "jumprelu_skip_transcoder",
+}
+
+
+def _load_saelens(path: Path, site: str | None) -> SAE:
+  cfg = _read_json(path / _SAELENS_CFG)
+  if cfg.get("architecture") not in SAELENS_ARCHITECTURES.values():
     raise ValueError(
-      f"{path / _SAELENS_CFG}: architecture {cfg.get('architecture')!r}; scope_jax reads 'jumprelu' SAEs only"
+      f"{path / _SAELENS_CFG}: architecture {cfg.get('architecture')!r}; scope_jax reads "
+      f"{sorted(SAELENS_ARCHITECTURES.values())}"
     )
   if cfg.get("normalize_activations", "none") not in ("none", None):
     raise ValueError(
       f"{path / _SAELENS_CFG}: normalize_activations={cfg['normalize_activations']!r}; "
       f"only 'none' can be loaded (fold the normalization into the weights first)"
     )
-  try:
-    arrays = load_file(path / _SAELENS_WEIGHTS)
-  except Exception as e:  # safetensors raises its own error types for damaged files
-    raise ValueError(f"{path / _SAELENS_WEIGHTS}: not a readable safetensors file ({e})") from e
-  missing = [k for k in PARAM_NAMES if k not in arrays]
-  if missing:
+  raw = _read_safetensors(path / _SAELENS_WEIGHTS)
+  needed = PARAM_NAMES + (("W_skip",) if cfg["architecture"] == SAELENS_ARCHITECTURES["skip_transcoder"] else ())
+  if missing := [k for k in needed if k not in raw]:
     raise ValueError(f"{path / _SAELENS_WEIGHTS}: missing tensors {missing}")
-  arrays = {k: arrays[k].astype(np.float32) for k in PARAM_NAMES}
-  _check_shapes(arrays, str(path / _SAELENS_WEIGHTS))
+  arrays = {k: raw[k].astype(np.float32) for k in needed}
+  if "W_skip" in arrays:  # SAELens holds it as [d_out, d_in]
+    arrays["W_skip"] = arrays["W_skip"].T
+  _check_shapes(arrays, str(path / _SAELENS_WEIGHTS), cfg["architecture"] != SAELENS_ARCHITECTURES["sae"])
   sizes = {"d_in": arrays["W_enc"].shape[0], "d_sae": arrays["W_enc"].shape[1]}
   for field, size in sizes.items():
     if field in cfg and cfg[field] != size:
@@ -150,8 +227,10 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
   if cfg.get("apply_b_dec_to_input", False):  # pre = (x - b_dec) W + b  ==  x W + (b - b_dec W)
     arrays["b_enc"] = arrays["b_enc"] - arrays["b_dec"] @ arrays["W_enc"]
   meta = cfg.get("metadata", {}) or {}
+  hook_out = meta.get("hook_name_out") or cfg.get("hook_name_out")
   info = SAEInfo(
-    site=site or meta.get("scope_jax_site") or site_from_hook_name(meta.get("hook_name")),
+    site=site or meta.get("scope_jax_site") or site_from_hook_name(meta.get("hook_name") or cfg.get("hook_name")),
+    target_site=meta.get("scope_jax_target_site") or (site_from_hook_name(hook_out) if hook_out else None),
     model=meta.get("model_name"),
     context_size=meta.get("context_size"),
     dataset=meta.get("dataset_path"),
@@ -170,22 +249,43 @@ def load_sae(path: str | Path, site: str | None = None) -> SAE:
     parse_site(site)
   if path.is_dir() and (path / _SAELENS_CFG).exists():
     return _load_saelens(path, site)
+  if path.is_dir() and (path / _GS2_PARAMS).exists():
+    if not (path / _GS2_CONFIG).exists():
+      raise FileNotFoundError(f"{path}: holds {_GS2_PARAMS} but no {_GS2_CONFIG} (a Gemma Scope 2 folder has both)")
+    return _load_gemma_scope_2(path, site)
   if path.is_dir() and (path / "params.npz").exists():
     path = path / "params.npz"
   if path.is_file() and path.suffix == ".npz":
     return _load_npz(path, site)
   raise FileNotFoundError(
-    f"{path}: not an SAE; expected a Gemma Scope params.npz (or a folder "
-    f"holding one) or a SAELens directory with {_SAELENS_CFG}"
+    f"{path}: not an SAE; expected a Gemma Scope params.npz (or a folder holding one), a Gemma Scope 2 "
+    f"folder ({_GS2_CONFIG} + {_GS2_PARAMS}) or a SAELens directory with {_SAELENS_CFG}"
   )
 
 
-def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_log10: np.ndarray | None = None) -> Path:
-  """Writes the released-form `sae`; returns the file (gemma-scope) or directory (saelens).
+def kind_of(sae: SAE) -> str:
+  """ "sae", "transcoder" or "skip_transcoder"."""
+  if sae.W_skip is not None:
+    return "skip_transcoder"
+  return "transcoder" if sae.info.target_site else "sae"
 
-  gemma-scope: `path` is the `.npz` file, or a folder that receives `params.npz`.
-  saelens: `path` is a directory; `sparsity_log10 [M]` (log10 firing density) is written
-  to sparsity.safetensors when given.
+
+def _staged(path: Path, write) -> Path:
+  """A directory written whole beside `path` by `write(staging)`, then swapped in."""
+  staging = path.with_name(path.name + ".partial")
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  write(staging)
+  return replace_directory(staging, path)
+
+
+def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_log10: np.ndarray | None = None) -> Path:
+  """Writes the released-form `sae`; returns the file (gemma-scope) or directory (the others).
+
+  gemma-scope: `path` is the `.npz` file, or a folder that receives `params.npz` (a skip-transcoder
+  adds `W_skip`). gemma-scope-2: `path` is the folder of `params.safetensors` + `config.json`.
+  saelens: `path` is a directory; `sparsity_log10 [M]` (log10 firing density) is written to
+  sparsity.safetensors when given.
   """
   if format not in FORMATS:
     raise ValueError(f"format {format!r}: expected one of {FORMATS}")
@@ -203,37 +303,64 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     return path
   from safetensors.numpy import save_file
 
-  staging = path.with_name(path.name + ".partial")  # written whole, then swapped in
-  shutil.rmtree(staging, ignore_errors=True)
-  staging.mkdir(parents=True)
-  save_file(arrays, staging / _SAELENS_WEIGHTS)
-  if sparsity_log10 is not None:
-    save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, staging / _SAELENS_SPARSITY)
-  info = sae.info
-  cfg = {
-    "architecture": "jumprelu",
-    "d_in": sae.d_in,
-    "d_sae": sae.width,
-    "dtype": "float32",
-    "device": "cpu",
-    "apply_b_dec_to_input": False,
-    "normalize_activations": "none",
-    "reshape_activations": "none",
-    "metadata": {
-      "sae_lens_version": SAELENS_FORMAT_VERSION,
-      "model_name": info.model,
-      "hook_name": hook_name(info.site) if info.site else None,
-      "hook_head_index": None,
-      "context_size": info.context_size,
-      "prepend_bos": True,
-      "dataset_path": info.dataset,
-      "exclude_special_tokens": True,
-      "scope_jax_site": info.site,
-      "l1_coefficient": info.l1_coefficient,
-    },
-  }
-  (staging / _SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-  return replace_directory(staging, path)
+  info, kind = sae.info, kind_of(sae)
+  if format == "gemma-scope-2":
+
+    def write_gs2(staging: Path) -> None:
+      tensors = {k.lower(): v for k, v in arrays.items() if k != "W_skip"}
+      if "W_skip" in arrays:
+        tensors["affine_skip_connection"] = arrays["W_skip"]
+      save_file(tensors, staging / _GS2_PARAMS)
+      cfg = {"architecture": "jump_relu", "model_name": info.model}
+      if info.site:
+        s = parse_site(info.site)
+        cfg["hf_hook_point_in"] = HF_HOOK_POINTS[s.kind].format(layer=s.layer)
+      if info.target_site:
+        t = parse_site(info.target_site)
+        cfg["hf_hook_point_out"] = HF_HOOK_POINTS[t.kind].format(layer=t.layer)
+        cfg["affine_connection"] = kind == "skip_transcoder"
+      (staging / _GS2_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    return _staged(path, write_gs2)
+
+  def write_saelens(staging: Path) -> None:
+    tensors = dict(arrays)
+    if "W_skip" in tensors:  # SAELens holds it as [d_out, d_in]
+      tensors["W_skip"] = np.ascontiguousarray(tensors["W_skip"].T)
+    save_file(tensors, staging / _SAELENS_WEIGHTS)
+    if sparsity_log10 is not None:
+      save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, staging / _SAELENS_SPARSITY)
+    cfg = {
+      "architecture": SAELENS_ARCHITECTURES[kind],
+      "d_in": sae.d_in,
+      "d_sae": sae.width,
+      **({"d_out": int(sae.W_dec.shape[-1])} if kind != "sae" else {}),
+      "dtype": "float32",
+      "device": "cpu",
+      "apply_b_dec_to_input": False,
+      "normalize_activations": "none",
+      "reshape_activations": "none",
+      "metadata": {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "model_name": info.model,
+        "hook_name": hook_name(info.site) if info.site else None,
+        "hook_head_index": None,
+        "context_size": info.context_size,
+        "prepend_bos": True,
+        "dataset_path": info.dataset,
+        "exclude_special_tokens": True,
+        "scope_jax_site": info.site,
+        "l1_coefficient": info.l1_coefficient,
+        **(
+          {"hook_name_out": hook_name(info.target_site), "scope_jax_target_site": info.target_site}
+          if info.target_site
+          else {}
+        ),
+      },
+    }
+    (staging / _SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+  return _staged(path, write_saelens)
 
 
-__all__ = ["FORMATS", "hook_name", "load_sae", "save_sae", "site_from_hook_name", "width_name"]
+__all__ = ["FORMATS", "hook_name", "kind_of", "load_sae", "save_sae", "site_from_hook_name", "width_name"]

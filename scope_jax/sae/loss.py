@@ -1,7 +1,19 @@
 """The JumpReLU training loss (docs/recipe.md §1):
 
-    loss = mean_b ||x - xhat||² + λ · mean_b S(||f||_0)      S(n) = n, or (2/L0*)(n - L0*)² (Gemma Scope 2)
+    loss = Σ_p mean_b ||y - yhat_p||² + λ · mean_b S(||f||_0)   S(n) = n, or (2/L0*)(n - L0*)² (Gemma Scope 2)
+           + (λ / s) · Σ_i p_i²                              (optional: the frequency penalty)
            + c · mean_b Σ_{i dead} relu(θ_i - pre_i)       (optional: pulls dead latents back)
+
+- An SAE reconstructs its input (y = x); a transcoder predicts the target y (the MLP's output)
+  from x (its input), with no pre-encoder bias, and a skip-transcoder adds `x @ W_skip` to yhat.
+- `yhat_p` uses only the latents of prefix p (Matryoshka: `prefixes` are the nested prefix
+  sizes, the whole width last); without prefixes the sum has one term, the whole width.
+- p_i = mean_b H(pre_i - θ_i) is latent i's firing frequency in the batch. The frequency penalty
+  is Gemma Scope 2's penalty on high-frequency latents in the form its authors published first
+  (GDM mech interp team, "Removing High Frequency Latents from JumpReLU SAEs"): with the L0 loss,
+  λ Σ_i p_i (1 + p_i / s); here its quadratic part is added to whichever sparsity loss is chosen,
+  and the scale s (`frequency_scale`) is ours to set: a latent firing on more than ~s of tokens
+  pays more than its L0 share. Its gradient reaches θ through the step's pseudo-derivative.
 
 The last term is Anthropic's pre-activation loss (SAELens' `pre_act_loss_coefficient`; decoder
 rows have unit norm here) on latents that have not fired for `recipe.dead_window_steps`: a latent
@@ -27,6 +39,9 @@ class LossSpec:
   sparsity_loss: str = "l0"  # "quadratic": Gemma Scope 2's λ·(2/L0*)·(L0 - L0*)²
   target_l0: float | None = None  # L0* of the quadratic loss
   dead_latent_loss: float = 0.0  # c of the dead latents' pre-activation loss; 0 = off (Gemma Scope)
+  frequency_scale: float = 0.0  # s of the frequency penalty; 0 = off
+  transcoder: bool = False  # reconstruct a target from the input, no pre-encoder bias
+  prefixes: tuple[int, ...] = ()  # Matryoshka: nested prefix sizes, increasing, the width last; () = off
 
   def __post_init__(self):
     if self.sparsity_loss not in SPARSITY_LOSSES:
@@ -37,6 +52,14 @@ class LossSpec:
       raise ValueError(f"bandwidth must be > 0; got {self.bandwidth}")
     if self.dead_latent_loss < 0:
       raise ValueError(f"dead_latent_loss must be >= 0; got {self.dead_latent_loss}")
+    if self.frequency_scale < 0:
+      raise ValueError(f"frequency_scale must be >= 0 (0 = off); got {self.frequency_scale}")
+    check_prefixes(self.prefixes, self.prefixes[-1] if self.prefixes else 1)
+
+  @property
+  def pre_bias(self) -> bool:
+    """Whether the encoder subtracts `b_dec` from its input (SAEs; not transcoders)."""
+    return not self.transcoder
 
   def penalty(self, l0_b: jax.Array) -> jax.Array:
     if self.sparsity_loss == "quadratic":
@@ -47,3 +70,16 @@ class LossSpec:
     if self.sparsity_loss == "quadratic":
       return (4.0 / self.target_l0) * (l0_b - self.target_l0)
     return jnp.ones_like(l0_b)
+
+
+def check_prefixes(prefixes, width: int, field: str = "prefixes") -> tuple[int, ...]:
+  """Matryoshka prefix sizes: positive, strictly increasing, none past `width`; returns them with
+  the width appended when it is not already last."""
+  sizes = tuple(int(p) for p in prefixes)
+  if any(int(p) != p for p in prefixes) or any(p < 1 for p in sizes):
+    raise ValueError(f"{field} {list(prefixes)}: expected positive integer prefix sizes")
+  if any(b <= a for a, b in zip(sizes, sizes[1:])):
+    raise ValueError(f"{field} {list(prefixes)}: prefix sizes must be strictly increasing")
+  if sizes and sizes[-1] > width:
+    raise ValueError(f"{field} {list(prefixes)}: prefix size {sizes[-1]} exceeds the SAE width {width}")
+  return sizes if not sizes or sizes[-1] == width else sizes + (width,)

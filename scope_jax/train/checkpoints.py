@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scope_jax.data.source import BatchSource, open_source
+from scope_jax.data.source import BatchSource, PairedSource, open_source
 from scope_jax.layout import RunLayout, differences
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import stacked
@@ -28,24 +29,37 @@ def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return make_mesh(data=config.mesh.data, model=model)
 
 
+def target_site(config: ml_collections.ConfigDict) -> str | None:
+  """A transcoder's target site: `target_site`, or mlp.L for `site` mlp_in.L; None for an SAE."""
+  if config.kind == "sae":
+    return None
+  if config.target_site is not None:
+    return config.target_site
+  m = re.fullmatch(r"mlp_in\.(\d+)", config.site or "")
+  return f"mlp.{m.group(1)}" if m else None
+
+
 def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
-  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config."""
+  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config; for a
+  transcoder, its input and target sites of that store read as pairs (data/source.py `PairedSource`)."""
   from scope_jax.activations.extract import store_root
 
   path = config.data.path or store_root(config, workdir)
   normalize = config.recipe.normalize if config.data.normalize else None
-  return open_source(
-    path,
-    config.train.batch_size,
-    mesh,
-    config.seed,
-    normalize,
-    site=config.site,
-    expected_width=config.data.width,
-    window_chunks=config.data.window_chunks,
-    streams=config.data.streams,
-    nonfinite=config.data.nonfinite,
+  options = dict(window_chunks=config.data.window_chunks, streams=config.data.streams, nonfinite=config.data.nonfinite)
+  open_site = lambda site, width: open_source(
+    path, config.train.batch_size, mesh, config.seed, normalize, site=site, expected_width=width, **options
   )
+  if config.kind == "sae":
+    return open_site(config.site, config.data.width)
+  if Path(path).suffix == ".npy":
+    raise ValueError(f"data.path {path}: a {config.kind} trains on a store holding both its sites, not a .npy file")
+  input_source = open_site(config.site, config.data.width)
+  try:
+    return PairedSource(input_source, open_site(target_site(config), None))
+  except BaseException:
+    input_source.close()
+    raise
 
 
 # The trainer state's layout: 2 = latent-major W_enc and Adam's latent_step (train/params.py).
@@ -57,6 +71,8 @@ def run_identity(config: ml_collections.ConfigDict, source: BatchSource) -> dict
   """What must not change between a run and its resumption."""
   return {
     "state_layout": STATE_LAYOUT,
+    "kind": config.kind,
+    "init_from": config.train.init_from,
     "seed": config.seed,
     "sweep": config.sweep.to_dict(),
     "recipe": config.recipe.to_dict(),
@@ -93,6 +109,8 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
     )
   # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
   saved["recipe"] = dataclasses.asdict(stacked.Recipe()) | saved["recipe"]
+  saved["sweep"] = {"prefixes": []} | saved["sweep"]  # so did a field added elsewhere
+  saved = {"kind": "sae", "init_from": ""} | saved
   if diffs := differences(saved | {"state_layout": STATE_LAYOUT}, identity):
     raise ValueError(
       f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
@@ -140,6 +158,42 @@ def restore_selection(mngr) -> dict | None:
   return mngr.restore(step, args=ocp.args.Composite(selection=ocp.args.JsonRestore()))["selection"]
 
 
+def data_scales(config: ml_collections.ConfigDict, source: BatchSource) -> tuple[float, float | None]:
+  """(what the batches' inputs were divided by, what their targets were: None for an SAE)."""
+  if not config.data.normalize:
+    return 1.0, (None if config.kind == "sae" else 1.0)
+  return source.scale, getattr(source, "target_scale", None)
+
+
+def starting_from(path: str, scales, d_in: int, groups, kind: str, init, shardings) -> Callable[[], dict]:
+  """`init` with every SAE of the sweep starting from the released SAE at `path` (any file
+  `load_sae` reads), its normalization unfolded into this run's (`scales`: `data_scales`); Adam,
+  the schedules and the dead-latent counters start afresh (finetuning, as Gemma Scope 2's chat
+  SAEs were made from the pretrained ones)."""
+  from scope_jax.sae.io import load_sae
+  from scope_jax.sae.model import unfold
+  from scope_jax.train.params import TrainParams
+
+  sae = load_sae(path)
+  file_kind = "sae" if sae.info.target_site is None and sae.W_skip is None else "transcoder"
+  file_kind = "skip_transcoder" if sae.W_skip is not None else file_kind
+  expected = f"{kind} of width {sorted({g.width for g in groups})} and input width {d_in}"
+  if file_kind != kind or any(g.width != sae.width for g in groups) or sae.d_in != d_in:
+    raise ValueError(
+      f"train.init_from {path}: a {file_kind} of width {sae.width} and input width {sae.d_in}; "
+      f"this sweep trains a {expected}"
+    )
+  trained = TrainParams.from_sae(unfold(sae, *scales))
+
+  def init_from_file() -> dict:
+    state = init()
+    stack = lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), trained)
+    params = tuple(jax.device_put(stack(len(g.members)), sh) for g, sh in zip(groups, shardings["params"]))
+    return state | {"params": params}
+
+  return init_from_file
+
+
 @dataclasses.dataclass
 class Run:
   """A run as training and export open it: the sweep, the mesh, the data, the jitted state
@@ -180,8 +234,13 @@ def open_run(
     raise ValueError(
       f"data width {source.width} ({source.describe().get('name')}) differs from config.data.width {config.data.width}"
     )
-  batch, mean = config.train.batch_size, source.mean
-  init, shardings = stacked.initializer(config.seed, mean, groups, recipe, mesh, batch)
+  batch, kind = config.train.batch_size, config.kind
+  d_in = getattr(source, "input_width", source.width)
+  mean = source.mean if kind == "sae" else source.mean[d_in:]  # what b_dec starts at: the target's mean
+  init, shardings = stacked.initializer(config.seed, mean, groups, recipe, mesh, batch, kind, d_in)
+  if config.train.init_from:
+    scales = data_scales(config, source)
+    init = starting_from(config.train.init_from, scales, d_in, groups, kind, init, shardings)
   make_step = functools.partial(
     stacked.make_train_step,
     groups,
@@ -192,6 +251,7 @@ def open_run(
     jnp.asarray(mean, jnp.float32),
     config.train.latent_block,
     config.train.steps,
+    kind=kind,
   )
   return Run(
     groups,

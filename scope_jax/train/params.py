@@ -29,6 +29,7 @@ class TrainParams:
   W_dec: jax.Array  # [..., M, d]
   b_dec: jax.Array  # [..., d]
   threshold: jax.Array  # [..., M]
+  W_skip: jax.Array | None = None  # [..., d_in, d_out]: a skip-transcoder's skip (updated densely)
 
   @property
   def width(self) -> int:
@@ -40,9 +41,11 @@ class TrainParams:
   @classmethod
   def from_sae(cls, sae: SAE) -> TrainParams:
     """The trainer's layout of a training-form `SAE` (stacked or not)."""
-    return cls(jnp.swapaxes(sae.W_enc, -1, -2), sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold)
+    return cls(jnp.swapaxes(sae.W_enc, -1, -2), sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, sae.W_skip)
 
   def to_sae(self) -> SAE:
     """The training-form `SAE` (stacked or not); works on numpy arrays too."""
     W_enc = self.W_enc.swapaxes(-1, -2)
-    return SAE(W_enc=W_enc, b_enc=self.b_enc, W_dec=self.W_dec, b_dec=self.b_dec, threshold=self.threshold)
+    return SAE(
+      W_enc=W_enc, b_enc=self.b_enc, W_dec=self.W_dec, b_dec=self.b_dec, threshold=self.threshold, W_skip=self.W_skip
+    )

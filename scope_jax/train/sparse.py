@@ -112,43 +112,52 @@ def _over(slots: Slots, start, end, body, init):
 
 
 def find_slots(
-  group: TrainParams, s, x_bd: jax.Array, block: int, capacity: int, bandwidth: float
+  group: TrainParams, s, x_bd: jax.Array, block: int, capacity: int, spec: LossSpec
 ) -> tuple[step.Forward, Slots]:
   """Pass 1 of the sparse step for SAE s on the local rows and latents: (the dense pass 1's
-  `Forward` — the reconstruction summed from the entries — and the entries). At most `capacity`
-  entries per row fit; `Forward.slots_b` says whether a row had more."""
+  `Forward` — each prefix's reconstruction summed from the entries — and the entries). At most
+  `capacity` entries per row fit; `Forward.slots_b` says whether a row had more."""
   rows = x_bd.shape[0]
   blocks = group.width // block
   n = rows * capacity + CHUNK
   slots = Slots(jnp.zeros(n, I32), jnp.zeros(n, I32), jnp.zeros(n, F32), jnp.zeros(blocks + 1, I32))
 
   def body(j, carry):
-    l0_b, slots_b, slots = carry
+    l0_b, slots_b, fired_m, slots = carry
     blk = step.block_of(group, s, j, block)
-    pre_bk = step.block_pre(blk, x_bd)
-    active_bk, in_window_bk = step.candidates(pre_bk, blk.threshold, bandwidth)
+    pre_bk = step.block_pre(blk, x_bd, spec.pre_bias)
+    active_bk, in_window_bk = step.candidates(pre_bk, blk.threshold, spec.bandwidth)
     slots, n_b = _append(slots, j, pre_bk, active_bk | in_window_bk)
-    return l0_b + jnp.sum(active_bk, axis=-1, dtype=F32), slots_b + n_b, slots
+    fired_m = step.count_fired(fired_m, active_bk, j, block)
+    return l0_b + jnp.sum(active_bk, axis=-1, dtype=F32), slots_b + n_b, fired_m, slots
 
-  init = (jnp.zeros((rows,), F32), jnp.zeros((rows,), I32), slots)
-  l0_b, slots_b, slots = lax.fori_loop(0, blocks, body, init)
+  yhat_pbd, l0_b, slots_b, fired_m = step.empty_forward(group, rows, spec)
+  l0_b, slots_b, fired_m, slots = lax.fori_loop(0, blocks, body, (l0_b, slots_b, fired_m, slots))
 
-  def add(row_c, latent_c, pre_c, valid_c, xhat_bd):
+  def add(row_c, latent_c, pre_c, valid_c, yhat_bd):
     f_c = jnp.where(valid_c & (pre_c > group.threshold[s, latent_c]), pre_c, 0.0)
-    return xhat_bd.at[jnp.where(valid_c, row_c, rows)].add(f_c[:, None] * group.W_dec[s, latent_c], mode="drop")
+    return yhat_bd.at[jnp.where(valid_c, row_c, rows)].add(f_c[:, None] * group.W_dec[s, latent_c], mode="drop")
 
-  xhat_bd = _over(slots, 0, slots.start_j[-1], add, jnp.zeros_like(x_bd))
-  return step.Forward(xhat_bd, l0_b, slots_b), slots
+  # Entries are in latent order, so each Matryoshka prefix's are a prefix of them: sum the
+  # segments between consecutive prefix ends, keeping each running total.
+  yhat_bd, start, totals = yhat_pbd[0], 0, []
+  offset = lax.axis_index(MODEL) * group.width
+  for end_latent in spec.prefixes[:-1] or ():
+    end = slots.start_j[jnp.clip((end_latent - offset) // block, 0, blocks)]
+    yhat_bd, start = _over(slots, start, end, add, yhat_bd), end
+    totals.append(yhat_bd)
+  totals.append(_over(slots, start, slots.start_j[-1], add, yhat_bd))
+  return step.Forward(jnp.stack(totals), l0_b, slots_b, fired_m), slots
 
 
-def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls: bool) -> step.BlockGradients:
-  """A block's gradients (as `step.block_gradients` gives them) from its entries; `pulls`: whether
-  the dead-latent loss is on (its every-row terms are then added)."""
-  rows = x_bd.shape[0]
+def block_gradients_from(slots: Slots, x_bd: jax.Array, spec: LossSpec) -> step.BlockGradients:
+  """A block's gradients (as `step.block_gradients` gives them) from its entries; with the
+  dead-latent loss on, its every-row terms are added."""
+  rows, bandwidth = x_bd.shape[0], spec.bandwidth
   x_sum_d = jnp.sum(x_bd, axis=0)  # for the dead latents' pull on every non-active row
 
-  def gradients(blk: TrainParams, j, derr_bd, dpenalty_b, pull_k):
-    k, d = blk.W_dec.shape
+  def gradients(blk: TrainParams, j, derr_bd, dpenalty_b, pull_k, dfreq_k):
+    k, d_out = blk.W_dec.shape
 
     def add(row_c, latent_c, pre_c, valid_c, carry):
       g_dec_kd, g_enc_kd, g_b_k, g_theta_k, fired_k, active_pre_k, in_window = carry
@@ -161,7 +170,8 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls:
       # dense: dpre = H·df - (1 - H)·pull, summed over every row; here H·(df + pull) over the
       # entries, and -pull·Σ_b x_b after the loop
       dpre_c = jnp.where(active_c, df_c + pull_k[latent_c], 0.0)
-      dtheta_c = jnp.where(in_window_c, -(theta_c / bandwidth) * df_c - dpenalty_b[row_c] / bandwidth, 0.0)
+      dstep_c = dpenalty_b[row_c] if dfreq_k is None else dpenalty_b[row_c] + dfreq_k[latent_c]
+      dtheta_c = jnp.where(in_window_c, -(theta_c / bandwidth) * df_c - dstep_c / bandwidth, 0.0)
       f_c = jnp.where(active_c, pre_c, 0.0)
       to_c = jnp.where(valid_c, latent_c, k)
       scatter = lambda a, v: a.at[to_c].add(v, mode="drop")
@@ -176,15 +186,25 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls:
       )
 
     zeros_k = jnp.zeros((k,), F32)
-    init = (jnp.zeros((k, d), F32), jnp.zeros((k, d), F32), zeros_k, zeros_k, jnp.zeros((k,), I32), zeros_k, F32(0))
+    init = (
+      jnp.zeros((k, d_out), F32),
+      jnp.zeros_like(blk.W_enc),
+      zeros_k,
+      zeros_k,
+      jnp.zeros((k,), I32),
+      zeros_k,
+      F32(0),
+    )
     start, end = slots.start_j[j], slots.start_j[j + 1]
     g_dec_kd, g_enc_kd, g_b_k, g_theta_k, fired_k, active_pre_k, in_window = _over(slots, start, end, add, init)
     local = {"W_dec": g_dec_kd, "fired": fired_k, "in_window": in_window}
-    if not pulls:
+    if not spec.dead_latent_loss:
       zero = jnp.zeros((), F32)
-      return step.assemble(blk, local | {"dpre_x": g_enc_kd, "b_enc": g_b_k, "threshold": g_theta_k, "dead_loss": zero})
+      sums = {"dpre_x": g_enc_kd, "b_enc": g_b_k, "threshold": g_theta_k, "dead_loss": zero}
+      return step.assemble(blk, local | sums, spec.pre_bias)
     inactive_k = rows - fired_k.astype(F32)
-    pre_sum_k = blk.W_enc @ x_sum_d + rows * (blk.b_enc - blk.W_enc @ blk.b_dec)  # Σ_b pre_b, for the dead loss
+    bias_k = (blk.b_enc - blk.W_enc @ blk.b_dec) if spec.pre_bias else blk.b_enc
+    pre_sum_k = blk.W_enc @ x_sum_d + rows * bias_k  # Σ_b pre_b, for the dead loss
     return step.assemble(
       blk,
       local
@@ -194,6 +214,7 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, bandwidth: float, pulls:
         "threshold": g_theta_k + pull_k * inactive_k,
         "dead_loss": jnp.sum(pull_k * (blk.threshold * inactive_k - (pre_sum_k - active_pre_k))),
       },
+      spec.pre_bias,
     )
 
   return gradients
@@ -204,6 +225,7 @@ def train_sae(
   moments: dict,
   s,
   x_bd: jax.Array,
+  y_bd: jax.Array,
   lam: jax.Array,
   lr: jax.Array,
   t: jax.Array,
@@ -216,15 +238,15 @@ def train_sae(
 ) -> tuple[TrainParams, dict, dict]:
   """`step.train_sae` by the sparse step, or by the dense one where a token of the global batch has
   more than `capacity` slots (statistic `sparse` says which ran)."""
-  forward, slots = find_slots(group, s, x_bd, block, capacity, spec.bandwidth)
+  forward, slots = find_slots(group, s, x_bd, block, capacity, spec)
   too_many = lax.pmax(jnp.max(lax.psum(forward.slots_b, MODEL)), DATA) > capacity
   # The choice is made per pass and per block, never around the whole update: arrays carried
   # through a `lax.cond` are copied, and the group's would double the step's memory.
-  forward = lax.cond(too_many, lambda: step.reconstruct(group, s, x_bd, block, spec.bandwidth), lambda: forward)
-  dense = step.dense_gradients(x_bd, spec.bandwidth)
-  sparse = block_gradients_from(slots, x_bd, spec.bandwidth, spec.dead_latent_loss > 0)
+  forward = lax.cond(too_many, lambda: step.reconstruct(group, s, x_bd, block, spec), lambda: forward)
+  dense = step.dense_gradients(x_bd, spec)
+  sparse = block_gradients_from(slots, x_bd, spec)
   gradients = lambda *args: lax.cond(too_many, dense, sparse, *args)
   group, moments, stats = step.update_sae(
-    group, moments, s, x_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
+    group, moments, s, x_bd, y_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
   )
   return group, moments, stats | {"sparse": 1.0 - too_many.astype(F32)}

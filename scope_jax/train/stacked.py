@@ -1,4 +1,4 @@
-"""A sweep of JumpReLU SAEs trained together: one jitted, sharded step updates all of them.
+"""A sweep of JumpReLU SAEs (or transcoders) trained together: one jitted, sharded step updates all of them.
 
 SAEs of one width are stacked on a leading axis (a *group*); the step loops over groups and
 over each stack with the blocked single-SAE step (`step.py`), so every SAE sees the same
@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
-from scope_jax.sae.loss import LossSpec
-from scope_jax.sae.model import init_sae
+from scope_jax.sae.loss import LossSpec, check_prefixes
+from scope_jax.sae.model import init_sae, init_transcoder
 from scope_jax.train import sparse, step
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
@@ -48,12 +48,17 @@ class Recipe:
   target_l0: float | None = None  # L0* of the quadratic loss
   dead_window_steps: int = 1_000  # a latent is dead when it has not fired for this many steps
   dead_latent_loss: float = 0.0  # c of the pre-activation loss on dead latents (sae/loss.py); 0 = off
+  frequency_scale: float = 0.0  # s of the penalty on high-frequency latents (sae/loss.py); 0 = off
   normalize: str = "centred"  # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
   # (Gemma Scope); data/normalization.py says why centred is the default
 
   @property
   def loss(self) -> LossSpec:
-    return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0, self.dead_latent_loss)
+    return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0, self.dead_latent_loss, self.frequency_scale)
+
+  def group_loss(self, group: Group, kind: str) -> LossSpec:
+    """The loss of `group`'s SAEs of kind `kind` (its Matryoshka prefixes, transcoder or not)."""
+    return dataclasses.replace(self.loss, transcoder=kind != "sae", prefixes=group.prefixes)
 
   @property
   def adam(self) -> Adam:
@@ -64,12 +69,17 @@ class Recipe:
     check_normalization(self.normalize)
 
 
+KINDS = ("sae", "transcoder", "skip_transcoder")  # what a sweep trains (docs/recipe.md §4)
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """The SAEs of one width: every (λ, seed) pair, in that order."""
+  """The SAEs of one width: every (λ, seed) pair, in that order; Matryoshka prefix sizes (the
+  width last) or ()."""
 
   width: int
   members: tuple[tuple[float, int], ...]  # (λ, seed)
+  prefixes: tuple[int, ...] = ()
 
   @property
   def names(self) -> list[str]:
@@ -80,8 +90,11 @@ def sae_name(width: int, lam: float, seed: int) -> str:
   return f"w{width}-l{lam:g}-s{seed}"
 
 
-def make_groups(widths: Sequence[int], lambdas: Sequence[float], seeds: Sequence[int] = (0,)) -> tuple[Group, ...]:
-  """One group per width holding every λ × seed, with clear errors for empty or bad lists."""
+def make_groups(
+  widths: Sequence[int], lambdas: Sequence[float], seeds: Sequence[int] = (0,), prefixes: Sequence[int] = ()
+) -> tuple[Group, ...]:
+  """One group per width holding every λ × seed, with clear errors for empty or bad lists;
+  `prefixes`: Matryoshka prefix sizes shared by every width (each below the narrowest)."""
   for name, values in (("widths", widths), ("l1_coefficients", lambdas), ("seeds", seeds)):
     if len(values) == 0:
       raise ValueError(f"sweep: {name} is empty; list at least one value")
@@ -90,31 +103,33 @@ def make_groups(widths: Sequence[int], lambdas: Sequence[float], seeds: Sequence
   if any(lam < 0 for lam in lambdas):
     raise ValueError(f"sweep: l1_coefficients {list(lambdas)} must be >= 0")
   members = tuple(itertools.product([float(lam) for lam in lambdas], [int(s) for s in seeds]))
-  return tuple(Group(int(w), members) for w in widths)
+  for w in widths:
+    check_prefixes(prefixes, w, f"sweep.prefixes (width {w})")
+  return tuple(Group(int(w), members, check_prefixes(prefixes, w) if len(prefixes) else ()) for w in widths)
 
 
 # ------------------------------------------------------------------ state and shardings
 
 
-def init_group(base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe) -> TrainParams:
-  """The stacked initial SAEs of `group` in the trainer's layout, `b_dec` at `b_dec_d` (the data's
-  mean); the rest of each depends only on (base seed, width, seed)."""
+def init_group(
+  base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe, kind: str = "sae", d_in: int | None = None
+) -> TrainParams:
+  """The stacked initial SAEs (or transcoders, input width `d_in`) of `group` in the trainer's
+  layout, `b_dec` at `b_dec_d` (the mean of what they reconstruct); the rest of each depends only
+  on (base seed, width, seed)."""
   base = jax.random.key(base_seed)
-  saes = [
-    init_sae(
-      jax.random.fold_in(jax.random.fold_in(base, group.width), seed),
-      b_dec_d.shape[-1],
-      group.width,
-      recipe.init_threshold,
-      b_dec_d,
-    )
-    for _, seed in group.members
-  ]
+  d_out = b_dec_d.shape[-1]
+  keys = [jax.random.fold_in(jax.random.fold_in(base, group.width), seed) for _, seed in group.members]
+  if kind == "sae":
+    saes = [init_sae(key, d_out, group.width, recipe.init_threshold, b_dec_d) for key in keys]
+  else:
+    skip = kind == "skip_transcoder"
+    saes = [init_transcoder(k, d_in, d_out, group.width, recipe.init_threshold, b_dec_d, skip) for k in keys]
   return TrainParams.from_sae(jax.tree.map(lambda *a: jnp.stack(a), *saes))
 
 
-def group_spec(mesh: Mesh, width: int) -> TrainParams:
-  """PartitionSpecs of a stacked group: latents on `model`, the stack replicated."""
+def group_spec(mesh: Mesh, width: int, skip: bool = False) -> TrainParams:
+  """PartitionSpecs of a stacked group: latents on `model`, the stack (and a skip) replicated."""
   what = f"SAE width {width}"
   latents = logical_spec(mesh, (None, "latents"), (1, width), what)[1]
   return TrainParams(
@@ -123,12 +138,13 @@ def group_spec(mesh: Mesh, width: int) -> TrainParams:
     W_dec=P(None, latents, None),
     b_dec=P(None, None),
     threshold=P(None, latents),
+    W_skip=P(None, None, None) if skip else None,
   )
 
 
-def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
+def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam, kind: str = "sae") -> dict:
   to_sharding = lambda spec: NamedSharding(mesh, spec)
-  params = tuple(jax.tree.map(to_sharding, group_spec(mesh, g.width)) for g in groups)
+  params = tuple(jax.tree.map(to_sharding, group_spec(mesh, g.width, kind == "skip_transcoder")) for g in groups)
   replicated = NamedSharding(mesh, P())
   return {
     "step": replicated,
@@ -139,8 +155,15 @@ def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam) -> dict:
   }
 
 
-def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], recipe: Recipe) -> dict:
-  params = tuple(init_group(base_seed, b_dec_d, g, recipe) for g in groups)
+def init_state(
+  base_seed: int,
+  b_dec_d: jax.Array,
+  groups: Sequence[Group],
+  recipe: Recipe,
+  kind: str = "sae",
+  d_in: int | None = None,
+) -> dict:
+  params = tuple(init_group(base_seed, b_dec_d, g, recipe, kind, d_in) for g in groups)
   return {
     "step": jnp.zeros((), jnp.int32),
     "params": params,
@@ -153,15 +176,17 @@ def init_state(base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], reci
 # ------------------------------------------------------------------ the step
 
 
-def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int, capacity: int):
+def _group_step(
+  mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int, capacity: int, kind: str = "sae"
+):
   """`(params, moments, x_bd, lam_s, lr, t, dead_sm) -> (params, moments, stats)` for one stacked group:
   `step.train_group` under `shard_map` (rows on `data`, latents on `model`), by the dense step, or
   by the sparse one with `capacity` slots per token (train/sparse.py)."""
-  spec = group_spec(mesh, group.width)
+  spec = group_spec(mesh, group.width, kind == "skip_transcoder")
   width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
   tile = SPARSE_TILE if capacity else DENSE_TILE
-  block = latent_block(width_local, batch // mesh.shape[DATA], requested_block, tile)
-  bound = dict(spec=recipe.loss, adam=recipe.adam, block=block, batch=batch)
+  block = latent_block(width_local, batch // mesh.shape[DATA], requested_block, tile, group.prefixes)
+  bound = dict(spec=recipe.group_loss(group, kind), adam=recipe.adam, block=block, batch=batch)
   if capacity:
     one = functools.partial(sparse.train_sae, **bound, capacity=check_capacity(capacity, group.width))
   else:
@@ -214,10 +239,13 @@ def make_train_step(
   requested_block: int = 0,
   total_steps: int = 0,
   capacities: Sequence[int] = (),
+  kind: str = "sae",
 ):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
-  `mean_d`: the data's mean in training units (how far `b_dec` moved from it is a health metric);
+  `mean_d`: the mean of what the SAEs reconstruct (a transcoder's target), in training units (how
+  far `b_dec` moved from it is a health metric); `kind`: one of KINDS (a transcoder's batches hold
+  its input's columns, then its target's);
   `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`);
   `total_steps`: where the learning rate's decay ends (`recipe.lr_decay_steps`); `capacities`:
   per group, 0 for the dense step or the sparse step's slots per token (none given: all dense)."""
@@ -226,13 +254,14 @@ def make_train_step(
   lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, total_steps)
   capacities = tuple(capacities) or (0,) * len(groups)
   group_steps = [
-    _group_step(mesh, g, recipe, batch, requested_block, k) for g, k in zip(groups, capacities, strict=True)
+    _group_step(mesh, g, recipe, batch, requested_block, k, kind) for g, k in zip(groups, capacities, strict=True)
   ]
 
   def train_step(state, x_bd):
     step = state["step"]
     factor, lr, t = lam_factor(step), lr_at(step), (step + 1).astype(jnp.float32)
-    variance = jnp.mean(jnp.sum(jnp.square(x_bd - jnp.mean(x_bd, axis=0)), axis=-1))  # FVU's denominator, once
+    y_bd = x_bd[:, x_bd.shape[1] - mean_d.shape[0] :]  # what is reconstructed: the input, or the target
+    variance = jnp.mean(jnp.sum(jnp.square(y_bd - jnp.mean(y_bd, axis=0)), axis=-1))  # FVU's denominator, once
     params, since_fired, first_bad, metrics = [], [], [], []
     moments = {k: [] for k in state["opt_state"]}
     for gi, (group_step, lam_s) in enumerate(zip(group_steps, lambdas)):
@@ -275,15 +304,26 @@ def make_train_step(
   )
 
 
-def initializer(base_seed: int, mean_d, groups: Sequence[Group], recipe: Recipe, mesh: Mesh, batch: int):
+def initializer(
+  base_seed: int,
+  mean_d,
+  groups: Sequence[Group],
+  recipe: Recipe,
+  mesh: Mesh,
+  batch: int,
+  kind: str = "sae",
+  d_in: int | None = None,
+):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings). `mean_d`
-  `[d]`: the data's mean in training units, where every `b_dec` starts (docs/recipe.md §2 starts
-  it at zero; at a site with a large constant offset that spends the first thousands of steps,
-  and many latents, on the offset)."""
+  `[d_out]`: the mean of what the SAEs reconstruct, in training units, where every `b_dec` starts
+  (docs/recipe.md §2 starts it at zero; at a site with a large constant offset that spends the
+  first thousands of steps, and many latents, on the offset); `d_in`: a transcoder's input width."""
   if batch % mesh.shape[DATA]:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
-  shardings = state_shardings(mesh, groups, recipe.adam)
-  init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe)
+  if kind not in KINDS:
+    raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
+  shardings = state_shardings(mesh, groups, recipe.adam, kind)
+  init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe, kind, d_in)
   return jax.jit(init, out_shardings=shardings), shardings
 
 
@@ -297,12 +337,18 @@ def build(
   requested_block: int = 0,
   total_steps: int = 0,
   capacities: Sequence[int] = (),
+  kind: str = "sae",
+  d_in: int | None = None,
 ):
   """(`initializer`'s init and shardings, the jitted step for `batch`-row batches: dense, or sparse
-  for groups given a capacity, see `make_train_step`)."""
-  init, shardings = initializer(base_seed, mean_d, groups, recipe, mesh, batch)
+  for groups given a capacity, see `make_train_step`). `mean_d`: the mean of the batches' columns
+  (a transcoder's: its input's `d_in`, then its target's)."""
+  mean_d = jnp.asarray(mean_d, jnp.float32)
+  if kind != "sae":
+    mean_d = mean_d[d_in:]
+  init, shardings = initializer(base_seed, mean_d, groups, recipe, mesh, batch, kind, d_in)
   step_fn = make_train_step(
-    groups, recipe, shardings, mesh, batch, jnp.asarray(mean_d, jnp.float32), requested_block, total_steps, capacities
+    groups, recipe, shardings, mesh, batch, mean_d, requested_block, total_steps, capacities, kind
   )
   return init, shardings, step_fn
 
@@ -313,4 +359,4 @@ def recipe_from(config: ml_collections.ConfigDict) -> Recipe:
 
 def groups_from(config: ml_collections.ConfigDict):
   s = config.sweep
-  return make_groups(list(s.widths), list(s.l1_coefficients), list(s.seeds))
+  return make_groups(list(s.widths), list(s.l1_coefficients), list(s.seeds), list(s.prefixes))

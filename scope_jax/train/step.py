@@ -52,6 +52,7 @@ STAT_NAMES = (
   "mse",
   "l0",
   "sparsity_loss",
+  "frequency_loss",
   "dead_latent_loss",
   "grad_norm",
   "window_fraction",
@@ -61,18 +62,62 @@ STAT_NAMES = (
 
 
 class Forward(NamedTuple):
-  """Pass 1 of a step on the local rows and latents: the reconstruction `Σ f @ W_dec` `[B, d]`,
-  active latents per row `[B]` (float) and slots (active or in-window latents) per row `[B]`."""
+  """Pass 1 of a step on the local rows and latents: the reconstruction `Σ f @ W_dec` of each
+  prefix `[P, B, d_out]` (P = 1: the whole width), active latents per row `[B]` (float), slots
+  (active or in-window latents) per row `[B]`, and rows each local latent is active on `[M_local]`
+  (float; `[0]` unless the frequency penalty needs it)."""
 
-  xhat_bd: jax.Array
+  yhat_pbd: jax.Array
   l0_b: jax.Array
   slots_b: jax.Array
+  fired_m: jax.Array
 
 
-# (block, j, ∂loss/∂xhat [B, d], ∂loss/∂||f||₀ [B], pull [block]) -> (gradients, fired, sums)
+class Cotangents(NamedTuple):
+  """∂loss/∂ what pass 1 computed, for one SAE: `dyhat_pbd` `[P, B, d_out]`, ∂loss/∂yhat summed
+  over prefix p and every wider one (what the latents of prefix p's last block see);
+  `dpenalty_b` ∂loss/∂||f||₀ per row; `pull_m` `[M_local]` c / batch on dead latents, else 0;
+  `dfreq_m` `[M_local]` ∂loss/∂(firing count) of the frequency penalty, or None. Every gradient of
+  the step is linear in them, so scaling them scales it (gradient clipping)."""
+
+  dyhat_pbd: jax.Array
+  dpenalty_b: jax.Array
+  pull_m: jax.Array
+  dfreq_m: jax.Array | None
+
+  def scaled(self, c: jax.Array) -> Cotangents:
+    return jax.tree.map(lambda a: a * c, self)
+
+  def block(self, j, block: int, prefixes: tuple[int, ...]):
+    """(derr_bd, dpenalty_b, pull_k, dfreq_k) for latent block j: what `BlockGradients` takes."""
+    cut = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, j * block, block)
+    if len(prefixes) > 1:
+      derr_bd = self.dyhat_pbd[prefix_of(j, block, self.pull_m.shape[0], prefixes)]
+    else:
+      derr_bd = self.dyhat_pbd[0]
+    return derr_bd, self.dpenalty_b, cut(self.pull_m), cut(self.dfreq_m)
+
+
+# (block, j, ∂loss/∂yhat [B, d], ∂loss/∂||f||₀ [B], pull [block], dfreq [block] | None)
+#   -> (gradients, fired, sums)
 BlockGradients = Callable[
-  [TrainParams, jax.Array, jax.Array, jax.Array, jax.Array], tuple[TrainParams, jax.Array, dict]
+  [TrainParams, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None], tuple[TrainParams, jax.Array, dict]
 ]
+
+
+def prefix_of(j, block: int, width_local: int, prefixes: tuple[int, ...]) -> jax.Array:
+  """The first Matryoshka prefix holding latent block j of this device (latents are split over
+  `model` in order); blocks never straddle a prefix boundary (`latent_block` divides them)."""
+  start = lax.axis_index(MODEL) * width_local + j * block
+  return jnp.sum(start >= jnp.asarray(prefixes[:-1], I32), dtype=I32)
+
+
+def inputs_and_targets(batch_bd: jax.Array, d_in: int) -> tuple[jax.Array, jax.Array]:
+  """(encoder input, target) of a batch: an SAE's batch is its input and target; a transcoder's
+  holds its input's `d_in` columns, then the target's (data/source.py `PairedSource`)."""
+  if batch_bd.shape[-1] == d_in:
+    return batch_bd, batch_bd
+  return batch_bd[:, :d_in], batch_bd[:, d_in:]
 
 
 def _cut(a: jax.Array, s, j, block: int) -> jax.Array:
@@ -81,13 +126,13 @@ def _cut(a: jax.Array, s, j, block: int) -> jax.Array:
 
 
 def block_of(group: TrainParams, s, j, block: int) -> TrainParams:
-  """Latent block j of SAE s of a stacked group (its `b_dec` whole)."""
+  """Latent block j of SAE s of a stacked group (its `b_dec` whole, no skip)."""
   return TrainParams(b_dec=group.b_dec[s], **{name: _cut(getattr(group, name), s, j, block) for name in LATENT_LEAVES})
 
 
-def block_pre(blk: TrainParams, x_bd: jax.Array) -> jax.Array:
-  """Pre-activations `[B, block]`, the pre-encoder bias folded into the bias."""
-  return x_bd @ blk.W_enc.T + (blk.b_enc - blk.W_enc @ blk.b_dec)
+def block_pre(blk: TrainParams, x_bd: jax.Array, pre_bias: bool = True) -> jax.Array:
+  """Pre-activations `[B, block]`; an SAE's pre-encoder bias folded into the bias."""
+  return x_bd @ blk.W_enc.T + ((blk.b_enc - blk.W_enc @ blk.b_dec) if pre_bias else blk.b_enc)
 
 
 def candidates(pre_bk: jax.Array, theta_k: jax.Array, bandwidth: float) -> tuple[jax.Array, jax.Array]:
@@ -96,42 +141,76 @@ def candidates(pre_bk: jax.Array, theta_k: jax.Array, bandwidth: float) -> tuple
   return pre_bk > theta_k, jnp.abs(pre_bk - theta_k) < bandwidth / 2
 
 
-def reconstruct(group: TrainParams, s, x_bd: jax.Array, block: int, bandwidth: float) -> Forward:
-  """Pass 1 for SAE s on the local latents: `Σ f @ W_dec`, active latents per row and slots
-  (active or in-window latents) per row."""
+def add_to_prefixes(yhat_pbd: jax.Array, part_bd: jax.Array, p) -> jax.Array:
+  """`part_bd` (a block's `f @ W_dec`) added to the reconstructions of prefix `p` and wider."""
+  if yhat_pbd.shape[0] == 1:
+    return yhat_pbd + part_bd
+  return jnp.where((jnp.arange(yhat_pbd.shape[0]) >= p)[:, None, None], yhat_pbd + part_bd, yhat_pbd)
+
+
+def empty_forward(group: TrainParams, rows: int, spec: LossSpec) -> tuple:
+  """Pass 1's sums before the first block: (yhat_pbd, l0_b, slots_b, fired_m)."""
+  d_out = group.W_dec.shape[-1]
+  counted = group.width if spec.frequency_scale else 0
+  return (
+    jnp.zeros((max(1, len(spec.prefixes)), rows, d_out), F32),
+    jnp.zeros((rows,), F32),
+    jnp.zeros((rows,), I32),
+    jnp.zeros((counted,), F32),
+  )
+
+
+def count_fired(fired_m: jax.Array, active_bk: jax.Array, j, block: int) -> jax.Array:
+  """Rows each latent of block j is active on, written into `fired_m` when it is counted."""
+  if fired_m.shape[0] == 0:
+    return fired_m
+  return lax.dynamic_update_slice_in_dim(fired_m, jnp.sum(active_bk, axis=0, dtype=F32), j * block, 0)
+
+
+def reconstruct(group: TrainParams, s, x_bd: jax.Array, block: int, spec: LossSpec) -> Forward:
+  """Pass 1 for SAE s on the local latents: each prefix's `Σ f @ W_dec`, active latents and slots
+  (active or in-window latents) per row, and (frequency penalty) rows per latent."""
 
   def body(j, carry):
-    xhat_bd, l0_b, slots_b = carry
+    yhat_pbd, l0_b, slots_b, fired_m = carry
     blk = block_of(group, s, j, block)
-    pre_bk = block_pre(blk, x_bd)
-    active_bk, in_window_bk = candidates(pre_bk, blk.threshold, bandwidth)
+    pre_bk = block_pre(blk, x_bd, spec.pre_bias)
+    active_bk, in_window_bk = candidates(pre_bk, blk.threshold, spec.bandwidth)
+    p = prefix_of(j, block, group.width, spec.prefixes) if len(spec.prefixes) > 1 else 0
     return (
-      xhat_bd + jnp.where(active_bk, pre_bk, 0.0) @ blk.W_dec,
+      add_to_prefixes(yhat_pbd, jnp.where(active_bk, pre_bk, 0.0) @ blk.W_dec, p),
       l0_b + jnp.sum(active_bk, axis=-1, dtype=F32),
       slots_b + jnp.sum(active_bk | in_window_bk, axis=-1, dtype=jnp.int32),
+      count_fired(fired_m, active_bk, j, block),
     )
 
-  rows = x_bd.shape[:1]
-  init = (jnp.zeros_like(x_bd), jnp.zeros(rows, F32), jnp.zeros(rows, jnp.int32))
+  init = empty_forward(group, x_bd.shape[0], spec)
   return Forward(*lax.fori_loop(0, group.width // block, body, init))
 
 
 def block_gradients(
-  blk: TrainParams, x_bd: jax.Array, derr_bd: jax.Array, dpenalty_b: jax.Array, bandwidth: float, pull_k: jax.Array
+  blk: TrainParams,
+  x_bd: jax.Array,
+  derr_bd: jax.Array,
+  dpenalty_b: jax.Array,
+  spec: LossSpec,
+  pull_k: jax.Array,
+  dfreq_k: jax.Array | None = None,
 ) -> tuple[TrainParams, jax.Array, dict]:
   """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
   fired, and sums for statistics: pre-activations inside the kernel window (the only ones that
-  train θ) and the dead latents' pre-activation loss. `derr_bd` = ∂loss/∂xhat, `dpenalty_b` =
+  train θ) and the dead latents' pre-activation loss. `derr_bd` = ∂loss/∂yhat, `dpenalty_b` =
   ∂loss/∂||f||₀ per row, `pull_k` `[block]` = c / batch for dead latents and 0 for the others
-  (sae/loss.py's last term). The `b_dec` field holds this block's share of the pre-encoder-bias
-  gradient (`-W_enc_k @ db_enc_k`)."""
-  theta_k = blk.threshold
-  pre_bk = block_pre(blk, x_bd)
+  (sae/loss.py's last term), `dfreq_k` the frequency penalty's ∂loss/∂H per latent (or None).
+  The `b_dec` field holds this block's share of the pre-encoder-bias gradient (`-W_enc_k @ db_enc_k`)."""
+  theta_k, bandwidth = blk.threshold, spec.bandwidth
+  pre_bk = block_pre(blk, x_bd, spec.pre_bias)
   active_bk, in_window_bk = candidates(pre_bk, theta_k, bandwidth)
   df_bk = derr_bd @ blk.W_dec.T
   pull_bk = jnp.where(active_bk, 0.0, pull_k)  # ∂/∂θ of c·relu(θ - z) on dead latents
   dpre_bk = jnp.where(active_bk, df_bk, 0.0) - pull_bk  # ∂JumpReLU/∂z = H(z - θ)
-  dtheta_bk = -(theta_k / bandwidth) * df_bk - dpenalty_b[:, None] / bandwidth
+  dstep_bk = dpenalty_b[:, None] if dfreq_k is None else dpenalty_b[:, None] + dfreq_k
+  dtheta_bk = -(theta_k / bandwidth) * df_bk - dstep_bk / bandwidth
   return assemble(
     blk,
     {
@@ -143,19 +222,24 @@ def block_gradients(
       "in_window": jnp.sum(in_window_bk, dtype=F32),
       "dead_loss": jnp.sum(pull_bk * (theta_k - pre_bk)),
     },
+    spec.pre_bias,
   )
 
 
-def assemble(blk: TrainParams, local: dict) -> tuple[TrainParams, jax.Array, dict]:
+def assemble(blk: TrainParams, local: dict, pre_bias: bool = True) -> tuple[TrainParams, jax.Array, dict]:
   """A block's (gradients, fired latents, statistics) from its sums over the local rows: `dpre_x`
-  = ∂preᵀ x `[block, d]`, `W_dec` = fᵀ ∂xhat, `b_enc`, `threshold`, `fired` (counts), `in_window`,
-  `dead_loss`. Summed over `data` here; the pre-encoder bias adds its share to ∂W_enc."""
+  = ∂preᵀ x `[block, d]`, `W_dec` = fᵀ ∂yhat, `b_enc`, `threshold`, `fired` (counts), `in_window`,
+  `dead_loss`. Summed over `data` here; an SAE's pre-encoder bias adds its share to ∂W_enc."""
   sums = lax.psum(local, DATA)
+  if pre_bias:
+    g_enc, g_dec_bias = sums["dpre_x"] - jnp.outer(sums["b_enc"], blk.b_dec), -(sums["b_enc"] @ blk.W_enc)
+  else:
+    g_enc, g_dec_bias = sums["dpre_x"], jnp.zeros_like(blk.b_dec)
   grads = TrainParams(
-    W_enc=sums["dpre_x"] - jnp.outer(sums["b_enc"], blk.b_dec),
+    W_enc=g_enc,
     b_enc=sums["b_enc"],
     W_dec=sums["W_dec"],
-    b_dec=-(sums["b_enc"] @ blk.W_enc),
+    b_dec=g_dec_bias,
     threshold=sums["threshold"],
   )
   return grads, sums["fired"] > 0, {"in_window": sums["in_window"], "dead_loss": sums["dead_loss"]}
@@ -211,27 +295,39 @@ def _latent_sq_norm(g: TrainParams) -> jax.Array:
   return sum(jnp.sum(jnp.square(getattr(g, k))) for k in LATENT_LEAVES)
 
 
+def _dense_gradients(x_bd: jax.Array, dyhat_bd: jax.Array, db_dec_shares_d: jax.Array, skip: bool) -> dict:
+  """The gradients of the leaves every latent shares, from ∂loss/∂yhat over all prefixes: `b_dec`
+  (plus the blocks' pre-encoder-bias shares, summed over `model`) and a skip-transcoder's `W_skip`."""
+  out = {"b_dec": lax.psum(db_dec_shares_d, MODEL) + lax.psum(jnp.sum(dyhat_bd, axis=0), DATA)}
+  if skip:
+    out["W_skip"] = lax.psum(x_bd.T @ dyhat_bd, DATA)
+  return out
+
+
 def gradient_norm(
-  group: TrainParams,
-  s,
-  derr_bd: jax.Array,
-  dpenalty_b: jax.Array,
-  pull_m: jax.Array,
-  gradients: BlockGradients,
-  block: int,
+  group: TrainParams, s, x_bd: jax.Array, cot: Cotangents, gradients: BlockGradients, block: int, spec: LossSpec
 ) -> jax.Array:
   """The global norm of SAE s's gradient (every leaf), by a pass that forms each block's gradients
   and discards them: the norm must be known before the first block is updated."""
 
   def body(j, carry):
     sq_sum, db_dec_d = carry
-    pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
-    g, _, _ = gradients(block_of(group, s, j, block), j, derr_bd, dpenalty_b, pull_k)
+    g, _, _ = gradients(block_of(group, s, j, block), j, *cot.block(j, block, spec.prefixes))
     return sq_sum + _latent_sq_norm(g), db_dec_d + g.b_dec
 
-  sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, (jnp.zeros((), F32), jnp.zeros_like(derr_bd[0])))
-  db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
-  return jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d)))
+  init = (jnp.zeros((), F32), jnp.zeros_like(group.b_dec[s]))
+  sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, init)
+  shared = _dense_gradients(x_bd, cot.dyhat_pbd[0], db_dec_d, group.W_skip is not None)
+  return jnp.sqrt(lax.psum(sq_sum, MODEL) + sum(jnp.sum(jnp.square(g)) for g in shared.values()))
+
+
+def _update_shared(group: TrainParams, moments: dict, s, grads: dict, adam: Adam, t, lr) -> tuple[TrainParams, dict]:
+  """Adam on SAE s's shared leaves (`b_dec`, `W_skip`): every step, every entry."""
+  for name, g in grads.items():
+    m = adam.moments(g, {k: getattr(moments[k], name)[s] for k in adam.moment_names})
+    group = group.replace(**{name: getattr(group, name).at[s].set(adam.apply(getattr(group, name)[s], g, m, t, lr))})
+    moments = moments | {k: moments[k].replace(**{name: getattr(moments[k], name).at[s].set(v)}) for k, v in m.items()}
+  return group, moments
 
 
 def update_sae(
@@ -239,6 +335,7 @@ def update_sae(
   moments: dict,
   s,
   x_bd: jax.Array,
+  y_bd: jax.Array,
   forward: Forward,
   gradients: BlockGradients,
   lam: jax.Array,
@@ -253,29 +350,36 @@ def update_sae(
   """Passes 2 (and with clipping 1½) of SAE s's step given pass 1 (`forward`) and a way to form a
   block's gradients (the dense `block_gradients` or the sparse step's): every block's gradients
   formed and applied in place (Adam, decoder-gradient projection, renormalization, θ ≥ 0), then
-  `b_dec`. `dead_m` `[M_local]` marks the dead latents (for the optional dead-latent loss).
+  `b_dec` and a skip-transcoder's `W_skip`. `x_bd` is the encoder's input, `y_bd` the target (the
+  same array for an SAE); `dead_m` `[M_local]` marks the dead latents (for the dead-latent loss).
 
   Returns (group, moments, SAE s's statistics: STAT_NAMES — window_fraction is the fraction of
   pre-activations inside the threshold's kernel window — and fired_m).
   """
-  b_dec_d = group.b_dec[s]
-  xhat_bd, l0_b, slots_b = lax.psum(tuple(forward), MODEL)
-  err_bd = xhat_bd + b_dec_d - x_bd
-  derr_bd = (2.0 / batch) * err_bd  # ∂loss/∂xhat
-  dpenalty_b = (lam / batch) * spec.penalty_slope(l0_b)  # ∂loss/∂||f||₀
-  pull_m = jnp.where(dead_m, spec.dead_latent_loss / batch, 0.0)
+  yhat_pbd, l0_b, slots_b = lax.psum((forward.yhat_pbd, forward.l0_b, forward.slots_b), MODEL)
+  err_pbd = yhat_pbd + (group.b_dec[s] + (0.0 if group.W_skip is None else x_bd @ group.W_skip[s])) - y_bd
+  # ∂loss/∂yhat_p = (2/batch)·err_p; the latents of prefix p feed every prefix from p on
+  dyhat_pbd = (2.0 / batch) * (jnp.cumsum(err_pbd[::-1], axis=0)[::-1] if err_pbd.shape[0] > 1 else err_pbd)
+  frequency_m = lax.psum(forward.fired_m, DATA) / batch  # [M_local] firing frequency, or [0]
+  dfreq_m = None
+  if spec.frequency_scale:  # ∂/∂H_bi of (λ/s)·Σ_i p_i², p_i = Σ_b H_bi / batch
+    dfreq_m = (2.0 * lam / (spec.frequency_scale * batch)) * frequency_m
+  cot = Cotangents(
+    dyhat_pbd,
+    (lam / batch) * spec.penalty_slope(l0_b),
+    jnp.where(dead_m, spec.dead_latent_loss / batch, 0.0),
+    dfreq_m,
+  )
   clip = jnp.ones((), F32)
   if adam.clip_norm:
-    # Every gradient is linear in (derr, dpenalty, pull): scaling them scales the whole gradient.
-    norm = gradient_norm(group, s, derr_bd, dpenalty_b, pull_m, gradients, block)
+    norm = gradient_norm(group, s, x_bd, cot, gradients, block, spec)
     clip = jnp.minimum(1.0, adam.clip_norm / norm)
-    derr_bd, dpenalty_b, pull_m = derr_bd * clip, dpenalty_b * clip, pull_m * clip
+    cot = cot.scaled(clip)
 
   def update(j, carry):
     group, moments, db_dec_d, sq_sum, sums, fired_m = carry
     blk = block_of(group, s, j, block)
-    pull_k = lax.dynamic_slice_in_dim(pull_m, j * block, block)
-    g, fired_k, sums_k = gradients(blk, j, derr_bd, dpenalty_b, pull_k)
+    g, fired_k, sums_k = gradients(blk, j, *cot.block(j, block, spec.prefixes))
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     update_k = touched(g, fired_k) if adam.lazy else jnp.ones_like(fired_k)
@@ -293,29 +397,34 @@ def update_sae(
   init = (
     group,
     moments,
-    jnp.zeros_like(b_dec_d),
+    jnp.zeros_like(group.b_dec[s]),
     zero,
     {"in_window": zero, "dead_loss": zero},
     jnp.zeros(group.b_enc.shape[1:], bool),
   )
   group, moments, db_dec_d, sq_sum, sums, fired_m = lax.fori_loop(0, group.width // block, update, init)
   sums = lax.psum(sums, MODEL)
-  db_dec_d = lax.psum(db_dec_d, MODEL) + lax.psum(jnp.sum(derr_bd, axis=0), DATA)
-  b_dec_moments = adam.moments(db_dec_d, {k: moments[k].b_dec[s] for k in adam.moment_names})
-  group = group.replace(b_dec=group.b_dec.at[s].set(adam.apply(b_dec_d, db_dec_d, b_dec_moments, t, lr)))
-  moments = moments | {k: moments[k].replace(b_dec=moments[k].b_dec.at[s].set(v)) for k, v in b_dec_moments.items()}
+  shared = _dense_gradients(x_bd, cot.dyhat_pbd[0], db_dec_d, group.W_skip is not None)
+  group, moments = _update_shared(group, moments, s, shared, adam, t, lr)
 
   totals = lax.psum(
-    {"sq_err": jnp.sum(jnp.square(err_bd)), "l0": jnp.sum(l0_b), "penalty": jnp.sum(spec.penalty(l0_b))}, DATA
+    {
+      "sq_err_p": jnp.sum(jnp.square(err_pbd), axis=(1, 2)),
+      "l0": jnp.sum(l0_b),
+      "penalty": jnp.sum(spec.penalty(l0_b)),
+    },
+    DATA,
   )
-  mse, sparsity = totals["sq_err"] / batch, totals["penalty"] / batch
+  mse_p, sparsity = totals["sq_err_p"] / batch, totals["penalty"] / batch
+  frequency = lax.psum(jnp.sum(jnp.square(frequency_m)), MODEL) / spec.frequency_scale if dfreq_m is not None else zero
   stats = {
-    "loss": mse + lam * sparsity + sums["dead_loss"] / clip,
-    "mse": mse,
+    "loss": jnp.sum(mse_p) + lam * (sparsity + frequency) + sums["dead_loss"] / clip,
+    "mse": mse_p[-1],  # the whole width's
     "l0": totals["l0"] / batch,
     "sparsity_loss": sparsity,
+    "frequency_loss": frequency,
     "dead_latent_loss": sums["dead_loss"] / clip,  # its sum was taken with the clipped pull
-    "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + jnp.sum(jnp.square(db_dec_d))) / clip,
+    "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + sum(jnp.sum(jnp.square(g)) for g in shared.values())) / clip,
     "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)),
     "slots_max": lax.pmax(jnp.max(slots_b), DATA).astype(F32),
     "fired_m": fired_m,
@@ -323,8 +432,10 @@ def update_sae(
   return group, moments, stats
 
 
-def dense_gradients(x_bd: jax.Array, bandwidth: float) -> BlockGradients:
-  return lambda blk, j, derr_bd, dpenalty_b, pull_k: block_gradients(blk, x_bd, derr_bd, dpenalty_b, bandwidth, pull_k)
+def dense_gradients(x_bd: jax.Array, spec: LossSpec) -> BlockGradients:
+  return lambda blk, j, derr_bd, dpenalty_b, pull_k, dfreq_k: block_gradients(
+    blk, x_bd, derr_bd, dpenalty_b, spec, pull_k, dfreq_k
+  )
 
 
 def train_sae(
@@ -332,6 +443,7 @@ def train_sae(
   moments: dict,
   s,
   x_bd: jax.Array,
+  y_bd: jax.Array,
   lam: jax.Array,
   lr: jax.Array,
   t: jax.Array,
@@ -341,12 +453,12 @@ def train_sae(
   block: int,
   batch: int,
 ) -> tuple[TrainParams, dict, dict]:
-  """The dense step of SAE s of a stacked group on the local rows `x_bd` of a `batch`-row global
-  batch. Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
-  forward = reconstruct(group, s, x_bd, block, spec.bandwidth)
-  gradients = dense_gradients(x_bd, spec.bandwidth)
+  """The dense step of SAE s of a stacked group on the local rows (input `x_bd`, target `y_bd`) of
+  a `batch`-row global batch. Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
+  forward = reconstruct(group, s, x_bd, block, spec)
+  gradients = dense_gradients(x_bd, spec)
   group, moments, stats = update_sae(
-    group, moments, s, x_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
+    group, moments, s, x_bd, y_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
   )
   return group, moments, stats | {"sparse": jnp.zeros((), F32)}
 
@@ -357,7 +469,7 @@ TrainSAE = Callable[..., tuple[TrainParams, dict, dict]]  # train_sae's signatur
 def train_group(
   group: TrainParams,
   moments: dict,
-  x_bd: jax.Array,
+  batch_bd: jax.Array,
   lam_s: jax.Array,
   lr: jax.Array,
   t: jax.Array,
@@ -368,12 +480,13 @@ def train_group(
   would make XLA copy the group's arrays instead of updating them in place), each by `train_one`
   (`train_sae` or `sparse.train_sae` with the loss, Adam, block and batch bound). Statistics `[S]`."""
   n = group.W_enc.shape[0]
+  x_bd, y_bd = inputs_and_targets(batch_bd, group.W_enc.shape[-1])
   stats = {k: jnp.zeros((n,), F32) for k in STAT_NAMES}
   stats["fired_m"] = jnp.zeros(group.b_enc.shape, bool)
 
   def one(s, carry):
     group, moments, stats = carry
-    group, moments, stats_s = train_one(group, moments, s, x_bd, lam_s[s], lr, t, dead_sm[s])
+    group, moments, stats_s = train_one(group, moments, s, x_bd, y_bd, lam_s[s], lr, t, dead_sm[s])
     return group, moments, {k: v.at[s].set(stats_s[k]) for k, v in stats.items()}
 
   return lax.fori_loop(0, n, one, (group, moments, stats))
@@ -382,18 +495,23 @@ def train_group(
 DENSE_TILE, SPARSE_TILE = 1 << 20, 1 << 19  # floats per `[rows, block]` temporary (4 and 2 MiB)
 
 
-def latent_block(width_local: int, rows_local: int, requested: int = 0, elements: int = DENSE_TILE) -> int:
-  """Latents per block: `requested`, or the largest divisor of the local width that keeps a
-  `[rows, block]` temporary within `elements` floats. Measured (benchmarks/README.md): at 4 MiB
+def latent_block(
+  width_local: int, rows_local: int, requested: int = 0, elements: int = DENSE_TILE, prefixes: tuple[int, ...] = ()
+) -> int:
+  """Latents per block: `requested`, or the largest divisor of the local width (and of every
+  Matryoshka prefix size, so no block straddles a prefix) that keeps a `[rows, block]` temporary
+  within `elements` floats. Measured (benchmarks/README.md): at 4 MiB
   the dense step keeps its peak memory under 1.3× params + Adam + batch for ~4% of its speed
   (against 8 MiB); the sparse step is fastest with 2 MiB tiles (the encoder's output stays in
   cache while its slots are found)."""
+  sizes = (width_local, *prefixes)
   if requested:
-    if width_local % requested:
+    if any(n % requested for n in sizes):
       raise ValueError(
-        f"train.latent_block {requested} does not divide the {width_local} latents each "
-        f"device holds; use a divisor of {width_local} or 0 (automatic)"
+        f"train.latent_block {requested} does not divide the {width_local} latents each device holds"
+        + (f" and every prefix size {list(prefixes)}" if prefixes else "")
+        + "; use a common divisor or 0 (automatic)"
       )
     return requested
   cap = max(1, elements // rows_local)
-  return max(k for k in range(1, min(cap, width_local) + 1) if width_local % k == 0)
+  return max(k for k in range(1, min(cap, width_local) + 1) if all(n % k == 0 for n in sizes))
