@@ -120,7 +120,7 @@ def test_steps_follow_optax_adam_on_jax_grad_of_each_new_loss(case, capacity):
     assert stats[0]["frequency_loss"][0] > 0
 
 
-def _planted_map(n=30_000, k=48, seed=1):
+def _planted_map(n=30_000, k=48, seed=1, dense=0.02):
   """(input directions [k, D_IN], output directions [k, D_OUT], affine A [D_IN, D_OUT], x, y): each row
   holds ~3 of k features; feature i writes output direction i; y also carries x @ A."""
   rng = np.random.default_rng(seed)
@@ -130,12 +130,12 @@ def _planted_map(n=30_000, k=48, seed=1):
   v = rng.normal(size=(k, d_out))
   v /= np.linalg.norm(v, axis=1, keepdims=True)
   a = rng.uniform(1, 3, (n, k)) * (rng.random((n, k)) < 3 / k)
-  x = a @ u + 0.02 * rng.normal(size=(n, d_in))
+  x = a @ u + dense * rng.normal(size=(n, d_in))
   affine = rng.normal(0, 0.3, (d_in, d_out))
-  return u, v, affine, x.astype(np.float32), (a @ v).astype(np.float32), affine
+  return u, v, a, x.astype(np.float32), (a @ v).astype(np.float32), affine
 
 
-def _train_transcoders(tmp_path, kind, x, y, steps, widths=(96,), lambdas=(3e-3, 1e-2), seed=0):
+def _train_transcoders(tmp_path, kind, x, y, steps, widths=(96,), lambdas=(1e-2, 3e-2, 1e-1), seed=0, bandwidth=0.05):
   mesh = make_mesh(devices=jax.devices()[:2], data=2, model=1)
   c = default_config()
   c.kind, c.site, c.sites = kind, "mlp_in.0", ("mlp_in.0", "mlp.0")
@@ -143,27 +143,31 @@ def _train_transcoders(tmp_path, kind, x, y, steps, widths=(96,), lambdas=(3e-3,
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 256, steps, 100, 10**6
   c.train.step = "dense"
   c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 3e-3, 50, 200
-  c.recipe.bandwidth = 0.05
-  source = PairedSource(
-    ArraySource(x, 256, mesh, seed, normalize=None), ArraySource(y, 256, mesh, seed, normalize=None)
-  )
+  c.recipe.bandwidth = bandwidth
+  source = PairedSource(ArraySource(x, 256, mesh, seed), ArraySource(y, 256, mesh, seed))
   return train(c, tmp_path, source, progress=False)
 
 
 def test_a_transcoder_recovers_a_planted_sparse_map_and_the_skip_its_affine_part(tmp_path):
-  u, v, _, x, y, _ = _planted_map()
-  state = _train_transcoders(tmp_path / "plain", "transcoder", x, y, 2500)
-  recovered = []
+  _, v, a, x, y, _ = _planted_map()
+  state = _train_transcoders(tmp_path / "plain", "transcoder", x, y, 2500, bandwidth=0.001)
+  recovered, rows = [], slice(0, 8192)
+  x_rows = x[rows] / np.sqrt(np.mean(np.sum(x**2, 1)))  # the source's "raw" normalization
   for sae in unstack(jax.device_get(state["params"][0]).to_sae()):
-    enc = np.asarray(sae.W_enc).T  # [M, d_in]
-    enc /= np.linalg.norm(enc, axis=1, keepdims=True)
+    f = np.asarray(jumprelu(training_pre(sae, x_rows, True), sae.threshold, 0.001))  # [rows, M]
     dec = np.asarray(sae.W_dec)  # unit rows
-    # a planted pair is recovered when one latent reads its input direction and writes its output one
-    pair = np.array([np.max(np.minimum(enc @ u[i], dec @ v[i])) >= 0.9 for i in range(len(u))])
-    recovered.append(float(pair.mean()))
+    # planted pair i (input feature i -> output direction v_i) is recovered when one latent writes
+    # v_i (cosine >= 0.9) and its activation follows feature i's magnitude (correlation >= 0.9)
+    pair = []
+    for i in range(len(v)):
+      best = int(np.argmax(dec @ v[i]))
+      follows = np.corrcoef(f[:, best], a[rows, i])[0, 1] if f[:, best].std() > 0 else 0.0
+      pair.append(dec[best] @ v[i] >= 0.9 and follows >= 0.9)
+    recovered.append(float(np.mean(pair)))
   assert max(recovered) >= 0.9, recovered
 
-  u, v, affine, x, y_sparse, _ = _planted_map(seed=2)
+  # x's dense part no sparse latent can stand for, so only the skip can carry its share of y
+  _, _, _, x, y_sparse, affine = _planted_map(seed=2, dense=0.5)
   y = y_sparse + x @ affine
   state = _train_transcoders(tmp_path / "skip", "skip_transcoder", x, y.astype(np.float32), 2500, lambdas=(1e-2,))
   W_skip = np.asarray(state["params"][0].W_skip)[0]
