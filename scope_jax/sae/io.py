@@ -42,9 +42,14 @@ HOOK_NAMES = {
   "att": "blocks.{layer}.attn.hook_z",
   "mlp_in": "blocks.{layer}.ln2.hook_normalized",
 }
-_HOOK_PATTERNS = {
-  kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$") for kind, t in HOOK_NAMES.items()
-}
+
+
+def _layer_patterns(templates: dict[str, str]) -> dict[str, re.Pattern]:
+  """Per site kind, a regex matching its hook name template with the layer as group 1."""
+  return {kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$") for kind, t in templates.items()}
+
+
+_HOOK_PATTERNS = _layer_patterns(HOOK_NAMES)
 _SAELENS_WEIGHTS, _SAELENS_CFG, _SAELENS_SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 _GS2_PARAMS, _GS2_CONFIG = "params.safetensors", "config.json"
 # our site kind -> the transformers module whose output (or input) it is, as Gemma Scope 2 names hook points
@@ -54,15 +59,14 @@ HF_HOOK_POINTS = {
   "mlp": "model.layers.{layer}.post_feedforward_layernorm.output",
   "mlp_in": "model.layers.{layer}.pre_feedforward_layernorm.output",
 }
-_HF_PATTERNS = {
-  kind: re.compile("^" + re.escape(t).replace(r"\{layer\}", r"(\d+)") + "$") for kind, t in HF_HOOK_POINTS.items()
-}
+_HF_PATTERNS = _layer_patterns(HF_HOOK_POINTS)
 GS2_FOLDERS = {"res": "resid_post", "att": "attn_out", "mlp": "mlp_out"}  # SAEs; transcoders: "transcoder"
 
 
-def hook_name(site: str) -> str:
+def hook_name(site: str, names: dict[str, str] = HOOK_NAMES) -> str:
+  """The site's hook name: SAELens's by default, Gemma Scope 2's with `names=HF_HOOK_POINTS`."""
   s = parse_site(site)
-  return HOOK_NAMES[s.kind].format(layer=s.layer)
+  return names[s.kind].format(layer=s.layer)
 
 
 def site_from_hook_name(name: str) -> str | None:
@@ -313,11 +317,9 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
       save_file(tensors, staging / _GS2_PARAMS)
       cfg = {"architecture": "jump_relu", "model_name": info.model}
       if info.site:
-        s = parse_site(info.site)
-        cfg["hf_hook_point_in"] = HF_HOOK_POINTS[s.kind].format(layer=s.layer)
+        cfg["hf_hook_point_in"] = hook_name(info.site, HF_HOOK_POINTS)
       if info.target_site:
-        t = parse_site(info.target_site)
-        cfg["hf_hook_point_out"] = HF_HOOK_POINTS[t.kind].format(layer=t.layer)
+        cfg["hf_hook_point_out"] = hook_name(info.target_site, HF_HOOK_POINTS)
         cfg["affine_connection"] = kind == "skip_transcoder"
       (staging / _GS2_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
