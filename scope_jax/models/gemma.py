@@ -9,6 +9,7 @@ float32, GeGLU with the tanh GELU, tied unembedding with a final soft-cap.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
@@ -33,6 +34,22 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 
 ReplaceFn = Callable[[jax.Array], jax.Array]
 BLOCK_SITES = ("att", "mlp_in", "mlp", "res")  # the sites of a block, in the order it computes them
+
+
+@dataclasses.dataclass(frozen=True)
+class FromSite:
+  """A replacement read from an earlier site of the same block: the replaced site's activation
+  becomes `fn(activation at source, its own activation)`. A transcoder is spliced this way,
+  `mlp.L <- fn(mlp_in.L, mlp.L)`: `lambda x, _: predict(x)`, or with its error term kept,
+  `lambda x, y: predict(x) + stop_gradient(y - predict(x))`. The source's activation is the one the
+  forward carried on (itself replaced, if it was). `source` is a site name (`"mlp_in.3"`) or a
+  `Site`; the object is hashable, as jit's static arguments must be."""
+
+  source: str | Site
+  fn: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+Replacement = ReplaceFn | FromSite
 
 
 def _param(shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -150,16 +167,20 @@ class Block(nnx.Module):
     resid_btd = resid_btd + act
     return resid_btd, resid_btd
 
-  def __call__(self, x_btd, positions_bt, capture: set[str], replace: Mapping[str, ReplaceFn]):
+  def __call__(self, x_btd, positions_bt, capture: set[str], replace: Mapping[str, Replacement]):
     """One residual block; returns (new residual, {kind: captured activation})."""
-    captured = {}
+    captured, carried = {}, {}
     resid_btd, act = x_btd, None
     for kind in BLOCK_SITES:
       resid_btd, act = self.advance(kind, resid_btd, act, positions_bt)
       if kind in capture:
         captured[kind] = act
-      if kind in replace:
-        act = replace[kind](act).astype(act.dtype)
+      fn = replace.get(kind)
+      if isinstance(fn, FromSite):
+        act = fn.fn(carried[fn.source.kind], act).astype(act.dtype)
+      elif fn is not None:
+        act = fn(act).astype(act.dtype)
+      carried[kind] = act
     return act, captured
 
 
@@ -179,7 +200,7 @@ class Gemma(nnx.Module):
     tokens_bt: jax.Array,
     *,
     capture: tuple[Site, ...] = (),
-    replace: Mapping[Site, ReplaceFn] | None = None,
+    replace: Mapping[Site, Replacement] | None = None,
     with_logits: bool = True,
   ):
     """Returns (logits [B, T, V] float32 or None, {Site: activation [B, T, width]})."""
@@ -187,7 +208,7 @@ class Gemma(nnx.Module):
     x_btd, acts = self._layers(tokens_bt, capture, replace, last)
     return (self.unembed(x_btd) if with_logits else None), acts
 
-  def _layers(self, tokens_bt, capture: tuple[Site, ...], replace: Mapping[Site, ReplaceFn] | None, last: int):
+  def _layers(self, tokens_bt, capture: tuple[Site, ...], replace: Mapping[Site, Replacement] | None, last: int):
     """Embedding and layers 0..last: (the residual after them, {Site: captured activation})."""
     replace = dict(replace or {})
     positions_bt, x_btd = self._positions(tokens_bt), self._embed(tokens_bt)
@@ -205,7 +226,7 @@ class Gemma(nnx.Module):
     logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
     return softcap(logits, self.config.final_logit_softcap)
 
-  def token_losses(self, tokens_bt: jax.Array, replace: Mapping[Site, ReplaceFn] | None = None) -> jax.Array:
+  def token_losses(self, tokens_bt: jax.Array, replace: Mapping[Site, Replacement] | None = None) -> jax.Array:
     """Next-token cross-entropy `[B, T-1]` float32 of the (spliced) forward."""
     x_btd, _ = self._layers(tokens_bt, (), replace, self.config.n_layers - 1)
     return self.next_token_losses(x_btd, tokens_bt)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from scope_jax.models import checkpoints
 from scope_jax.models.config import GemmaConfig
 from scope_jax.models.embedded import EMBEDDED, embedded_gguf_path
-from scope_jax.models.gemma import PARAM_AXES, Gemma
+from scope_jax.models.gemma import BLOCK_SITES, PARAM_AXES, FromSite, Gemma, Replacement
 from scope_jax.models.gguf_file import GGUFModel
 from scope_jax.models.sites import Site, parse_site
 from scope_jax.parallel import mesh as mesh_lib
@@ -79,20 +80,20 @@ class LanguageModel:
       static_argnums=(4, 5),
     )
 
-  def logits(
-    self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None, dtype=jnp.float32
-  ) -> jax.Array:
-    """int [B, T] -> [B, T, V]. `replace={site: fn}` splices `fn(activation)` in at that site.
+  def logits(self, tokens, replace: Mapping[str, Replacement] | None = None, dtype=jnp.float32) -> jax.Array:
+    """int [B, T] -> [B, T, V]. `replace={site: fn}` splices `fn(activation)` in at that site;
+    `replace={site: FromSite(source, fn)}` splices `fn(source's activation, site's activation)`,
+    `source` an earlier site of the same layer; a transcoder:
+    `replace={"mlp.3": FromSite("mlp_in.3", lambda x, _: predict(x))}`.
 
     Each distinct `fn` object compiles once; reuse the same function across calls.
     """
-    replace_items = tuple((parse_site(name, self.config), fn) for name, fn in (replace or {}).items())
-    logits, _ = self._run(tokens, (), replace_items, True, dtype)
+    logits, _ = self._run(tokens, (), self._replacements(replace), True, dtype)
     return logits
 
-  def token_losses(self, tokens, replace: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None) -> jax.Array:
-    """int [B, T] -> float32 [B, T-1]: -log p(token[t+1] | tokens[:t+1]), optionally spliced."""
-    replace_items = tuple((parse_site(name, self.config), fn) for name, fn in (replace or {}).items())
+  def token_losses(self, tokens, replace: Mapping[str, Replacement] | None = None) -> jax.Array:
+    """int [B, T] -> float32 [B, T-1]: -log p(token[t+1] | tokens[:t+1]), optionally spliced (as `logits`)."""
+    replace_items = self._replacements(replace)
     tokens_bt, batch = self._place(tokens)
     return self._jitted_losses(self._state, tokens_bt, self._graphdef, replace_items)[:batch]
 
@@ -143,6 +144,24 @@ class LanguageModel:
       if next_id == self.config.eos_id:
         break
     return ids
+
+  def _replacements(self, replace: Mapping[str, Replacement] | None) -> tuple[tuple[Site, Replacement], ...]:
+    """`{name: fn or FromSite}` -> ((Site, fn or FromSite with a parsed source), ...), checked."""
+    items = []
+    for name, fn in (replace or {}).items():
+      site = parse_site(name, self.config)
+      if isinstance(fn, FromSite):
+        source = parse_site(fn.source.name if isinstance(fn.source, Site) else fn.source, self.config)
+        if source.layer != site.layer or BLOCK_SITES.index(source.kind) >= BLOCK_SITES.index(site.kind):
+          raise ValueError(
+            f"replace[{name!r}] reads {source.name}: a FromSite source must be an earlier site of layer "
+            f"{site.layer}, one of {[f'{k}.{site.layer}' for k in BLOCK_SITES[: BLOCK_SITES.index(site.kind)]]}"
+          )
+        fn = dataclasses.replace(fn, source=source)
+      elif not callable(fn):
+        raise TypeError(f"replace[{name!r}] is a {type(fn).__name__}, expected a function or a FromSite")
+      items.append((site, fn))
+    return tuple(items)
 
   def _place(self, tokens) -> tuple[jax.Array, int]:
     """Checked tokens on the mesh, the batch padded to a multiple of the `data` axis."""

@@ -25,6 +25,7 @@ from scope_jax.eval.evaluate import OverlapError, eval_batches, evaluate_saes, r
 from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
 from scope_jax.export.exporter import export
 from scope_jax.sae import SAE, fold, init_sae
+from scope_jax.sae.model import SAEInfo, init_transcoder
 from scope_jax.train import train
 from tests.helpers import tree_hashes
 
@@ -279,16 +280,22 @@ def test_a_forward_split_at_a_site_equals_the_spliced_full_forward(lm, tiny_mode
   )
 
 
-def _reference_metrics(lm, sae, site, batches):
-  """Metrics of one SAE the plain way: full forwards with the splice, statistics in numpy."""
+def _site_rows(lm, site, batches) -> np.ndarray:
+  return np.concatenate([np.asarray(lm.activations(b.tokens, [site])[site])[b.keep] for b in batches])
+
+
+def _reference_metrics(lm, sae, site, batches, input_site=None):
+  """Metrics of one SAE (or a transcoder from `input_site`) the plain way: full forwards with the
+  splice, statistics in numpy."""
   ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
-  rows = np.concatenate([np.asarray(lm.activations(b.tokens, [site])[site])[b.keep] for b in batches]).astype(
-    np.float64
-  )
+  rows = _site_rows(lm, site, batches).astype(np.float64)
+  inputs = rows if input_site is None else _site_rows(lm, input_site, batches).astype(np.float64)
   mean = rows.mean(0).astype(np.float32)
   splices = {
     "clean": None,
-    "spliced": lambda a: a.at[:, 1:].set(sae(a)[:, 1:]),
+    "spliced": sj.FromSite(input_site, lambda x, a: a.at[:, 1:].set(sae(x)[:, 1:]))
+    if input_site
+    else lambda a: a.at[:, 1:].set(sae(a)[:, 1:]),
     "zero": lambda a: a.at[:, 1:].set(0),
     "mean": lambda a: a.at[:, 1:].set(mean),
   }
@@ -306,7 +313,7 @@ def _reference_metrics(lm, sae, site, batches):
   d_j, n_j = d_j[n_j > 0], n_j[n_j > 0]
   delta = d_j.sum() / n_j.sum()
   delta_se = np.sqrt(len(n_j) / (len(n_j) - 1) * np.sum((d_j - delta * n_j) ** 2)) / n_j.sum()
-  recon = np.asarray(sae(jnp.asarray(rows, jnp.float32)), np.float64)
+  recon = np.asarray(sae(jnp.asarray(inputs, jnp.float32)), np.float64)
   mse = np.mean(np.sum((recon - rows) ** 2, 1))
   return {
     "ce_clean": ce["clean"],
@@ -316,7 +323,7 @@ def _reference_metrics(lm, sae, site, batches):
     "delta_loss": ce["spliced"] - ce["clean"],
     "delta_loss_se": delta_se,
     "loss_recovered_mean": (ce["mean"] - ce["spliced"]) / (ce["mean"] - ce["clean"]),
-    "l0": float(np.mean(np.sum(np.asarray(sae.encode(jnp.asarray(rows, jnp.float32))) > 0, 1))),
+    "l0": float(np.mean(np.sum(np.asarray(sae.encode(jnp.asarray(inputs, jnp.float32))) > 0, 1))),
     "fvu": mse / np.mean(np.sum((rows - rows.mean(0)) ** 2, 1)),
   }
 
@@ -363,6 +370,25 @@ def test_the_engine_equals_plain_spliced_forwards_and_compiles_the_model_once_pe
   with compilations() as compiled:
     evaluate_saes(lm, more, batches, progress=False)
   assert compiled["_to_site"] == compiled["_losses_from_site"] == compiled["sae_batch"] == 0, compiled
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["transcoder", "skip_transcoder"])
+def test_a_transcoder_spliced_by_the_engine_equals_plain_forwards_reading_its_input_site(lm, tiny_model, skip):
+  """The engine splices mlp.1 with the transcoder's prediction from mlp_in.1; the reference does it
+  with `FromSite` inside one full forward (itself checked against transformers hooks)."""
+  batches = eval_batches(eval_config(tiny_model, sequences=16, batch_size=8), lm.tokenizer)
+  rows = _site_rows(lm, "mlp.1", batches)
+  tc = fold(init_transcoder(jax.random.key(2), 64, 64, 96, 0.05, jnp.asarray(rows.mean(0)), skip), 2.0, 3.0)
+  tc = tc.replace(info=SAEInfo(site="mlp_in.1", target_site="mlp.1"))
+  if skip:
+    tc = tc.replace(W_skip=tc.W_skip + 0.3 * jax.random.normal(jax.random.key(3), tc.W_skip.shape))
+  results = evaluate_saes(lm, {"tc": (tc, "mlp.1")}, batches, progress=False)["tc"]
+  ref = _reference_metrics(lm, tc, "mlp.1", batches, input_site="mlp_in.1")
+  for key, value in ref.items():
+    assert results[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  assert results["l0"] > 1 and abs(results["delta_loss"]) > 1e-3  # the splice changes the loss (a random model)
+  with pytest.raises(ValueError, match="input site mlp_in.2 is not of the layer of its target mlp.1"):
+    evaluate_saes(lm, {"tc": (tc.replace(info=SAEInfo(site="mlp_in.2", target_site="mlp.1")), "mlp.1")}, batches)
 
 
 def test_two_runs_started_on_one_workdir_end_as_one_run_alone(tiny_model, tmp_path):

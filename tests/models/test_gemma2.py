@@ -110,6 +110,46 @@ def test_replace_matches_a_transformers_hook_edit(tiny, lm, site):
   assert rel_err(ours, ref) <= 1e-4
 
 
+def test_a_replacement_read_from_another_site_matches_transformers_hooks(tiny, lm):
+  """A transcoder's splice, `mlp.2 <- W(mlp_in.2)`, done by FromSite and by two transformers hooks
+  (one keeps the MLP's normalized input, the other swaps the normalized output for W of it)."""
+  _, model, tokens = tiny
+  d = lm.config.d_model
+  w_dd = np.random.default_rng(1).normal(0, d**-0.5, (d, d)).astype(np.float32)
+  layer, kept = model.model.layers[2], {}
+  hooks = [
+    layer.pre_feedforward_layernorm.register_forward_hook(lambda m, args, out: kept.update(x=out)),
+    layer.post_feedforward_layernorm.register_forward_hook(lambda m, args, out: kept["x"] @ torch.tensor(w_dd)),
+  ]
+  try:
+    with torch.no_grad():
+      ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+  finally:
+    for h in hooks:
+      h.remove()
+  predict = sj.FromSite("mlp_in.2", lambda x, _: x @ w_dd)
+  ours = lm.logits(tokens, replace={"mlp.2": predict})
+  assert rel_err(ours, ref) <= 1e-4 and rel_err(ours, lm.logits(tokens)) > 1e-2
+  # the site's own activation is the second argument: keeping it is the clean forward
+  same = lm.token_losses(tokens, replace={"mlp.2": sj.FromSite(sj.models.Site("mlp_in", 2), lambda x, y: y)})
+  np.testing.assert_allclose(np.asarray(same), np.asarray(lm.token_losses(tokens)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "site, replacement, message",
+  [
+    ("mlp.2", sj.FromSite("mlp_in.1", lambda x, _: x), "earlier site of layer 2, one of \\['att.2', 'mlp_in.2'\\]"),
+    ("mlp_in.2", sj.FromSite("mlp.2", lambda x, _: x), "earlier site of layer 2"),
+    ("att.2", sj.FromSite("res.1", lambda x, _: x), "one of \\[\\]"),
+    ("mlp.2", sj.FromSite("mlp_in.9", lambda x, _: x), "beyond the last layer"),
+    ("mlp.2", 0.5, "replace\\['mlp.2'\\] is a float, expected a function or a FromSite"),
+  ],
+)
+def test_a_bad_replacement_is_refused_naming_the_site(tiny, lm, site, replacement, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    lm.logits(tiny[2], replace={site: replacement})
+
+
 @pytest.mark.parametrize("site", [None, "mlp.2"])
 def test_token_losses_are_transformers_cross_entropy(tiny, lm, site):
   """The chunked logsumexp (vocabulary in chunks, soft-cap inside) against torch's cross-entropy of
