@@ -13,14 +13,16 @@ One site, stage by stage:
 
 Arguments: size (2b | 9b | 27b), layer and kind (the site of the single-site commands), model
 (HF dir or google-deepmind checkpoint), widths (single site; default: the release's widths),
-runlocal (a tiny budget, narrow SAEs and a grid of one layer's res and mlp sites, so a whole
-sweep runs on a CPU in minutes).
+runlocal (a tiny budget, narrow SAEs and a grid of one layer's res and mlp sites, plus 2B's
+transcoder, so a whole sweep runs on a CPU in minutes).
 
 The grid: 2B and 9B have res, mlp and att SAEs at every layer with widths 16.4K and 65.5K
 (2B) or 131K (9B); three res layers per size have every width 2^14 … 2^20. 27B has res SAEs of
-width 131K at layers 10, 22 and 34. Token budgets: 4B tokens for 16.4K-wide SAEs, 8B for the
-middle widths, 16B for 1M; a store holds the largest budget its sites need and smaller budgets
-train on a part of it. λ: published examples are 6e-4 (L0 ≈ 50 on 9B layer 20) and 1e-3; the
+width 131K at layers 10, 22 and 34. 2B also has the transcoder suite (the report's Appendix B):
+a transcoder mlp_in.L -> mlp.L of width 16.4K at every layer, read from the layer's store.
+Token budgets: 4B tokens for 16.4K-wide SAEs and transcoders, 8B for the middle widths, 16B
+for 1M; a store holds the largest budget its sites need and smaller budgets train on a part of
+it. λ: published examples are 6e-4 (L0 ≈ 50 on 9B layer 20) and 1e-3; the
 default range brackets them. Sequence length for training was not published; 1,024 (the
 evaluation length) is used.
 """
@@ -35,6 +37,7 @@ RELEASES = {
   "9b": (42, ("res", "mlp", "att"), tuple(range(42)), (16_384, 131_072), (9, 20, 31)),
   "27b": (46, ("res",), (10, 22, 34), (131_072,), ()),
 }
+TRANSCODERS = {"2b": (("transcoder",), (16_384,))}  # size: (kinds, widths) at every layer of the grid
 TOKENS_BY_WIDTH = ((16_384, 4_000_000_000), (524_288, 8_000_000_000), (1_048_576, 16_000_000_000))
 LAMBDAS = (2e-4, 4e-4, 6e-4, 1e-3, 2e-3)
 
@@ -59,6 +62,7 @@ def get_config(arg=None):
   c.sweep.l1_coefficients = LAMBDAS
   c.grid.layers, c.grid.kinds, c.grid.widths = grid_layers, kinds, grid_widths
   c.grid.site_widths = tuple((f"res.{layer}", ALL_WIDTHS) for layer in wide_layers)
+  c.grid.transcoders, c.grid.transcoder_widths = TRANSCODERS.get(arg.size, ((), ()))
   c.grid.tokens_by_width = TOKENS_BY_WIDTH
   c.extract.tokens = max(width_tokens(c, w) for w in c.sweep.widths)
   c.train.batch_size = 4_096
@@ -74,5 +78,6 @@ def get_config(arg=None):
     c.recipe.lr, c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = 2e-3, 10, 50
     c.eval.sequences, c.eval.seq_len, c.eval.batch_size = 8, 128, 8
     c.grid.layers, c.grid.kinds, c.grid.widths, c.grid.site_widths = (arg.layer,), ("res", "mlp"), (1_024, 2_048), ()
+    c.grid.transcoder_widths = (1_024,) if c.grid.transcoders else ()
     c.grid.tokens_by_width = ()  # every width: extract.tokens (100 steps of 512)
   return c

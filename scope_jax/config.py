@@ -97,6 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.grid.kinds = ("res",)  # site kinds at every layer: res | mlp | att | mlp_in
   c.grid.widths = ()  # widths every site trains; () = sweep.widths
   c.grid.site_widths = ()  # ((site, (width, ...)), ...): sites that train other widths
+  c.grid.transcoders = ()  # transcoder kinds at every layer (transcoder | skip_transcoder): mlp_in.L -> mlp.L
+  c.grid.transcoder_widths = ()  # their widths; () = grid.widths (or sweep.widths)
   c.grid.tokens_by_width = ()  # ((up_to_width, tokens), ...): a width's token budget (the first
   # entry covering it; the last beyond); () = extract.tokens for all
   c.grid.extract_by = "layer"  # sites sharing a store: layer (a layer's sites with the same budget

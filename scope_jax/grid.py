@@ -6,14 +6,17 @@
 
 A config declares the grid in `config.grid` (scope_jax/config.py): layers × kinds give the
 sites; every site trains `grid.widths` (or its own widths from `grid.site_widths`) at every λ of
-`sweep.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget.
+`sweep.l1_coefficients`; `grid.tokens_by_width` gives each width its token budget. Layers ×
+`grid.transcoders` give the transcoders (mlp_in.L -> mlp.L, `grid.transcoder_widths`), trained
+from the same stores: a transcoder's two sites share its largest budget and one store.
 
 Jobs:
 - one extraction per (model, token budget, site set): the sites of one layer (`grid.extract_by`)
   that need the same budget are written by one forward into one store, under `extract.store`
   (a local path or gs://bucket/prefix; default WORKDIR/stores);
-- one trainer job per (site, token budget): every SAE that shares the site and the budget is
-  stacked into one sweep step (scope_jax/train/stacked.py), then exported and evaluated.
+- one trainer job per (site, token budget), and per (transcoder kind, layer, token budget): every
+  SAE that shares them is stacked into one sweep step (scope_jax/train/stacked.py), then exported
+  and evaluated.
 
 Every job is idempotent: a finished store (manifest written) or a trainer job whose evaluation
 marker matches its config and latest checkpoint is skipped, an unfinished one resumes.
@@ -30,6 +33,8 @@ import ml_collections
 from scope_jax.activations.store import KV, MANIFEST
 from scope_jax.layout import RunLayout, eval_identity
 from scope_jax.models.sites import KINDS
+
+TRANSCODER_KINDS = ("transcoder", "skip_transcoder")
 
 EXTRACT_BY = ("layer", "site", "all")
 
@@ -76,6 +81,18 @@ def site_widths(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]
   return out
 
 
+def transcoder_widths(config: ml_collections.ConfigDict) -> dict[tuple[str, int], tuple[int, ...]]:
+  """{(transcoder kind, layer): widths} of the grid (empty without `grid.transcoders`)."""
+  g = config.grid
+  unknown = sorted(set(g.transcoders) - set(TRANSCODER_KINDS))
+  if unknown:
+    raise ValueError(f"config.grid.transcoders {list(g.transcoders)}: expected a subset of {list(TRANSCODER_KINDS)}")
+  widths = tuple(g.transcoder_widths) or tuple(g.widths) or tuple(config.sweep.widths)
+  if g.transcoders and not widths:
+    raise ValueError("config.grid: transcoders have no widths (grid.transcoder_widths, grid.widths, sweep.widths)")
+  return {(kind, layer): widths for layer in g.layers for kind in g.transcoders}
+
+
 def width_tokens(config: ml_collections.ConfigDict, width: int) -> int:
   """The token budget of a width: the first `(up_to_width, tokens)` of grid.tokens_by_width that
   covers it (the last one beyond), else extract.tokens."""
@@ -94,17 +111,28 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
   if not config.sweep.l1_coefficients:
     raise ValueError("config.sweep.l1_coefficients is empty: list the λ values to train")
   workdir = str(workdir).rstrip("/")
-  # (site, budget) -> widths; site -> the largest budget it needs
+  # (site, budget) -> widths; (kind, layer, budget) -> widths; site -> the largest budget it needs
   train_groups: dict[tuple[str, int], list[int]] = {}
   for site, widths in site_widths(config).items():
     for w in widths:
       train_groups.setdefault((site, width_tokens(config, w)), []).append(w)
+  transcoder_groups: dict[tuple[str, int, int], list[int]] = {}
+  for (kind, layer), widths in transcoder_widths(config).items():
+    for w in widths:
+      transcoder_groups.setdefault((kind, layer, width_tokens(config, w)), []).append(w)
   budget = {}
   for site, tokens in train_groups:
     budget[site] = max(budget.get(site, 0), tokens)
+  for _, layer, tokens in transcoder_groups:
+    pair = (f"mlp_in.{layer}", f"mlp.{layer}")  # read as pairs from one store: one budget
+    both = max(tokens, *(budget.get(s, 0) for s in pair))
+    budget.update(dict.fromkeys(pair, both))
+  transcoder_layers = {str(layer) for _, layer, _ in transcoder_groups}
   extraction_sets: dict[tuple[str, int], list[str]] = {}
   for site, tokens in budget.items():
-    group = {"layer": f"L{site.split('.')[1]}", "site": site, "all": "all"}[config.grid.extract_by]
+    kind, layer = site.split(".")
+    paired = f"mlp.{layer}" if kind == "mlp_in" and layer in transcoder_layers else site  # one store per pair
+    group = {"layer": f"L{layer}", "site": paired, "all": "all"}[config.grid.extract_by]
     extraction_sets.setdefault((group, tokens), []).append(site)
 
   jobs, store_of = [], {}
@@ -122,6 +150,12 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
     c.site, c.sweep.widths = site, tuple(widths)
     c.train.steps = max(1, tokens // c.train.batch_size)
     jobs.append(Job("train", name, f"{workdir}/{name}", c, (site,), tuple(widths), tokens))
+  for (kind, layer, tokens), widths in transcoder_groups.items():
+    name = f"train/{kind}.{layer}-{_tokens_name(tokens)}"
+    c = _copy(store_of[f"mlp_in.{layer}"])
+    c.kind, c.site, c.target_site, c.sweep.widths = kind, f"mlp_in.{layer}", f"mlp.{layer}", tuple(widths)
+    c.train.steps = max(1, tokens // c.train.batch_size)
+    jobs.append(Job("train", name, f"{workdir}/{name}", c, (c.site, c.target_site), tuple(widths), tokens))
   return jobs
 
 
