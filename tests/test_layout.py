@@ -114,7 +114,8 @@ def test_changed_stage_fields_are_refused_unless_redone_and_exports_are_replaced
   train(_config(20), tmp_path, source, progress=False)  # only the input changed: export again, no question
   assert layout.to_do("export", export_identity(_config(20), layout))
   export(_config(20), tmp_path, source, progress=False)
-  indexed = {p for e in json.loads(layout.export_index.read_text()) for p in (e["gemma_scope"], e["saelens"])}
+  index = json.loads(layout.export_index.read_text())
+  indexed = {p for e in index for p in (e["gemma_scope"], e["gemma_scope_2"], e["saelens"])}
   files = [p for p in layout.export.rglob("*") if p.is_file() and p != layout.export_index]
   assert files and all(any(str(f).startswith(i) for i in indexed) for f in files)  # nothing outside the index
   assert old_files - set(files), "the test needs exports whose L0 moved between steps 10 and 20"
