@@ -170,13 +170,12 @@ def starting_from(path: str, scales, d_in: int, groups, kind: str, init, shardin
   `load_sae` reads), its normalization unfolded into this run's (`scales`: `data_scales`); Adam,
   the schedules and the dead-latent counters start afresh (finetuning, as Gemma Scope 2's chat
   SAEs were made from the pretrained ones)."""
-  from scope_jax.sae.io import load_sae
+  from scope_jax.sae.io import kind_of, load_sae
   from scope_jax.sae.model import unfold
   from scope_jax.train.params import TrainParams
 
   sae = load_sae(path)
-  file_kind = "sae" if sae.info.target_site is None and sae.W_skip is None else "transcoder"
-  file_kind = "skip_transcoder" if sae.W_skip is not None else file_kind
+  file_kind = kind_of(sae)
   expected = f"{kind} of width {sorted({g.width for g in groups})} and input width {d_in}"
   if file_kind != kind or any(g.width != sae.width for g in groups) or sae.d_in != d_in:
     raise ValueError(
