@@ -23,10 +23,10 @@ import numpy as np
 from scope_jax.layout import RunLayout
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
-REDO_STAGES = ("export", "eval")  # finished stages --redo may replace
+REDO_STAGES = ("export", "eval", "browse")  # finished stages --redo may replace
 # OS errors that are the user's to fix (full disk, permissions): one line, no traceback
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
-CONFIG_COMMANDS = ("extract", "train", "export", "eval", "run", "sweep")
+CONFIG_COMMANDS = ("extract", "train", "export", "eval", "browse", "run", "sweep")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -159,6 +159,20 @@ def stage_eval(config, workdir, redo=()) -> None:
     print(f"eval: report in {out['files']['html']} (and report.md, metrics.json)")
 
 
+def stage_browse(config, workdir, redo=()) -> None:
+  """Writes the feature browser of the export, unless one of it with these fields exists."""
+  from scope_jax.browse import browse_identity, run_browse
+
+  layout = RunLayout(workdir)
+  if not layout.to_do("browse", browse_identity(config, layout), redo):
+    print(f"browse: {layout.browse / 'index.html'} is up to date; skipped")
+    return
+  if jax.process_index() != 0:  # one writer: the site is small beside the store it reads
+    return
+  out = run_browse(config, workdir)
+  print(f"browse: {sum(out['saes'].values()):,} latents of {len(out['saes'])} SAEs in {out['index']}")
+
+
 def stage_train_export_eval(config, workdir, redo=()) -> None:
   """train -> export -> eval; a stage already run on the same inputs is skipped."""
   stage_train(config, workdir)
@@ -170,8 +184,12 @@ def stage_run(config, workdir, redo=()) -> None:
   """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
   stage_extract(config, workdir)
   stage_train_export_eval(config, workdir, redo)
+  if config.browse.enabled:
+    stage_browse(config, workdir, redo)
   layout = RunLayout(workdir)
   print(f"\ndone: exports in {layout.export} (Gemma Scope npz and SAELens), report in {layout.report / 'report.html'}")
+  if config.browse.enabled:
+    print(f"feature browser: {layout.browse / 'index.html'} (opens from the file system)")
 
 
 def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=()) -> None:
@@ -197,7 +215,14 @@ def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=()) -
 
 
 # Every stage takes (config, workdir, redo); only export and eval have anything to redo.
-STAGES = {"extract": stage_extract, "train": stage_train, "export": stage_export, "eval": stage_eval, "run": stage_run}
+STAGES = {
+  "extract": stage_extract,
+  "train": stage_train,
+  "export": stage_export,
+  "eval": stage_eval,
+  "browse": stage_browse,
+  "run": stage_run,
+}
 
 
 def _hint(e: Exception) -> str:

@@ -109,6 +109,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.export = ml_collections.ConfigDict()
   c.export.batches = 16  # batches after training on which L0 and densities are measured
+  c.browse = ml_collections.ConfigDict()  # the feature browser (scope_jax/browse), last stage of `run`
+  c.browse.enabled = True  # `run` ends with it; `scope-jax browse` runs it alone
+  c.browse.rows = 0  # store rows scanned (0 = all)
+  c.browse.chunk_rows = 8_192  # rows encoded at once
+  c.browse.top_k = 16  # top-activating contexts per latent
+  c.browse.quantiles = (0.25, 0.5, 0.75, 0.95)  # contexts sampled where these quantiles of its activations fall
+  c.browse.samples = 2  # contexts per quantile
+  c.browse.before = 12  # tokens shown before the active one (inside its document)
+  c.browse.after = 4  # and after it
+  c.browse.logit_tokens = 10  # promoted and suppressed tokens shown per latent
   return c
 
 
@@ -135,6 +145,13 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "eval.seq_len": 2,
   "eval.batch_size": 1,
   "export.batches": 1,
+  "browse.rows": 0,
+  "browse.chunk_rows": 1,
+  "browse.top_k": 1,
+  "browse.samples": 0,
+  "browse.before": 0,
+  "browse.after": 0,
+  "browse.logit_tokens": 1,
   "recipe.lr_warmup_steps": 0,
   "recipe.lr_decay_steps": 0,
   "recipe.sparsity_warmup_steps": 0,
@@ -230,6 +247,8 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
   check("sweep.widths", bool(widths) and all(_is_int(w) and w >= 1 for w in widths), "positive integers")
   check("sweep.l1_coefficients", bool(lambdas) and all(_is_number(v) and v >= 0 for v in lambdas), "numbers >= 0")
   check("sweep.seeds", bool(seeds) and all(_is_int(v) and v >= 0 for v in seeds), "integers >= 0")
+  q = config.browse.quantiles
+  check("browse.quantiles", all(_is_number(v) and 0 < v <= 1 for v in q), "numbers in (0, 1]")
   prefixes = config.sweep.prefixes
   if widths and all(_is_int(w) and w >= 1 for w in widths):
     narrowest = min(widths)

@@ -7,6 +7,7 @@
       train_health.json             the training-health warnings
       export/index.json             one entry per SAE; gemma-scope/… and saelens/… beside it
       report/metrics.json           evaluation; report.md, report.html and the plots beside it
+      browse/index.html             the feature browser (scope_jax/browse): a static site
       stages/STAGE.json             a finished stage's marker: the identity of what it was run on
       LEASE                         the job holding the workdir (lease.py)
 
@@ -24,7 +25,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-STAGES = ("export", "eval")
+STAGES = ("export", "eval", "browse")
 
 
 def kvstore_spec(root: str) -> dict:
@@ -73,6 +74,7 @@ class RunLayout:
     self.export_index = self.export / "index.json"
     self.report = self.root / "report"
     self.report_metrics = self.report / "metrics.json"
+    self.browse = self.root / "browse"
 
   def marker(self, stage: str) -> Path:
     if stage not in STAGES:

@@ -112,6 +112,14 @@ class LanguageModel:
       self._state, tokens_bt, resid, act.astype(resid.dtype), self._graphdef, parse_site(site, self.config)
     )
 
+  def unembedding(self) -> jax.Array:
+    """float32 `[V, d]`: the logits a residual-stream direction `u` writes are `unembedding() @ u`,
+    up to the final norm's positive per-token factor (its scale, 1 + w, is folded in): the
+    direct logit effect of a decoder direction."""
+    model = nnx.merge(self._graphdef, self._state)
+    scale_d = 1.0 + model.final_norm.scale[...].astype(jnp.float32)
+    return model.embed[...].astype(jnp.float32) * scale_d
+
   def astype(self, dtype) -> LanguageModel:
     """The same model with its parameters cast to `dtype` (no reload), on the same mesh."""
     model = nnx.merge(self._graphdef, jax.tree.map(lambda x: x.astype(dtype), self._state))

@@ -1,0 +1,154 @@
+"""Per-latent statistics of SAEs over an activation store, in one streaming pass.
+
+For every latent: how often it fires, a histogram of its activations (log10 bins), its `top_k`
+largest activations with their rows, and a few rows sampled at random inside each histogram bin
+(so contexts can be shown across the activation distribution, not only at its top). The store is
+read chunk by chunk and never held whole; each SAE's activations exist one chunk at a time. What
+is kept per latent is bounded (top_k + samples × bins), merged chunk after chunk by one rule:
+keep the largest keys of each group (`keep_largest`), with the activation as key for the top and
+a seeded random key for the samples (a uniform sample of each bin, the same on every run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from scope_jax.activations.store import Store
+from scope_jax.sae import SAE
+
+LOG10_MIN, LOG10_MAX, BINS_PER_DECADE = -4.0, 5.0, 4  # activation histogram: 1e-4 .. 1e5, 4 bins per decade
+N_BINS = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
+
+
+def bin_of(values: np.ndarray) -> np.ndarray:
+  """The histogram bin of each (positive) activation."""
+  b = np.floor((np.log10(values) - LOG10_MIN) * BINS_PER_DECADE)
+  return np.clip(b, 0, N_BINS - 1).astype(np.int64)
+
+
+def bin_edges() -> np.ndarray:
+  """[N_BINS + 1] activation values bounding the bins."""
+  return 10.0 ** (LOG10_MIN + np.arange(N_BINS + 1) / BINS_PER_DECADE)
+
+
+@dataclasses.dataclass
+class Kept:
+  """Entries kept per group, the largest keys first within each group: parallel arrays."""
+
+  group: np.ndarray  # int64: a latent (top) or latent * N_BINS + bin (samples)
+  key: np.ndarray
+  row: np.ndarray  # int64 store row
+  value: np.ndarray  # float32 activation
+
+  @classmethod
+  def empty(cls) -> Kept:
+    return cls(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+  def merged(self, other: Kept, k: int, n_groups: int) -> Kept:
+    """The `k` largest of each group among both; `other`'s entries that cannot enter (not above
+    the group's k-th kept key) are dropped before the sort, which is most of them after a while."""
+    floor = np.full(n_groups, -np.inf)
+    counts = np.bincount(self.group, minlength=n_groups)
+    full = np.flatnonzero(counts >= k)
+    floor[full] = self.key[np.searchsorted(self.group, full) + k - 1]  # kept entries are sorted by group
+    enter = other.key > floor[other.group]
+    cat = [np.concatenate([a, b[enter]]) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))]
+    return Kept(*keep_largest(*cat, k=k))
+
+
+def keep_largest(group: np.ndarray, key: np.ndarray, *payload: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+  """(group, key, *payload) restricted to the `k` largest keys of each group, sorted by group and
+  then by key, largest first (ties: the earlier entry first, so merging is deterministic)."""
+  order = np.lexsort((np.arange(len(key)), -key, group))
+  g = group[order]
+  starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.zeros(0, np.int64)
+  rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))
+  keep = order[rank < k]
+  return (group[keep], key[keep], *(p[keep] for p in payload))
+
+
+@dataclasses.dataclass
+class LatentStats:
+  """What one pass over `rows` store rows gives for one SAE of width M."""
+
+  rows: int
+  fires_m: np.ndarray  # [M] rows on which the latent is active
+  hist_mb: np.ndarray  # [M, N_BINS] counts of its activations per log10 bin
+  top: Kept  # the top_k largest activations of each latent
+  samples: Kept  # up to `samples` random rows of each (latent, bin)
+
+  @property
+  def density_m(self) -> np.ndarray:
+    return self.fires_m / max(self.rows, 1)
+
+  def top_of(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, activations) of the latent's largest activations, largest first."""
+    sel = self.top.group == latent
+    return self.top.row[sel], self.top.value[sel]
+
+  def max_m(self) -> np.ndarray:
+    out = np.zeros(len(self.fires_m), np.float32)
+    np.maximum.at(out, self.top.group, self.top.value)
+    return out
+
+
+@jax.jit
+def _encode(sae: SAE, x_bd: jax.Array) -> jax.Array:
+  return sae.encode(x_bd)
+
+
+def scan(
+  store: Store,
+  site: str,
+  saes: dict[str, SAE],
+  top_k: int = 16,
+  samples: int = 2,
+  rows: int = 0,
+  chunk_rows: int = 8_192,
+  seed: int = 0,
+  progress: bool = True,
+) -> dict[str, LatentStats]:
+  """{name: LatentStats} of every SAE reading `site` over the store's first `rows` rows (0: all).
+  The SAEs take the store's raw rows (released, folded SAEs)."""
+  width = store.width(site)
+  for name, sae in saes.items():
+    if sae.d_in != width:
+      raise ValueError(f"SAE {name}: input width {sae.d_in}, but site {site} of {store.root} has width {width}")
+  n = store.rows if not rows else min(rows, store.rows)
+  stats = {
+    name: LatentStats(
+      0, np.zeros(sae.width, np.int64), np.zeros((sae.width, N_BINS), np.int64), Kept.empty(), Kept.empty()
+    )
+    for name, sae in saes.items()
+  }
+  with tqdm(
+    total=n, desc=f"browse: scan {site} for {len(saes)} SAEs", unit="row", unit_scale=True, disable=not progress
+  ) as bar:
+    for start in range(0, n, chunk_rows):
+      stop = min(start + chunk_rows, n)
+      x_bd = jnp.asarray(store.read(site, start, stop), jnp.float32)
+      rng = np.random.default_rng([seed, start])
+      for name, sae in saes.items():
+        _add_chunk(stats[name], np.asarray(_encode(sae, x_bd)), start, top_k, samples, rng)
+      bar.update(stop - start)
+  return stats
+
+
+def _add_chunk(s: LatentStats, acts_bm: np.ndarray, start: int, top_k: int, samples: int, rng) -> None:
+  b, m = np.nonzero(acts_bm)
+  value = acts_bm[b, m].astype(np.float32)
+  row, latent = b.astype(np.int64) + start, m.astype(np.int64)
+  bins = bin_of(value)
+  width = len(s.fires_m)
+  s.rows += acts_bm.shape[0]
+  s.fires_m += np.bincount(latent, minlength=width)
+  s.hist_mb += np.bincount(latent * N_BINS + bins, minlength=width * N_BINS).reshape(width, N_BINS)
+  s.top = s.top.merged(Kept(latent, value.astype(np.float64), row, value), top_k, width)
+  s.samples = s.samples.merged(
+    Kept(latent * N_BINS + bins, rng.random(len(value)), row, value), samples, width * N_BINS
+  )
