@@ -255,8 +255,11 @@ def test_local_pipeline_end_to_end(tmp_path):
   assert len(metrics["float32"]) == len(metrics["bfloat16"]) == 6
   pngs = list((tmp_path / "report").glob("*.png"))
   assert len(pngs) == 3 + 6 and all(_is_png(p) for p in pngs)
+  assert "browse: 9,216 latents of 6 SAEs" in done.stdout  # the feature browser: run's last stage
+  assert len(list((tmp_path / "browse" / "w2048-l0.001-s0" / "data").glob("*.js"))) == 2048
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0 and "already finished" in again.stdout and "up to date; skipped" in again.stdout
+  assert "browse/index.html is up to date; skipped" in again.stdout
 
 
 @pytest.mark.parametrize("kind", ["att", "mlp_in", "mlp", "res"])
