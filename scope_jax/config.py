@@ -119,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.browse.before = 12  # tokens shown before the active one (inside its document)
   c.browse.after = 4  # and after it
   c.browse.logit_tokens = 10  # promoted and suppressed tokens shown per latent
+  c.browse.split_cosine = 0.5  # a wider SAE's latent is a child of its nearest latent from this decoder cosine on
   return c
 
 
@@ -247,6 +248,11 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
   check("sweep.widths", bool(widths) and all(_is_int(w) and w >= 1 for w in widths), "positive integers")
   check("sweep.l1_coefficients", bool(lambdas) and all(_is_number(v) and v >= 0 for v in lambdas), "numbers >= 0")
   check("sweep.seeds", bool(seeds) and all(_is_int(v) and v >= 0 for v in seeds), "integers >= 0")
+  check(
+    "browse.split_cosine",
+    _is_number(config.browse.split_cosine) and -1 <= config.browse.split_cosine <= 1,
+    "a cosine in [-1, 1]",
+  )
   q = config.browse.quantiles
   check("browse.quantiles", all(_is_number(v) and 0 < v <= 1 for v in q), "numbers in (0, 1]")
   prefixes = config.sweep.prefixes

@@ -20,7 +20,8 @@ at random from the histogram bin holding each of `browse.quantiles` of its activ
 the window of `browse.before` tokens before and `browse.after` after, inside its document, with
 the latent's activation on every token. Promoted / suppressed tokens: the decoder direction
 through the model's unembedding (final norm scale folded in), for SAEs writing the residual
-stream (`res`, `mlp` sites and transcoders).
+stream (`res`, `mlp` sites and transcoders). Splitting: each latent links to its children in the
+next wider SAE of the same site and λ (`relations.children`: nearest decoder directions).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from scope_jax.activations.store import Store, open_store
 from scope_jax.browse.contexts import TokenText, check_trace, windows
 from scope_jax.browse.features import N_BINS, LatentStats, bin_edges, scan
+from scope_jax.browse.relations import children
 from scope_jax.eval.evaluate import entry_sae, saes_to_evaluate
 from scope_jax.layout import RunLayout, export_identity, replace_directory
 from scope_jax.models.sites import parse_site
@@ -84,18 +86,30 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
     b = config.browse
     stats = scan(store, site, saes, b.top_k, b.samples, b.rows, b.chunk_rows, config.seed, progress)
     for name, sae in saes.items():
-      logits = (
-        promoted_tokens(sae, unembed_vd, b.logit_tokens)
-        if parse_site(entries[name]["site"]).kind in RESIDUAL_KINDS
-        else None
-      )
+      residual = parse_site(entries[name]["site"]).kind in RESIDUAL_KINDS
+      logits = promoted_tokens(sae, unembed_vd, b.logit_tokens) if residual else None
       records = latent_records(name, sae, stats[name], store, site, text, logits, config)
+      if wider := next_wider(name, entries):
+        for rec, kids in zip(records, children(sae, saes[wider], min_cosine=b.split_cosine)):
+          rec["scope"] |= {"children": kids, "children_sae": wider}
       write_sae(staging / name, records, config, name, entries[name], progress)
       written[name] = sae.width
   (staging / "index.html").write_text(_top_index(entries, written, config))
   replace_directory(staging, layout.browse)
   layout.mark_finished("browse", browse_identity(config, layout))
   return {"index": layout.browse / "index.html", "saes": written}
+
+
+def next_wider(name: str, entries: dict) -> str | None:
+  """The SAE a latent of `name` splits into: the next wider one of the same sites and λ."""
+  e = entries[name]
+  same = [
+    (o["width"], n)
+    for n, o in entries.items()
+    if (o["site"], o["input_site"], o.get("l1_coefficient")) == (e["site"], e["input_site"], e.get("l1_coefficient"))
+    and o["width"] > e["width"]
+  ]
+  return min(same)[1] if same else None
 
 
 def promoted_tokens(sae: SAE, unembed_vd: jax.Array, k: int) -> tuple[np.ndarray, ...]:

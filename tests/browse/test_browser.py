@@ -28,6 +28,7 @@ def run(tmp_path_factory):
   c = load("local", "tokens=4000,steps=30,widths=64+128,l1=1e-3")
   c.train.batch_size, c.train.log_every, c.export.batches = 128, 10, 2
   c.browse.top_k, c.browse.before, c.browse.after = 6, 8, 3
+  c.browse.split_cosine = 0.0  # 30 steps leave the two widths' directions near their random inits
   lm = sj.load_model("gemma3-270m", mesh=sj.make_mesh(devices=jax.devices()[:1]))
   extract(c, workdir, lm=lm, progress=False)
   train(c, workdir, progress=False)
@@ -119,6 +120,13 @@ def test_the_browser_opens_lists_every_latent_searches_and_shows_the_stored_text
     assert driver.save_screenshot(str(shot))
     width, height = _png_size(shot)
     assert width >= 800 and height >= 600 and shot.stat().st_size > 20_000
+    # splitting: a latent of the 64-wide SAE links to its children in the 128-wide one
+    parent = next(m for m in range(64) if _record(workdir, "w64-l0.001-s0", m)["scope"]["children"])
+    child = _record(workdir, "w64-l0.001-s0", parent)["scope"]["children"][0][0]
+    driver.get((workdir / "browse" / "w64-l0.001-s0" / "latent.html").as_uri() + f"?i={parent}")
+    WebDriverWait(driver, 10).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#children a")))
+    driver.find_element(By.CSS_SELECTOR, "#children a").click()
+    WebDriverWait(driver, 10).until(ec.url_contains(f"w128-l0.001-s0/latent.html?i={child}"))
     driver.get((workdir / "browse" / "w128-l0.001-s0" / "latent.html").as_uri() + "?i=999")
     WebDriverWait(driver, 10).until(ec.text_to_be_present_in_element((By.ID, "main"), "not in this SAE"))
   finally:
