@@ -61,4 +61,10 @@ def get_config(arg=None):
   c.eval.batch_size = 16
   c.eval.delta_loss_se = 0.05  # warn if the eval set is too small for this standard error
   c.eval.bfloat16 = False  # one float32 pass: a bfloat16 pass would add ~1½ minutes
+  # Δ loss per domain: the held-out Python documentation (prose) and the standard library's code,
+  # which is never trained on; and each SAE's weights in bfloat16, float8 and int8 (model float32)
+  c.eval.domains = (("docs", "builtin:python-docs"), ("code", "builtin:python-stdlib"))
+  c.eval.domain_sequences = 32
+  c.eval.quantize = ("bfloat16", "float8_e4m3", "int8")
+  c.eval.quantize_sequences = 16
   return c

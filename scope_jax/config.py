@@ -92,6 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.bfloat16 = True  # also evaluate with the model and SAEs in bfloat16
   c.eval.delta_loss_se = 0.0  # warn when an SAE's Δ loss standard error (over sequences) exceeds it; 0 = off
   c.eval.saes = ()  # more SAEs to evaluate: Gemma Scope npz / SAELens dirs / our exports
+  c.eval.domains = ()  # ((name, source), ...): Δ loss per domain; a data.text source gives its held-out part
+  c.eval.domain_sequences = 0  # sequences per domain; 0 = eval.sequences
+  c.eval.quantize = ()  # weight formats to evaluate each SAE in (bfloat16, float8_e4m3, int8), model in float32
+  c.eval.quantize_sequences = 0  # sequences they are evaluated on (the eval set's first); 0 = all
   c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/grid.py); other commands ignore it
   c.grid.layers = ()  # layers to train SAEs at
   c.grid.kinds = ("res",)  # site kinds at every layer: res | mlp | att | mlp_in
@@ -145,6 +149,8 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "eval.sequences": 1,
   "eval.seq_len": 2,
   "eval.batch_size": 1,
+  "eval.domain_sequences": 0,
+  "eval.quantize_sequences": 0,
   "export.batches": 1,
   "browse.rows": 0,
   "browse.chunk_rows": 1,
@@ -253,6 +259,14 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
     _is_number(config.browse.split_cosine) and -1 <= config.browse.split_cosine <= 1,
     "a cosine in [-1, 1]",
   )
+  from scope_jax.sae.quantize import QUANTIZED
+
+  check("eval.quantize", all(f in QUANTIZED for f in config.eval.quantize), f"a subset of {QUANTIZED}")
+  domains = config.eval.domains
+  pairs = all(isinstance(d, (tuple, list)) and len(d) == 2 and all(isinstance(v, str) for v in d) for d in domains)
+  check("eval.domains", pairs, "(name, text source) pairs, e.g. (('docs', 'builtin:python-docs'),)")
+  if pairs:
+    check("eval.domains", len({n for n, _ in domains}) == len(domains), "distinct names")
   q = config.browse.quantiles
   check("browse.quantiles", all(_is_number(v) and 0 < v <= 1 for v in q), "numbers in (0, 1]")
   prefixes = config.sweep.prefixes

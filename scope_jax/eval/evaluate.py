@@ -39,7 +39,7 @@ from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE
 from scope_jax.text.sequences import batches, sequences
-from scope_jax.text.sources import iter_documents
+from scope_jax.text.sources import iter_documents, iter_entry_documents
 
 
 class OverlapError(ValueError):
@@ -65,28 +65,55 @@ def eval_documents(config: ml_collections.ConfigDict):
       yield doc_id, text
 
 
-def eval_batches(config: ml_collections.ConfigDict, tokenizer) -> list:
-  """Batches of `eval.sequences` packed sequences (rounded up to whole batches); fewer when the
-  text runs out (a warning), at least two (a standard error needs two)."""
+def domain_documents(config: ml_collections.ConfigDict, source: str):
+  """An `eval.domains` source's evaluation text: when the source is one of `data.text`, its
+  documents extraction held out (ids counted over all of data.text, as extraction counts them);
+  otherwise all of it (never trained on)."""
+  if source not in config.data.text:
+    yield from iter_documents(source, config.data.text_field)
+    return
+  every = config.data.holdout_every
+  if not every:
+    raise OverlapError(
+      f"eval.domains {source!r} is training text (in data.text) and data.holdout_every is 0, so none of it "
+      "is held out; set data.holdout_every or name a source that is not trained on"
+    )
+  seen = False
+  for doc_id, entry, text in iter_entry_documents(list(config.data.text), config.data.text_field):
+    if entry == source:
+      seen = True
+      if doc_id % every == 0:
+        yield doc_id, text
+    elif seen:  # past the source: the rest of data.text is not read
+      return
+
+
+def eval_batches(
+  config: ml_collections.ConfigDict, tokenizer, documents=None, n_sequences: int = 0, what: str = ""
+) -> list:
+  """Batches of `n_sequences` (default `eval.sequences`) packed sequences of `documents` (default
+  the evaluation text), rounded up to whole batches; fewer when the text runs out (a warning), at
+  least two (a standard error needs two)."""
   e = config.eval
+  n_sequences = n_sequences or e.sequences
+  what = what or "the held-out documents (or eval.text)"
   out = list(
     batches(
-      sequences(eval_documents(config), tokenizer, e.seq_len, "pack"),
+      sequences(eval_documents(config) if documents is None else documents, tokenizer, e.seq_len, "pack"),
       e.batch_size,
       tokenizer.pad_id,
-      max_batches=-(-e.sequences // e.batch_size),
+      max_batches=-(-n_sequences // e.batch_size),
     )
   )
   found = sum(int(b.keep.any(axis=1).sum()) for b in out)
   if found < 2:
     raise ValueError(
-      f"eval set too small: the held-out documents (or eval.text) give {found} sequence(s) of "
+      f"eval set too small: {what} give {found} sequence(s) of "
       f"{e.seq_len} tokens; standard errors need at least 2 (hold out more text or shorten eval.seq_len)"
     )
-  if found < e.sequences:
+  if found < n_sequences:
     warnings.warn(
-      f"eval set smaller than asked: the held-out text gives {found} sequences of {e.seq_len} tokens, "
-      f"eval.sequences asks for {e.sequences}",
+      f"eval set smaller than asked: {what} give {found} sequences of {e.seq_len} tokens, {n_sequences} were asked for",
       stacklevel=2,
     )
   return out
@@ -291,7 +318,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   from jax.experimental import multihost_utils
 
   from scope_jax.activations.extract import load_extraction_model
-  from scope_jax.eval.report import write_report
+  from scope_jax.eval.report import domain_section, quantization_section, write_report
+  from scope_jax.sae.quantize import quantized
 
   layout = RunLayout(workdir)
   entries = saes_to_evaluate(config, workdir)
@@ -310,12 +338,43 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
     results[name] |= about
     if results_bf16:
       results_bf16[name] |= about
+  sections = []
+  if config.eval.domains:
+    per_domain = {
+      domain: evaluate_saes(
+        lm,
+        saes,
+        eval_batches(
+          config,
+          lm.tokenizer,
+          domain_documents(config, source),
+          config.eval.domain_sequences,
+          f"eval.domains {domain} ({source})",
+        ),
+        progress=progress,
+      )
+      for domain, source in config.eval.domains
+    }
+    sections.append(domain_section(per_domain, dict(config.eval.domains)))
+  if config.eval.quantize:
+    q_batches = token_batches[: -(-config.eval.quantize_sequences // config.eval.batch_size) or None]
+    variants = dict(saes)
+    for fmt in config.eval.quantize:
+      variants |= {f"{name}@{fmt}": (quantized(sae, fmt), site) for name, (sae, site) in saes.items()}
+    q_results = evaluate_saes(lm, variants, q_batches, progress=progress)
+    sections.append(quantization_section(q_results, list(saes), tuple(config.eval.quantize)))
   files = {}
   if jax.process_index() == 0:
     trained = json.loads(layout.health.read_text())["warnings"] if layout.health.exists() else []
     files = write_report(
-      results, results_bf16, layout.report, f"scope_jax report: {config.model}", trained + warnings_, layout.metrics
+      results,
+      results_bf16,
+      layout.report,
+      f"scope_jax report: {config.model}",
+      trained + warnings_,
+      layout.metrics,
+      sections,
     )
     layout.mark_finished("eval", eval_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax eval: report written")  # later jobs check it
-  return {"results": results, "results_bf16": results_bf16, "files": files, "warnings": warnings_}
+  return {"results": results, "results_bf16": results_bf16, "files": files, "warnings": warnings_, "sections": sections}

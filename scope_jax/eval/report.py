@@ -5,12 +5,14 @@ WORKDIR/report/pareto_delta_loss.png delta LM loss against L0, one curve per wid
 WORKDIR/report/pareto_fvu.png        FVU against L0, one curve per width
 WORKDIR/report/density_NAME.png      log10 firing-density histogram of each SAE
 WORKDIR/report/training.png          training curves of every SAE (from WORKDIR/metrics.jsonl)
+WORKDIR/report/domains.png           Δ LM loss of every SAE on each `eval.domains` text
 WORKDIR/report/report.md, report.html
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import re
@@ -120,6 +122,71 @@ def training_curves(metrics_jsonl: Path, path: Path) -> bool:
   return True
 
 
+@dataclasses.dataclass
+class Section:
+  """A table (and plots) after the main one: per-domain Δ loss, quantized weights; `data` goes to
+  metrics.json under `key`."""
+
+  key: str
+  title: str
+  header: list[str]
+  rows: list[list[str]]
+  data: dict
+  plots: dict[str, object] = dataclasses.field(default_factory=dict)  # file name -> fn(path) drawing it
+
+
+def domain_section(per_domain: dict[str, dict], sources: dict[str, str]) -> Section:
+  """Δ LM loss (± SE), FVU and L0 of every SAE on each domain's text."""
+  domains = list(per_domain)
+  names = list(next(iter(per_domain.values())))
+  rows = [
+    [name]
+    + [f"{per_domain[d][name]['delta_loss']:.4f} ± {per_domain[d][name]['delta_loss_se']:.4f}" for d in domains]
+    + [f"{per_domain[d][name]['fvu']:.3f}" for d in domains]
+    for name in names
+  ]
+  keep = ("delta_loss", "delta_loss_se", "fvu", "fvu_se", "l0", "ce_clean", "tokens")
+  data = {
+    d: {"source": sources[d], "saes": {n: {k: per_domain[d][n][k] for k in keep} for n in names}} for d in domains
+  }
+
+  def plot(path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) * len(domains)), 4), dpi=110)
+    step = 0.8 / len(domains)
+    for j, d in enumerate(domains):
+      values = [per_domain[d][n]["delta_loss"] for n in names]
+      errors = [per_domain[d][n]["delta_loss_se"] for n in names]
+      ax.bar(np.arange(len(names)) + j * step, values, step, yerr=errors, capsize=2, label=f"{d} ({sources[d]})")
+    ax.set_xticks(np.arange(len(names)) + 0.4 - step / 2, names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("Δ LM loss (nats, ± 1 SE)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+  header = ["SAE"] + [f"Δ loss {d}" for d in domains] + [f"FVU {d}" for d in domains]
+  return Section("domains", "Δ LM loss per domain", header, rows, data, {"domains.png": plot})
+
+
+def quantization_section(results: dict[str, dict], names: list[str], formats: tuple[str, ...]) -> Section:
+  """Each SAE with its weights in each format (model float32), against its float32 weights on the
+  same sequences: Δ loss, FVU and L0, and their differences."""
+  rows, data = [], {}
+  for name in names:
+    base = results[name]
+    rows.append([name, "float32", f"{base['delta_loss']:.4f}", "—", f"{base['fvu']:.4f}", "—", f"{base['l0']:.1f}"])
+    data[name] = {"float32": {k: base[k] for k in ("delta_loss", "fvu", "l0")}}
+    for fmt in formats:
+      r = results[f"{name}@{fmt}"]
+      d_loss, d_fvu = r["delta_loss"] - base["delta_loss"], r["fvu"] - base["fvu"]
+      rows.append(
+        [name, fmt, f"{r['delta_loss']:.4f}", f"{d_loss:+.4f}", f"{r['fvu']:.4f}", f"{d_fvu:+.4f}", f"{r['l0']:.1f}"]
+      )
+      data[name][fmt] = {"delta_loss": r["delta_loss"], "fvu": r["fvu"], "l0": r["l0"], "delta_loss_diff": d_loss}
+  header = ["SAE", "weights", "Δ loss", "− float32", "FVU", "− float32", "L0"]
+  return Section("quantization", "Quantized SAE weights (model in float32)", header, rows, data)
+
+
 def _table(results: dict) -> list[list[str]]:
   rows = []
   for name, r in sorted(results.items(), key=lambda kv: (kv[1]["width"], kv[1]["l0"])):
@@ -134,11 +201,15 @@ def write_report(
   title: str,
   warnings: list[str] = (),
   metrics_jsonl: Path | None = None,
+  sections: list[Section] = (),
 ) -> dict[str, Path]:
   """Writes everything; `results[name]` holds the metrics plus "width" and "l1_coefficient";
   `warnings` (training health, an eval set too small, ...) head the report; `metrics_jsonl`, the
-  training log, gives the training curves."""
+  training log, gives the training curves; `sections` follow the main table."""
   out.mkdir(parents=True, exist_ok=True)
+  for section in sections:
+    for file, draw in section.plots.items():
+      draw(out / file)
   images = {
     "pareto_delta_loss.png": ("delta_loss", "Δ LM loss (spliced − clean)"),
     "pareto_fvu.png": ("fvu", "fraction of variance unexplained"),
@@ -153,7 +224,12 @@ def write_report(
   strip = lambda rs: {n: {k: v for k, v in r.items() if k != "density"} for n, r in rs.items()}
   (out / "metrics.json").write_text(
     json.dumps(
-      {"float32": strip(results), "bfloat16": strip(results_bf16 or {}), "warnings": list(warnings)},
+      {
+        "float32": strip(results),
+        "bfloat16": strip(results_bf16 or {}),
+        "warnings": list(warnings),
+        **{section.key: section.data for section in sections},
+      },
       indent=2,
       default=float,
     )
@@ -167,6 +243,10 @@ def write_report(
   if results_bf16:
     md += ["", "## bfloat16 (model and SAEs)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in _table(results_bf16)]
+  for section in sections:
+    md += ["", f"## {section.title}", "", "| " + " | ".join(section.header) + " |", "|" + "---|" * len(section.header)]
+    md += ["| " + " | ".join(row) + " |" for row in section.rows]
+    md += [""] + [f"![{section.title}]({file})" for file in section.plots]
   md += ["", "![delta loss vs L0](pareto_delta_loss.png)", "![FVU vs L0](pareto_fvu.png)", ""]
   md += ["## Training", "", "![training curves](training.png)", ""] * curves
   md += [f"![{n}]({p.name})" for n, p in densities.items()]
@@ -175,7 +255,7 @@ def write_report(
   def img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
 
-  def table(rows) -> str:
+  def table(rows, header=header) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -184,6 +264,9 @@ def write_report(
   parts += [table(rows)]
   if results_bf16:
     parts += ["<h2>bfloat16 (model and SAEs)</h2>", table(_table(results_bf16))]
+  for section in sections:
+    parts += [f"<h2>{html.escape(section.title)}</h2>", table(section.rows, section.header)]
+    parts += [img(out / file) for file in section.plots]
   parts += [img(out / f) for f in images] + ["<h2>Training</h2>", img(out / "training.png")] * curves
   parts += [img(p) for p in densities.values()]
   style = (

@@ -32,7 +32,7 @@ from scope_jax.layout import replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
-FORMATS = ("gemma-scope", "gemma-scope-2", "saelens")
+FORMATS = ("gemma-scope", "gemma-scope-2", "saelens", "int8")
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write; older versions are read as pre-v6 configs
 
 # our site kind -> TransformerLens/SAELens hook name template
@@ -52,6 +52,7 @@ def _layer_patterns(templates: dict[str, str]) -> dict[str, re.Pattern]:
 _HOOK_PATTERNS = _layer_patterns(HOOK_NAMES)
 _SAELENS_WEIGHTS, _SAELENS_CFG, _SAELENS_SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 _GS2_PARAMS, _GS2_CONFIG = "params.safetensors", "config.json"
+_INT8_PARAMS = "params_int8.safetensors"  # beside a Gemma Scope 2 config.json: the int8 form (sae/quantize.py)
 # our site kind -> the transformers module whose output (or input) it is, as Gemma Scope 2 names hook points
 HF_HOOK_POINTS = {
   "res": "model.layers.{layer}.output",
@@ -197,6 +198,35 @@ def _load_gemma_scope_2(path: Path, site: str | None) -> SAE:
   return _from_arrays(arrays, info, str(path / _GS2_PARAMS))
 
 
+def _load_int8(path: Path, site: str | None) -> SAE:
+  """The int8 form: W_enc / W_dec as int8 with one float32 scale per latent, read back as float32."""
+  from scope_jax.sae.quantize import dequantize_int8
+
+  raw = _read_safetensors(path / _INT8_PARAMS)
+  names = ("w_enc", "w_enc_scale", "w_dec", "w_dec_scale", "b_enc", "b_dec", "threshold")
+  if missing := [k for k in names if k not in raw]:
+    raise ValueError(f"{path / _INT8_PARAMS}: missing tensors {missing} (found {sorted(raw)})")
+  if raw["w_enc"].dtype != np.int8 or raw["w_dec"].dtype != np.int8:
+    raise ValueError(
+      f"{path / _INT8_PARAMS}: w_enc and w_dec must be int8 (found {raw['w_enc'].dtype}, {raw['w_dec'].dtype})"
+    )
+  arrays = {
+    "W_enc": dequantize_int8(raw["w_enc"], raw["w_enc_scale"], latent_axis=1),
+    "W_dec": dequantize_int8(raw["w_dec"], raw["w_dec_scale"], latent_axis=0),
+    **{k: raw[k].astype(np.float32) for k in ("b_enc", "b_dec", "threshold")},
+  }
+  if "w_skip" in raw:
+    arrays["W_skip"] = raw["w_skip"].astype(np.float32)
+  cfg = _read_json(path / _GS2_CONFIG)
+  hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
+  info = SAEInfo(
+    site=site or site_from_hook_name(hook_in),
+    target_site=site_from_hook_name(hook_out) if hook_out and hook_out != hook_in else None,
+    model=cfg.get("model_name"),
+  )
+  return _from_arrays(arrays, info, str(path / _INT8_PARAMS))
+
+
 SAELENS_ARCHITECTURES = {
   "sae": "jumprelu",
   "transcoder": "jumprelu_transcoder",
@@ -253,6 +283,8 @@ def load_sae(path: str | Path, site: str | None = None) -> SAE:
     parse_site(site)
   if path.is_dir() and (path / _SAELENS_CFG).exists():
     return _load_saelens(path, site)
+  if path.is_dir() and (path / _INT8_PARAMS).exists():
+    return _load_int8(path, site)
   if path.is_dir() and (path / _GS2_PARAMS).exists():
     if not (path / _GS2_CONFIG).exists():
       raise FileNotFoundError(f"{path}: holds {_GS2_PARAMS} but no {_GS2_CONFIG} (a Gemma Scope 2 folder has both)")
@@ -289,7 +321,8 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
   gemma-scope: `path` is the `.npz` file, or a folder that receives `params.npz` (a skip-transcoder
   adds `W_skip`). gemma-scope-2: `path` is the folder of `params.safetensors` + `config.json`.
   saelens: `path` is a directory; `sparsity_log10 [M]` (log10 firing density) is written to
-  sparsity.safetensors when given.
+  sparsity.safetensors when given. int8: a Gemma Scope 2 folder whose `params_int8.safetensors`
+  holds W_enc and W_dec as int8 with a float32 scale per latent (sae/quantize.py).
   """
   if format not in FORMATS:
     raise ValueError(f"format {format!r}: expected one of {FORMATS}")
@@ -308,6 +341,16 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
   from safetensors.numpy import save_file
 
   info, kind = sae.info, kind_of(sae)
+
+  def gs2_config(**extra) -> str:
+    cfg = {"architecture": "jump_relu", "model_name": info.model, **extra}
+    if info.site:
+      cfg["hf_hook_point_in"] = hook_name(info.site, HF_HOOK_POINTS)
+    if info.target_site:
+      cfg["hf_hook_point_out"] = hook_name(info.target_site, HF_HOOK_POINTS)
+      cfg["affine_connection"] = kind == "skip_transcoder"
+    return json.dumps(cfg, indent=2) + "\n"
+
   if format == "gemma-scope-2":
 
     def write_gs2(staging: Path) -> None:
@@ -315,15 +358,22 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
       if "W_skip" in arrays:
         tensors["affine_skip_connection"] = arrays["W_skip"]
       save_file(tensors, staging / _GS2_PARAMS)
-      cfg = {"architecture": "jump_relu", "model_name": info.model}
-      if info.site:
-        cfg["hf_hook_point_in"] = hook_name(info.site, HF_HOOK_POINTS)
-      if info.target_site:
-        cfg["hf_hook_point_out"] = hook_name(info.target_site, HF_HOOK_POINTS)
-        cfg["affine_connection"] = kind == "skip_transcoder"
-      (staging / _GS2_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+      (staging / _GS2_CONFIG).write_text(gs2_config())
 
     return _staged(path, write_gs2)
+  if format == "int8":  # Gemma Scope 2's folder, its matrices int8 under another file name (no reader misreads it)
+    from scope_jax.sae.quantize import int8_per_latent
+
+    def write_int8(staging: Path) -> None:
+      (w_enc, enc_scale), (w_dec, dec_scale) = int8_per_latent(arrays["W_enc"], 1), int8_per_latent(arrays["W_dec"], 0)
+      tensors = {"w_enc": w_enc, "w_enc_scale": enc_scale, "w_dec": w_dec, "w_dec_scale": dec_scale}
+      tensors |= {k: arrays[k] for k in ("b_enc", "b_dec", "threshold")}
+      if "W_skip" in arrays:
+        tensors["w_skip"] = arrays["W_skip"]
+      save_file(tensors, staging / _INT8_PARAMS)
+      (staging / _GS2_CONFIG).write_text(gs2_config(quantization="int8, one float32 scale per latent (w = q * scale)"))
+
+    return _staged(path, write_int8)
 
   def write_saelens(staging: Path) -> None:
     tensors = dict(arrays)

@@ -178,6 +178,12 @@ def iter_texts(entry: str, text_field: str = "text") -> Iterator[str]:
 
 def iter_documents(spec: str | Sequence[str], text_field: str = "text") -> Iterator[tuple[int, str]]:
   """(document id, text) for every non-empty document of the spec, in a fixed order."""
+  for doc_id, _, text in iter_entry_documents(spec, text_field):
+    yield doc_id, text
+
+
+def iter_entry_documents(spec: str | Sequence[str], text_field: str = "text") -> Iterator[tuple[int, str, str]]:
+  """(document id, the spec entry it comes from, text): `iter_documents` with each one's source."""
   entries = [spec] if isinstance(spec, str) else list(spec)
   if not entries:
     raise ValueError("text source list is empty")
@@ -188,5 +194,5 @@ def iter_documents(spec: str | Sequence[str], text_field: str = "text") -> Itera
   for entry in entries:
     for text in iter_texts(entry, text_field):
       if text and text.strip():
-        yield doc_id, text
+        yield doc_id, entry, text
         doc_id += 1

@@ -164,6 +164,48 @@ def test_run_eval_writes_the_report(lm, tiny_run):
   assert {"delta_loss_se", "fvu_se", "ce_mean_ablation", "loss_recovered_mean"} <= set(low)
 
 
+def test_domains_and_quantized_weights_are_in_the_report(lm, tiny_run, tmp_path):
+  c, workdir = tiny_run
+  c = ml_collections.ConfigDict(c.to_dict())
+  other = tmp_path / "other.txt"
+  other.write_text("\n\n".join(f"Entry {i}: the quick brown fox {i} jumps over {i * 7} lazy dogs." for i in range(400)))
+  c.eval.domains = (("docs", "builtin:python-docs"), ("other", str(other)))
+  c.eval.domain_sequences, c.eval.quantize, c.eval.quantize_sequences = 4, ("bfloat16", "int8"), 4
+  run_eval(c, workdir, lm=lm, progress=False)
+  metrics = json.loads((workdir / "report" / "metrics.json").read_text())
+  names = ["w128-l0.001-s0", "w128-l0.03-s0"]
+  docs, other_ = (metrics["domains"][d]["saes"] for d in ("docs", "other"))
+  for name in names:  # docs is data.text's only source: its held-out part is the eval set's first batch
+    assert docs[name]["delta_loss"] == pytest.approx(metrics["float32"][name]["delta_loss"], rel=1e-6)
+    assert other_[name]["ce_clean"] != pytest.approx(docs[name]["ce_clean"], rel=1e-3)
+    q = metrics["quantization"][name]
+    assert q["float32"]["delta_loss"] == pytest.approx(metrics["float32"][name]["delta_loss"], rel=1e-6)
+    assert abs(q["bfloat16"]["delta_loss_diff"]) < 0.05 and abs(q["int8"]["delta_loss_diff"]) < 0.05
+  report = (workdir / "report" / "report.md").read_text()
+  assert "## Δ LM loss per domain" in report and "## Quantized SAE weights (model in float32)" in report
+  assert "| w128-l0.001-s0 | int8 |" in report and _is_png(workdir / "report" / "domains.png")
+
+
+def test_a_domain_of_the_training_text_is_its_held_out_part(tiny_model, tmp_path):
+  from scope_jax.eval.evaluate import domain_documents
+  from scope_jax.text.sources import iter_documents
+
+  other = tmp_path / "other.txt"
+  other.write_text("\n\n".join(f"paragraph {i}" for i in range(30)))
+  c = eval_config(tiny_model)
+  c.data.text, c.data.holdout_every = ("builtin:python-docs", str(other)), 4
+  first = sum(1 for _ in iter_documents("builtin:python-docs"))
+  every = list(iter_documents(list(c.data.text)))
+  assert list(domain_documents(c, str(other))) == [(i, t) for i, t in every if i >= first and i % 4 == 0]
+  assert list(domain_documents(c, "builtin:python-docs")) == [(i, t) for i, t in every if i < first and i % 4 == 0]
+  assert [t for _, t in domain_documents(c, "builtin:python-docstrings")][:3] == [
+    t for _, t in list(iter_documents("builtin:python-docstrings"))[:3]
+  ]  # not trained on: all of it
+  c.data.holdout_every = 0
+  with pytest.raises(OverlapError, match="eval.domains 'builtin:python-docs' is training text"):
+    list(domain_documents(c, "builtin:python-docs"))
+
+
 def test_bad_input(lm, tiny_model, tiny_run, tmp_path):
   c, _ = tiny_run
   batches = eval_batches(c, lm.tokenizer)
@@ -185,7 +227,7 @@ def test_bad_input(lm, tiny_model, tiny_run, tmp_path):
     eval_batches(eval_config(tiny_model, sequences=1, batch_size=1), lm.tokenizer)
   with pytest.warns(
     UserWarning,
-    match=r"eval set smaller than asked: .* gives \d+ sequences of 48 tokens, eval.sequences asks for 100000",
+    match=r"eval set smaller than asked: .* give \d+ sequences of 48 tokens, 100000 were asked for",
   ):
     eval_batches(eval_config(tiny_model, sequences=100_000, batch_size=64), lm.tokenizer)
 
