@@ -113,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.export = ml_collections.ConfigDict()
   c.export.batches = 16  # batches after training on which L0 and densities are measured
+  c.export.int8 = True  # also write the int8 form (W_enc, W_dec int8 with per-latent scales) under export/int8
   c.browse = ml_collections.ConfigDict()  # the feature browser (scope_jax/browse), last stage of `run`
   c.browse.enabled = True  # `run` ends with it; `scope-jax browse` runs it alone
   c.browse.rows = 0  # store rows scanned (0 = all)

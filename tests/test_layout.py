@@ -115,7 +115,7 @@ def test_changed_stage_fields_are_refused_unless_redone_and_exports_are_replaced
   assert layout.to_do("export", export_identity(_config(20), layout))
   export(_config(20), tmp_path, source, progress=False)
   index = json.loads(layout.export_index.read_text())
-  indexed = {p for e in index for p in (e["gemma_scope"], e["gemma_scope_2"], e["saelens"])}
+  indexed = {p for e in index for p in (e["gemma_scope"], e["gemma_scope_2"], e["saelens"], e["int8"])}
   files = [p for p in layout.export.rglob("*") if p.is_file() and p != layout.export_index]
   assert files and all(any(str(f).startswith(i) for i in indexed) for f in files)  # nothing outside the index
   assert old_files - set(files), "the test needs exports whose L0 moved between steps 10 and 20"

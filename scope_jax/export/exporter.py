@@ -129,9 +129,12 @@ def export(
       if any(e["gemma_scope_2"] == str(gs2) for e in entries):
         gs2 = gs2.with_name(f"{gs2.name}_{name}")
       npz, lens = npz_dir / "params.npz", root / "saelens" / (f"{config.site}-{name}" if config.site else name)
+      int8 = root / "int8" / gs2.relative_to(root / "gemma-scope-2") if config.export.int8 else None
       if writer:
         save_sae(released, staging / npz.relative_to(root), format="gemma-scope")
         save_sae(released, staging / gs2.relative_to(root), format="gemma-scope-2")
+        if int8:
+          save_sae(released, staging / int8.relative_to(root), format="int8")
         density_log10 = np.log10(density_m + 1e-10)
         save_sae(released, staging / lens.relative_to(root), format="saelens", sparsity_log10=density_log10)
       entries.append(
@@ -154,6 +157,7 @@ def export(
           "gemma_scope": str(npz),
           "gemma_scope_2": str(gs2),
           "saelens": str(lens),
+          **({"int8": str(int8)} if int8 else {}),
         }
       )
   if writer:
