@@ -268,6 +268,21 @@ def prepare_environment() -> None:
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+def match(args) -> None:
+  """`scope-jax match`: adjacent-layer matches of the given SAEs, written as a small report."""
+  from scope_jax.activations.store import StoreError, open_store
+  from scope_jax.browse.relations import adjacent_matches, write_match_report
+  from scope_jax.sae import load_sae
+
+  try:
+    saes = [load_sae(p) for p in args.saes]
+    store = open_store(args.store) if args.store else None
+    files = write_match_report(adjacent_matches(saes, store, args.rows), args.out)
+  except (ValueError, FileNotFoundError, StoreError) as e:
+    sys.exit(f"scope-jax match: {e}")
+  print(f"match: {len(saes) - 1} adjacent pairs in {files['markdown']} (and matches.json, matching.png)")
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
   prepare_environment()
@@ -284,6 +299,14 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--max-new-tokens", type=int, default=20)
   p.add_argument("--sites", default="res.6,mlp.6,att.6,mlp_in.6,res.12")
   p.set_defaults(run=demo)
+  p = commands.add_parser(
+    "match", help="match latents of SAEs at adjacent layers (decoder cosine, activation correlation)"
+  )
+  p.add_argument("saes", nargs="+", help="SAE files or folders (any format load_sae reads), one per layer")
+  p.add_argument("--store", default="", help="an activation store holding the SAEs' sites, for activation correlations")
+  p.add_argument("--rows", type=int, default=0, help="store rows to correlate over (0 = all)")
+  p.add_argument("--out", required=True, help="folder for matches.json, matches.md and matching.png")
+  p.set_defaults(run=match)
   for name in CONFIG_COMMANDS:
     commands.add_parser(name, help=f"{name} (--config FILE[:ARGS] --workdir DIR [--config.FIELD=VALUE])")
   args = parser.parse_args(argv)

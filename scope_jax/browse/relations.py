@@ -96,3 +96,83 @@ def children(parent: SAE, child: SAE, k: int = 4, min_cosine: float = 0.5) -> li
     mine = mine[np.argsort(-cos[p, mine], kind="stable")][:k]
     out.append([(int(c), float(cos[p, c])) for c in mine])
   return out
+
+
+def _summary(score: np.ndarray) -> dict:
+  return {
+    "median": float(np.median(score)),
+    "mean": float(np.mean(score)),
+    "above_0.7": float(np.mean(score > 0.7)),
+    "scores": [round(float(v), 4) for v in score],
+  }
+
+
+def adjacent_matches(saes: list[SAE], store: Store | None = None, rows: int = 0, progress: bool = True) -> list[dict]:
+  """SAEs at consecutive depths (sorted by their sites' layers), each matched one-to-one to the
+  next: by decoder cosine, and by activation correlation where `store` holds both sites."""
+  from scope_jax.models.sites import parse_site
+
+  if any(s.info.site is None for s in saes):
+    raise ValueError("every SAE must say its site (a file with a hook name, or load_sae(path, site=...))")
+  saes = sorted(saes, key=lambda s: parse_site(s.info.site).layer)
+  out = []
+  for first, second in zip(saes, saes[1:]):
+    entry = {"from": first.info.site, "to": second.info.site}
+    entry["decoder"] = _summary(assign(decoder_cosines(first, second)).score)
+    if store is not None and {first.info.site, second.info.site} <= set(store.sites):
+      corr = activation_correlations(store, first, first.info.site, second, second.info.site, rows, progress=progress)
+      by_activation, by_decoder = assign(corr), assign(decoder_cosines(first, second))
+      entry["activation"] = _summary(by_activation.score)
+      entry["agreement"] = float(
+        np.mean(by_activation.b[np.argsort(by_activation.a)] == by_decoder.b[np.argsort(by_decoder.a)])
+      )
+    out.append(entry)
+  return out
+
+
+def write_match_report(entries: list[dict], out) -> dict:
+  """matches.json, matches.md and matching.png (each pair's score distribution; the median
+  against depth) in `out`; returns their paths."""
+  import json
+  from pathlib import Path
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "matches.json").write_text(json.dumps(entries, indent=1) + "\n")
+  measures = [m for m in ("decoder", "activation") if any(m in e for e in entries)]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+  for e in entries:
+    axes[0].hist(e["decoder"]["scores"], bins=40, range=(-0.2, 1), histtype="step", label=f"{e['from']} → {e['to']}")
+  axes[0].set_xlabel("decoder cosine of matched latents")
+  axes[0].set_ylabel("latents")
+  axes[0].legend(fontsize=7)
+  for m in measures:
+    pairs = [e for e in entries if m in e]
+    axes[1].plot([e["from"] for e in pairs], [e[m]["median"] for e in pairs], marker="o", label=f"median {m} score")
+  axes[1].set_xlabel("from site (matched to the next layer)")
+  axes[1].set_ylim(0, 1)
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / "matching.png")
+  plt.close(fig)
+  header = "| from | to | decoder cos median | > 0.7 | activation corr median | > 0.7 | same match |"
+  lines = ["# Latents matched across adjacent layers", "", header, "|---|---|---|---|---|---|---|"]
+  for e in entries:
+    act = e.get("activation")
+    cells = [
+      e["from"],
+      e["to"],
+      f"{e['decoder']['median']:.3f}",
+      f"{e['decoder']['above_0.7']:.1%}",
+      f"{act['median']:.3f}" if act else "—",
+      f"{act['above_0.7']:.1%}" if act else "—",
+      f"{e['agreement']:.1%}" if act else "—",
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  (out / "matches.md").write_text("\n".join(lines + ["", "![matching](matching.png)"]) + "\n")
+  return {"json": out / "matches.json", "markdown": out / "matches.md", "plot": out / "matching.png"}

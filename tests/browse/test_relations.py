@@ -83,3 +83,35 @@ def test_saes_of_different_widths_are_refused_naming_both(tmp_path):
   write_store(tmp_path, shard_rows=(300,), width=8)
   with pytest.raises(ValueError, match=r"an SAE of input width 6 cannot read site res.0 of .* \(width 8\)"):
     activation_correlations(open_store(str(tmp_path)), a, SITE, b, SITE, progress=False)
+
+
+def test_scope_jax_match_reports_adjacent_layers_in_depth_order(tmp_path, capsys):
+  import json
+
+  import scope_jax as sj
+  from scope_jax import cli
+  from scope_jax.sae.model import SAEInfo
+
+  rng = np.random.default_rng(3)
+  w = unit_rows(rng.normal(size=(48, 16)))
+  layers = {
+    2: permuted(sae_from(w), rng.permutation(48)),  # the same features as layer 1, reordered
+    1: sae_from(w),
+    3: sae_from(unit_rows(rng.normal(size=(48, 16)))),  # unrelated
+  }
+  paths = []
+  for layer, sae in layers.items():
+    paths.append(
+      str(sj.save_sae(sae.replace(info=SAEInfo(site=f"res.{layer}")), tmp_path / f"L{layer}", format="saelens"))
+    )
+  cli.main(["match", *paths, "--out", str(tmp_path / "report")])
+  assert "match: 2 adjacent pairs" in capsys.readouterr().out
+  entries = json.loads((tmp_path / "report" / "matches.json").read_text())
+  assert [(e["from"], e["to"]) for e in entries] == [("res.1", "res.2"), ("res.2", "res.3")]
+  assert entries[0]["decoder"]["median"] == pytest.approx(1.0, abs=1e-5) and entries[0]["decoder"]["above_0.7"] == 1.0
+  assert entries[1]["decoder"]["median"] < 0.7
+  assert (tmp_path / "report" / "matching.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| res.1 | res.2 | 1.000 | 100.0% |" in (tmp_path / "report" / "matches.md").read_text()
+  narrow = str(sj.save_sae(sae_from(np.eye(8)).replace(info=SAEInfo(site="res.4")), tmp_path / "L4", format="saelens"))
+  with pytest.raises(SystemExit, match="scope-jax match: cannot compare decoder directions of width 16"):
+    cli.main(["match", paths[0], narrow, "--out", str(tmp_path / "bad")])
