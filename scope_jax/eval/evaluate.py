@@ -209,6 +209,8 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
       "ce_mean_ablation": mean,
       "delta_loss": delta,
       "delta_loss_se": delta_se,
+      "delta_loss_zero_ablation": zero - clean,  # what the site is worth: the SAE's Δ loss should be far below
+      "delta_loss_mean_ablation": mean - clean,
       "loss_recovered": _recovered(zero, spliced, clean),
       "loss_recovered_mean": _recovered(mean, spliced, clean),
       "predictions": int(losses.predictions.sum()),

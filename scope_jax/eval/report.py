@@ -44,6 +44,8 @@ COLUMNS = [  # (metric, header, format) of the report's table
   ("l1_coefficient", "λ", "{:g}"),
   ("l0", "L0", "{:.1f}"),
   *_with_se("delta_loss", "Δ loss", "{:.4f}"),
+  ("delta_loss_mean_ablation", "Δ loss, mean-ablated", "{:.4f}"),
+  ("delta_loss_zero_ablation", "Δ loss, zero-ablated", "{:.4f}"),
   *_with_se("fvu", "FVU", "{:.3f}"),
   ("mse", "MSE", "{:.4g}"),
   *((key, label, "{:.1%}") for key, label in _FRACTIONS.items()),
