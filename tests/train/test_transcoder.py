@@ -335,6 +335,13 @@ def test_init_from_starts_from_the_runs_own_export(tmp_path):
   c4.kind, c4.train.init_from = "transcoder", entries[0]["saelens"]
   with pytest.raises(ValueError, match="a skip_transcoder of width 32"):
     open_run(c4, tmp_path / "wrong-kind", source())
+  released = load_sae(entries[0]["saelens"])
+  narrower_input = released.replace(W_enc=released.W_enc[:-1], W_skip=released.W_skip[:-1])
+  c5 = c.copy_and_resolve_references()
+  c5.train.init_from = str(save_sae(narrower_input, tmp_path / "narrower", format="saelens"))
+  d_in = x.shape[1]
+  with pytest.raises(ValueError, match=f"width 32 and input width {d_in - 1}; this sweep trains .* input width {d_in}"):
+    open_run(c5, tmp_path / "wrong-input", source())
 
 
 def test_bad_transcoder_and_matryoshka_configs_are_clear_errors():
