@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -91,13 +92,18 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
       records = latent_records(name, sae, stats[name], store, site, text, logits, config)
       if wider := next_wider(name, entries):
         for rec, kids in zip(records, children(sae, saes[wider], min_cosine=b.split_cosine)):
-          rec["scope"] |= {"children": kids, "children_sae": wider}
-      write_sae(staging / name, records, config, name, entries[name], progress)
+          rec["scope"] |= {"children": kids, "children_sae": folder_of(wider)}
+      write_sae(staging / folder_of(name), records, config, name, entries[name], progress)
       written[name] = sae.width
   (staging / "index.html").write_text(_top_index(entries, written, config))
   replace_directory(staging, layout.browse)
   layout.mark_finished("browse", browse_identity(config, layout))
   return {"index": layout.browse / "index.html", "saes": written}
+
+
+def folder_of(name: str) -> str:
+  """An SAE's folder under browse/: its name, or (an `eval.saes` path) the path made one safe name."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "sae"
 
 
 def next_wider(name: str, entries: dict) -> str | None:
@@ -282,7 +288,7 @@ def write_sae(folder: Path, records: list[dict], config, name: str, entry: dict,
 
 def _top_index(entries: dict, written: dict, config) -> str:
   items = "".join(
-    f'<li><a href="{html.escape(n)}/index.html">{html.escape(n)}</a> '
+    f'<li><a href="{html.escape(folder_of(n))}/index.html">{html.escape(n)}</a> '
     f'<span class="muted">{html.escape(entries[n]["site"])}, {written[n]:,} latents</span></li>'
     for n in written
   )
