@@ -167,25 +167,24 @@ def stage_browse(config, workdir, redo=()) -> None:
   if not layout.to_do("browse", browse_identity(config, layout), redo):
     print(f"browse: {layout.browse / 'index.html'} is up to date; skipped")
     return
-  if jax.process_index() != 0:  # one writer: the site is small beside the store it reads
-    return
   out = run_browse(config, workdir)
-  print(f"browse: {sum(out['saes'].values()):,} latents of {len(out['saes'])} SAEs in {out['index']}")
+  if jax.process_index() == 0:
+    print(f"browse: {sum(out['saes'].values()):,} latents of {len(out['saes'])} SAEs in {out['index']}")
 
 
 def stage_train_export_eval(config, workdir, redo=()) -> None:
-  """train -> export -> eval; a stage already run on the same inputs is skipped."""
+  """train -> export -> eval (-> browse); a stage already run on the same inputs is skipped."""
   stage_train(config, workdir)
   stage_export(config, workdir, redo)
   stage_eval(config, workdir, redo)
+  if config.browse.enabled:
+    stage_browse(config, workdir, redo)
 
 
 def stage_run(config, workdir, redo=()) -> None:
   """extract -> train -> export -> eval; finished stages are skipped on a re-run."""
   stage_extract(config, workdir)
   stage_train_export_eval(config, workdir, redo)
-  if config.browse.enabled:
-    stage_browse(config, workdir, redo)
   layout = RunLayout(workdir)
   print(f"\ndone: exports in {layout.export} (Gemma Scope npz and SAELens), report in {layout.report / 'report.html'}")
   if config.browse.enabled:

@@ -176,11 +176,15 @@ def select(jobs: list[Job], patterns: str | None) -> list[Job]:
 
 def is_finished(job: Job, timeout: float | None = None) -> bool:
   """An extraction is finished when its store's manifest exists; a trainer job when its
-  evaluation's marker holds what the job's config and latest checkpoint give (layout.py)."""
+  evaluation's (and, with `browse.enabled`, its browser's) marker holds what the job's config
+  and latest checkpoint give (layout.py)."""
   if job.kind == "extract":
     return KV(job.workdir).read_json(MANIFEST, timeout=timeout) is not None
+  from scope_jax.browse import browse_identity
+
   layout = RunLayout(job.workdir)
-  return layout.finished("eval", eval_identity(job.config, layout))
+  browsed = not job.config.browse.enabled or layout.finished("browse", browse_identity(job.config, layout))
+  return layout.finished("eval", eval_identity(job.config, layout)) and browsed
 
 
 def table(jobs: list[Job]) -> str:

@@ -18,7 +18,8 @@ it (store rows, the highlighted column, histogram edges). The batch files drop `
 Contexts: the `browse.top_k` largest activations of each latent and `browse.samples` rows drawn
 at random from the histogram bin holding each of `browse.quantiles` of its activations; each is
 the window of `browse.before` tokens before and `browse.after` after, inside its document, with
-the latent's activation on every token. Promoted / suppressed tokens: the decoder direction
+the latent's activation on every token (process 0 reads them; every process scans its share of
+the store's chunks for the statistics, `features.scan`). Promoted / suppressed tokens: the decoder direction
 through the model's unembedding (final norm scale folded in), for SAEs writing the residual
 stream (`res`, `mlp` sites and transcoders). Splitting: each latent links to its children in the
 next wider SAE of the same site and λ (`relations.children`: nearest decoder directions).
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from scope_jax.activations.store import Store, open_store
@@ -72,21 +74,27 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
         f"SAE {name} reads site {e['input_site']}, which the store {store.root} does not hold "
         f"(it holds {list(store.sites)}); browse it with --config.data.path set to a store of that site"
       )
+  writer = jax.process_index() == 0  # every process scans its chunks; process 0 writes the site
   lm = lm or load_extraction_model(config)
   text = TokenText(lm.tokenizer)
   unembed_vd = lm.unembedding() if any(parse_site(e["site"]).kind in RESIDUAL_KINDS for e in entries.values()) else None
-  layout.unmark("browse")
   staging = layout.browse.with_name("browse.tmp")
-  shutil.rmtree(staging, ignore_errors=True)
-  (staging / "assets").mkdir(parents=True)
-  for asset in ("style.css", "index.js", "latent.js"):
-    (staging / "assets" / asset).write_text(resources.files("scope_jax.browse").joinpath("assets", asset).read_text())
+  if writer:
+    layout.unmark("browse")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "assets").mkdir(parents=True)
+    for asset in ("style.css", "index.js", "latent.js"):
+      text_of = resources.files("scope_jax.browse").joinpath("assets", asset).read_text()
+      (staging / "assets" / asset).write_text(text_of)
   written = {}
   for site in sorted({e["input_site"] for e in entries.values()}):
     saes = {name: entry_sae(e) for name, e in entries.items() if e["input_site"] == site}
     b = config.browse
-    stats = scan(store, site, saes, b.top_k, b.samples, b.rows, b.chunk_rows, config.seed, progress)
+    stats = scan(store, site, saes, b.top_k, b.samples, b.rows, b.chunk_rows, config.seed, progress and writer)
     for name, sae in saes.items():
+      written[name] = sae.width
+      if not writer:
+        continue
       residual = parse_site(entries[name]["site"]).kind in RESIDUAL_KINDS
       logits = promoted_tokens(sae, unembed_vd, b.logit_tokens) if residual else None
       records = latent_records(name, sae, stats[name], store, site, text, logits, config)
@@ -94,10 +102,11 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
         for rec, kids in zip(records, children(sae, saes[wider], min_cosine=b.split_cosine)):
           rec["scope"] |= {"children": kids, "children_sae": folder_of(wider)}
       write_sae(staging / folder_of(name), records, config, name, entries[name], progress)
-      written[name] = sae.width
-  (staging / "index.html").write_text(_top_index(entries, written, config))
-  replace_directory(staging, layout.browse)
-  layout.mark_finished("browse", browse_identity(config, layout))
+  if writer:
+    (staging / "index.html").write_text(_top_index(entries, written, config))
+    replace_directory(staging, layout.browse)
+    layout.mark_finished("browse", browse_identity(config, layout))
+  multihost_utils.sync_global_devices("scope_jax browse: site written")
   return {"index": layout.browse / "index.html", "saes": written}
 
 

@@ -50,21 +50,23 @@ class Kept:
     return cls(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
   def merged(self, other: Kept, k: int, n_groups: int) -> Kept:
-    """The `k` largest of each group among both; `other`'s entries that cannot enter (not above
-    the group's k-th kept key) are dropped before the sort, which is most of them after a while."""
+    """The `k` largest of each group among both; `other`'s entries that cannot enter (below the
+    group's k-th kept key) are dropped before the sort, which is most of them after a while."""
     floor = np.full(n_groups, -np.inf)
     counts = np.bincount(self.group, minlength=n_groups)
     full = np.flatnonzero(counts >= k)
     floor[full] = self.key[np.searchsorted(self.group, full) + k - 1]  # kept entries are sorted by group
-    enter = other.key > floor[other.group]
+    enter = other.key >= floor[other.group]
     cat = [np.concatenate([a, b[enter]]) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))]
-    return Kept(*keep_largest(*cat, k=k))
+    return Kept(*keep_largest(*cat, k=k, tie=cat[2]))  # equal keys: the smaller row, whatever the merge order
 
 
-def keep_largest(group: np.ndarray, key: np.ndarray, *payload: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+def keep_largest(
+  group: np.ndarray, key: np.ndarray, *payload: np.ndarray, k: int, tie: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
   """(group, key, *payload) restricted to the `k` largest keys of each group, sorted by group and
-  then by key, largest first (ties: the earlier entry first, so merging is deterministic)."""
-  order = np.lexsort((np.arange(len(key)), -key, group))
+  then by key, largest first; equal keys by `tie` (default: entry order), smallest first."""
+  order = np.lexsort((np.arange(len(key)) if tie is None else tie, -key, group))
   g = group[order]
   starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.zeros(0, np.int64)
   rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))
@@ -126,17 +128,60 @@ def scan(
     )
     for name, sae in saes.items()
   }
-  with tqdm(
-    total=n, desc=f"browse: scan {site} for {len(saes)} SAEs", unit="row", unit_scale=True, disable=not progress
-  ) as bar:
-    for start in range(0, n, chunk_rows):
+  mine = range(jax.process_index() * chunk_rows, n, jax.process_count() * chunk_rows)
+  total = sum(min(start + chunk_rows, n) - start for start in mine)
+  desc = f"browse: scan {site} for {len(saes)} SAEs"
+  with tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress) as bar:
+    for start in mine:
       stop = min(start + chunk_rows, n)
       x_bd = jnp.asarray(store.read(site, start, stop), jnp.float32)
       rng = np.random.default_rng([seed, start])
       for name, sae in saes.items():
         _add_chunk(stats[name], np.asarray(_encode(sae, x_bd)), start, top_k, samples, rng)
       bar.update(stop - start)
-  return stats
+  return {name: gather(st, top_k, samples) for name, st in stats.items()}
+
+
+def gather(s: LatentStats, top_k: int, samples: int) -> LatentStats:
+  """Every process's scan of its chunks merged (the same result on every process)."""
+  if jax.process_count() == 1:
+    return s
+  width = len(s.fires_m)
+  counts = np.concatenate([[s.rows], s.fires_m, s.hist_mb.ravel()]).astype(np.int64)
+  total = np.sum([np.frombuffer(b.tobytes(), np.int64) for b in _allgather_bytes(counts.view(np.uint8))], axis=0)
+  hist = total[1 + width :].reshape(width, N_BINS)
+  out = LatentStats(int(total[0]), total[1 : 1 + width], hist, Kept.empty(), Kept.empty())
+  for field, k, groups in (("top", top_k, width), ("samples", samples, width * N_BINS)):
+    for part in _allgather_kept(getattr(s, field)):
+      setattr(out, field, getattr(out, field).merged(part, k, groups))
+  return out
+
+
+def _allgather_bytes(blob: np.ndarray) -> list[np.ndarray]:
+  """Every process's uint8 `blob` (any length). Bytes, since allgather would round int64 and
+  float64 to 32 bits."""
+  from jax.experimental import multihost_utils
+
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(blob))))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: len(blob)] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return [b[: int(n)] for b, n in zip(blobs, sizes)]
+
+
+def _allgather_kept(kept: Kept) -> list[Kept]:
+  """Every process's `kept`."""
+  arrays = dataclasses.astuple(kept)
+  blob = np.concatenate([np.ascontiguousarray(a).view(np.uint8) for a in arrays])
+  out = []
+  for b in _allgather_bytes(blob):
+    n = len(b) // sum(a.dtype.itemsize for a in arrays)
+    parts, at = [], 0
+    for a in arrays:
+      parts.append(b[at : at + n * a.dtype.itemsize].view(a.dtype).copy())
+      at += n * a.dtype.itemsize
+    out.append(Kept(*parts))
+  return out
 
 
 def _add_chunk(s: LatentStats, acts_bm: np.ndarray, start: int, top_k: int, samples: int, rng) -> None:

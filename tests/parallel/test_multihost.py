@@ -4,6 +4,7 @@ and a relaunch resumes from the last checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,27 @@ def test_two_process_pipeline_on_gcs_equals_the_one_process_run(gcs, tiny_model,
     # only process 0 wrote metrics and reports: one line per logged step, one event file
     assert len((run_two / "metrics.jsonl").read_text().splitlines()) == 2 * n_saes  # steps 5 and 10 of each SAE
     assert len(list((run_two / "tensorboard").glob("events.*"))) == 1
+  # the feature browser two processes wrote (each scanned half the store's chunks) is the one
+  # process's browser of the same SAEs, file for file
+  from scope_jax import grid
+  from scope_jax.browse import run_browse
+  from tests.test_configs import load
+
+  run_two = tmp_path / "two" / "train" / "res.1-20.48K"
+  again_dir = tmp_path / "browse_again"
+  shutil.copytree(run_two, again_dir, ignore=shutil.ignore_patterns("browse", "LEASE"))
+  config = load("gemma2", f"size=2b,layer=1,runlocal,model={tiny_model}")
+  config.extract.store, config.extract.tokens = "gs://runs/two", 20480
+  config.extract.shards, config.data.streams, config.train.batch_size = 2, 2, 2048
+  config.train.log_every, config.eval.bfloat16, config.train.step = 5, False, "dense"
+  (job,) = [j for j in grid.plan(config, tmp_path / "two") if j.name == "train/res.1-20.48K"]
+  run_browse(job.config, again_dir, progress=False)
+  two_files = sorted(p.relative_to(run_two / "browse") for p in (run_two / "browse").rglob("*") if p.is_file())
+  assert len(two_files) > 4 * 1024 and two_files == sorted(
+    p.relative_to(again_dir / "browse") for p in (again_dir / "browse").rglob("*") if p.is_file()
+  )
+  differing = [f for f in two_files if (run_two / "browse" / f).read_bytes() != (again_dir / "browse" / f).read_bytes()]
+  assert not differing, differing[:5]
   # every job is idempotent: the same command again skips them all
   again = subprocess.run(
     _sweep_cmd(tiny_model, tmp_path / "one", "gs://runs/one"),
