@@ -189,13 +189,17 @@ def _load_gemma_scope_2(path: Path, site: str | None) -> SAE:
     if "affine_skip_connection" not in raw:
       raise ValueError(f"{path / _GS2_PARAMS}: config says affine_connection but holds no affine_skip_connection")
     arrays["W_skip"] = raw["affine_skip_connection"].astype(np.float32)
+  return _from_arrays(arrays, _gs2_info(cfg, site), str(path / _GS2_PARAMS))
+
+
+def _gs2_info(cfg: dict, site: str | None) -> SAEInfo:
+  """Where a Gemma Scope 2 config.json says the SAE reads (and writes, for a transcoder)."""
   hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
-  info = SAEInfo(
+  return SAEInfo(
     site=site or site_from_hook_name(hook_in),
     target_site=site_from_hook_name(hook_out) if hook_out and hook_out != hook_in else None,
     model=cfg.get("model_name"),
   )
-  return _from_arrays(arrays, info, str(path / _GS2_PARAMS))
 
 
 def _load_int8(path: Path, site: str | None) -> SAE:
@@ -217,14 +221,7 @@ def _load_int8(path: Path, site: str | None) -> SAE:
   }
   if "w_skip" in raw:
     arrays["W_skip"] = raw["w_skip"].astype(np.float32)
-  cfg = _read_json(path / _GS2_CONFIG)
-  hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
-  info = SAEInfo(
-    site=site or site_from_hook_name(hook_in),
-    target_site=site_from_hook_name(hook_out) if hook_out and hook_out != hook_in else None,
-    model=cfg.get("model_name"),
-  )
-  return _from_arrays(arrays, info, str(path / _INT8_PARAMS))
+  return _from_arrays(arrays, _gs2_info(_read_json(path / _GS2_CONFIG), site), str(path / _INT8_PARAMS))
 
 
 SAELENS_ARCHITECTURES = {

@@ -262,7 +262,7 @@ def test_local_pipeline_end_to_end(tmp_path):
     "scope_jax.cli",
     "run",
     "--config",
-    f"{REPO}/configs/local.py:tokens=1500,steps=20",
+    f"{REPO}/configs/local.py:tokens=1500,steps=20,widths=64+128",
     "--workdir",
     str(tmp_path),
     "--config.train.batch_size=256",
@@ -272,6 +272,8 @@ def test_local_pipeline_end_to_end(tmp_path):
     "--config.eval.seq_len=64",
     "--config.eval.batch_size=4",
     "--config.eval.bfloat16=True",
+    "--config.eval.domain_sequences=4",
+    "--config.eval.quantize_sequences=4",
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as a user's laptop runs it
   first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -297,8 +299,10 @@ def test_local_pipeline_end_to_end(tmp_path):
   assert len(metrics["float32"]) == len(metrics["bfloat16"]) == 6
   pngs = list((tmp_path / "report").glob("*.png"))
   assert len(pngs) == 3 + 6 and all(_is_png(p) for p in pngs)
-  assert "browse: 9,216 latents of 6 SAEs" in done.stdout  # the feature browser: run's last stage
-  assert len(list((tmp_path / "browse" / "w2048-l0.001-s0" / "data").glob("*.js"))) == 2048
+  assert "browse: 576 latents of 6 SAEs" in done.stdout  # the feature browser: run's last stage
+  assert len(list((tmp_path / "browse" / "w128-l0.001-s0" / "data").glob("*.js"))) == 128
+  report = (tmp_path / "report" / "report.md").read_text()  # the local config's domains and formats
+  assert "Δ loss docs" in report and "Δ loss code" in report and "| w64-l0.001-s0 | int8 |" in report
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0 and "already finished" in again.stdout and "up to date; skipped" in again.stdout
   assert "browse/index.html is up to date; skipped" in again.stdout
