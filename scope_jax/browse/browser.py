@@ -22,7 +22,9 @@ the latent's activation on every token (process 0 reads them; every process scan
 the store's chunks for the statistics, `features.scan`). Promoted / suppressed tokens: the decoder direction
 through the model's unembedding (final norm scale folded in), for SAEs writing the residual
 stream (`res`, `mlp` sites and transcoders). Splitting: each latent links to its children in the
-next wider SAE of the same site and λ (`relations.children`: nearest decoder directions).
+next wider SAE of the same site and λ (`relations.children`: nearest decoder directions), each
+with the share of the child's firings on which the parent fires too (co-activation, counted in
+the same scan).
 """
 
 from __future__ import annotations
@@ -90,7 +92,15 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
   for site in sorted({e["input_site"] for e in entries.values()}):
     saes = {name: entry_sae(e) for name, e in entries.items() if e["input_site"] == site}
     b = config.browse
-    stats = scan(store, site, saes, b.top_k, b.samples, b.rows, b.chunk_rows, config.seed, progress and writer)
+    trees = {}  # name -> (the next wider SAE, each latent's children in it)
+    for name, sae in saes.items():
+      if wider := next_wider(name, entries):
+        trees[name] = (wider, children(sae, saes[wider], min_cosine=b.split_cosine))
+    pairs = {
+      (name, wider): np.asarray([(p, c) for p, kids in enumerate(tree) for c, _ in kids], np.int64).reshape(-1, 2)
+      for name, (wider, tree) in trees.items()
+    }
+    stats = scan(store, site, saes, b.top_k, b.samples, b.rows, b.chunk_rows, config.seed, progress and writer, pairs)
     for name, sae in saes.items():
       written[name] = sae.width
       if not writer:
@@ -98,8 +108,12 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
       residual = parse_site(entries[name]["site"]).kind in RESIDUAL_KINDS
       logits = promoted_tokens(sae, unembed_vd, b.logit_tokens) if residual else None
       records = latent_records(name, sae, stats[name], store, site, text, logits, config)
-      if wider := next_wider(name, entries):
-        for rec, kids in zip(records, children(sae, saes[wider], min_cosine=b.split_cosine)):
+      if name in trees:  # each child: (latent, decoder cosine, share of its firings the parent's fire with)
+        wider, tree = trees[name]
+        both = dict(zip(map(tuple, pairs[name, wider].tolist()), stats[name].co_fires[wider].tolist()))
+        fires = stats[wider].fires_m
+        for p, (rec, kids) in enumerate(zip(records, tree)):
+          kids = [(c, cos, both[p, c] / max(int(fires[c]), 1)) for c, cos in kids]
           rec["scope"] |= {"children": kids, "children_sae": folder_of(wider)}
       write_sae(staging / folder_of(name), records, config, name, entries[name], progress)
   if writer:

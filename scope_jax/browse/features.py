@@ -83,6 +83,7 @@ class LatentStats:
   hist_mb: np.ndarray  # [M, N_BINS] counts of its activations per log10 bin
   top: Kept  # the top_k largest activations of each latent
   samples: Kept  # up to `samples` random rows of each (latent, bin)
+  co_fires: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # other SAE -> [pairs] rows both fire
 
   @property
   def density_m(self) -> np.ndarray:
@@ -114,9 +115,13 @@ def scan(
   chunk_rows: int = 8_192,
   seed: int = 0,
   progress: bool = True,
+  pairs: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> dict[str, LatentStats]:
   """{name: LatentStats} of every SAE reading `site` over the store's first `rows` rows (0: all).
-  The SAEs take the store's raw rows (released, folded SAEs)."""
+  The SAEs take the store's raw rows (released, folded SAEs). `pairs[(a, b)]` `[n, 2]` (latent of
+  a, latent of b): on how many rows both fire, in `stats[a].co_fires[b]`. With several processes
+  each scans every P-th chunk and the results merge (`gather`) into the one-process scan's: a
+  chunk's random keys depend on its start alone, and equal keys are ordered by row."""
   width = store.width(site)
   for name, sae in saes.items():
     if sae.d_in != width:
@@ -128,6 +133,9 @@ def scan(
     )
     for name, sae in saes.items()
   }
+  pairs = pairs or {}
+  for (a, b), pr in pairs.items():
+    stats[a].co_fires[b] = np.zeros(len(pr), np.int64)
   mine = range(jax.process_index() * chunk_rows, n, jax.process_count() * chunk_rows)
   total = sum(min(start + chunk_rows, n) - start for start in mine)
   desc = f"browse: scan {site} for {len(saes)} SAEs"
@@ -136,8 +144,14 @@ def scan(
       stop = min(start + chunk_rows, n)
       x_bd = jnp.asarray(store.read(site, start, stop), jnp.float32)
       rng = np.random.default_rng([seed, start])
+      active = {}
       for name, sae in saes.items():
-        _add_chunk(stats[name], np.asarray(_encode(sae, x_bd)), start, top_k, samples, rng)
+        acts_bm = np.asarray(_encode(sae, x_bd))
+        _add_chunk(stats[name], acts_bm, start, top_k, samples, rng)
+        if any(name in pair for pair in pairs):
+          active[name] = acts_bm > 0
+      for (a, b), pr in pairs.items():
+        stats[a].co_fires[b] += np.sum(active[a][:, pr[:, 0]] & active[b][:, pr[:, 1]], axis=0)
       bar.update(stop - start)
   return {name: gather(st, top_k, samples) for name, st in stats.items()}
 
@@ -146,11 +160,14 @@ def gather(s: LatentStats, top_k: int, samples: int) -> LatentStats:
   """Every process's scan of its chunks merged (the same result on every process)."""
   if jax.process_count() == 1:
     return s
-  width = len(s.fires_m)
-  counts = np.concatenate([[s.rows], s.fires_m, s.hist_mb.ravel()]).astype(np.int64)
+  width, others = len(s.fires_m), sorted(s.co_fires)
+  counts = np.concatenate([[s.rows], s.fires_m, s.hist_mb.ravel(), *(s.co_fires[o] for o in others)]).astype(np.int64)
   total = np.sum([np.frombuffer(b.tobytes(), np.int64) for b in _allgather_bytes(counts.view(np.uint8))], axis=0)
-  hist = total[1 + width :].reshape(width, N_BINS)
+  at = 1 + width + width * N_BINS
+  hist = total[1 + width : at].reshape(width, N_BINS)
   out = LatentStats(int(total[0]), total[1 : 1 + width], hist, Kept.empty(), Kept.empty())
+  for o in others:
+    out.co_fires[o], at = total[at : at + len(s.co_fires[o])], at + len(s.co_fires[o])
   for field, k, groups in (("top", top_k, width), ("samples", samples, width * N_BINS)):
     for part in _allgather_kept(getattr(s, field)):
       setattr(out, field, getattr(out, field).merged(part, k, groups))

@@ -65,6 +65,16 @@ def test_the_top_contexts_density_and_histogram_equal_a_brute_force_pass(store, 
     np.testing.assert_array_equal(per_group, np.minimum(s.hist_mb, 3))
 
 
+def test_co_activation_of_given_pairs_equals_brute_force(store):
+  saes = {"narrow": random_sae(24, seed=1), "wide": random_sae(40, seed=2)}
+  pairs = np.array([[0, 0], [0, 5], [3, 39], [23, 7]])
+  stats = scan(store, SITE, saes, pairs={("narrow", "wide"): pairs}, chunk_rows=300, progress=False)
+  x = jnp.asarray(store.read(SITE, 0, store.rows))
+  a, b = (np.asarray(saes[n].encode(x)) > 0 for n in ("narrow", "wide"))
+  expected = [int(np.sum(a[:, p] & b[:, c])) for p, c in pairs]
+  assert stats["narrow"].co_fires["wide"].tolist() == expected and max(expected) > 0
+
+
 def test_the_scan_is_the_same_twice_and_refuses_an_sae_of_another_width(store):
   one = scan(store, SITE, {"a": random_sae()}, samples=2, chunk_rows=300, progress=False)["a"]
   two = scan(store, SITE, {"a": random_sae()}, samples=2, chunk_rows=300, progress=False)["a"]

@@ -60,9 +60,10 @@ function scopeLatent(d) {
   if (s.children && s.children.length) {
     main.appendChild(el("h2", {}, "children in " + s.children_sae));
     const p = el("p", { id: "children" });
-    for (const [id, cos] of s.children) {
+    for (const [id, cos, both] of s.children) {
       p.appendChild(el("a", { href: "../" + s.children_sae + "/latent.html?i=" + id }, String(id)));
-      p.appendChild(document.createTextNode(" (cos " + cos.toFixed(2) + ")  "));
+      p.appendChild(document.createTextNode(" (decoder cos " + cos.toFixed(2) + ", fires with it on " +
+        (100 * both).toFixed(0) + "% of its tokens)  "));
     }
     main.appendChild(p);
   }
