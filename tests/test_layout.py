@@ -46,6 +46,7 @@ def _config(steps):
   c.sweep.widths, c.sweep.l1_coefficients = [32], [1e-3]
   c.train.batch_size, c.train.steps, c.train.log_every, c.train.checkpoint_every = 64, steps, 5, 10
   c.export.batches = 2
+  c.browse.enabled = False  # a trainer job is finished at its eval here (no store to browse)
   return c
 
 

@@ -298,7 +298,7 @@ def test_local_pipeline_end_to_end(tmp_path):
   metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
   assert len(metrics["float32"]) == len(metrics["bfloat16"]) == 6
   pngs = list((tmp_path / "report").glob("*.png"))
-  assert len(pngs) == 3 + 6 and all(_is_png(p) for p in pngs)
+  assert len(pngs) == 3 + 6 + 1 and all(_is_png(p) for p in pngs)  # + domains.png
   assert "browse: 576 latents of 6 SAEs" in done.stdout  # the feature browser: run's last stage
   assert len(list((tmp_path / "browse" / "w128-l0.001-s0" / "data").glob("*.js"))) == 128
   report = (tmp_path / "report" / "report.md").read_text()  # the local config's domains and formats
