@@ -16,11 +16,12 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from scope_jax.layout import RunLayout
+from scope_jax.layout import RUN_NAMES, RunLayout, open_workdir
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
 REDO_STAGES = ("export", "eval", "browse")  # finished stages --redo may replace
@@ -66,6 +67,12 @@ def parse_config_command(command: str, argv: list[str]):
   flags.DEFINE_string("coordinator", None, "multi-process: the coordinator's host:port", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "multi-process: how many processes run this command", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
+  flags.DEFINE_boolean(
+    "use_existing_workdir",
+    False,
+    "let --workdir be a non-empty folder that is not a scope_jax run: the run writes only its own names there",
+    flag_values=fv,
+  )
   flags.DEFINE_multi_enum(
     "redo", [], REDO_STAGES, "replace this finished stage although its fields changed (repeatable)", flag_values=fv
   )
@@ -231,6 +238,17 @@ def _hint(e: Exception) -> str:
   return ""
 
 
+def workdir_names(command: str, fv) -> tuple[str, ...]:
+  """The names a command writes at the top of its workdir: a run's, or a sweep's job folders."""
+  if command != "sweep":
+    return RUN_NAMES
+  from scope_jax import grid
+
+  root = Path(fv.workdir).absolute()
+  paths = [Path(job.workdir).absolute() for job in grid.plan(fv.config, fv.workdir) if "://" not in job.workdir]
+  return tuple(sorted({p.relative_to(root).parts[0] for p in paths if root in p.parents}))
+
+
 def run_config_command(command: str, argv: list[str]) -> None:
   """Parses the flags, joins the other processes (if any), runs the stage."""
   from scope_jax.activations.store import StoreError
@@ -242,6 +260,8 @@ def run_config_command(command: str, argv: list[str]) -> None:
   try:
     validate(fv.config, command)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
+    if jax.process_index() == 0 and not getattr(fv, "dry_run", False):
+      open_workdir(fv.workdir, fv.use_existing_workdir, workdir_names(command, fv))
     if command == "sweep":
       stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo)
     else:

@@ -19,10 +19,13 @@ reliably; a marker whose identity differs means the stage must run again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 STAGES = ("export", "eval", "browse")
@@ -48,16 +51,154 @@ def differences(old, new, prefix: str = "") -> list[str]:
   return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+OWNER_FILE = ".scope_jax.json"  # what scope_jax made here: this folder whole, or the named files in it
+# A workdir's own names: what a run writes at its top level (an adopted folder must not hold them already)
+RUN_NAMES = ("activations", "checkpoints", "metrics.jsonl", "tensorboard", "train_health.json", "export", "report")
+RUN_NAMES += ("browse", "stages", "LEASE")
+# Signs of a run written before scope_jax marked its folders (OWNER_FILE): any of them makes it one
+_OLD_RUN_SIGNS = ("stages/*.json", "metrics.jsonl", "activations/config.json", "train/*/stages/*.json")
+
+
+class NotOurs(ValueError):
+  """A folder or file that scope_jax did not make, where it would have replaced or overwritten it."""
+
+
+def _owner_record(folder: Path) -> dict:
+  try:
+    record = json.loads((folder / OWNER_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def owned(path: str | Path) -> bool:
+  """Whether scope_jax made `path`: it, or a folder above it, holds an OWNER_FILE saying the folder
+  is scope_jax's, or names it (or the folder above it) among the files scope_jax wrote there."""
+  path = Path(path).absolute()
+  for p in (path, *path.parents):
+    if _owner_record(p).get("folder"):
+      return True
+    if p.name in _owner_record(p.parent).get("files", ()):
+      return True
+  return False
+
+
+def _entries(folder: Path, shown: int = 5) -> str:
+  names = sorted(p.name for p in folder.iterdir())
+  return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_replaceable(target: Path) -> None:
+  """Refuses (NotOurs) a `target` that is a file, or a non-empty folder scope_jax did not make."""
+  if target.is_symlink() or (target.exists() and not target.is_dir()):
+    raise NotOurs(f"{target} is a file (or link), not a folder scope_jax made; move it away or write elsewhere")
+  if target.is_dir() and any(target.iterdir()) and not owned(target):
+    raise NotOurs(
+      f"{target} is a folder scope_jax did not make (it holds {_entries(target)}; no {OWNER_FILE} says it is "
+      f"scope_jax's); scope_jax replaces only its own folders: move it away or choose another path"
+    )
+
+
+def check_writable(file: Path) -> None:
+  """Refuses (NotOurs) to overwrite a `file` that exists and that scope_jax did not write."""
+  if file.is_symlink() or file.is_dir() or (file.exists() and not owned(file)):
+    raise NotOurs(
+      f"{file} exists and scope_jax did not write it; it is left as it is: move it away or choose another path"
+    )
+
+
+def record_file(file: Path) -> None:
+  """Notes in its folder's OWNER_FILE that scope_jax wrote `file` (so a later write may replace it)."""
+  folder = file.parent
+  if owned(file):
+    return
+  record = _owner_record(folder)
+  record["files"] = sorted({*record.get("files", ()), file.name})
+  _write_owner_record(folder, record)
+
+
+def _write_owner_record(folder: Path, record: dict) -> None:
+  tmp = folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
+  tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+  os.replace(tmp, folder / OWNER_FILE)
+
+
+def new_staging(target: Path, what: str) -> Path:
+  """A new folder, marked as scope_jax's, beside `target`, to be written whole and then swapped in by
+  `replace_directory`. Its name is hidden and unique to this process, so it is no user's folder."""
+  check_replaceable(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
+  _write_owner_record(staging, {"folder": True, "what": what, "staged_by": os.getpid()})
+  return staging
+
+
+def discard(staging: Path) -> None:
+  """Removes a staging folder this process made (`new_staging`) and did not swap in."""
+  if ".staging-" in staging.name and _owner_record(staging).get("staged_by") == os.getpid():
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def replace_directory(new: Path, old: Path) -> Path:
-  """Puts the finished directory `new` where `old` is, so no file of `old` survives beside it.
-  A crash leaves `old` whole, `new` whole under its own name, or `old` moved to `old.replaced`."""
-  retired = old.with_name(old.name + ".replaced")
-  shutil.rmtree(retired, ignore_errors=True)
+  """Puts the finished staging folder `new` where `old` is, so no file of `old` survives beside it;
+  `old` must be absent, empty or scope_jax's (NotOurs otherwise, and `new` is discarded). A crash
+  leaves `old` whole, `new` whole under its own name, or `old` under a hidden retired name."""
+  try:
+    check_replaceable(old)
+  except NotOurs:
+    discard(new)
+    raise
+  retired = None
   if old.exists():
+    retired = old.with_name(f".{old.name}.retired-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     old.rename(retired)
   new.rename(old)
-  shutil.rmtree(retired, ignore_errors=True)
+  if retired is not None:
+    shutil.rmtree(retired, ignore_errors=True)
   return old
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, what: str) -> Iterator[Path]:
+  """`with staged_directory(target, what) as staging:` write the folder whole in `staging`; at the
+  end of the block it replaces `target` (an error in the block discards it, `target` untouched)."""
+  staging = new_staging(target, what)
+  try:
+    yield staging
+  except BaseException:
+    discard(staging)
+    raise
+  replace_directory(staging, target)
+
+
+def open_workdir(root: str | Path, use_existing: bool = False, names: Sequence[str] = RUN_NAMES) -> Path:
+  """Takes `root` as a run's workdir, refusing (NotOurs) a non-empty folder that is not a scope_jax
+  run. With `use_existing` such a folder is used anyway, provided none of the run's `names` is there
+  already: scope_jax then writes only those names in it, and notes them as its own."""
+  root = Path(root)
+  if root.exists() and not root.is_dir():
+    raise NotOurs(f"--workdir {root} is a file, not a folder")
+  if root.is_dir() and not owned(root) and any(root.iterdir()):
+    if any(next(root.glob(sign), None) for sign in _OLD_RUN_SIGNS):  # a run of an older scope_jax
+      _write_owner_record(root, {"folder": True, "what": "run"})
+      return root
+    if not use_existing:
+      raise NotOurs(
+        f"--workdir {root} is a folder that is not a scope_jax run (it holds {_entries(root)}); use a new or "
+        f"empty folder, or add --use_existing_workdir to write the run's own files into it (it never "
+        f"replaces or removes what it did not make)"
+      )
+    if taken := sorted(n for n in names if (root / n).exists() or (root / n).is_symlink()):
+      raise NotOurs(
+        f"--workdir {root} already holds {', '.join(taken)}, which a run writes; scope_jax leaves them "
+        f"as they are: move them away or use another folder"
+      )
+    _write_owner_record(root, {"folder": False, "what": "run in an existing folder", "files": sorted(names)})
+    return root
+  root.mkdir(parents=True, exist_ok=True)
+  if not owned(root):
+    _write_owner_record(root, {"folder": True, "what": "run"})
+  return root
 
 
 class RunLayout:

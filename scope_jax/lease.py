@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ import tensorstore as ts
 from jax.experimental import multihost_utils
 
 from scope_jax.layout import kvstore_spec
+from scope_jax.parallel.prefetch import end_process
 
 LEASE = "LEASE"
 RENEW_EVERY_S = 10.0
@@ -54,6 +55,18 @@ def is_stale(holder: dict, now: float) -> bool:
   return now - float(holder.get("renewed", 0)) > STALE_AFTER_S
 
 
+def _holder(value: bytes, where: str) -> dict:
+  """The lease record in `value`; a file of that name that is not one is a user's (LeaseHeld: never
+  overwritten). tensorstore writes whole values, so a lease is never torn."""
+  try:
+    holder = json.loads(bytes(value))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    holder = None
+  if not isinstance(holder, dict) or not {"host", "pid", "renewed"} <= set(holder):
+    raise LeaseHeld(f"{where} is not a scope_jax lease; it is left as it is: move it away or use another directory")
+  return holder
+
+
 def describe(holder: dict) -> str:
   started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
   return f"host {holder.get('host')}, pid {holder.get('pid')}, since {started}"
@@ -62,8 +75,11 @@ def describe(holder: dict) -> str:
 class Lease:
   """The lease on `root` (a local directory or `gs://bucket/prefix`), named `what` in messages."""
 
-  def __init__(self, root: str, what: str):
+  def __init__(self, root: str, what: str, on_failure: Callable[[str, BaseException], None] = end_process):
+    """`on_failure(thread, error)` is called when a renewal fails or finds the lease taken over; by
+    default it ends the process (the job may no longer write `root`, and nothing else would stop it)."""
     self.root, self.what = str(root), what
+    self._on_failure = on_failure
     self._kv = ts.KvStore.open(kvstore_spec(self.root)).result()
     self._generation: bytes | None = None
     self._record: dict = {}
@@ -82,11 +98,8 @@ class Lease:
     current = self._kv.read(LEASE).result()
     self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now}
     if current.state != "missing":
-      try:
-        holder = json.loads(bytes(current.value))
-      except json.JSONDecodeError:
-        holder = {}  # a torn write of a dead holder: stale
-      if holder and not is_stale(holder, now):
+      holder = _holder(current.value, f"{self.root}/{LEASE}")
+      if not is_stale(holder, now):
         raise LeaseHeld(
           f"{self.what} {self.root} is in use by another job ({describe(holder)}; lease {self.root}/{LEASE}); "
           "wait for it to finish or stop it, or use another directory"
@@ -99,16 +112,33 @@ class Lease:
     self._renewer.start()
 
   def _renew(self) -> None:
+    """Renews every RENEW_EVERY_S. A failed renewal (tensorstore has already retried it) or a lease
+    found taken over ends the job through `on_failure`: it could not keep others off `root`."""
+    thread = f"lease renewal ({self.root}/{LEASE})"
     while not self._stop.wait(RENEW_EVERY_S):
       self._record["renewed"] = time.time()
       try:
         generation = self._write(self._record, self._generation)
-      except Exception:  # a transient storage error: try again at the next renewal
-        continue
+      except Exception as e:
+        self._give_up()
+        self._on_failure(thread, e)
+        return
       if generation is None:
         self.lost = True
+        self._on_failure(thread, LeaseHeld(f"the lease was taken over by another job ({self._current_holder()})"))
         return
       self._generation = generation
+
+  def _give_up(self) -> None:
+    """Removes the lease if it is still ours (best effort: the storage may be what failed)."""
+    with contextlib.suppress(Exception):
+      self._kv.write(LEASE, None, if_equal=self._generation).result(timeout=5)
+    self._generation = None
+
+  def _current_holder(self) -> str:
+    with contextlib.suppress(Exception):
+      return describe(json.loads(bytes(self._kv.read(LEASE).result(timeout=5).value)))
+    return "holder unknown"
 
   def release(self) -> None:
     """Stops renewing and removes the lease (only if it is still ours)."""
@@ -117,8 +147,7 @@ class Lease:
       self._renewer.join()
       self._renewer = None
     if self._generation is not None and not self.lost:
-      with contextlib.suppress(Exception):
-        self._kv.write(LEASE, None, if_equal=self._generation).result()
+      self._give_up()
     self._generation = None
 
 

@@ -153,6 +153,7 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
       f"{config.data.holdout_every}); nothing to extract"
     )
   if existing is None and process == 0:
+    kv.check_empty()
     kv.probe()
     kv.write_json(CONFIG, identity)
   multihost_utils.sync_global_devices("scope_jax extract: config written")
@@ -199,11 +200,11 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
         if (batch.index + 1) % bucket_batches == 0:
           writer.flush(batch.index + 1)
 
-    worker = BackgroundWorker(write, maxsize=2)
+    worker = BackgroundWorker(write, maxsize=2, name="extraction writer")
     worker.start()
     done = start
     try:
-      for batch in prefetch_iterator((b for b in stream if b.index >= start), depth=2):
+      for batch in prefetch_iterator((b for b in stream if b.index >= start), depth=2, name="tokenizer"):
         acts = lm.activations(batch.tokens, identity["sites"])
         worker.put((batch, acts))
         done = batch.index + 1

@@ -61,6 +61,20 @@ class KV:
     except Exception as e:
       raise StoreError(f"{self.root}/{key}: cannot write ({e})") from e
 
+  def check_empty(self, own: Sequence[str] = ("LEASE", ".scope_jax_probe")) -> None:
+    """Refuses (StoreError) a root that already holds anything but `own`: a new store is written only
+    where nothing of a user's is, so none of its files can be overwritten."""
+    try:
+      keys = sorted(k.decode() for k in self._kv.list().result() if k.decode() not in own)
+    except Exception as e:
+      raise StoreError(f"store root {self.root}: cannot be listed ({e})") from e
+    if keys:
+      shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+      raise StoreError(
+        f"store root {self.root} holds files that are not a scope_jax store ({shown}); a new store is "
+        "written only into an empty place: choose another extract.store (or --workdir), or move them away"
+      )
+
   def probe(self) -> None:
     """Fails early, naming the root, if it cannot be written (missing bucket, no permission)."""
     key = ".scope_jax_probe"

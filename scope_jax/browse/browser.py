@@ -32,7 +32,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from scope_jax.browse.contexts import TokenText, check_trace, windows
 from scope_jax.browse.features import N_BINS, LatentStats, bin_edges, scan
 from scope_jax.browse.relations import children
 from scope_jax.eval.evaluate import entry_sae, saes_to_evaluate
-from scope_jax.layout import RunLayout, export_identity, replace_directory
+from scope_jax.layout import RunLayout, discard, export_identity, new_staging, replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae import SAE
 
@@ -80,14 +79,33 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
   lm = lm or load_extraction_model(config)
   text = TokenText(lm.tokenizer)
   unembed_vd = lm.unembedding() if any(parse_site(e["site"]).kind in RESIDUAL_KINDS for e in entries.values()) else None
-  staging = layout.browse.with_name("browse.tmp")
+  staging = None  # the site is written whole here (process 0), then swapped in
   if writer:
     layout.unmark("browse")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "assets").mkdir(parents=True)
+    staging = new_staging(layout.browse, "browse")
+    (staging / "assets").mkdir()
     for asset in ("style.css", "index.js", "latent.js"):
       text_of = resources.files("scope_jax.browse").joinpath("assets", asset).read_text()
       (staging / "assets" / asset).write_text(text_of)
+  try:
+    written = write_sites(config, entries, store, text, unembed_vd, staging, progress)
+    if writer:
+      (staging / "index.html").write_text(_top_index(entries, written, config))
+  except BaseException:
+    if staging is not None:
+      discard(staging)
+    raise
+  if writer:
+    replace_directory(staging, layout.browse)  # a browse/ scope_jax did not make is refused, staging discarded
+    layout.mark_finished("browse", browse_identity(config, layout))
+  multihost_utils.sync_global_devices("scope_jax browse: site written")
+  return {"index": layout.browse / "index.html", "saes": written}
+
+
+def write_sites(config, entries: dict, store: Store, text: TokenText, unembed_vd, staging: Path | None, progress: bool):
+  """Scans the store for every SAE of `entries`, site by site, and (process 0, `staging` given)
+  writes each SAE's folder of the site; returns {name: latents}."""
+  writer = staging is not None
   written = {}
   for site in sorted({e["input_site"] for e in entries.values()}):
     saes = {name: entry_sae(e) for name, e in entries.items() if e["input_site"] == site}
@@ -116,12 +134,7 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
           kids = [(c, cos, both[p, c] / max(int(fires[c]), 1)) for c, cos in kids]
           rec["scope"] |= {"children": kids, "children_sae": folder_of(wider)}
       write_sae(staging / folder_of(name), records, config, name, entries[name], progress)
-  if writer:
-    (staging / "index.html").write_text(_top_index(entries, written, config))
-    replace_directory(staging, layout.browse)
-    layout.mark_finished("browse", browse_identity(config, layout))
-  multihost_utils.sync_global_devices("scope_jax browse: site written")
-  return {"index": layout.browse / "index.html", "saes": written}
+  return written
 
 
 def folder_of(name: str) -> str:

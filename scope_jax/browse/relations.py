@@ -19,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from scope_jax.activations.store import Store
+from scope_jax.layout import check_writable, record_file
 from scope_jax.sae import SAE
 
 
@@ -142,6 +143,9 @@ def write_match_report(entries: list[dict], out) -> dict:
   import matplotlib.pyplot as plt
 
   out = Path(out)
+  files = {"json": out / "matches.json", "markdown": out / "matches.md", "plot": out / "matching.png"}
+  for file in files.values():  # the user's own files of these names are never overwritten
+    check_writable(file)
   out.mkdir(parents=True, exist_ok=True)
   (out / "matches.json").write_text(json.dumps(entries, indent=1) + "\n")
   measures = [m for m in ("decoder", "activation") if any(m in e for e in entries)]
@@ -175,4 +179,6 @@ def write_match_report(entries: list[dict], out) -> dict:
     ]
     lines.append("| " + " | ".join(cells) + " |")
   (out / "matches.md").write_text("\n".join(lines + ["", "![matching](matching.png)"]) + "\n")
-  return {"json": out / "matches.json", "markdown": out / "matches.md", "plot": out / "matching.png"}
+  for file in files.values():
+    record_file(file)
+  return files

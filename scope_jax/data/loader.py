@@ -92,7 +92,7 @@ class StoreLoader:
     self.reader = WindowReader(self.store, site, self.chunks, self.order, nonfinite, 2 * len(self.own_streams), seed)
     # Every batch gets fresh memory: JAX on CPU may keep using (zero-copy) the host buffer an
     # array was made from, so a buffer handed to it is never written again.
-    self._prefetch = Prefetcher(self.local_rows, prefetch)
+    self._prefetch = Prefetcher(self.local_rows, prefetch, name=f"loader {site}")
 
   @property
   def skipped(self) -> int:

@@ -147,7 +147,7 @@ class PairedSource:
     self.mean = np.concatenate([input_source.mean, target_source.mean]).astype(np.float32)
     self.store = getattr(input_source, "store", None)
     self.sharding = NamedSharding(self.mesh, P(DATA, None))
-    self._prefetch = Prefetcher(self.local_rows, 2)
+    self._prefetch = Prefetcher(self.local_rows, 2, name="paired loader")
 
   def local_rows(self, step: int) -> np.ndarray:
     x, y = self.input.local_rows(step), self.target.local_rows(step)

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
-from scope_jax.layout import RunLayout, eval_identity
+from scope_jax.layout import RunLayout, eval_identity, staged_directory
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
@@ -368,15 +368,17 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   files = {}
   if jax.process_index() == 0:
     trained = json.loads(layout.health.read_text())["warnings"] if layout.health.exists() else []
-    files = write_report(
-      results,
-      results_bf16,
-      layout.report,
-      f"scope_jax report: {config.model}",
-      trained + warnings_,
-      layout.metrics,
-      sections,
-    )
+    with staged_directory(layout.report, "report") as staging:  # no plot of an older report survives
+      written = write_report(
+        results,
+        results_bf16,
+        staging,
+        f"scope_jax report: {config.model}",
+        trained + warnings_,
+        layout.metrics,
+        sections,
+      )
+    files = {key: layout.report / path.name for key, path in written.items()}
     layout.mark_finished("eval", eval_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax eval: report written")  # later jobs check it
   return {"results": results, "results_bf16": results_bf16, "files": files, "warnings": warnings_, "sections": sections}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -25,13 +24,15 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.data.source import BatchSource
-from scope_jax.layout import RunLayout, export_identity, replace_directory
+from scope_jax.layout import RunLayout, export_identity, staged_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import GS2_FOLDERS, save_sae, width_name
 from scope_jax.sae.model import SAEInfo, fold, training_pre, unstack
 from scope_jax.train.checkpoints import data_scales, open_run, restore_or_init, target_site
 from scope_jax.train.params import TrainParams
 from scope_jax.train.step import inputs_and_targets
+
+FORMAT_KEYS = ("gemma_scope", "gemma_scope_2", "int8", "saelens")  # an index entry's paths of its files
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -99,16 +100,11 @@ def export(
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
   params = [p.to_sae() for p in params]
-  writer = jax.process_index() == 0
   store = getattr(source, "store", None)  # a store knows where its activations came from
   model = store.model if store else config.model
   context = store.seq_len if store else config.data.context_size
   dataset = ",".join(store.text) if store else (config.data.dataset or config.data.path)
-  root, entries = layout.export, []
-  staging = root.with_name(root.name + ".partial")  # the export is written whole here, then swapped in
-  if writer:
-    layout.unmark("export")
-    shutil.rmtree(staging, ignore_errors=True)
+  root, entries, files = layout.export, [], []  # files: (released SAE, entry, its SAELens densities)
   for group, stack, density_sm in zip(groups, params, densities):
     for (lam, seed), name, sae, density_m in zip(group.members, group.names, unstack(stack), density_sm):
       info = SAEInfo(
@@ -130,13 +126,6 @@ def export(
         gs2 = gs2.with_name(f"{gs2.name}_{name}")
       npz, lens = npz_dir / "params.npz", root / "saelens" / (f"{config.site}-{name}" if config.site else name)
       int8 = root / "int8" / gs2.relative_to(root / "gemma-scope-2") if config.export.int8 else None
-      if writer:
-        save_sae(released, staging / npz.relative_to(root), format="gemma-scope")
-        save_sae(released, staging / gs2.relative_to(root), format="gemma-scope-2")
-        if int8:
-          save_sae(released, staging / int8.relative_to(root), format="int8")
-        density_log10 = np.log10(density_m + 1e-10)
-        save_sae(released, staging / lens.relative_to(root), format="saelens", sparsity_log10=density_log10)
       entries.append(
         {
           "name": name,
@@ -160,9 +149,18 @@ def export(
           **({"int8": str(int8)} if int8 else {}),
         }
       )
-  if writer:
-    (staging / layout.export_index.relative_to(root)).write_text(json.dumps(entries, indent=2) + "\n")
-    replace_directory(staging, root)  # no file of an older export survives outside the index
+      files.append((released, entries[-1], np.log10(density_m + 1e-10)))
+  if jax.process_index() == 0:
+    layout.unmark("export")
+    with staged_directory(root, "export") as staging:  # no file of an older export survives outside the index
+      for released, e, density_log10 in tqdm(files, desc="write exports", disable=not progress):
+        path = {key: staging / Path(e[key]).relative_to(root) for key in FORMAT_KEYS if key in e}
+        save_sae(released, path["gemma_scope"], format="gemma-scope")
+        save_sae(released, path["gemma_scope_2"], format="gemma-scope-2")
+        if "int8" in path:
+          save_sae(released, path["int8"], format="int8")
+        save_sae(released, path["saelens"], format="saelens", sparsity_log10=density_log10)
+      (staging / layout.export_index.relative_to(root)).write_text(json.dumps(entries, indent=2) + "\n")
     layout.mark_finished("export", export_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them
   return entries

@@ -21,14 +21,14 @@ Files hold the released form (raw inputs, no pre-encoder bias). A SAELens file t
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from scope_jax.layout import replace_directory
+from scope_jax.layout import check_writable, record_file, staged_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
@@ -304,12 +304,11 @@ def kind_of(sae: SAE) -> str:
 
 
 def _staged(path: Path, write) -> Path:
-  """A directory written whole beside `path` by `write(staging)`, then swapped in."""
-  staging = path.with_name(path.name + ".partial")
-  shutil.rmtree(staging, ignore_errors=True)
-  staging.mkdir(parents=True)
-  write(staging)
-  return replace_directory(staging, path)
+  """A directory written whole beside `path` by `write(staging)`, then swapped in; `path` must be
+  new, empty or a folder scope_jax wrote (layout.NotOurs otherwise: a user's folder is never replaced)."""
+  with staged_directory(path, "SAE") as staging:
+    write(staging)
+  return path
 
 
 def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_log10: np.ndarray | None = None) -> Path:
@@ -330,10 +329,15 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
   if format == "gemma-scope":
     if path.suffix != ".npz":
       path = path / "params.npz"
+    check_writable(path)  # a params.npz scope_jax did not write is never overwritten
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    try:
+      np.savez(tmp, **arrays)
+      tmp.replace(path)
+    finally:
+      tmp.unlink(missing_ok=True)
+    record_file(path)
     return path
   from safetensors.numpy import save_file
 

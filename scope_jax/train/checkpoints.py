@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -92,18 +97,123 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
     except FileExistsError as e:
       raise ValueError(f"{path} is a file, not a directory; move it away") from e
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(path, options=options, item_names=("state", "identity", "selection"))
+  return ocp.CheckpointManager(path, options=options, item_names=("state", "identity", "selection", "checksum"))
+
+
+class OtherRun(ValueError):
+  """The checkpoints belong to another run (or a newer scope_jax): never a damaged checkpoint."""
+
+
+DAMAGED_PREFIX = ".damaged-"  # CHECKPOINTS/.damaged-STEP-TIME: a checkpoint that failed to restore, set aside
 
 
 def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
-  """The latest checkpoint's state (refusing a different run), else a fresh state."""
-  step = mngr.latest_step()
-  if step is None:
+  """The newest checkpoint that restores whole (refusing a different run), else a fresh state.
+
+  A checkpoint that fails to restore (a truncated or damaged file, a step directory without its
+  state) is named on stderr and moved aside to `CHECKPOINTS/.damaged-STEP-TIME`, never deleted,
+  once an older one has restored; training then continues from that one, and since batches are
+  addressed by step it ends as a run that never had the damaged checkpoint would. When none
+  restores, the error names each and nothing is moved."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     return init()
+  failures = []
+  for step in steps:
+    try:
+      state = _restore_step(mngr, step, identity, init, shardings)
+    except OtherRun:
+      raise
+    except Exception as e:  # orbax and tensorstore raise many types for a damaged file
+      failures.append((step, e))
+      continue
+    for bad, e in failures:
+      _set_aside(mngr, bad, e, step)
+    if failures:
+      mngr.reload()
+    return state
+  raise ValueError(
+    f"{mngr.directory}: no checkpoint restores whole; each failed:\n  "
+    + "\n  ".join(f"step {step} ({Path(mngr.directory) / str(step)}): {_first_line(e)}" for step, e in failures)
+    + "\nnothing was moved or removed: restore the files from a backup, or use a new --workdir to train again"
+  )
+
+
+def _first_line(e: BaseException) -> str:
+  """The first line of the innermost cause (orbax wraps tensorstore's error in a long description)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _set_aside(mngr, step: int, error: Exception, restored: int) -> None:
+  """Moves the damaged checkpoint of `step` out of orbax's sight, keeping every file of it."""
+  path = Path(mngr.directory) / str(step)
+  aside = path.with_name(f"{DAMAGED_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  if jax.process_index() == 0:
+    path.rename(aside)
+    print(
+      f"scope_jax: the checkpoint of step {step} ({path}) is damaged ({_first_line(error)}); moved aside to "
+      f"{aside.name}, resuming from the intact checkpoint of step {restored}",
+      file=sys.stderr,
+      flush=True,
+    )
+  multihost_utils.sync_global_devices(f"scope_jax: checkpoint {step} set aside")
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bits of each element of `x` as a uint32."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_checksums(state: dict) -> list[jax.Array]:
+  """Two position-weighted sums mod 2^32 of every leaf's bits (`[2]` uint32 per leaf). Each weight is
+  odd, so any one flipped bit changes the first sum; it is elementwise and a reduction, so it runs
+  where the state's shards are, without moving them."""
+
+  def sums(x):
+    bits = _as_uint32(x)
+    strides = [math.prod(x.shape[k + 1 :]) % 2**32 for k in range(x.ndim)]
+    index = sum(
+      (jax.lax.broadcasted_iota(jnp.uint32, x.shape, k) * jnp.uint32(st) for k, st in enumerate(strides)),
+      jnp.zeros(x.shape, jnp.uint32),
+    )
+    first = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+    second = jnp.sum((bits ^ jnp.uint32(0x5BD1E995)) * (2 * (index * jnp.uint32(2654435761)) + 1), dtype=jnp.uint32)
+    return jnp.stack([first, second])
+
+  return [sums(x) for x in jax.tree.leaves(state)]
+
+
+def state_checksum(state: dict) -> dict:
+  """What is saved beside a checkpoint's state (the `checksum` item) to verify it on restore."""
+  sums = [np.asarray(s.addressable_data(0)).tolist() for s in _leaf_checksums(state)]
+  return {"sums": sums, "rule": "per leaf: sum(bits * (2i+1)), sum((bits ^ 0x5bd1e995) * (2(i*2654435761)+1)) mod 2^32"}
+
+
+def _verify(mngr, step: int, state: dict) -> None:
+  """Raises when the restored `state` is not what was saved (checkpoints saved before the checksum
+  existed are taken as they are)."""
+  if not (Path(mngr.directory) / str(step) / "checksum").exists():
+    return
+  saved = mngr.restore(step, args=ocp.args.Composite(checksum=ocp.args.JsonRestore()))["checksum"]["sums"]
+  restored = state_checksum(state)["sums"]
+  if saved != restored:
+    bad = sum(a != b for a, b in zip(saved, restored)) + abs(len(saved) - len(restored))
+    raise ValueError(f"{bad} of its {len(saved)} arrays differ from the checksum saved with them")
+
+
+def _restore_step(mngr, step: int, identity: dict, init, shardings) -> dict:
+  """The state saved at `step`, verified against its checksum, after checking it is this run's
+  (OtherRun otherwise)."""
   saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
   layout = saved.setdefault("state_layout", 1)
   if layout not in (1, STATE_LAYOUT):
-    raise ValueError(
+    raise OtherRun(
       f"{mngr.directory}/{step}: a checkpoint of state layout {layout}, written by a newer scope_jax "
       f"(this one reads layouts 1 and {STATE_LAYOUT}); resume it with that version"
     )
@@ -112,7 +222,7 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   saved["sweep"] = {"prefixes": []} | saved["sweep"]  # so did a field added elsewhere
   saved = {"kind": "sae", "init_from": ""} | saved
   if diffs := differences(saved | {"state_layout": STATE_LAYOUT}, identity):
-    raise ValueError(
+    raise OtherRun(
       f"{mngr.directory} holds checkpoints of another run; differing fields:\n  "
       + "\n  ".join(diffs)
       + "\nuse a new --workdir, or restore the old config"
@@ -122,7 +232,9 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   )
   if layout == 1:
     return _from_layout_1(mngr, step, abstract, shardings)
-  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  _verify(mngr, step, state)
+  return state
 
 
 def _from_layout_1(mngr, step: int, abstract: dict, shardings: dict) -> dict:

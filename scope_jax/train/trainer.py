@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from scope_jax.data.source import BatchSource
 from scope_jax.layout import RunLayout
 from scope_jax.train import stacked
-from scope_jax.train.checkpoints import open_run, restore_or_init, restore_selection
+from scope_jax.train.checkpoints import open_run, restore_or_init, restore_selection, state_checksum
 from scope_jax.train.health import MetricWriter, health_warnings, per_sae_metrics
 from scope_jax.train.selection import StepChooser
 
@@ -105,9 +105,9 @@ def train(
   workdir = Path(workdir)
   run = open_run(config, workdir, source)
   groups, source, identity, mngr = run.groups, run.source, run.identity, run.checkpoints
-  latest = mngr.latest_step()
   try:  # a refusal here still closes the run (its checkpoint manager and the loader's thread)
     state = restore_or_init(mngr, identity, run.init, run.shardings)
+    latest = mngr.latest_step()  # after restore_or_init set any damaged checkpoint aside
     start = int(state["step"])
     if start > config.train.steps:
       raise ValueError(
@@ -149,6 +149,7 @@ def train(
         state=ocp.args.StandardSave(state),
         identity=ocp.args.JsonSave(identity),
         selection=ocp.args.JsonSave(chooser.record()),
+        checksum=ocp.args.JsonSave(state_checksum(state)),
       ),
       force=True,
     )
@@ -158,6 +159,7 @@ def train(
     x_bd = source.batch(start) if start < steps else None
     for s in range(start, steps):
       state, metrics = chooser.run(s, state, x_bd)
+      mngr.check_for_errors()  # a failed asynchronous save ends the run now, not at the next save
       if s + 1 < steps:
         x_bd = source.batch(s + 1)  # built on the host while the step runs
       done += 1
