@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from scope_jax.layout import RUN_NAMES, RunLayout, open_workdir
+from scope_jax.layout import RUN_NAMES, RunLayout, open_workdir, set_storage_policy
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
 REDO_STAGES = ("export", "eval", "browse")  # finished stages --redo may replace
@@ -259,6 +259,7 @@ def run_config_command(command: str, argv: list[str]) -> None:
   fv = parse_config_command(command, argv)
   try:
     validate(fv.config, command)
+    set_storage_policy(fv.config.storage)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
     if jax.process_index() == 0 and not getattr(fv, "dry_run", False):
       open_workdir(fv.workdir, fv.use_existing_workdir, workdir_names(command, fv))

@@ -125,6 +125,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.browse.after = 4  # and after it
   c.browse.logit_tokens = 10  # promoted and suppressed tokens shown per latent
   c.browse.split_cosine = 0.5  # a wider SAE's latent is a child of its nearest latent from this decoder cosine on
+  c.storage = ml_collections.ConfigDict()  # gs:// stores and workdirs (tensorstore's retries; layout.py)
+  c.storage.timeout_s = 60.0  # a gs:// root must answer its first request within this, or the job stops naming
+  # the bucket, the endpoint and the credentials looked for
+  c.storage.retries = 5  # tensorstore's attempts at one failed request, with exponential backoff (1 s, 2 s, ...)
+  c.storage.max_retry_delay_s = 16.0  # the longest wait between two attempts
   return c
 
 
@@ -140,6 +145,7 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "train.log_every": 1,
   "train.checkpoint_every": 1,
   "train.keep_checkpoints": 1,
+  "storage.retries": 0,
   "mesh.model": 0,
   "extract.seq_len": 2,
   "extract.batch_size": 1,
@@ -165,7 +171,7 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "recipe.sparsity_warmup_steps": 0,
   "recipe.dead_window_steps": 1,
 }
-POSITIVE = ("recipe.lr", "recipe.adam_eps", "recipe.bandwidth")
+POSITIVE = ("recipe.lr", "recipe.adam_eps", "recipe.bandwidth", "storage.timeout_s", "storage.max_retry_delay_s")
 NON_NEGATIVE = (
   "recipe.clip_grad_norm",
   "recipe.dead_latent_loss",

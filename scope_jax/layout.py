@@ -31,14 +31,56 @@ from pathlib import Path
 STAGES = ("export", "eval", "browse")
 
 
+# How gs:// is reached: tensorstore's retries of a failed request and the time a root has to answer
+# first (config.storage; `set_storage_policy` puts a config's values here for the whole process).
+STORAGE = {"timeout_s": 60.0, "retries": 5, "max_retry_delay_s": 16.0}
+
+
+def set_storage_policy(storage) -> None:
+  """Takes `config.storage` (timeout_s, retries, max_retry_delay_s) for every gs:// root opened later."""
+  STORAGE.update({k: storage[k] for k in STORAGE})
+
+
+def remote_timeout(root: str) -> float | None:
+  """How long the first request to `root` may take: STORAGE's timeout for gs://, none for a local path."""
+  return float(STORAGE["timeout_s"]) if str(root).startswith("gs://") else None
+
+
+def gcs_hint(root: str) -> str:
+  """For an error about a gs:// root: the bucket, the endpoint and the credentials that were looked for."""
+  if not str(root).startswith("gs://"):
+    return ""
+  bucket = root.removeprefix("gs://").partition("/")[0]
+  endpoint = os.environ.get("TENSORSTORE_GCS_HTTP_URL") or "https://storage.googleapis.com"
+  key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+  gcloud = Path("~/.config/gcloud/application_default_credentials.json").expanduser()
+  found = lambda p: "found" if Path(p).is_file() else "not found"
+  return (
+    f"\n  bucket {bucket!r} at endpoint {endpoint} (TENSORSTORE_GCS_HTTP_URL overrides it); credentials looked "
+    f"for: GOOGLE_APPLICATION_CREDENTIALS ({f'{key}, {found(key)}' if key else 'unset'}), {gcloud} "
+    f"({found(gcloud)}), then the GCE metadata server; {STORAGE['retries']} retries, first answer within "
+    f"{STORAGE['timeout_s']:g} s (config.storage)"
+  )
+
+
 def kvstore_spec(root: str) -> dict:
   """tensorstore kvstore spec for a local path or `gs://bucket/prefix` (the GCS driver honours
-  TENSORSTORE_GCS_HTTP_URL, which points tests at an emulator)."""
+  TENSORSTORE_GCS_HTTP_URL, which points tests at an emulator), with STORAGE's retries."""
   if root.startswith("gs://"):
     bucket, _, prefix = root.removeprefix("gs://").partition("/")
     if not bucket:
       raise ValueError(f"store root {root!r}: no bucket")
-    return {"driver": "gcs", "bucket": bucket, "path": prefix.strip("/") + "/" if prefix.strip("/") else ""}
+    retries = {
+      "max_retries": int(STORAGE["retries"]),
+      "initial_delay": "1s",
+      "max_delay": f"{float(STORAGE['max_retry_delay_s'])}s",
+    }
+    return {
+      "driver": "gcs",
+      "bucket": bucket,
+      "path": prefix.strip("/") + "/" if prefix.strip("/") else "",
+      "context": {"gcs_request_retries": retries},
+    }
   return {"driver": "file", "path": os.path.abspath(os.path.expanduser(root)) + "/"}
 
 

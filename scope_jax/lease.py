@@ -26,7 +26,7 @@ import numpy as np
 import tensorstore as ts
 from jax.experimental import multihost_utils
 
-from scope_jax.layout import kvstore_spec
+from scope_jax.layout import gcs_hint, kvstore_spec, remote_timeout
 from scope_jax.parallel.prefetch import end_process
 
 LEASE = "LEASE"
@@ -95,7 +95,7 @@ class Lease:
   def acquire(self) -> None:
     """Takes the lease, or raises LeaseHeld naming the live holder."""
     now = time.time()
-    current = self._kv.read(LEASE).result()
+    current = self._kv.read(LEASE).result(timeout=remote_timeout(self.root))
     self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now}
     if current.state != "missing":
       holder = _holder(current.value, f"{self.root}/{LEASE}")
@@ -174,8 +174,11 @@ def holding(root: str, what: str) -> Iterator[None]:
       lease.acquire()
     except LeaseHeld as e:
       lease, error = None, str(e)
-    except (OSError, ValueError) as e:  # not writable: tensorstore reports it as ValueError
-      if not str(root).startswith("gs://") and os.access(root, os.W_OK):
+    except (OSError, ValueError, TimeoutError) as e:  # not writable: tensorstore reports it as ValueError
+      if str(root).startswith("gs://"):  # unreachable, unauthenticated or missing: nothing can run there
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300] or type(e).__name__
+        raise ValueError(f"{what} {root} cannot be reached ({reason}){gcs_hint(root)}") from e
+      if os.access(root, os.W_OK):
         raise
       lease = None
       print(f"{what} {root}: not writable ({type(e).__name__}); running without a lease")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorstore as ts
 
-from scope_jax.layout import kvstore_spec
+from scope_jax.layout import gcs_hint, kvstore_spec, remote_timeout
 
 TRACE_COLUMNS = ("token", "doc", "pos", "seq", "col")  # token id, document, position in it, sequence, column
 MANIFEST, CONFIG, LEDGER = "manifest.json", "config.json", "ledger.json"
@@ -44,10 +44,11 @@ class KV:
     self._kv = ts.KvStore.open(self.spec).result()
 
   def read_json(self, key: str, timeout: float | None = None) -> dict | None:
+    """`key`'s JSON, or None when missing; a gs:// root gets config.storage's time to answer."""
     try:
-      result = self._kv.read(key).result(timeout=timeout)
+      result = self._kv.read(key).result(timeout=timeout or remote_timeout(self.root))
     except Exception as e:
-      raise StoreError(f"{self.root}/{key}: cannot read ({e or type(e).__name__})") from e
+      raise StoreError(f"{self.root}/{key}: cannot read ({e or type(e).__name__}){gcs_hint(self.root)}") from e
     if result.state == "missing":
       return None
     try:
@@ -59,15 +60,16 @@ class KV:
     try:
       self._kv.write(key, json.dumps(value, indent=1, sort_keys=True).encode()).result()
     except Exception as e:
-      raise StoreError(f"{self.root}/{key}: cannot write ({e})") from e
+      raise StoreError(f"{self.root}/{key}: cannot write ({e}){gcs_hint(self.root)}") from e
 
   def check_empty(self, own: Sequence[str] = ("LEASE", ".scope_jax_probe")) -> None:
     """Refuses (StoreError) a root that already holds anything but `own`: a new store is written only
     where nothing of a user's is, so none of its files can be overwritten."""
     try:
-      keys = sorted(k.decode() for k in self._kv.list().result() if k.decode() not in own)
+      listed = self._kv.list().result(timeout=remote_timeout(self.root))
+      keys = sorted(k.decode() for k in listed if k.decode() not in own)
     except Exception as e:
-      raise StoreError(f"store root {self.root}: cannot be listed ({e})") from e
+      raise StoreError(f"store root {self.root}: cannot be listed ({e}){gcs_hint(self.root)}") from e
     if keys:
       shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
       raise StoreError(
@@ -82,7 +84,7 @@ class KV:
       self._kv.write(key, b"ok").result()
       self._kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
     except Exception as e:
-      raise StoreError(f"store root {self.root}: not writable or unreachable ({e})") from e
+      raise StoreError(f"store root {self.root}: not writable or unreachable ({e}){gcs_hint(self.root)}") from e
 
 
 def shard_key(shard: int) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 
 from scope_jax.layout import check_writable, record_file, staged_directory
 from scope_jax.models.sites import parse_site
+from scope_jax.sae.headers import check_npz, check_safetensors
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
 FORMATS = ("gemma-scope", "gemma-scope-2", "saelens", "int8")
@@ -147,6 +148,8 @@ def _load_npz(path: Path, site: str | None) -> SAE:
           f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
           f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)"
         )
+      wanted = [by_lower[k.lower()] for k in PARAM_NAMES + ("W_skip",) if k.lower() in by_lower]
+      check_npz(path, wanted)  # before numpy allocates what the headers declare
       arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES + ("W_skip",) if k.lower() in by_lower}
   except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
     if str(path) in str(e):
@@ -170,6 +173,9 @@ def _read_json(path: Path) -> dict:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
 
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file")
+  check_safetensors(path)  # before any tensor is allocated
   try:
     return load_file(path)
   except Exception as e:  # safetensors raises its own error types for damaged files

@@ -27,6 +27,7 @@ from scope_jax.data.source import BatchSource, PairedSource, open_source
 from scope_jax.layout import RunLayout, differences
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import stacked
+from scope_jax.train.memory import check_fits
 
 
 def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -348,6 +349,8 @@ def open_run(
   batch, kind = config.train.batch_size, config.kind
   d_in = getattr(source, "input_width", source.width)
   mean = source.mean if kind == "sae" else source.mean[d_in:]  # what b_dec starts at: the target's mean
+  d_out = source.width if kind == "sae" else source.width - d_in
+  check_fits(groups, d_in, d_out, batch, mesh, kind == "skip_transcoder")  # before anything is allocated
   init, shardings = stacked.initializer(config.seed, mean, groups, recipe, mesh, batch, kind, d_in)
   if config.train.init_from:
     scales = data_scales(config, source)
