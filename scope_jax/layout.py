@@ -220,7 +220,7 @@ def open_workdir(root: str | Path, use_existing: bool = False, names: Sequence[s
   root = Path(root)
   if root.exists() and not root.is_dir():
     raise NotOurs(f"--workdir {root} is a file, not a folder")
-  if root.is_dir() and not owned(root) and any(root.iterdir()):
+  if root.is_dir() and not (owned(root) or _owner_record(root).get("run")) and any(root.iterdir()):
     if any(next(root.glob(sign), None) for sign in _OLD_RUN_SIGNS):  # a run of an older scope_jax
       _write_owner_record(root, {"folder": True, "what": "run"})
       return root
@@ -235,11 +235,11 @@ def open_workdir(root: str | Path, use_existing: bool = False, names: Sequence[s
         f"--workdir {root} already holds {', '.join(taken)}, which a run writes; scope_jax leaves them "
         f"as they are: move them away or use another folder"
       )
-    _write_owner_record(root, {"folder": False, "what": "run in an existing folder", "files": sorted(names)})
+    _write_owner_record(root, {"folder": False, "run": True, "files": sorted(names)})  # an adopted folder
     return root
   root.mkdir(parents=True, exist_ok=True)
-  if not owned(root):
-    _write_owner_record(root, {"folder": True, "what": "run"})
+  if not (owned(root) or _owner_record(root).get("run")):
+    _write_owner_record(root, {"folder": True, "run": True})
   return root
 
 

@@ -49,11 +49,28 @@ def test_another_hosts_lease_is_respected_until_it_stops_being_renewed(tmp_path)
   lease.release()
 
 
-def test_a_torn_lease_is_stale_and_a_taken_over_lease_is_not_deleted_by_its_old_holder(tmp_path):
-  (tmp_path / LEASE).write_text('{"host": "x", "pi')
-  old = Lease(str(tmp_path), "workdir")
+def test_a_file_named_lease_that_is_not_one_is_left_alone_naming_it(tmp_path):
+  """tensorstore writes a lease whole, so a LEASE that does not parse is not a torn lease: a user's."""
+  for text in ('{"host": "x", "pi', "my own lease agreement", '["a", "list"]'):
+    (tmp_path / LEASE).write_text(text)
+    with pytest.raises(LeaseHeld, match=rf"{tmp_path}/LEASE is not a scope_jax lease; it is left as it is"):
+      Lease(str(tmp_path), "workdir").acquire()
+    assert (tmp_path / LEASE).read_text() == text
+
+
+def test_a_taken_over_lease_is_not_deleted_by_its_old_holder_and_ends_its_job(tmp_path, monkeypatch):
+  import scope_jax.lease as lease_module
+
+  monkeypatch.setattr(lease_module, "RENEW_EVERY_S", 0.05)
+  failures = []
+  old = Lease(str(tmp_path), "workdir", on_failure=lambda thread, error: failures.append((thread, str(error))))
   old.acquire()
   _write(tmp_path, host="elsewhere", pid=1, renewed=time.time())  # someone took it over meanwhile
+  deadline = time.time() + 30
+  while not failures and time.time() < deadline:
+    time.sleep(0.02)
+  assert failures and failures[0][0] == f"lease renewal ({tmp_path}/LEASE)"  # the renewal found it and said so
+  assert "taken over by another job (host elsewhere, pid 1" in failures[0][1]
   old.release()  # must not remove the new holder's lease
   assert json.loads((tmp_path / LEASE).read_text())["host"] == "elsewhere"
 

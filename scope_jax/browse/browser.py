@@ -47,7 +47,7 @@ from scope_jax.browse.contexts import TokenText, check_trace, windows
 from scope_jax.browse.features import N_BINS, LatentStats, bin_edges, scan
 from scope_jax.browse.relations import children
 from scope_jax.eval.evaluate import entry_sae, saes_to_evaluate
-from scope_jax.layout import RunLayout, discard, export_identity, new_staging, replace_directory
+from scope_jax.layout import RunLayout, check_replaceable, discard, export_identity, new_staging, replace_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae import SAE
 
@@ -66,6 +66,8 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
   from scope_jax.activations.extract import load_extraction_model, store_root
 
   layout = RunLayout(workdir)
+  if jax.process_index() == 0:
+    check_replaceable(layout.browse)  # a browse/ scope_jax did not make is refused before the scan
   entries = {name: e for name, e in saes_to_evaluate(config, workdir).items() if not e.get("prefix")}
   store = open_store(config.data.path or store_root(config, workdir))
   check_trace(store)

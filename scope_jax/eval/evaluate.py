@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
-from scope_jax.layout import RunLayout, eval_identity, staged_directory
+from scope_jax.layout import RunLayout, check_replaceable, eval_identity, staged_directory
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.sae.io import load_sae
@@ -326,6 +326,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   layout = RunLayout(workdir)
   entries = saes_to_evaluate(config, workdir)
   if jax.process_index() == 0:
+    check_replaceable(layout.report)  # a report/ scope_jax did not make is refused now, not after the evaluation
     layout.unmark("eval")
   lm = lm or load_extraction_model(config)
   token_batches = eval_batches(config, lm.tokenizer)

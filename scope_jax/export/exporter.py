@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.data.source import BatchSource
-from scope_jax.layout import RunLayout, export_identity, staged_directory
+from scope_jax.layout import RunLayout, check_replaceable, export_identity, staged_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.io import GS2_FOLDERS, save_sae, width_name
 from scope_jax.sae.model import SAEInfo, fold, training_pre, unstack
@@ -85,6 +85,8 @@ def export(
 ) -> list[dict]:
   """Writes every SAE of the run's latest checkpoint; returns the index entries."""
   layout = RunLayout(workdir)
+  if jax.process_index() == 0:
+    check_replaceable(layout.export)  # an export/ scope_jax did not make is refused before the measuring
   run = open_run(config, workdir, source)
   groups, source = run.groups, run.source
   try:

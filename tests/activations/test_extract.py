@@ -316,3 +316,52 @@ def test_disk_full_during_extraction_is_one_clear_error_and_resumes(tiny_model, 
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert manifest_a["stats"] == manifest_b["stats"]
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _extract_to_gcs(tiny_model, tmp_path, endpoint, *extra):
+  env = dict(os.environ, TENSORSTORE_GCS_HTTP_URL=endpoint)
+  env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+  cmd = _extract_cmd(tiny_model, tmp_path / "w", "--config.extract.store=gs://scope-jax-lost/acts", *extra)
+  started = time.time()
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  return done, time.time() - started
+
+
+def test_an_unreachable_bucket_fails_after_bounded_retries_naming_bucket_endpoint_and_credentials(tiny_model, tmp_path):
+  endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+  done, seconds = _extract_to_gcs(tiny_model, tmp_path, endpoint, "--config.storage.retries=2")
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert (
+    "scope-jax extract: store gs://scope-jax-lost/acts cannot be reached (ABORTED: All 2 retry attempts" in done.stderr
+  )
+  assert f"bucket 'scope-jax-lost' at endpoint {endpoint}" in done.stderr
+  assert "credentials looked for: GOOGLE_APPLICATION_CREDENTIALS (unset)" in done.stderr
+  assert seconds < 120, seconds  # 2 retries of 1 s and 2 s, far below the default minute
+
+
+def test_a_bucket_that_never_answers_fails_at_the_storage_timeout(tiny_model, tmp_path):
+  import socket
+  import threading
+
+  server = socket.socket()
+  server.bind(("127.0.0.1", 0))
+  server.listen(16)
+  held = []  # connections accepted and never answered
+  threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+  endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+  try:
+    done, seconds = _extract_to_gcs(tiny_model, tmp_path, endpoint, "--config.storage.timeout_s=3")
+  finally:
+    server.close()
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert "store gs://scope-jax-lost/acts cannot be reached (TimeoutError" in done.stderr, done.stderr[-3000:]
+  assert "first answer within 3 s (config.storage)" in done.stderr
+  assert seconds < 120, seconds

@@ -158,6 +158,54 @@ def test_a_saelens_directory_is_replaced_whole(tmp_path):
   lens = sj.save_sae(random_sae(seed=1), tmp_path / "lens", format="saelens", sparsity_log10=density)
   assert (lens / "sparsity.safetensors").exists()
   sj.save_sae(random_sae(seed=2), lens, format="saelens")  # no densities this time
-  assert sorted(p.name for p in lens.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]
+  assert sorted(p.name for p in lens.iterdir()) == [".scope_jax.json", "cfg.json", "sae_weights.safetensors"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]  # no staging or retired folder left
   np.testing.assert_array_equal(sj.load_sae(lens).W_enc, random_sae(seed=2).W_enc)
+
+
+def _npz_declaring(path, arrays: dict, name: str, shape: str) -> None:
+  """An npz whose member `name` keeps its bytes but declares `shape` in its npy header."""
+  import io
+  import zipfile
+
+  with zipfile.ZipFile(path, "w") as z:
+    for key, value in arrays.items():
+      buffer = io.BytesIO()
+      np.save(buffer, value)
+      raw = buffer.getvalue()
+      if key == name:  # the new shape takes some of the header's padding spaces
+        raw = raw.replace(str(value.shape).encode(), shape.encode(), 1)
+      z.writestr(f"{key}.npy", raw)
+
+
+def test_an_npz_declaring_a_huge_shape_is_refused_before_allocating_naming_file_array_and_shape(tmp_path):
+  arrays = random_sae().numpy()
+  _npz_declaring(tmp_path / "huge.npz", arrays, "W_enc", "(99999999, 999999)")
+  with pytest.raises(ValueError, match=r"huge.npz: array W_enc declares shape \(99999999, 999999\) of float32 "):
+    sj.load_sae(tmp_path / "huge.npz")
+  _npz_declaring(tmp_path / "short.npz", arrays, "b_dec", "(25,)")  # one element more than it holds
+  with pytest.raises(ValueError, match=r"short.npz: array b_dec declares shape \(25,\) of float32 \(100 bytes\), but"):
+    sj.load_sae(tmp_path / "short.npz")
+
+
+def _safetensors_with_header(path, header: dict, data: bytes) -> None:
+  raw = json.dumps(header).encode()
+  path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "gemma-scope-2", "int8"])
+def test_safetensors_declaring_more_than_they_hold_are_refused_naming_file_tensor_and_shape(tmp_path, fmt):
+  folder = sj.save_sae(random_sae(), tmp_path / "sae", format=fmt)
+  file = next(p for p in folder.iterdir() if p.suffix == ".safetensors" and "sparsity" not in p.name)
+  raw = file.read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+  name = next(k for k in header if k.lower() == "w_enc")
+  huge = header | {name: header[name] | {"shape": [2**31, 2**20]}}
+  _safetensors_with_header(file, huge, data)
+  with pytest.raises(ValueError, match=rf"{file}: tensor {name} declares shape \(2147483648, 1048576\) of "):
+    sj.load_sae(folder)
+  _safetensors_with_header(file, {"__metadata__": {}}, b"")
+  file.write_bytes((10**15).to_bytes(8, "little") + b"{}")  # a header length beyond the file
+  with pytest.raises(ValueError, match=rf"{file}: header declares 1,000,000,000,000,000 bytes; the file holds 10"):
+    sj.load_sae(folder)

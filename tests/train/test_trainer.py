@@ -21,6 +21,7 @@ from tensorboardX.proto.event_pb2 import Event
 from scope_jax.activations.store import StoreError
 from scope_jax.config import default_config
 from scope_jax.data import ArraySource
+from scope_jax.layout import open_workdir
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import TrainingDiverged, checkpoints, train
 from tests.helpers import tree_hashes
@@ -409,11 +410,11 @@ def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tm
   while not (shared / "LEASE").exists():
     assert first.poll() is None, first.stdout.read().decode()
     time.sleep(0.01)
-  started = time.time()
   other_lambda = subprocess.run(
     _cli(shared, acts_npy, "--config.sweep.l1_coefficients=(0.003,)"), cwd=REPO, capture_output=True, text=True
   )
-  assert other_lambda.returncode == 1 and time.time() - started < 5, other_lambda.stderr
+  # refused, not made to wait (no wall-clock bound, which a loaded machine breaks)
+  assert other_lambda.returncode == 1, other_lambda.stderr
   assert f"workdir {shared} is in use by another job (host " in other_lambda.stderr
   assert f"pid {first.pid}," in other_lambda.stderr
   out, _ = first.communicate(timeout=240)
@@ -442,6 +443,7 @@ def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(tmp_path, 
 
 
 def test_a_checkpoints_path_that_is_a_file_fails_at_once(tmp_path, acts_npy):
+  open_workdir(tmp_path)  # a run's workdir, in which something made checkpoints a file
   (tmp_path / "checkpoints").write_text("not a directory")
   started = time.time()
   done = subprocess.run(_cli(tmp_path, acts_npy), cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -555,3 +557,77 @@ def test_a_finished_workdir_on_a_read_only_disk_reruns_with_nothing_to_do(acts_n
   again = _run(_cli(disk / "w", acts_npy, SHORT))
   assert again.returncode == 0 and "train: step 20" in again.stdout, again.stderr
   assert tree_hashes(disk / "w") == before
+
+
+def _damage(step_dir: Path, how: str) -> None:
+  """Truncates (as a disk fault leaves them) or flips one bit in each of a checkpoint's array data files
+  (orbax keeps per-process databases and a merged one; which a restore reads varies, so all are damaged)."""
+  for data in (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+    raw = bytearray(data.read_bytes())
+    if how == "truncate":
+      data.write_bytes(raw[: len(raw) // 2])
+    else:
+      raw[len(raw) // 2] ^= 0x08
+      data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip a bit"])
+def test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_run_ends_as_if_it_never_was(tmp_path, acts_npy, how):
+  straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+  dense = "--config.train.step=dense"
+  subprocess.run(_cli(straight, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_cli(damaged, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
+  assert _checkpoints(damaged) == [40, 50, 60]
+  _damage(damaged / "checkpoints" / "60", how)
+  kept = tree_hashes(damaged / "checkpoints" / "60")
+  again = subprocess.run(_cli(damaged, acts_npy, dense), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+  expected = f"scope_jax: the checkpoint of step 60 ({damaged / 'checkpoints' / '60'}) is damaged ("
+  assert expected in again.stderr and "resuming from the intact checkpoint of step 50" in again.stderr
+  aside = [p for p in (damaged / "checkpoints").iterdir() if p.name.startswith(".damaged-60-")]
+  assert len(aside) == 1 and tree_hashes(aside[0]) == kept  # moved, every byte kept
+  for a, b in zip(_final_state(straight, 60), _final_state(damaged, 60), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_when_no_checkpoint_is_intact_the_error_names_each_and_nothing_moves(tmp_path):
+  mesh = make_mesh(data=4, model=2)
+  train(_small_config(20), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  for step in (10, 20):
+    _damage(tmp_path / "checkpoints" / str(step), "truncate")
+  before = tree_hashes(tmp_path)
+  with pytest.raises(
+    ValueError, match=r"no checkpoint restores whole; each failed:\n  step 20 \(.*\n  step 10 \("
+  ) as e:
+    train(_small_config(30), tmp_path, ArraySource(_data(), 64, mesh), progress=False)
+  assert "nothing was moved or removed" in str(e.value)
+  assert tree_hashes(tmp_path) == before
+
+
+def _address_space(limit: int):
+  import resource
+
+  return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def test_a_job_too_wide_for_memory_is_refused_before_allocating_naming_need_and_have(tmp_path):
+  """4M latents at d 640 under an 8 GB address-space limit once hung in a futex wait, its lease renewed."""
+  npy = tmp_path / "acts640.npy"
+  np.save(npy, np.random.default_rng(0).normal(size=(1024, 640)).astype(np.float32))
+  cfg = f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=4194304,l1=0.001,steps=10,batch_size=512"
+  cmd = [sys.executable, "-m", "scope_jax.cli", "train", "--config", cfg, "--workdir", str(tmp_path / "w")]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  limited = subprocess.run(
+    cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env, preexec_fn=_address_space(8 * 10**9)
+  )
+  assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
+  assert re.search(
+    r"scope-jax train: this training needs about 7\d\.\d\d GiB \(20.03 GiB parameters, 40.08 GiB Adam state, .*\); "
+    r"this process has \d+\.\d\d GiB \(left under the process's address-space limit \(7.45 GiB, ulimit -v\)\)\. "
+    r"Train fewer or narrower SAEs per job",
+    limited.stderr,
+  ), limited.stderr
+  assert not (tmp_path / "w" / "LEASE").exists() and not (tmp_path / "w" / "checkpoints").exists()  # nothing made
+  cmd[5] = cfg.replace("widths=4194304", "widths=33554432")  # 32M latents: beyond any host of this suite
+  unlimited = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert unlimited.returncode == 1 and "GiB (available host memory)" in unlimited.stderr, unlimited.stderr[-3000:]
