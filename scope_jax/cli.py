@@ -20,8 +20,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from scope_jax.layout import RUN_NAMES, RunLayout, open_workdir, set_storage_policy
+from scope_jax.layout import RUN_NAMES, NotOurs, RunLayout, open_workdir, set_storage_policy
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
 REDO_STAGES = ("export", "eval", "browse")  # finished stages --redo may replace
@@ -249,6 +250,20 @@ def workdir_names(command: str, fv) -> tuple[str, ...]:
   return tuple(sorted({p.relative_to(root).parts[0] for p in paths if root in p.parents}))
 
 
+def take_workdir(workdir: str, use_existing: bool, names: tuple[str, ...]) -> None:
+  """layout.open_workdir on process 0; every process of the job stops together when it refuses."""
+  error = ""
+  if jax.process_index() == 0:
+    try:
+      open_workdir(workdir, use_existing, names)
+    except NotOurs as e:
+      error = str(e)
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))) and not error:
+    error = f"--workdir {workdir} was refused (process 0's log says why)"
+  if error:
+    raise NotOurs(error)
+
+
 def run_config_command(command: str, argv: list[str]) -> None:
   """Parses the flags, joins the other processes (if any), runs the stage."""
   from scope_jax.activations.store import StoreError
@@ -261,12 +276,13 @@ def run_config_command(command: str, argv: list[str]) -> None:
     validate(fv.config, command)
     set_storage_policy(fv.config.storage)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
-    if jax.process_index() == 0 and not getattr(fv, "dry_run", False):
-      open_workdir(fv.workdir, fv.use_existing_workdir, workdir_names(command, fv))
     if command == "sweep":
+      if not fv.dry_run:
+        take_workdir(fv.workdir, fv.use_existing_workdir, workdir_names(command, fv))
       stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo)
     else:
-      with holding(fv.workdir, "workdir"):
+      with holding(fv.workdir, "workdir"):  # first: the check below must not race another job's
+        take_workdir(fv.workdir, fv.use_existing_workdir, RUN_NAMES)
         STAGES[command](fv.config, fv.workdir, fv.redo)
   except (ValueError, FileNotFoundError, StoreError, LeaseHeld) as e:  # the user's to fix
     sys.exit(f"scope-jax {command}: {e}{_hint(e)}")

@@ -125,8 +125,8 @@ def owned(path: str | Path) -> bool:
   return False
 
 
-def _entries(folder: Path, shown: int = 5) -> str:
-  names = sorted(p.name for p in folder.iterdir())
+def _entries(folder: Path | list[Path], shown: int = 5) -> str:
+  names = sorted(p.name for p in (folder.iterdir() if isinstance(folder, Path) else folder))
   return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
@@ -171,13 +171,13 @@ def new_staging(target: Path, what: str) -> Path:
   check_replaceable(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
-  _write_owner_record(staging, {"folder": True, "what": what, "staged_by": os.getpid()})
+  _write_owner_record(staging, {"folder": True, "what": what})
   return staging
 
 
 def discard(staging: Path) -> None:
   """Removes a staging folder this process made (`new_staging`) and did not swap in."""
-  if ".staging-" in staging.name and _owner_record(staging).get("staged_by") == os.getpid():
+  if f".staging-{os.getpid()}-" in staging.name and _owner_record(staging).get("folder"):
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -220,17 +220,19 @@ def open_workdir(root: str | Path, use_existing: bool = False, names: Sequence[s
   root = Path(root)
   if root.exists() and not root.is_dir():
     raise NotOurs(f"--workdir {root} is a file, not a folder")
-  if root.is_dir() and not (owned(root) or _owner_record(root).get("run")) and any(root.iterdir()):
+  others = [p for p in root.iterdir() if p.name != "LEASE"] if root.is_dir() else []  # LEASE: this job's
+  if others and not (owned(root) or _owner_record(root).get("run")):
     if any(next(root.glob(sign), None) for sign in _OLD_RUN_SIGNS):  # a run of an older scope_jax
-      _write_owner_record(root, {"folder": True, "what": "run"})
+      with contextlib.suppress(OSError):  # a finished run on a read-only disk is read, never changed
+        _write_owner_record(root, {"folder": True, "run": True})
       return root
     if not use_existing:
       raise NotOurs(
-        f"--workdir {root} is a folder that is not a scope_jax run (it holds {_entries(root)}); use a new or "
+        f"--workdir {root} is a folder that is not a scope_jax run (it holds {_entries(others)}); use a new or "
         f"empty folder, or add --use_existing_workdir to write the run's own files into it (it never "
         f"replaces or removes what it did not make)"
       )
-    if taken := sorted(n for n in names if (root / n).exists() or (root / n).is_symlink()):
+    if taken := sorted(n for n in names if n != "LEASE" and ((root / n).exists() or (root / n).is_symlink())):
       raise NotOurs(
         f"--workdir {root} already holds {', '.join(taken)}, which a run writes; scope_jax leaves them "
         f"as they are: move them away or use another folder"

@@ -11,7 +11,7 @@ from scope_jax.config import default_config
 from scope_jax.data import ArraySource
 from scope_jax.export import export
 from scope_jax.grid import Job, is_finished
-from scope_jax.layout import RunLayout, differences, eval_identity, export_identity
+from scope_jax.layout import OWNER_FILE, RunLayout, differences, eval_identity, export_identity
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import train
 
@@ -117,7 +117,7 @@ def test_changed_stage_fields_are_refused_unless_redone_and_exports_are_replaced
   export(_config(20), tmp_path, source, progress=False)
   index = json.loads(layout.export_index.read_text())
   indexed = {p for e in index for p in (e["gemma_scope"], e["gemma_scope_2"], e["saelens"], e["int8"])}
-  files = [p for p in layout.export.rglob("*") if p.is_file() and p != layout.export_index]
+  files = [p for p in layout.export.rglob("*") if p.is_file() and p != layout.export_index and p.name != OWNER_FILE]
   assert files and all(any(str(f).startswith(i) for i in indexed) for f in files)  # nothing outside the index
   assert old_files - set(files), "the test needs exports whose L0 moved between steps 10 and 20"
-  assert not list(tmp_path.glob("export.*"))
+  assert not list(tmp_path.glob("export.*")) and not list(tmp_path.glob(".export.*"))  # no staging left

@@ -231,7 +231,7 @@ def test_two_processes_write_disjoint_shards_whose_union_is_the_single_process_s
 def test_missing_bucket_is_a_clear_error_and_writes_nothing(gcs, lm, tiny_model, tmp_path):
   c = make_config(tiny_model)
   c.extract.store = "gs://no-such-bucket/acts"
-  with pytest.raises(StoreError, match="gs://no-such-bucket/acts"):
+  with pytest.raises(ValueError, match=r"store gs://no-such-bucket/acts cannot be reached \(NOT_FOUND.*\n  bucket 'no"):
     extract(c, tmp_path, lm=lm, progress=False)
 
 
