@@ -10,6 +10,13 @@
       browse/index.html             the feature browser (scope_jax/browse): a static site
       stages/STAGE.json             a finished stage's marker: the identity of what it was run on
       LEASE                         the job holding the workdir (lease.py)
+      .scope_jax.json               that this is a run (and, in a folder taken with --use_existing_workdir,
+                                    the names above, which the run may write); in export/, browse/,
+                                    report/ and each SAE folder, that scope_jax made the folder
+
+Writers own only what they made (`owned`): a folder is replaced whole only when its `.scope_jax.json`
+(or one in a folder above it) says scope_jax made it, and a file is overwritten only when scope_jax
+wrote it; staging and retired folders have hidden names unique to the process that made them.
 
 A stage is finished when its marker exists and holds the identity the current config and inputs
 give it (for export: the checkpoint step and the export fields; for eval: the export's identity and
@@ -95,8 +102,10 @@ def differences(old, new, prefix: str = "") -> list[str]:
 
 OWNER_FILE = ".scope_jax.json"  # what scope_jax made here: this folder whole, or the named files in it
 # A workdir's own names: what a run writes at its top level (an adopted folder must not hold them already)
-RUN_NAMES = ("activations", "checkpoints", "metrics.jsonl", "tensorboard", "train_health.json", "export", "report")
-RUN_NAMES += ("browse", "stages", "LEASE")
+RUN_NAMES = (
+  *("activations", "checkpoints", "metrics.jsonl", "tensorboard", "train_health.json"),
+  *("export", "report", "browse", "stages", "LEASE"),
+)
 # Signs of a run written before scope_jax marked its folders (OWNER_FILE): any of them makes it one
 _OLD_RUN_SIGNS = ("stages/*.json", "metrics.jsonl", "activations/config.json", "train/*/stages/*.json")
 

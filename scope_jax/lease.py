@@ -165,7 +165,7 @@ def holding(root: str, what: str) -> Iterator[None]:
   if key in _held:
     yield
     return
-  lease, error = None, ""
+  lease, failure = None, None  # failure: process 0's reason to stop, raised on every process
   if jax.process_index() == 0:
     try:
       if not str(root).startswith("gs://"):
@@ -173,21 +173,23 @@ def holding(root: str, what: str) -> Iterator[None]:
       lease = Lease(root, what)
       lease.acquire()
     except LeaseHeld as e:
-      lease, error = None, str(e)
+      lease, failure = None, e
     except (OSError, ValueError, TimeoutError) as e:  # not writable: tensorstore reports it as ValueError
+      lease = None
       if str(root).startswith("gs://"):  # unreachable, unauthenticated or missing: nothing can run there
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300] or type(e).__name__
-        raise ValueError(f"{what} {root} cannot be reached ({reason}){gcs_hint(root)}") from e
-      if os.access(root, os.W_OK):
-        raise
-      lease = None
-      print(f"{what} {root}: not writable ({type(e).__name__}); running without a lease")
-  if jax.process_count() > 1:
-    failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-    if failed and not error:
-      error = f"{what} {root} is in use by another job (process 0's log names it)"
-  if error:
-    raise LeaseHeld(error)
+        failure = ValueError(f"{what} {root} cannot be reached ({reason}){gcs_hint(root)}")
+        failure.__cause__ = e
+      elif os.access(root, os.W_OK):
+        failure = e
+      else:
+        print(f"{what} {root}: not writable ({type(e).__name__}); running without a lease")
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(failure is not None)):
+    failure = failure or LeaseHeld(
+      f"{what} {root} is in use by another job or cannot be used (process 0's log names it)"
+    )
+  if failure is not None:
+    raise failure
   _held.add(key)
   try:
     yield
