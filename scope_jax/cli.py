@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from scope_jax.layout import RUN_NAMES, NotOurs, RunLayout, open_workdir, set_storage_policy
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
@@ -252,16 +251,15 @@ def workdir_names(command: str, fv) -> tuple[str, ...]:
 
 def take_workdir(workdir: str, use_existing: bool, names: tuple[str, ...]) -> None:
   """layout.open_workdir on process 0; every process of the job stops together when it refuses."""
-  error = ""
+  from scope_jax.parallel.distributed import stop_together
+
+  failure = None
   if jax.process_index() == 0:
     try:
       open_workdir(workdir, use_existing, names)
     except NotOurs as e:
-      error = str(e)
-  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))) and not error:
-    error = f"--workdir {workdir} was refused (process 0's log says why)"
-  if error:
-    raise NotOurs(error)
+      failure = e
+  stop_together(failure, lambda: NotOurs(f"--workdir {workdir} was refused (process 0's log says why)"))
 
 
 def run_config_command(command: str, argv: list[str]) -> None:

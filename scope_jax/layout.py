@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 STAGES = ("export", "eval", "browse")
@@ -134,8 +134,9 @@ def owned(path: str | Path) -> bool:
   return False
 
 
-def _entries(folder: Path | list[Path], shown: int = 5) -> str:
-  names = sorted(p.name for p in (folder.iterdir() if isinstance(folder, Path) else folder))
+def some_names(names: Iterable[str], shown: int = 5) -> str:
+  """`names` sorted, the first `shown` of them and how many more: what an error shows of a folder."""
+  names = sorted(names)
   return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
@@ -144,8 +145,9 @@ def check_replaceable(target: Path) -> None:
   if target.is_symlink() or (target.exists() and not target.is_dir()):
     raise NotOurs(f"{target} is a file (or link), not a folder scope_jax made; move it away or write elsewhere")
   if target.is_dir() and any(target.iterdir()) and not owned(target):
+    held = some_names(p.name for p in target.iterdir())
     raise NotOurs(
-      f"{target} is a folder scope_jax did not make (it holds {_entries(target)}; no {OWNER_FILE} says it is "
+      f"{target} is a folder scope_jax did not make (it holds {held}; no {OWNER_FILE} says it is "
       f"scope_jax's); scope_jax replaces only its own folders: move it away or choose another path"
     )
 
@@ -229,7 +231,7 @@ def open_workdir(root: str | Path, use_existing: bool = False, names: Sequence[s
   root = Path(root)
   if root.exists() and not root.is_dir():
     raise NotOurs(f"--workdir {root} is a file, not a folder")
-  others = [p for p in root.iterdir() if p.name != "LEASE"] if root.is_dir() else []  # LEASE: this job's
+  others = [p.name for p in root.iterdir() if p.name != "LEASE"] if root.is_dir() else []  # LEASE: this job's
   if others and not (owned(root) or _owner_record(root).get("run")):
     if any(next(root.glob(sign), None) for sign in _OLD_RUN_SIGNS):  # a run of an older scope_jax
       with contextlib.suppress(OSError):  # a finished run on a read-only disk is read, never changed
@@ -237,7 +239,7 @@ def open_workdir(root: str | Path, use_existing: bool = False, names: Sequence[s
       return root
     if not use_existing:
       raise NotOurs(
-        f"--workdir {root} is a folder that is not a scope_jax run (it holds {_entries(others)}); use a new or "
+        f"--workdir {root} is a folder that is not a scope_jax run (it holds {some_names(others)}); use a new or "
         f"empty folder, or add --use_existing_workdir to write the run's own files into it (it never "
         f"replaces or removes what it did not make)"
       )

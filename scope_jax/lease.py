@@ -22,11 +22,10 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
-import numpy as np
 import tensorstore as ts
-from jax.experimental import multihost_utils
 
 from scope_jax.layout import gcs_hint, kvstore_spec, remote_timeout
+from scope_jax.parallel.distributed import stop_together
 from scope_jax.parallel.prefetch import end_process
 
 LEASE = "LEASE"
@@ -184,12 +183,9 @@ def holding(root: str, what: str) -> Iterator[None]:
         failure = e
       else:
         print(f"{what} {root}: not writable ({type(e).__name__}); running without a lease")
-  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(failure is not None)):
-    failure = failure or LeaseHeld(
-      f"{what} {root} is in use by another job or cannot be used (process 0's log names it)"
-    )
-  if failure is not None:
-    raise failure
+  stop_together(
+    failure, lambda: LeaseHeld(f"{what} {root} is in use by another job or cannot be used (process 0's log names it)")
+  )
   _held.add(key)
   try:
     yield

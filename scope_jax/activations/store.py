@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorstore as ts
 
-from scope_jax.layout import gcs_hint, kvstore_spec, remote_timeout
+from scope_jax.layout import gcs_hint, kvstore_spec, remote_timeout, some_names
 
 TRACE_COLUMNS = ("token", "doc", "pos", "seq", "col")  # token id, document, position in it, sequence, column
 MANIFEST, CONFIG, LEDGER = "manifest.json", "config.json", "ledger.json"
@@ -67,13 +67,12 @@ class KV:
     where nothing of a user's is, so none of its files can be overwritten."""
     try:
       listed = self._kv.list().result(timeout=remote_timeout(self.root))
-      keys = sorted(k.decode() for k in listed if k.decode() not in own)
+      keys = [k.decode() for k in listed if k.decode() not in own]
     except Exception as e:
       raise StoreError(f"store root {self.root}: cannot be listed ({e}){gcs_hint(self.root)}") from e
     if keys:
-      shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
       raise StoreError(
-        f"store root {self.root} holds files that are not a scope_jax store ({shown}); a new store is "
+        f"store root {self.root} holds files that are not a scope_jax store ({some_names(keys)}); a new store is "
         "written only into an empty place: choose another extract.store (or --workdir), or move them away"
       )
 

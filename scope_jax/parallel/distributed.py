@@ -18,8 +18,10 @@ anything touches a device; the entry point chooses the CPU collectives (the CLI:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import jax
+import numpy as np
 
 SOURCES = {  # what -> (flag, environment variables in order of precedence)
   "coordinator": ("--coordinator", ("SCOPE_JAX_COORDINATOR",)),
@@ -85,3 +87,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     heartbeat_timeout_seconds=heartbeat,
   )
   return True
+
+
+def stop_together(failure: BaseException | None, elsewhere: Callable[[], BaseException]) -> None:
+  """Raises process 0's `failure` on every process of the job (`elsewhere()` on the others, which
+  cannot see it), so none is left waiting at a collective that process 0 never reaches; returns
+  when process 0 had none. Every process must call it, with `failure` set only on process 0."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.broadcast_one_to_all(np.int32(failure is not None)):
+      failure = failure or elsewhere()
+  if failure is not None:
+    raise failure

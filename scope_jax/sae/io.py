@@ -148,9 +148,9 @@ def _load_npz(path: Path, site: str | None) -> SAE:
           f"{path}: missing {missing} (keys found: {sorted(z.files)}); a Gemma Scope "
           f"params.npz holds {list(PARAM_NAMES)} (upper- or lower-case)"
         )
-      wanted = [by_lower[k.lower()] for k in PARAM_NAMES + ("W_skip",) if k.lower() in by_lower]
-      check_npz(path, wanted)  # before numpy allocates what the headers declare
-      arrays = {k: z[by_lower[k.lower()]] for k in PARAM_NAMES + ("W_skip",) if k.lower() in by_lower}
+      members = {k: by_lower[k.lower()] for k in PARAM_NAMES + ("W_skip",) if k.lower() in by_lower}
+      check_npz(path, list(members.values()))  # before numpy allocates what the headers declare
+      arrays = {k: z[member] for k, member in members.items()}
   except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
     if str(path) in str(e):
       raise

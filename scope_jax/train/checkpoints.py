@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scope_jax.data.source import BatchSource, PairedSource, open_source
-from scope_jax.layout import NotOurs, RunLayout, differences, owned
+from scope_jax.layout import NotOurs, RunLayout, differences, owned, some_names
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import stacked
 from scope_jax.train.memory import check_fits
@@ -113,9 +113,9 @@ def _check_only_checkpoints(path: Path) -> None:
   """Refuses (NotOurs) a checkpoints folder holding what orbax did not write, unless scope_jax made
   the folder: orbax would take a user's numbered folder for a step, and prune it."""
   own = lambda p: p.name.isdigit() or p.name.startswith(DAMAGED_PREFIX) or ".orbax-checkpoint-tmp" in p.name
-  if (foreign := sorted(p.name for p in path.iterdir() if not own(p))) and not owned(path):
+  if (foreign := [p.name for p in path.iterdir() if not own(p)]) and not owned(path):
     raise NotOurs(
-      f"{path} holds files that are not scope_jax checkpoints ({', '.join(foreign[:5])}); they are left as they "
+      f"{path} holds files that are not scope_jax checkpoints ({some_names(foreign)}); they are left as they "
       "are: move them away or use another --workdir"
     )
 
