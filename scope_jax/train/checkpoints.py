@@ -138,6 +138,7 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
     except OtherRun:
       raise
     except Exception as e:  # orbax and tensorstore raise many types for a damaged file
+      _ignore_orphaned_reads()
       failures.append((step, e))
       continue
     for bad, e in failures:
@@ -150,6 +151,27 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
     + "\n  ".join(f"step {step} ({Path(mngr.directory) / str(step)}): {_first_line(e)}" for step, e in failures)
     + "\nnothing was moved or removed: restore the files from a backup, or use a new --workdir to train again"
   )
+
+
+def _ignore_orphaned_reads() -> None:
+  """Silences the reads a failed restore leaves behind (for every later failure too).
+
+  orbax 0.12 runs a restore's reads in an event loop it closes as soon as the first read fails;
+  each read still in flight then completes into the closed loop, and tensorstore reports every one
+  through `sys.unraisablehook` as a traceback (`RuntimeError: Event loop is closed`), dozens in
+  all, after the failure has already been handled. Only that error is dropped; any other goes to
+  the hook that was there."""
+  previous = sys.unraisablehook
+  if getattr(previous, "scope_jax_orphaned_reads", False):
+    return
+
+  def hook(unraisable) -> None:
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.scope_jax_orphaned_reads = True
+  sys.unraisablehook = hook
 
 
 def _first_line(e: BaseException) -> str:

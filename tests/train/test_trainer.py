@@ -405,8 +405,9 @@ def test_training_from_a_store(tmp_path):
 
 def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tmp_path, acts_npy):
   single, shared = tmp_path / "single", tmp_path / "shared"
-  subprocess.run(_cli(single, acts_npy), cwd=REPO, check=True, capture_output=True)
-  first = subprocess.Popen(_cli(shared, acts_npy), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  dense = "--config.train.step=dense"  # `auto` times the two steps, and a loaded machine may choose otherwise
+  subprocess.run(_cli(single, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
+  first = subprocess.Popen(_cli(shared, acts_npy, dense), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   while not (shared / "LEASE").exists():
     assert first.poll() is None, first.stdout.read().decode()
     time.sleep(0.01)
@@ -428,8 +429,9 @@ def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tm
 def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(tmp_path, acts_npy, small_disk):
   disk, resize = small_disk
   straight, workdir = tmp_path / "straight", disk / "w"
-  subprocess.run(_cli(straight, acts_npy), cwd=REPO, check=True, capture_output=True)
-  full = subprocess.run(_cli(workdir, acts_npy), cwd=REPO, capture_output=True, text=True, timeout=240)
+  dense = "--config.train.step=dense"  # `auto`'s timing may choose otherwise on a loaded machine
+  subprocess.run(_cli(straight, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
+  full = subprocess.run(_cli(workdir, acts_npy, dense), cwd=REPO, capture_output=True, text=True, timeout=240)
   assert full.returncode == 1, full.stderr
   lines = full.stderr.splitlines()  # orbax's own log of the failed write may come before or after
   ours = next(i for i, line in enumerate(lines) if line.startswith("scope-jax train: "))
@@ -437,7 +439,7 @@ def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(tmp_path, 
   assert lines[ours + 1] == "the disk is full: free space and run the same command; it resumes from what was committed"
   assert _checkpoints(workdir) == []
   resize("512m")
-  subprocess.run(_cli(workdir, acts_npy), cwd=REPO, check=True, capture_output=True, timeout=240)
+  subprocess.run(_cli(workdir, acts_npy, dense), cwd=REPO, check=True, capture_output=True, timeout=240)
   for a, b in zip(_final_state(straight, 60), _final_state(workdir, 60), strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -514,6 +516,7 @@ def _run(cmd, **kwargs):
 
 
 SHORT = "--config.train.steps=20"
+SHORT_DENSE = (SHORT, "--config.train.step=dense")  # for runs compared bit for bit: `auto` times its steps
 
 
 def test_disk_full_while_exporting_is_one_clear_error_and_the_rerun_exports(tmp_path, acts_npy, small_disk):
@@ -521,15 +524,15 @@ def test_disk_full_while_exporting_is_one_clear_error_and_the_rerun_exports(tmp_
   resize("512m")
   straight, workdir = tmp_path / "straight", disk / "w"
   for w in (straight, workdir):
-    assert _run(_cli(w, acts_npy, SHORT)).returncode == 0
-  assert _run(_cli(straight, acts_npy, SHORT, command="export")).returncode == 0
+    assert _run(_cli(w, acts_npy, *SHORT_DENSE)).returncode == 0
+  assert _run(_cli(straight, acts_npy, *SHORT_DENSE, command="export")).returncode == 0
   resize(f"{shutil.disk_usage(disk).used // 1024 + 256}k")  # room for the checkpoints, not the export
-  full = _run(_cli(workdir, acts_npy, SHORT, command="export"))
+  full = _run(_cli(workdir, acts_npy, *SHORT_DENSE, command="export"))
   assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
   assert full.stderr.strip().endswith("free space and run the same command; it resumes from what was committed")
   assert not (workdir / "stages" / "export.json").exists() and not (workdir / "export").exists()
   resize("512m")
-  assert _run(_cli(workdir, acts_npy, SHORT, command="export")).returncode == 0
+  assert _run(_cli(workdir, acts_npy, *SHORT_DENSE, command="export")).returncode == 0
   for a, b in zip(*(json.loads((w / "export" / "index.json").read_text()) for w in (straight, workdir)), strict=True):
     with np.load(a["gemma_scope"]) as za, np.load(b["gemma_scope"]) as zb:
       assert za.files == zb.files and all(np.array_equal(za[k], zb[k]) for k in za.files)
