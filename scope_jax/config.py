@@ -18,6 +18,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0  # init, shuffles, buckets: every random choice derives from it
   c.model = "gemma3-270m"  # HF dir, .gguf, google-deepmind checkpoint or embedded name
   c.model_dtype = "float32"  # forward dtype: float32 | bfloat16
+  c.precision = "float32"  # every matmul of the training step, the model and the eval engine: float32 (true
+  # float32 on every backend, as Gemma Scope) | bfloat16 (bfloat16 operands, float32 sums: the tensor-core
+  # path); never the backend's default (scope_jax/parallel/precision.py)
   c.sites = ("res.6",)  # extract: every site written by one forward
   c.site = ml_collections.FieldReference(None, field_type=str)  # train/export: the site to train on
   c.kind = "sae"  # sae | transcoder | skip_transcoder (docs/recipe.md §4): a transcoder reads `site`
@@ -55,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 4_096
   c.train.steps = 100_000
   c.train.latent_block = 0  # latents per block of the blocked step; 0 = automatic (temporaries
-  # of 2-4 MiB, train/step.py latent_block)
+  # by the device: cache-sized on CPU, memory-sized on GPU and TPU, train/tiling.py)
   c.train.step = "auto"  # dense | sparse | auto: the sparse step once it is measured faster
   # (train/sparse.py, train/selection.py)
   c.train.capacity = 0  # the sparse step's slots per token; more in a step runs the dense step
@@ -212,6 +215,7 @@ def choices() -> dict[str, tuple[str, ...]]:
   from scope_jax.data.chunks import NONFINITE
   from scope_jax.data.normalization import NORMALIZATIONS
   from scope_jax.grid import EXTRACT_BY
+  from scope_jax.parallel.precision import PRECISIONS
   from scope_jax.sae.loss import SPARSITY_LOSSES
   from scope_jax.text.sequences import MODES
   from scope_jax.train.selection import STEP_KINDS
@@ -219,6 +223,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 
   return {
     "model_dtype": DTYPES,
+    "precision": tuple(PRECISIONS),
     "extract.dtype": DTYPES,
     "extract.mode": MODES,
     "data.nonfinite": NONFINITE,

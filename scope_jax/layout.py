@@ -319,8 +319,9 @@ class RunLayout:
 
 
 def export_identity(config, layout: RunLayout) -> dict:
-  """What an export is made from: the latest checkpoint and the export fields."""
-  return {"checkpoint": layout.latest_checkpoint(), "export": config.export.to_dict()}
+  """What an export is made from: the latest checkpoint, the matmuls' precision (every later stage's
+  too) and the export fields."""
+  return {"checkpoint": layout.latest_checkpoint(), "precision": config.precision, "export": config.export.to_dict()}
 
 
 def eval_identity(config, layout: RunLayout) -> dict:

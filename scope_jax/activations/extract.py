@@ -116,7 +116,8 @@ def load_extraction_model(config: ml_collections.ConfigDict):
   from scope_jax.models.lm import load_model
 
   dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[config.model_dtype]
-  return load_model(config.model, dtype=dtype, mesh=make_mesh(config.model_mesh.data, config.model_mesh.model))
+  mesh = make_mesh(config.model_mesh.data, config.model_mesh.model)
+  return load_model(config.model, dtype=dtype, mesh=mesh, precision=config.precision)
 
 
 def extract(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, progress: bool = True) -> dict:

@@ -49,6 +49,7 @@ from scope_jax.browse.relations import children
 from scope_jax.eval.evaluate import entry_sae, saes_to_evaluate
 from scope_jax.layout import RunLayout, check_replaceable, discard, export_identity, new_staging, replace_directory
 from scope_jax.models.sites import parse_site
+from scope_jax.parallel.precision import traced_at
 from scope_jax.sae import SAE
 
 RESIDUAL_KINDS = ("res", "mlp")  # sites whose decoder directions live in the residual stream
@@ -90,7 +91,8 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
       text_of = resources.files("scope_jax.browse").joinpath("assets", asset).read_text()
       (staging / "assets" / asset).write_text(text_of)
   try:
-    written = write_sites(config, entries, store, text, unembed_vd, staging, progress)
+    with traced_at(config.precision):
+      written = write_sites(config, entries, store, text, unembed_vd, staging, progress)
     if writer:
       (staging / "index.html").write_text(_top_index(entries, written, config))
   except BaseException:

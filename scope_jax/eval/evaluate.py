@@ -36,6 +36,7 @@ from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_er
 from scope_jax.layout import RunLayout, check_replaceable, eval_identity, staged_directory
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
+from scope_jax.parallel.precision import traced_at
 from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE
 from scope_jax.text.sequences import batches, sequences
@@ -226,7 +227,8 @@ def evaluate_saes(
   model runs in its own dtype: pass `lm.astype(dtype)` for a low-precision evaluation).
 
   The model compiles two programs per site (the forward up to it, the forward from it to the
-  loss) whatever the number of SAEs; each SAE shape compiles one small program.
+  loss) whatever the number of SAEs; each SAE shape compiles one small program. Every program's
+  matmuls run at the model's precision (`lm.precision`, parallel/precision.py).
   """
   for name, (sae, site) in saes.items():
     check_sae(sae, site, lm, name)
@@ -234,12 +236,15 @@ def evaluate_saes(
   for name, (sae, site) in saes.items():
     by_site.setdefault(site, {})[name] = sae.astype(dtype)
   out = {}
-  with tqdm(
-    total=2 * len(token_batches) * len(by_site),
-    desc=f"eval {len(saes)} SAEs ({jnp.dtype(dtype).name})",
-    unit="batch",
-    disable=not progress,
-  ) as bar:
+  with (
+    tqdm(
+      total=2 * len(token_batches) * len(by_site),
+      desc=f"eval {len(saes)} SAEs ({jnp.dtype(dtype).name})",
+      unit="batch",
+      disable=not progress,
+    ) as bar,
+    traced_at(lm.precision),
+  ):
     for site in sorted(by_site):
       out |= _evaluate_site(lm, site, by_site[site], token_batches, bar)
   return {name: out[name] for name in saes}

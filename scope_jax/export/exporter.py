@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from scope_jax.data.source import BatchSource
 from scope_jax.layout import RunLayout, check_replaceable, export_identity, staged_directory
 from scope_jax.models.sites import parse_site
+from scope_jax.parallel.precision import traced_at
 from scope_jax.sae.io import GS2_FOLDERS, save_sae, width_name
 from scope_jax.sae.model import SAEInfo, fold, training_pre, unstack
 from scope_jax.train.checkpoints import data_scales, open_run, restore_or_init, target_site
@@ -94,7 +95,8 @@ def export(
       raise FileNotFoundError(f"{layout.checkpoints}: no checkpoint to export; run `scope-jax train` first")
     state = restore_or_init(run.checkpoints, run.identity, run.init, run.shardings)
     step = int(state["step"])
-    densities = measure(state["params"], source, step, config.export.batches, progress, config.kind != "sae")
+    with traced_at(config.precision):
+      densities = measure(state["params"], source, step, config.export.batches, progress, config.kind != "sae")
   finally:
     run.close()
   scale, target_scale = data_scales(config, source)

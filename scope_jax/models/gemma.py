@@ -18,6 +18,7 @@ from flax import nnx
 
 from scope_jax.models.config import SLIDING, GemmaConfig
 from scope_jax.models.sites import Site
+from scope_jax.parallel.precision import einsum, matmul
 
 # Logical axis names of every parameter, by its attribute name (see parallel.mesh).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -100,9 +101,9 @@ class Attention(nnx.Module):
   def heads(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
     """Per-head attention outputs before W_O, concatenated: [B, T, N*H] (the `att` site)."""
     c = self.config
-    q = jnp.einsum("btd,dnh->btnh", x_btd, self.q[...])
-    k = jnp.einsum("bsd,dkh->bskh", x_btd, self.k[...])
-    v = jnp.einsum("bsd,dkh->bskh", x_btd, self.v[...])
+    q = einsum("btd,dnh->btnh", x_btd, self.q[...])
+    k = einsum("bsd,dkh->bskh", x_btd, self.k[...])
+    v = einsum("bsd,dkh->bskh", x_btd, self.v[...])
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     theta, scale = (
@@ -111,7 +112,7 @@ class Attention(nnx.Module):
     q, k = rope(q, positions_bt, theta, scale), rope(k, positions_bt, theta, scale)
     b, t, n, h = q.shape
     q = q.reshape(b, t, c.n_kv_heads, n // c.n_kv_heads, h)  # head n = k * G + g
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = softcap(logits * c.query_pre_attn_scalar**-0.5, c.attn_logit_softcap)
     qpos, kpos = positions_bt[:, None, None, :, None], positions_bt[:, None, None, None, :]
     visible = kpos <= qpos
@@ -119,13 +120,13 @@ class Attention(nnx.Module):
       visible &= qpos - kpos < c.sliding_window
     logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n * h)
 
   def project_out(self, heads_btf: jax.Array) -> jax.Array:
     b, t, _ = heads_btf.shape
     c = self.config
-    return jnp.einsum("btnh,nhd->btd", heads_btf.reshape(b, t, c.n_heads, c.head_dim), self.o[...])
+    return einsum("btnh,nhd->btd", heads_btf.reshape(b, t, c.n_heads, c.head_dim), self.o[...])
 
 
 class MLP(nnx.Module):
@@ -135,8 +136,8 @@ class MLP(nnx.Module):
     self.down = _param((config.d_ff, config.d_model), dtype)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    gate_btf = jax.nn.gelu(x_btd @ self.gate[...], approximate=True)
-    return (gate_btf * (x_btd @ self.up[...])) @ self.down[...]
+    gate_btf = jax.nn.gelu(matmul(x_btd, self.gate[...]), approximate=True)
+    return matmul(gate_btf * matmul(x_btd, self.up[...]), self.down[...])
 
 
 class Block(nnx.Module):
@@ -223,7 +224,7 @@ class Gemma(nnx.Module):
   def unembed(self, x_btd: jax.Array) -> jax.Array:
     """Final norm and tied unembedding: logits `[B, T, V]` float32."""
     x_btd = self.final_norm(x_btd)
-    logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
+    logits = einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
     return softcap(logits, self.config.final_logit_softcap)
 
   def token_losses(self, tokens_bt: jax.Array, replace: Mapping[Site, Replacement] | None = None) -> jax.Array:
@@ -240,7 +241,7 @@ class Gemma(nnx.Module):
     x_btd = self.final_norm(x_btd)[:, :-1]
     embed_vd = self.embed[...]
     target_bt = softcap(
-      jnp.einsum("btd,btd->bt", x_btd, embed_vd[tokens_bt[:, 1:]], preferred_element_type=jnp.float32),
+      einsum("btd,btd->bt", x_btd, embed_vd[tokens_bt[:, 1:]], preferred_element_type=jnp.float32),
       c.final_logit_softcap,
     )
     vocab = embed_vd.shape[0]
@@ -249,7 +250,7 @@ class Gemma(nnx.Module):
     def add_chunk(carry, embed_cd):
       max_bt, sum_bt = carry
       logits_btc = softcap(
-        jnp.einsum("btd,cd->btc", x_btd, embed_cd, preferred_element_type=jnp.float32), c.final_logit_softcap
+        einsum("btd,cd->btc", x_btd, embed_cd, preferred_element_type=jnp.float32), c.final_logit_softcap
       )
       new_max_bt = jnp.maximum(max_bt, jnp.max(logits_btc, axis=-1))
       sum_bt = sum_bt * jnp.exp(max_bt - new_max_bt) + jnp.sum(jnp.exp(logits_btc - new_max_bt[..., None]), axis=-1)

@@ -20,6 +20,7 @@ from scope_jax.models.gemma import BLOCK_SITES, PARAM_AXES, FromSite, Gemma, Rep
 from scope_jax.models.gguf_file import GGUFModel
 from scope_jax.models.sites import Site, parse_site
 from scope_jax.parallel import mesh as mesh_lib
+from scope_jax.parallel.precision import at_precision, check_precision
 from scope_jax.text.tokenizer import Tokenizer
 
 
@@ -45,8 +46,9 @@ def _losses_from_site(state, tokens_bt, resid_btd, act, graphdef, site):
 class LanguageModel:
   """A Gemma 2 / Gemma 3 decoder whose parameters live on `mesh` (see `load_model`)."""
 
-  def __init__(self, model: Gemma, mesh: Mesh, tokenizer: Tokenizer | None, source: str):
+  def __init__(self, model: Gemma, mesh: Mesh, tokenizer: Tokenizer | None, source: str, precision: str = "float32"):
     self.config: GemmaConfig = model.config
+    self.precision = check_precision(precision)  # every program's matmuls (parallel/precision.py)
     self.dtype = model.dtype
     self.mesh = mesh
     self.tokenizer = tokenizer
@@ -55,26 +57,26 @@ class LanguageModel:
     state_shardings = jax.tree.map(lambda x: x.sharding, self._state)
     self._batch_sharding = NamedSharding(mesh, P(mesh_lib.DATA))
     self._jitted = jax.jit(
-      _forward,
+      at_precision(precision, _forward),
       in_shardings=(state_shardings, self._batch_sharding),
       out_shardings=self._batch_sharding,
       static_argnums=(2, 3, 4, 5, 6),
     )  # graphdef, capture, replace, with_logits, out_dtype
     self._jitted_losses = jax.jit(
-      _losses_forward,
+      at_precision(precision, _losses_forward),
       in_shardings=(state_shardings, self._batch_sharding),
       out_shardings=self._batch_sharding,
       static_argnums=(2, 3),
     )
     # The two halves of a forward split at a site: one program per (site, dtype), whatever is spliced
     self.jitted_to_site = jax.jit(
-      _to_site,
+      at_precision(precision, _to_site),
       in_shardings=(state_shardings, self._batch_sharding),
       out_shardings=self._batch_sharding,
       static_argnums=(2, 3),
     )
     self.jitted_from_site = jax.jit(
-      _losses_from_site,
+      at_precision(precision, _losses_from_site),
       in_shardings=(state_shardings, *[self._batch_sharding] * 3),
       out_shardings=self._batch_sharding,
       static_argnums=(4, 5),
@@ -124,7 +126,7 @@ class LanguageModel:
     """The same model with its parameters cast to `dtype` (no reload), on the same mesh."""
     model = nnx.merge(self._graphdef, jax.tree.map(lambda x: x.astype(dtype), self._state))
     model.dtype = dtype
-    return LanguageModel(model, self.mesh, self.tokenizer, self.source)
+    return LanguageModel(model, self.mesh, self.tokenizer, self.source, self.precision)
 
   def activations(self, tokens, sites: Sequence[str], dtype=jnp.float32) -> dict[str, jax.Array]:
     """int [B, T] -> {site: [B, T, width]}; the forward stops after the deepest site."""
@@ -235,13 +237,18 @@ def _find_tokenizer(directory: str) -> Tokenizer | None:
 
 
 def load_model(
-  source: str, *, dtype=jnp.float32, mesh: Mesh | None = None, config: GemmaConfig | None = None
+  source: str,
+  *,
+  dtype=jnp.float32,
+  mesh: Mesh | None = None,
+  config: GemmaConfig | None = None,
+  precision: str = "float32",
 ) -> LanguageModel:
   """Loads a Gemma from a HF directory, a google-deepmind/gemma checkpoint, a `.gguf` file,
   or the name of an embedded model, and places it on `mesh` (default: all devices on `data`).
 
   `config` overrides the config read from (or, for google-deepmind checkpoints, inferred
-  from) the checkpoint.
+  from) the checkpoint; `precision`: its matmuls', `float32` or `bfloat16` (parallel/precision.py).
   """
   source = os.fspath(source)
   mesh = mesh or mesh_lib.make_mesh()
@@ -268,4 +275,4 @@ def load_model(
       f"a google-deepmind/gemma orbax checkpoint, a .gguf file or one of {EMBEDDED}"
     )
   model = place_parameters(config, reader, mesh, dtype)
-  return LanguageModel(model, mesh, tokenizer or _find_tokenizer(source), source)
+  return LanguageModel(model, mesh, tokenizer or _find_tokenizer(source), source, precision)

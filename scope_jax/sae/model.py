@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scope_jax.parallel.precision import matmul
+
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # every SAE's; a skip-transcoder adds W_skip
 
 
@@ -62,12 +64,12 @@ class SAE:
 
   def encode(self, x_bd: jax.Array) -> jax.Array:
     """Latents `[..., M]` of the released form: `JumpReLU_θ(x @ W_enc + b_enc)`."""
-    pre_bm = x_bd @ self.W_enc + self.b_enc
+    pre_bm = matmul(x_bd, self.W_enc) + self.b_enc
     return jnp.where(pre_bm > self.threshold, jax.nn.relu(pre_bm), 0).astype(pre_bm.dtype)
 
   def decode(self, f_bm: jax.Array) -> jax.Array:
     """Reconstruction `[..., d]`: `f @ W_dec + b_dec`."""
-    return f_bm @ self.W_dec + self.b_dec
+    return matmul(f_bm, self.W_dec) + self.b_dec
 
   def __call__(self, x_bd: jax.Array) -> jax.Array:
     """The reconstruction (SAE) or prediction (transcoder) from the input `x_bd`."""
@@ -75,7 +77,7 @@ class SAE:
 
   def skip(self, x_bd: jax.Array) -> jax.Array | float:
     """A skip-transcoder's `x @ W_skip`; 0 for the others."""
-    return 0.0 if self.W_skip is None else x_bd @ self.W_skip
+    return 0.0 if self.W_skip is None else matmul(x_bd, self.W_skip)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -98,7 +100,7 @@ class SAE:
 def training_pre(sae: SAE, x_bd: jax.Array, transcoder: bool = False) -> jax.Array:
   """Pre-activations `[B, M]` of the training form: an SAE subtracts the pre-encoder bias `b_dec`
   from its input, a transcoder (whose `b_dec` lives in the target's space) does not."""
-  return (x_bd if transcoder else x_bd - sae.b_dec) @ sae.W_enc + sae.b_enc
+  return matmul(x_bd if transcoder else x_bd - sae.b_dec, sae.W_enc) + sae.b_enc
 
 
 def init_sae(key: jax.Array, d_in: int, width: int, threshold: float = 0.001, b_dec: jax.Array | None = None) -> SAE:

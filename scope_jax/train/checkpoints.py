@@ -400,6 +400,7 @@ def open_run(
     config.train.latent_block,
     config.train.steps,
     kind=kind,
+    precision=config.precision,
   )
   return Run(
     groups,

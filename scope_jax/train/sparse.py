@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from scope_jax.parallel.mesh import DATA, MODEL
+from scope_jax.parallel.precision import matmul
 from scope_jax.sae.loss import LossSpec
 from scope_jax.train import step
 from scope_jax.train.optim import Adam
@@ -203,8 +204,8 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, spec: LossSpec) -> step.
       sums = {"dpre_x": g_enc_kd, "b_enc": g_b_k, "threshold": g_theta_k, "dead_loss": zero}
       return step.assemble(blk, local | sums, spec.pre_bias)
     inactive_k = rows - fired_k.astype(F32)
-    bias_k = (blk.b_enc - blk.W_enc @ blk.b_dec) if spec.pre_bias else blk.b_enc
-    pre_sum_k = blk.W_enc @ x_sum_d + rows * bias_k  # Σ_b pre_b, for the dead loss
+    bias_k = (blk.b_enc - matmul(blk.W_enc, blk.b_dec)) if spec.pre_bias else blk.b_enc
+    pre_sum_k = matmul(blk.W_enc, x_sum_d) + rows * bias_k  # Σ_b pre_b, for the dead loss
     return step.assemble(
       blk,
       local

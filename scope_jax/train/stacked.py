@@ -18,15 +18,18 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
+from scope_jax.parallel.precision import at_precision
 from scope_jax.sae.loss import LossSpec, check_prefixes
 from scope_jax.sae.model import init_sae, init_transcoder
 from scope_jax.train import sparse, step
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
-from scope_jax.train.step import DENSE_TILE, SPARSE_TILE, STAT_NAMES, latent_block
+from scope_jax.train.step import STAT_NAMES
+from scope_jax.train.tiling import Tiling, choose_tiling, device_free_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,21 +179,30 @@ def init_state(
 # ------------------------------------------------------------------ the step
 
 
-def _group_step(
-  mesh: Mesh, group: Group, recipe: Recipe, batch: int, requested_block: int, capacity: int, kind: str = "sae"
-):
+def width_local(mesh: Mesh, width: int) -> int:
+  """The latents of a `width`-wide SAE each device holds."""
+  return width // mesh.shape[MODEL] if group_spec(mesh, width).b_enc[1] else width
+
+
+def group_tiling(
+  mesh: Mesh, group: Group, batch: int, requested_block: int, sparse_step: bool, free_bytes: int | None
+) -> Tiling:
+  """How `group`'s step walks its local latents (train/tiling.py); `free_bytes` None: the cache rule."""
+  return choose_tiling(
+    width_local(mesh, group.width), batch // mesh.shape[DATA], sparse_step, requested_block, group.prefixes, free_bytes
+  )
+
+
+def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, tiling: Tiling, capacity: int, kind: str = "sae"):
   """`(params, moments, x_bd, lam_s, lr, t, dead_sm) -> (params, moments, stats)` for one stacked group:
   `step.train_group` under `shard_map` (rows on `data`, latents on `model`), by the dense step, or
   by the sparse one with `capacity` slots per token (train/sparse.py)."""
   spec = group_spec(mesh, group.width, kind == "skip_transcoder")
-  width_local = group.width // mesh.shape[MODEL] if spec.b_enc[1] else group.width
-  tile = SPARSE_TILE if capacity else DENSE_TILE
-  block = latent_block(width_local, batch // mesh.shape[DATA], requested_block, tile, group.prefixes)
-  bound = dict(spec=recipe.group_loss(group, kind), adam=recipe.adam, block=block, batch=batch)
+  bound = dict(spec=recipe.group_loss(group, kind), adam=recipe.adam, block=tiling.block, batch=batch)
   if capacity:
     one = functools.partial(sparse.train_sae, **bound, capacity=check_capacity(capacity, group.width))
   else:
-    one = functools.partial(step.train_sae, **bound)
+    one = functools.partial(step.train_sae, **bound, keep_pre=tiling.keep_pre)
   moment_specs = {k: spec for k in recipe.adam.moment_names} | {"latent_step": spec.b_enc}
   stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
   return jax.shard_map(
@@ -240,22 +252,31 @@ def make_train_step(
   total_steps: int = 0,
   capacities: Sequence[int] = (),
   kind: str = "sae",
+  precision: str = "float32",
+  free_bytes: int | None = None,
 ):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
   `mean_d`: the mean of what the SAEs reconstruct (a transcoder's target), in training units (how
   far `b_dec` moved from it is a health metric); `kind`: one of KINDS (a transcoder's batches hold
   its input's columns, then its target's);
-  `requested_block` latents per block of the blocked step (0: automatic, see `latent_block`);
+  `requested_block` latents per block of the blocked step (0: automatic, see train/tiling.py);
   `total_steps`: where the learning rate's decay ends (`recipe.lr_decay_steps`); `capacities`:
-  per group, 0 for the dense step or the sparse step's slots per token (none given: all dense)."""
+  per group, 0 for the dense step or the sparse step's slots per token (none given: all dense);
+  `precision`: the matmuls' (parallel/precision.py); `free_bytes`: the device memory the tiling is
+  sized for (train/tiling.py; None: what the mesh's devices report, or the cache rule on CPU). The
+  tiling is printed (process 0) and in every step's metrics (`latent_block`, `keeps_pre`)."""
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
   lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, total_steps)
   capacities = tuple(capacities) or (0,) * len(groups)
-  group_steps = [
-    _group_step(mesh, g, recipe, batch, requested_block, k, kind) for g, k in zip(groups, capacities, strict=True)
-  ]
+  free_bytes = device_free_bytes(mesh) if free_bytes is None else free_bytes
+  tilings = [group_tiling(mesh, g, batch, requested_block, k > 0, free_bytes) for g, k in zip(groups, capacities)]
+  if jax.process_index() == 0:
+    for g, k, tiling in zip(groups, capacities, tilings):
+      name = "sparse" if k else "dense"
+      tqdm.write(f"train: width {g.width}, {name} step: {tiling.describe(width_local(mesh, g.width))} per device")
+  group_steps = [_group_step(mesh, g, recipe, batch, t, k, kind) for g, t, k in zip(groups, tilings, capacities)]
 
   def train_step(state, x_bd):
     step = state["step"]
@@ -281,6 +302,8 @@ def make_train_step(
         **threshold_quantiles(p.threshold),
         "threshold_moved": jnp.mean(jnp.abs(p.threshold - recipe.init_threshold), axis=-1) / recipe.init_threshold,
         "b_dec_drift": jnp.linalg.norm(p.b_dec - mean_d, axis=-1),
+        "latent_block": jnp.full(lam_s.shape, tilings[gi].block, jnp.float32),
+        "keeps_pre": jnp.full(lam_s.shape, tilings[gi].keep_pre, jnp.float32),
       }
       params.append(p)
       for k in moments:
@@ -300,7 +323,10 @@ def make_train_step(
   batch_sharding = NamedSharding(mesh, P(DATA, None))
   replicated = NamedSharding(mesh, P())
   return jax.jit(
-    train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=(0,)
+    at_precision(precision, train_step),
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, replicated),
+    donate_argnums=(0,),
   )
 
 
@@ -339,6 +365,7 @@ def build(
   capacities: Sequence[int] = (),
   kind: str = "sae",
   d_in: int | None = None,
+  precision: str = "float32",
 ):
   """(`initializer`'s init and shardings, the jitted step for `batch`-row batches: dense, or sparse
   for groups given a capacity, see `make_train_step`). `mean_d`: the mean of the batches' columns
@@ -348,7 +375,7 @@ def build(
     mean_d = mean_d[d_in:]
   init, shardings = initializer(base_seed, mean_d, groups, recipe, mesh, batch, kind, d_in)
   step_fn = make_train_step(
-    groups, recipe, shardings, mesh, batch, mean_d, requested_block, total_steps, capacities, kind
+    groups, recipe, shardings, mesh, batch, mean_d, requested_block, total_steps, capacities, kind, precision
   )
   return init, shardings, step_fn
 

@@ -23,8 +23,9 @@ squares (`gradient_norm`): the clip factor must be known before the first block 
 costs ~1.5× the step's time and no memory.
 
 Peak memory is params + Adam moments + batch plus a few `[rows, block]` temporaries. The price
-is one extra encoder matmul (14·d·M FLOPs per token where autodiff needs 12); on CPU it is
-repaid because every elementwise pass runs on a block that is still in cache.
+is one extra encoder matmul (12·d·M FLOPs per token where 10 suffice); on CPU it is repaid
+because every elementwise pass runs on a block that is still in cache. Where memory allows (GPU,
+TPU) pass 1 keeps the pre-activations and pass 2 reads them instead (train/tiling.py).
 
 The functions see one device's share of a stacked group — rows `[B_local, d]`, latents
 `[M_local]` — and `psum` batch sums over `data` and latent sums over `model`;
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from scope_jax.parallel.mesh import DATA, MODEL
+from scope_jax.parallel.precision import matmul
 from scope_jax.sae.loss import LossSpec
 from scope_jax.train.optim import Adam, project_rows
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
@@ -65,12 +67,14 @@ class Forward(NamedTuple):
   """Pass 1 of a step on the local rows and latents: the reconstruction `Σ f @ W_dec` of each
   prefix `[P, B, d_out]` (P = 1: the whole width), active latents per row `[B]` (float), slots
   (active or in-window latents) per row `[B]`, and rows each local latent is active on `[M_local]`
-  (float; `[0]` unless the frequency penalty needs it)."""
+  (float; `[0]` unless the frequency penalty needs it); and, when kept for pass 2 (train/tiling.py),
+  every block's pre-activations `[blocks, B, block]`."""
 
   yhat_pbd: jax.Array
   l0_b: jax.Array
   slots_b: jax.Array
   fired_m: jax.Array
+  pre_jbk: jax.Array | None = None
 
 
 class Cotangents(NamedTuple):
@@ -107,7 +111,7 @@ BlockGradients = Callable[
 
 def prefix_of(j, block: int, width_local: int, prefixes: tuple[int, ...]) -> jax.Array:
   """The first Matryoshka prefix holding latent block j of this device (latents are split over
-  `model` in order); blocks never straddle a prefix boundary (`latent_block` divides them)."""
+  `model` in order); blocks never straddle a prefix boundary (the tiling's block divides them)."""
   start = lax.axis_index(MODEL) * width_local + j * block
   return jnp.sum(start >= jnp.asarray(prefixes[:-1], I32), dtype=I32)
 
@@ -132,7 +136,7 @@ def block_of(group: TrainParams, s, j, block: int) -> TrainParams:
 
 def block_pre(blk: TrainParams, x_bd: jax.Array, pre_bias: bool = True) -> jax.Array:
   """Pre-activations `[B, block]`; an SAE's pre-encoder bias folded into the bias."""
-  return x_bd @ blk.W_enc.T + ((blk.b_enc - blk.W_enc @ blk.b_dec) if pre_bias else blk.b_enc)
+  return matmul(x_bd, blk.W_enc.T) + ((blk.b_enc - matmul(blk.W_enc, blk.b_dec)) if pre_bias else blk.b_enc)
 
 
 def candidates(pre_bk: jax.Array, theta_k: jax.Array, bandwidth: float) -> tuple[jax.Array, jax.Array]:
@@ -167,25 +171,30 @@ def count_fired(fired_m: jax.Array, active_bk: jax.Array, j, block: int) -> jax.
   return lax.dynamic_update_slice_in_dim(fired_m, jnp.sum(active_bk, axis=0, dtype=F32), j * block, 0)
 
 
-def reconstruct(group: TrainParams, s, x_bd: jax.Array, block: int, spec: LossSpec) -> Forward:
+def reconstruct(group: TrainParams, s, x_bd: jax.Array, block: int, spec: LossSpec, keep_pre: bool = False) -> Forward:
   """Pass 1 for SAE s on the local latents: each prefix's `Σ f @ W_dec`, active latents and slots
-  (active or in-window latents) per row, and (frequency penalty) rows per latent."""
+  (active or in-window latents) per row, (frequency penalty) rows per latent, and with `keep_pre`
+  every block's pre-activations. Pass 2 updates block j only after reading it, and `b_dec` after
+  every block, so the kept values are the ones pass 2 would recompute."""
+  blocks = group.width // block
 
   def body(j, carry):
-    yhat_pbd, l0_b, slots_b, fired_m = carry
+    yhat_pbd, l0_b, slots_b, fired_m, pre_jbk = carry
     blk = block_of(group, s, j, block)
     pre_bk = block_pre(blk, x_bd, spec.pre_bias)
     active_bk, in_window_bk = candidates(pre_bk, blk.threshold, spec.bandwidth)
     p = prefix_of(j, block, group.width, spec.prefixes) if len(spec.prefixes) > 1 else 0
     return (
-      add_to_prefixes(yhat_pbd, jnp.where(active_bk, pre_bk, 0.0) @ blk.W_dec, p),
+      add_to_prefixes(yhat_pbd, matmul(jnp.where(active_bk, pre_bk, 0.0), blk.W_dec), p),
       l0_b + jnp.sum(active_bk, axis=-1, dtype=F32),
       slots_b + jnp.sum(active_bk | in_window_bk, axis=-1, dtype=jnp.int32),
       count_fired(fired_m, active_bk, j, block),
+      None if pre_jbk is None else pre_jbk.at[j].set(pre_bk),
     )
 
-  init = empty_forward(group, x_bd.shape[0], spec)
-  return Forward(*lax.fori_loop(0, group.width // block, body, init))
+  pre_jbk = jnp.zeros((blocks, x_bd.shape[0], block), F32) if keep_pre else None
+  init = (*empty_forward(group, x_bd.shape[0], spec), pre_jbk)
+  return Forward(*lax.fori_loop(0, blocks, body, init))
 
 
 def block_gradients(
@@ -196,17 +205,19 @@ def block_gradients(
   spec: LossSpec,
   pull_k: jax.Array,
   dfreq_k: jax.Array | None = None,
+  pre_bk: jax.Array | None = None,
 ) -> tuple[TrainParams, jax.Array, dict]:
   """Gradients of a latent block's parameters, summed over the whole batch, which of its latents
   fired, and sums for statistics: pre-activations inside the kernel window (the only ones that
   train θ) and the dead latents' pre-activation loss. `derr_bd` = ∂loss/∂yhat, `dpenalty_b` =
   ∂loss/∂||f||₀ per row, `pull_k` `[block]` = c / batch for dead latents and 0 for the others
   (sae/loss.py's last term), `dfreq_k` the frequency penalty's ∂loss/∂H per latent (or None).
-  The `b_dec` field holds this block's share of the pre-encoder-bias gradient (`-W_enc_k @ db_enc_k`)."""
+  The `b_dec` field holds this block's share of the pre-encoder-bias gradient (`-W_enc_k @ db_enc_k`);
+  `pre_bk`: the block's pre-activations when pass 1 kept them, else recomputed."""
   theta_k, bandwidth = blk.threshold, spec.bandwidth
-  pre_bk = block_pre(blk, x_bd, spec.pre_bias)
+  pre_bk = block_pre(blk, x_bd, spec.pre_bias) if pre_bk is None else pre_bk
   active_bk, in_window_bk = candidates(pre_bk, theta_k, bandwidth)
-  df_bk = derr_bd @ blk.W_dec.T
+  df_bk = matmul(derr_bd, blk.W_dec.T)
   pull_bk = jnp.where(active_bk, 0.0, pull_k)  # ∂/∂θ of c·relu(θ - z) on dead latents
   dpre_bk = jnp.where(active_bk, df_bk, 0.0) - pull_bk  # ∂JumpReLU/∂z = H(z - θ)
   dstep_bk = dpenalty_b[:, None] if dfreq_k is None else dpenalty_b[:, None] + dfreq_k
@@ -214,8 +225,8 @@ def block_gradients(
   return assemble(
     blk,
     {
-      "W_dec": jnp.where(active_bk, pre_bk, 0.0).T @ derr_bd,
-      "dpre_x": dpre_bk.T @ x_bd,
+      "W_dec": matmul(jnp.where(active_bk, pre_bk, 0.0).T, derr_bd),
+      "dpre_x": matmul(dpre_bk.T, x_bd),
       "b_enc": jnp.sum(dpre_bk, axis=0),
       "threshold": jnp.sum(jnp.where(in_window_bk, dtheta_bk, 0.0) + pull_bk, axis=0),
       "fired": jnp.sum(active_bk, axis=0, dtype=jnp.int32),
@@ -232,7 +243,7 @@ def assemble(blk: TrainParams, local: dict, pre_bias: bool = True) -> tuple[Trai
   `dead_loss`. Summed over `data` here; an SAE's pre-encoder bias adds its share to ∂W_enc."""
   sums = lax.psum(local, DATA)
   if pre_bias:
-    g_enc, g_dec_bias = sums["dpre_x"] - jnp.outer(sums["b_enc"], blk.b_dec), -(sums["b_enc"] @ blk.W_enc)
+    g_enc, g_dec_bias = sums["dpre_x"] - jnp.outer(sums["b_enc"], blk.b_dec), -matmul(sums["b_enc"], blk.W_enc)
   else:
     g_enc, g_dec_bias = sums["dpre_x"], jnp.zeros_like(blk.b_dec)
   grads = TrainParams(
@@ -300,7 +311,7 @@ def _dense_gradients(x_bd: jax.Array, dyhat_bd: jax.Array, db_dec_shares_d: jax.
   (plus the blocks' pre-encoder-bias shares, summed over `model`) and a skip-transcoder's `W_skip`."""
   out = {"b_dec": lax.psum(db_dec_shares_d, MODEL) + lax.psum(jnp.sum(dyhat_bd, axis=0), DATA)}
   if skip:
-    out["W_skip"] = lax.psum(x_bd.T @ dyhat_bd, DATA)
+    out["W_skip"] = lax.psum(matmul(x_bd.T, dyhat_bd), DATA)
   return out
 
 
@@ -357,7 +368,7 @@ def update_sae(
   pre-activations inside the threshold's kernel window — and fired_m).
   """
   yhat_pbd, l0_b, slots_b = lax.psum((forward.yhat_pbd, forward.l0_b, forward.slots_b), MODEL)
-  err_pbd = yhat_pbd + (group.b_dec[s] + (0.0 if group.W_skip is None else x_bd @ group.W_skip[s])) - y_bd
+  err_pbd = yhat_pbd + (group.b_dec[s] + (0.0 if group.W_skip is None else matmul(x_bd, group.W_skip[s]))) - y_bd
   # ∂loss/∂yhat_p = (2/batch)·err_p; the latents of prefix p feed every prefix from p on
   dyhat_pbd = (2.0 / batch) * (jnp.cumsum(err_pbd[::-1], axis=0)[::-1] if err_pbd.shape[0] > 1 else err_pbd)
   frequency_m = lax.psum(forward.fired_m, DATA) / batch  # [M_local] firing frequency, or [0]
@@ -432,9 +443,10 @@ def update_sae(
   return group, moments, stats
 
 
-def dense_gradients(x_bd: jax.Array, spec: LossSpec) -> BlockGradients:
+def dense_gradients(x_bd: jax.Array, spec: LossSpec, pre_jbk: jax.Array | None = None) -> BlockGradients:
+  """The dense step's `BlockGradients`, reading pass 1's pre-activations `pre_jbk` when it kept them."""
   return lambda blk, j, derr_bd, dpenalty_b, pull_k, dfreq_k: block_gradients(
-    blk, x_bd, derr_bd, dpenalty_b, spec, pull_k, dfreq_k
+    blk, x_bd, derr_bd, dpenalty_b, spec, pull_k, dfreq_k, None if pre_jbk is None else pre_jbk[j]
   )
 
 
@@ -452,11 +464,13 @@ def train_sae(
   adam: Adam,
   block: int,
   batch: int,
+  keep_pre: bool = False,
 ) -> tuple[TrainParams, dict, dict]:
   """The dense step of SAE s of a stacked group on the local rows (input `x_bd`, target `y_bd`) of
-  a `batch`-row global batch. Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
-  forward = reconstruct(group, s, x_bd, block, spec)
-  gradients = dense_gradients(x_bd, spec)
+  a `batch`-row global batch, with pass 1's pre-activations kept for pass 2 when `keep_pre`.
+  Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
+  forward = reconstruct(group, s, x_bd, block, spec, keep_pre)
+  gradients = dense_gradients(x_bd, spec, forward.pre_jbk)
   group, moments, stats = update_sae(
     group, moments, s, x_bd, y_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
   )
@@ -490,28 +504,3 @@ def train_group(
     return group, moments, {k: v.at[s].set(stats_s[k]) for k, v in stats.items()}
 
   return lax.fori_loop(0, n, one, (group, moments, stats))
-
-
-DENSE_TILE, SPARSE_TILE = 1 << 20, 1 << 19  # floats per `[rows, block]` temporary (4 and 2 MiB)
-
-
-def latent_block(
-  width_local: int, rows_local: int, requested: int = 0, elements: int = DENSE_TILE, prefixes: tuple[int, ...] = ()
-) -> int:
-  """Latents per block: `requested`, or the largest divisor of the local width (and of every
-  Matryoshka prefix size, so no block straddles a prefix) that keeps a `[rows, block]` temporary
-  within `elements` floats. Measured (benchmarks/README.md): at 4 MiB
-  the dense step keeps its peak memory under 1.3× params + Adam + batch for ~4% of its speed
-  (against 8 MiB); the sparse step is fastest with 2 MiB tiles (the encoder's output stays in
-  cache while its slots are found)."""
-  sizes = (width_local, *prefixes)
-  if requested:
-    if any(n % requested for n in sizes):
-      raise ValueError(
-        f"train.latent_block {requested} does not divide the {width_local} latents each device holds"
-        + (f" and every prefix size {list(prefixes)}" if prefixes else "")
-        + "; use a common divisor or 0 (automatic)"
-      )
-    return requested
-  cap = max(1, elements // rows_local)
-  return max(k for k in range(1, min(cap, width_local) + 1) if all(n % k == 0 for n in sizes))

@@ -92,6 +92,23 @@ def test_bfloat16_is_close_to_float32(tiny, lm):
   assert rel_err(logits, lm.logits(tokens)) < 5e-2
 
 
+def test_bfloat16_matmul_precision_rounds_the_operands_and_stays_close(tiny, lm):
+  """A float32 model at `precision="bfloat16"`: every matmul's operands rounded to bfloat16 (on CPU
+  too), sums in float32; the logits stay close to transformers' float32 ones, and the float32
+  precision gives them as the parity test does."""
+  path, model, tokens = tiny
+  fast = sj.load_model(path, mesh=one_device(), precision="bfloat16")
+  reference, _ = hf_run(model, tokens, [])
+  rounded, exact = np.asarray(fast.logits(tokens)), np.asarray(lm.logits(tokens))
+  assert lm.precision == "float32" and rel_err(exact, reference) <= 1e-4
+  assert rel_err(rounded, exact) > 1e-4  # really rounded
+  assert rel_err(rounded, reference) < 3e-2
+  losses = fast.token_losses_from_site(tokens, "res.1", *fast.to_site(tokens, "res.1")[:2])[: len(tokens)]
+  np.testing.assert_allclose(np.asarray(losses), np.asarray(fast.token_losses(tokens)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"precision 'fp8': expected one of \('float32', 'bfloat16'\)"):
+    sj.load_model(path, mesh=one_device(), precision="fp8")
+
+
 def test_replace_identity_and_zeros(tiny, lm):
   _, _, tokens = tiny
   clean = np.asarray(lm.logits(tokens))
