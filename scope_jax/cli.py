@@ -2,7 +2,7 @@
 
     scope-jax demo [--model ...]
     scope-jax extract|train|export|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
-    scope-jax sweep --config configs/FILE.py[:ARGS] --workdir DIR [--dry_run] [--jobs PATTERNS]
+    scope-jax sweep --config configs/FILE.py[:ARGS] --workdir DIR [--dry_run [--target SLICE]] [--jobs PATTERNS]
 
 Multi-process runs add --coordinator HOST:PORT --num_processes N --process_id I (or the
 SCOPE_JAX_* variables; scope_jax/parallel/distributed.py).
@@ -80,6 +80,9 @@ def parse_config_command(command: str, argv: list[str]):
     flags.DEFINE_boolean("dry_run", False, "print the job table and exit", flag_values=fv)
     flags.DEFINE_string(
       "jobs", None, "run only jobs whose names match these comma-separated fnmatch patterns", flag_values=fv
+    )
+    flags.DEFINE_string(
+      "target", None, "with --dry_run: what each job needs on this slice (v4-32, h100x8, ...)", flag_values=fv
     )
   try:
     fv(argv)
@@ -198,14 +201,17 @@ def stage_run(config, workdir, redo=()) -> None:
     print(f"feature browser: {layout.browse / 'index.html'} (opens from the file system)")
 
 
-def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=()) -> None:
-  """Prints the job table; without `dry_run` runs every unfinished job in order."""
+def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=(), target: str | None = None) -> None:
+  """Prints the job table (and with `target` what each job needs there); without `dry_run` runs
+  every unfinished job in order."""
   from scope_jax import grid
   from scope_jax.lease import holding
 
   planned = grid.select(grid.plan(config, workdir), patterns)
   if jax.process_index() == 0:  # one table in a pod's merged log, not one per host
     print(grid.table(planned))
+    if target:
+      print(grid.cost_table(planned, target))
   if dry_run:
     return
   for i, job in enumerate(planned):
@@ -275,9 +281,11 @@ def run_config_command(command: str, argv: list[str]) -> None:
     set_storage_policy(fv.config.storage)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
     if command == "sweep":
+      if fv.target and not fv.dry_run:
+        raise ValueError("--target plans a sweep for another slice: add --dry_run")
       if not fv.dry_run:
         take_workdir(fv.workdir, fv.use_existing_workdir, workdir_names(command, fv))
-      stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo)
+      stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo, fv.target)
     else:
       with holding(fv.workdir, "workdir"):  # first: the check below must not race another job's
         take_workdir(fv.workdir, fv.use_existing_workdir, RUN_NAMES)
@@ -317,8 +325,24 @@ def match(args) -> None:
   print(f"match: {len(saes) - 1} adjacent pairs in {files['markdown']} (and matches.json, matching.png)")
 
 
+def fake_devices_for_target(argv: list[str]) -> None:
+  """`sweep --dry_run --target T` compiles each job's step for T's chips: as many fake CPU devices,
+  set before the backend starts (XLA reads its flags once). An unknown name is left to the flag's
+  own check, which names the targets."""
+  from scope_jax.parallel.devices import TARGETS
+
+  values = [a.split("=", 1)[1] for a in argv if a.startswith("--target=")]
+  values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--target"]
+  if values and values[-1] in TARGETS:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={TARGETS[values[-1]].chips}".strip()
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["sweep"]:
+    fake_devices_for_target(argv)
   prepare_environment()
   if argv and argv[0] in CONFIG_COMMANDS:
     run_config_command(argv[0], argv[1:])

@@ -3,6 +3,7 @@
     scope-jax sweep --config configs/gemma2.py:size=2b --workdir DIR --dry-run   # the job table
     scope-jax sweep --config configs/gemma2.py:size=2b --workdir DIR             # run (or resume) them
     scope-jax sweep ... --jobs 'train/res.12-*'                                  # only some (fnmatch)
+    scope-jax sweep ... --dry_run --target v4-32      # what each job needs there (train/plan.py)
 
 A config declares the grid in `config.grid` (scope_jax/config.py): layers × kinds give the
 sites; every site trains `grid.widths` (or its own widths from `grid.site_widths`) at every λ of
@@ -219,4 +220,77 @@ def table(jobs: list[Job]) -> str:
     f"{n_extract} extraction jobs, {len(jobs) - n_extract} trainer jobs, "
     f"{sum(j.saes for j in jobs if j.kind == 'train')} SAEs"
   )
+  return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+  for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n:.0f} B"
+
+
+def _cost_key(job: Job) -> str:
+  """What a trainer job's step depends on (two layers' jobs of one kind compile the same step)."""
+  c = job.config
+  site_kind = c.site.split(".")[0]
+  fields = (c.model, c.kind, site_kind, c.sweep.to_dict(), c.train.batch_size, c.train.latent_block, c.precision)
+  return repr(fields) + repr(c.mesh.to_dict())
+
+
+def cost_table(jobs: list[Job], target_name: str, progress: bool = True) -> str:
+  """The plan `scope-jax sweep --dry_run --target T` prints: per job what it needs on the target
+  (scope_jax/train/plan.py says how each figure is made and what it leaves out), then totals."""
+  import dataclasses
+
+  from tqdm.auto import tqdm
+
+  from scope_jax.parallel.devices import target
+  from scope_jax.train.plan import PlanError, extract_cost, train_cost
+
+  slice_ = target(target_name)
+  kind = slice_.kind
+  head = ("job", "mesh", "GB/chip", "fits", "tiling", "TFLOP/step", "ms/step peak", "ms @50.8%", "chip-h", "store")
+  rows, compiled, hours, stored, failed = [head], {}, 0.0, 0, 0
+  for job in tqdm(jobs, desc=f"plan on {target_name}", unit="job", disable=not progress):
+    try:
+      if job.kind == "extract":
+        e = extract_cost(job.config, slice_)
+        hours, stored = hours + e.device_hours, stored + e.store_bytes
+        store = f"{_size(e.store_bytes)}, written at {_size(e.write_bytes_per_s)}/s"
+        rows.append((job.name, "-", "-", "-", "-", "-", "-", "-", f"{e.device_hours:,.0f}", store))
+        continue
+      key = _cost_key(job)
+      if key not in compiled:
+        compiled[key] = train_cost(job.config, slice_)
+      t = dataclasses.replace(compiled[key], steps=job.config.train.steps)
+    except PlanError as e:
+      failed += 1
+      rows.append((job.name, f"cannot be planned: {e}", *[""] * (len(head) - 2)))
+      continue
+    hours += t.device_hours(slice_.chips)
+    rows.append(
+      (
+        job.name,
+        "×".join(str(n) for n in t.mesh.values()),
+        f"{t.bytes_per_device / 1e9:.1f}",
+        "yes" if t.fits else "NO",
+        t.tiling,
+        f"{t.flops_per_step / 1e12:.2f}",
+        f"{1e3 * t.step_s_at_peak:.1f}",
+        f"{1e3 * t.step_s_at_gemma_scope_mfu:.1f}",
+        f"{t.device_hours(slice_.chips):,.0f}",
+        "-",
+      )
+    )
+  sizes = [max(len(r[k]) for r in rows if len(r[1]) < 60 or k != 1) for k in range(len(head))]
+  lines = ["  ".join(v.ljust(n) for v, n in zip(r, sizes)).rstrip() for r in rows]
+  too_big = sum(r[3] == "NO" for r in rows[1:])
+  lines.append(
+    f"{target_name}: {slice_.chips} × {kind.name} ({kind.memory_bytes / 1e9:.0f} GB each); "
+    f"{hours:,.0f} chip-hours at Gemma Scope's 50.8% MFU; stores {_size(stored)}"
+    + (f"; {too_big} jobs do not fit" if too_big else "")
+    + (f"; {failed} jobs cannot be planned" if failed else "")
+  )
+  lines.append("estimates: memory from the CPU compiler, FLOPs by 12·B·d·M; loading and evaluation left out")
   return "\n".join(lines)

@@ -254,6 +254,7 @@ def make_train_step(
   kind: str = "sae",
   precision: str = "float32",
   free_bytes: int | None = None,
+  quiet: bool = False,
 ):
   """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
 
@@ -265,14 +266,14 @@ def make_train_step(
   per group, 0 for the dense step or the sparse step's slots per token (none given: all dense);
   `precision`: the matmuls' (parallel/precision.py); `free_bytes`: the device memory the tiling is
   sized for (train/tiling.py; None: what the mesh's devices report, or the cache rule on CPU). The
-  tiling is printed (process 0) and in every step's metrics (`latent_block`, `keeps_pre`)."""
+  tiling is printed (process 0, unless `quiet`) and in every step's metrics (`latent_block`, `keeps_pre`)."""
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
   lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, total_steps)
   capacities = tuple(capacities) or (0,) * len(groups)
   free_bytes = device_free_bytes(mesh) if free_bytes is None else free_bytes
   tilings = [group_tiling(mesh, g, batch, requested_block, k > 0, free_bytes) for g, k in zip(groups, capacities)]
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not quiet:
     for g, k, tiling in zip(groups, capacities, tilings):
       name = "sparse" if k else "dense"
       tqdm.write(f"train: width {g.width}, {name} step: {tiling.describe(width_local(mesh, g.width))} per device")

@@ -436,7 +436,8 @@ def update_sae(
     "frequency_loss": frequency,
     "dead_latent_loss": sums["dead_loss"] / clip,  # its sum was taken with the clipped pull
     "grad_norm": jnp.sqrt(lax.psum(sq_sum, MODEL) + sum(jnp.sum(jnp.square(g)) for g in shared.values())) / clip,
-    "window_fraction": sums["in_window"] / (batch * lax.psum(group.width, MODEL)),
+    # in float: batch × width overflows int32 from B 4,096 × 512K latents
+    "window_fraction": sums["in_window"] / (float(batch) * lax.psum(group.width, MODEL)),
     "slots_max": lax.pmax(jnp.max(slots_b), DATA).astype(F32),
     "fired_m": fired_m,
   }
