@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from scope_jax.parallel.devices import free_memory
 
@@ -79,7 +81,12 @@ def choose_tiling(
 
 
 def device_free_bytes(mesh: jax.sharding.Mesh) -> int | None:
-  """Free bytes of the mesh's least-free local device, or None on CPU (the cache rule)."""
+  """Free bytes of the mesh's least-free device over every process (each must compile the same
+  step), or None on CPU (the cache rule)."""
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   free = [free_memory(d) for d in local]
-  return None if any(f is None for f in free) else min(free)
+  if any(f is None for f in free):
+    return None
+  if jax.process_count() > 1:
+    return int(np.min(multihost_utils.process_allgather(np.asarray(min(free), np.int64))))
+  return min(free)
