@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.streams = 0  # the loader's disjoint read streams; 0 = one per process. Fix it (to a
   # multiple of every process count you use) and batches do not depend
   # on the process count: a job can resume on another slice size
+  c.data.workers = 0  # threads gathering, scaling and checking each batch; 0 = the host's cores (same bytes)
   c.data.nonfinite = "error"  # rows with NaN/Inf in the store: error | skip (counted)
   c.data.normalize = True  # divide by C so that E||x||^2 = 1 (docs/recipe.md §3)
   c.data.context_size = ml_collections.FieldReference(None, field_type=int)  # export metadata
@@ -86,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.extract.bucket_rows = 2**20  # rows per shuffled write bucket (per shard)
   c.extract.chunk_rows = 1024  # rows per zarr chunk
   c.extract.dtype = "float32"  # stored dtype: float32 | bfloat16
+  c.extract.workers = 0  # threads shuffling, summing and encoding each write bucket; 0 = the host's cores
   c.eval = ml_collections.ConfigDict()
   c.eval.text = ()  # evaluation text; () = the documents extraction held out
   c.eval.strict = False  # refuse (instead of warn) when eval text may overlap training text
@@ -141,6 +143,7 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "data.holdout_every": 0,
   "data.window_chunks": 1,
   "data.streams": 0,
+  "data.workers": 0,
   "train.batch_size": 1,
   "train.steps": 1,
   "train.latent_block": 0,
@@ -156,6 +159,7 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "extract.shards": 0,
   "extract.bucket_rows": 1,
   "extract.chunk_rows": 1,
+  "extract.workers": 0,
   "eval.sequences": 1,
   "eval.seq_len": 2,
   "eval.batch_size": 1,

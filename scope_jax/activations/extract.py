@@ -169,7 +169,8 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
   owned = owned_blocks(lm.mesh, global_batch, shards, "extract.shards")
   sequences_per_shard = global_batch // shards
   writers = {
-    k: ShardWriter(kv, k, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed) for k in owned
+    k: ShardWriter(kv, k, identity["sites"], identity["widths"], e.dtype, e.chunk_rows, config.seed, workers=e.workers)
+    for k in owned
   }
   bucket_batches = max(1, math.ceil(e.bucket_rows / (sequences_per_shard * (e.seq_len - 1))))
   start = min(ledger_batches(kv, shards))
@@ -221,6 +222,8 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
         bar.close()
     for writer in writers.values():
       writer.flush(done, finished=True)
+  for writer in writers.values():
+    writer.close()
   multihost_utils.sync_global_devices("scope_jax extract: shards finished")
   seconds = time.perf_counter() - t0
   if process == 0:

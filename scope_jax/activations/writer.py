@@ -5,26 +5,44 @@ permuted with `default_rng([seed, shard, bucket])` and appended to every array o
 with tensorstore's asynchronous writes. After the arrays are written the ledger is rewritten:
 rows committed, batches done, running statistics. On resume the arrays are trimmed back to
 the ledger, so a half-written bucket disappears and is written again identically.
+
+A bucket's shuffle, statistics and conversion to the stored dtype are cut into pieces of
+PIECE_ROWS rows run on `workers` threads (extract.workers; parallel/workers.py): the bytes written
+and the ledger's sums are the same at any count.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 
 from scope_jax.activations.store import KV, LEDGER, TRACE_COLUMNS, StoreError, open_array, shard_key
+from scope_jax.parallel.workers import WorkerPool, resolve_workers, row_pieces
 
 
 class NonFiniteActivations(ValueError):
   """Activations with NaN or Inf; the message names the site, document and position."""
 
 
+PIECE_ROWS = 4_096  # rows per piece of a bucket's work: fixed, so the sums do not depend on the worker count
+
+
 class ShardWriter:
   def __init__(
-    self, kv: KV, shard: int, sites: list[str], widths: dict[str, int], dtype: str, chunk_rows: int, seed: int
+    self,
+    kv: KV,
+    shard: int,
+    sites: list[str],
+    widths: dict[str, int],
+    dtype: str,
+    chunk_rows: int,
+    seed: int,
+    workers: int = 0,
   ):
     self.kv, self.shard, self.sites, self.seed, self.chunk_rows = kv, shard, sites, seed, chunk_rows
+    self.pool = WorkerPool(resolve_workers(workers, "extract.workers"), name=f"store writer {shard}")
     self.key = shard_key(shard)
     self.ledger = kv.read_json(f"{self.key}/{LEDGER}") or {
       "rows": 0,
@@ -80,7 +98,8 @@ class ShardWriter:
   def add(self, acts: dict[str, np.ndarray], trace: np.ndarray) -> None:
     """Buffers the rows of one batch: `acts[site] [n, width]`, `trace [n, 5]`."""
     for site in self.sites:
-      bad = ~np.isfinite(acts[site]).all(axis=1)
+      rows = acts[site]
+      bad = np.concatenate(self.pool.run([functools.partial(_nonfinite, rows[lo:hi]) for lo, hi in _pieces(rows)]))
       if bad.any():
         row = int(np.argmax(bad))
         t = dict(zip(TRACE_COLUMNS, trace[row].tolist()))
@@ -104,15 +123,17 @@ class ShardWriter:
       self.arrays = {k: f.result() for k, f in resized.items()}
       writes = []
       for key, parts in self._buffer.items():
-        block = np.concatenate(parts)[order]
-        if key != "trace":
-          self._sums[key] += block.sum(axis=0, dtype=np.float64)
+        if key == "trace":
+          block = np.concatenate(parts)[order]
+        else:
+          block, piece_sums = self._shuffled(parts, order, self._dtype[key])
+          for row_sum, _ in piece_sums:
+            self._sums[key] += row_sum
           stats[key] = {
             "count": stats[key]["count"] + n,
             "sum": self._sums[key].tolist(),
-            "sum_sq_norm": stats[key]["sum_sq_norm"] + float(np.sum(np.square(block, dtype=np.float64))),
+            "sum_sq_norm": stats[key]["sum_sq_norm"] + sum(sq for _, sq in piece_sums),
           }
-          block = block.astype(self._dtype[key])
         writes.append(self.arrays[key][rows : rows + n].write(block))
       try:
         for w in writes:
@@ -131,6 +152,34 @@ class ShardWriter:
     self.kv.write_json(f"{self.key}/{LEDGER}", self.ledger)
     self._buffer = {k: [] for k in self.arrays}
     return n
+
+  def _shuffled(self, parts: list[np.ndarray], order: np.ndarray, dtype) -> tuple[np.ndarray, list]:
+    """The buffered rows of one site in the bucket's `order`, as `dtype`, and per piece of
+    PIECE_ROWS rows their float64 column sums and squared norm (pieces made on the pool)."""
+    ends = np.cumsum([len(p) for p in parts])
+    rows_nd = np.empty((int(ends[-1]), parts[0].shape[1]), parts[0].dtype)
+    self.pool.run([functools.partial(np.copyto, rows_nd[e - len(p) : e], p) for p, e in zip(parts, ends)])
+    block = np.empty(rows_nd.shape, dtype)
+
+    def piece(lo: int, hi: int) -> tuple[np.ndarray, float]:
+      shuffled = rows_nd[order[lo:hi]]
+      block[lo:hi] = shuffled
+      return shuffled.sum(axis=0, dtype=np.float64), float(np.sum(np.square(shuffled, dtype=np.float64)))
+
+    return block, self.pool.run([functools.partial(piece, lo, hi) for lo, hi in _pieces(rows_nd)])
+
+  def close(self) -> None:
+    """Ends the writer's worker threads."""
+    self.pool.close()
+
+
+def _pieces(rows_nd: np.ndarray) -> list[tuple[int, int]]:
+  return row_pieces(len(rows_nd), PIECE_ROWS)
+
+
+def _nonfinite(rows_nd: np.ndarray) -> np.ndarray:
+  """[rows] True where a row holds NaN or Inf."""
+  return ~np.isfinite(rows_nd).all(axis=1)
 
 
 def ledger_batches(kv: KV, shards: int) -> list[int]:

@@ -4,11 +4,13 @@ A window (data/order.py) is `window_chunks` chunks of one stream's epoch order. 
 the last few windows in memory, starts tensorstore's asynchronous reads of the window that follows
 as soon as one is in hand (so they overlap its batches), names the shard and chunk of any read that
 fails (never zeros), and finds rows with NaN or Inf: an error with counts, or with
-`nonfinite="skip"` replaced by other rows of the same window and counted in `skipped`.
+`nonfinite="skip"` replaced by other rows of the same window and counted in `skipped`. Each
+chunk's conversion and check is one piece of work for the loader's worker pool.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from scope_jax.activations.store import Store, StoreError
 from scope_jax.data.order import StreamOrder, WindowKey
+from scope_jax.parallel.workers import WorkerPool
 
 NONFINITE = ("error", "skip")
 
@@ -28,10 +31,20 @@ class Window(NamedTuple):
 class WindowReader:
   """Windows of one site of a store; `chunks[c]` = (shard, first row in the shard, rows)."""
 
-  def __init__(self, store: Store, site: str, chunks: list, order: StreamOrder, nonfinite: str, keep: int, seed: int):
+  def __init__(
+    self,
+    store: Store,
+    site: str,
+    chunks: list,
+    order: StreamOrder,
+    nonfinite: str,
+    keep: int,
+    seed: int,
+    pool: WorkerPool,
+  ):
     if nonfinite not in NONFINITE:
       raise ValueError(f"nonfinite {nonfinite!r}: expected one of {NONFINITE}")
-    self.store, self.site, self.chunks, self.order = store, site, chunks, order
+    self.store, self.site, self.chunks, self.order, self.pool = store, site, chunks, order, pool
     self.nonfinite, self.keep, self.seed = nonfinite, keep, seed
     self.width = store.width(site)
     self.skipped = 0
@@ -55,17 +68,9 @@ class WindowReader:
     if key not in self._windows:
       ids = self.order.window_ids(key)
       reads = self._pending.pop(key, None) or self._read(ids)
-      parts = []
-      for c, future in reads:
-        try:
-          parts.append(np.asarray(future.result(), np.float32))
-        except Exception as e:
-          shard, lo, _ = self.chunks[c]
-          raise StoreError(
-            f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.chunk_rows} "
-            f"(rows {lo}..) cannot be read: {e}"
-          ) from e
-      self._check_finite(parts, key, ids)
+      checked = self.pool.run([functools.partial(self._checked_chunk, c, future) for c, future in reads])
+      parts = [part for part, _ in checked]
+      self._handle_nonfinite(parts, [bad for _, bad in checked], key, ids)
       self._windows[key] = Window(parts, np.cumsum([len(p) for p in parts]))
       while len(self._windows) > self.keep:
         self._windows.popitem(last=False)
@@ -78,14 +83,24 @@ class WindowReader:
     """Drops reads started for where a stream was (a jump elsewhere may never use them)."""
     self._pending.clear()
 
-  def _check_finite(self, parts: list[np.ndarray], key: WindowKey, ids) -> None:
-    """Raises on rows with NaN or Inf, or (nonfinite="skip") overwrites them with other rows of
-    the window. A NaN or Inf anywhere in a row makes its sum non-finite, so one BLAS pass finds
-    the candidates; the exact test runs on those alone."""
-    ones, bad = np.ones(self.width, np.float32), []
-    for p in parts:
-      suspects = np.flatnonzero(~np.isfinite(p @ ones))
-      bad.append(suspects[~np.isfinite(p[suspects]).all(axis=1)])
+  def _checked_chunk(self, c: int, future) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk `c` as float32 `[rows, width]` once its read completes, and its rows holding NaN or
+    Inf. A NaN or Inf anywhere in a row makes its sum non-finite, so one BLAS pass finds the
+    candidates; the exact test runs on those alone."""
+    try:
+      part = np.asarray(future.result(), np.float32)
+    except Exception as e:
+      shard, lo, _ = self.chunks[c]
+      raise StoreError(
+        f"{self.store.root}: shard {shard} site {self.site} chunk {lo // self.store.chunk_rows} "
+        f"(rows {lo}..) cannot be read: {e}"
+      ) from e
+    suspects = np.flatnonzero(~np.isfinite(part @ np.ones(self.width, np.float32)))
+    return part, suspects[~np.isfinite(part[suspects]).all(axis=1)]
+
+  def _handle_nonfinite(self, parts: list[np.ndarray], bad: list[np.ndarray], key: WindowKey, ids) -> None:
+    """Raises on rows with NaN or Inf (`bad[j]`: those of `parts[j]`), or (nonfinite="skip")
+    overwrites them with other rows of the window."""
     n_bad = sum(len(b) for b in bad)
     if not n_bad:
       return

@@ -16,12 +16,16 @@ Guarantees (documented in the README):
   (b = batch / streams): a pure function of (seed, streams, s). A resumed job starts at step s
   directly, and with `streams` fixed the batches do not depend on how many processes read them
   (each process reads the streams that feed its devices).
+- A batch is gathered, scaled and checked by `workers` threads (data.workers; 0 = the host's
+  cores), each piece one chunk's rows (parallel/workers.py): the same bytes at any count.
 - A missing or corrupt chunk is an error naming shard and chunk (never zeros); rows with NaN or
   Inf are an error with counts, or with `nonfinite="skip"` are replaced by other rows of the same
   window and counted in `loader.skipped`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpy as np
@@ -35,6 +39,7 @@ from scope_jax.data.normalization import scale_and_mean
 from scope_jax.data.order import StreamOrder
 from scope_jax.parallel.mesh import DATA, owned_blocks
 from scope_jax.parallel.prefetch import Prefetcher
+from scope_jax.parallel.workers import WorkerPool, resolve_workers
 
 
 class StoreLoader:
@@ -53,6 +58,7 @@ class StoreLoader:
     nonfinite: str = "error",
     expected_width: int | None = None,
     streams: int = 0,
+    workers: int = 0,
   ):
     self.store = open_store(root) if isinstance(root, str) else root
     self.site, self.seed, self.mesh = site, seed, mesh
@@ -89,7 +95,9 @@ class StoreLoader:
     if len(self.chunks) < self.streams:
       raise StoreError(f"{self.store.root}: {len(self.chunks)} chunks cannot feed {self.streams} streams")
     self.order = StreamOrder([c[2] for c in self.chunks], seed, self.streams, self.window_chunks)
-    self.reader = WindowReader(self.store, site, self.chunks, self.order, nonfinite, 2 * len(self.own_streams), seed)
+    self.pool = WorkerPool(resolve_workers(workers, "data.workers"), name=f"loader {site} worker")
+    keep = 2 * len(self.own_streams)
+    self.reader = WindowReader(self.store, site, self.chunks, self.order, nonfinite, keep, seed, self.pool)
     # Every batch gets fresh memory: JAX on CPU may keep using (zero-copy) the host buffer an
     # array was made from, so a buffer handed to it is never written again.
     self._prefetch = Prefetcher(self.local_rows, prefetch, name=f"loader {site}")
@@ -103,28 +111,38 @@ class StoreLoader:
     """This process's rows of step `step` (its streams' rows, in stream order), float32
     `[batch_size / processes, width]`."""
     out = aligned_empty((len(self.own_streams) * self.stream_batch, self.width))
+    pieces = []
     for i, k in enumerate(self.own_streams):
-      self.stream_rows(k, step, out[i * self.stream_batch : (i + 1) * self.stream_batch])
+      pieces += self._gather_pieces(k, step, out[i * self.stream_batch : (i + 1) * self.stream_batch])
+    self.pool.run(pieces)
     return out
 
-  def stream_rows(self, stream: int, step: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows [step·b, (step+1)·b) of one stream, `[batch_size / streams, width]` (normalized).
+  def stream_rows(self, stream: int, step: int) -> np.ndarray:
+    """Rows [step·b, (step+1)·b) of one stream, `[batch_size / streams, width]` (normalized)."""
+    out = np.empty((self.stream_batch, self.width), np.float32)
+    self.pool.run(self._gather_pieces(stream, step, out))
+    return out
 
-    Which rows a batch holds is fixed by the read order; within a window they are grouped by
-    chunk, so each is gathered in one sequential sweep and scaled while in cache."""
-    out = np.empty((self.stream_batch, self.width), np.float32) if out is None else out
-    filled = 0
+  def _gather_pieces(self, stream: int, step: int, out: np.ndarray) -> list:
+    """The work of filling `out` with one stream's rows of a step, as independent pieces (one
+    per chunk that holds some of them: a sequential sweep of that chunk, scaled while in cache).
+    Which rows a batch holds is fixed by the read order; within a window they are sorted, so
+    each chunk's rows are one contiguous run of `out`."""
+    pieces, filled = [], 0
     for key, rows in self.order.plan(stream, step, self.stream_batch):
       w = self.reader.window(key)
-      part_of_row = np.searchsorted(w.ends, rows, side="right")
-      for j in np.unique(part_of_row):
-        local = rows[part_of_row == j] - (w.ends[j - 1] if j else 0)
-        block = out[filled : filled + len(local)]
-        np.take(w.parts[j], local, axis=0, out=block, mode="clip")  # "raise" would buffer `out`
-        if self._divisor != 1:
-          np.divide(block, self._divisor, out=block)
-        filled += len(local)
-    return out
+      bounds = np.searchsorted(rows, np.concatenate([[0], w.ends]))  # the rows each chunk holds
+      for j, part in enumerate(w.parts):
+        local = rows[bounds[j] : bounds[j + 1]] - (w.ends[j - 1] if j else 0)
+        if len(local):
+          pieces.append(functools.partial(self._gather, part, local, out[filled : filled + len(local)]))
+          filled += len(local)
+    return pieces
+
+  def _gather(self, part: np.ndarray, local: np.ndarray, block: np.ndarray) -> None:
+    np.take(part, local, axis=0, out=block, mode="clip")  # "raise" would buffer `block`
+    if self._divisor != 1:
+      np.divide(block, self._divisor, out=block)
 
   # ---------------------------------------------------------------- BatchSource
 
@@ -136,6 +154,7 @@ class StoreLoader:
     """Stops the prefetch thread (also done when a new `batch(step)` jumps elsewhere)."""
     self._prefetch.close()
     self.reader.forget_reads_ahead()
+    self.pool.close()
 
   def describe(self) -> dict:
     return {

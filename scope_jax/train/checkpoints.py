@@ -52,7 +52,12 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
 
   path = config.data.path or store_root(config, workdir)
   normalize = config.recipe.normalize if config.data.normalize else None
-  options = dict(window_chunks=config.data.window_chunks, streams=config.data.streams, nonfinite=config.data.nonfinite)
+  options = dict(
+    window_chunks=config.data.window_chunks,
+    streams=config.data.streams,
+    nonfinite=config.data.nonfinite,
+    workers=config.data.workers,
+  )
   open_site = lambda site, width: open_source(
     path, config.train.batch_size, mesh, config.seed, normalize, site=site, expected_width=width, **options
   )
