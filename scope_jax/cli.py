@@ -28,6 +28,7 @@ REDO_STAGES = ("export", "eval", "browse")  # finished stages --redo may replace
 # OS errors that are the user's to fix (full disk, permissions): one line, no traceback
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
 CONFIG_COMMANDS = ("extract", "train", "export", "eval", "browse", "run", "sweep")
+PLANNED_COMMANDS = ("sweep", "train")  # with --dry_run --target: what each job needs on a slice
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -76,13 +77,14 @@ def parse_config_command(command: str, argv: list[str]):
   flags.DEFINE_multi_enum(
     "redo", [], REDO_STAGES, "replace this finished stage although its fields changed (repeatable)", flag_values=fv
   )
-  if command == "sweep":
-    flags.DEFINE_boolean("dry_run", False, "print the job table and exit", flag_values=fv)
-    flags.DEFINE_string(
-      "jobs", None, "run only jobs whose names match these comma-separated fnmatch patterns", flag_values=fv
-    )
+  if command in PLANNED_COMMANDS:
+    flags.DEFINE_boolean("dry_run", False, "print the plan and exit", flag_values=fv)
     flags.DEFINE_string(
       "target", None, "with --dry_run: what each job needs on this slice (v4-32, h100x8, ...)", flag_values=fv
+    )
+  if command == "sweep":
+    flags.DEFINE_string(
+      "jobs", None, "run only jobs whose names match these comma-separated fnmatch patterns", flag_values=fv
     )
   try:
     fv(argv)
@@ -226,6 +228,16 @@ def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=(), t
         stage_train_export_eval(job.config, job.workdir, redo)
 
 
+def stage_train_plan(config, workdir, target: str) -> None:
+  """What the trainer job of `config` needs on the slice `target` (the sweep's plan for one job)."""
+  from scope_jax import grid
+
+  if config.site is None:
+    raise ValueError("config.site is unset: name the site to train on")
+  job = grid.Job("train", f"train/{config.site}", str(workdir), config, (config.site,), tuple(config.sweep.widths))
+  print(grid.cost_table([job], target))
+
+
 # Every stage takes (config, workdir, redo); only export and eval have anything to redo.
 STAGES = {
   "extract": stage_extract,
@@ -280,9 +292,13 @@ def run_config_command(command: str, argv: list[str]) -> None:
     validate(fv.config, command)
     set_storage_policy(fv.config.storage)
     initialize(fv.coordinator, fv.num_processes, fv.process_id)
-    if command == "sweep":
-      if fv.target and not fv.dry_run:
-        raise ValueError("--target plans a sweep for another slice: add --dry_run")
+    if command in PLANNED_COMMANDS and fv.target and not fv.dry_run:
+      raise ValueError(f"--target plans a {command} for another slice: add --dry_run")
+    if command == "train" and fv.dry_run:
+      if not fv.target:
+        raise ValueError("train --dry_run prints what the job needs on a slice: add --target (v4-32, h100x8, ...)")
+      stage_train_plan(fv.config, fv.workdir, fv.target)
+    elif command == "sweep":
       if not fv.dry_run:
         take_workdir(fv.workdir, fv.use_existing_workdir, workdir_names(command, fv))
       stage_sweep(fv.config, fv.workdir, fv.dry_run, fv.jobs, fv.redo, fv.target)
@@ -326,7 +342,7 @@ def match(args) -> None:
 
 
 def fake_devices_for_target(argv: list[str]) -> None:
-  """`sweep --dry_run --target T` compiles each job's step for T's chips: as many fake CPU devices,
+  """`sweep` or `train` `--dry_run --target T` compiles each job's step for T's chips: as many fake CPU devices,
   set before the backend starts (XLA reads its flags once). An unknown name is left to the flag's
   own check, which names the targets."""
   from scope_jax.parallel.devices import TARGETS
@@ -341,7 +357,7 @@ def fake_devices_for_target(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ["sweep"]:
+  if argv[:1] and argv[0] in PLANNED_COMMANDS:
     fake_devices_for_target(argv)
   prepare_environment()
   if argv and argv[0] in CONFIG_COMMANDS:

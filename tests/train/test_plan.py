@@ -92,3 +92,21 @@ def test_the_cli_plans_a_preset_on_a_slice_of_more_devices_than_the_machine_has(
   assert bad.stderr.strip().splitlines()[-1].startswith("scope-jax sweep: unknown target 'tpu9'")
   run = subprocess.run([*cmd, str(tmp_path), "--target", "v4-32"], cwd=REPO, capture_output=True, text=True)
   assert run.returncode == 1 and "--target plans a sweep for another slice: add --dry_run" in run.stderr
+
+
+def test_a_single_train_plans_on_a_slice_and_bad_plans_are_one_line(tmp_path):
+  cmd = [sys.executable, "-m", "scope_jax.cli", "train", "--config", "configs/local.py", "--workdir", str(tmp_path)]
+  done = subprocess.run([*cmd, "--dry_run", "--target", "h100x8"], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  row = next(line for line in done.stdout.splitlines() if line.startswith("train/res.6"))
+  assert row.split()[1:4] == ["8×1", row.split()[2], "yes"]  # 6 small SAEs: data parallel, fits
+  assert "h100x8: 8 × H100 SXM (80 GB each)" in done.stdout
+  assert not any(tmp_path.iterdir())  # a plan writes nothing
+  for args, message in [
+    (["--dry_run"], "train --dry_run prints what the job needs on a slice: add --target"),
+    (["--dry_run", "--target", "h100x7"], "unknown target 'h100x7'"),
+    (["--target", "h100x8"], "--target plans a train for another slice: add --dry_run"),
+  ]:
+    bad = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"scope-jax train: {message}")
