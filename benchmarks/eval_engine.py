@@ -36,14 +36,14 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def lower_bound(lm, batches, forwards_from_site: int) -> float:
+def lower_bound(lm, batches, forwards_from_site: int, site: str = SITE) -> float:
   """One forward to the site and `forwards_from_site` forwards from it, per batch."""
 
   def run():
     for b in batches:
-      resid, act, _ = lm.to_site(b.tokens, SITE)
+      resid, act, _ = lm.to_site(b.tokens, site)
       for _ in range(forwards_from_site):
-        lm.token_losses_from_site(b.tokens, SITE, resid, act).block_until_ready()
+        lm.token_losses_from_site(b.tokens, site, resid, act).block_until_ready()
 
   return timed(run)
 

@@ -1,12 +1,17 @@
-"""Loader throughput from a local store, beside the raw read bandwidth of the same chunk files
-(plain file reads, same process, same run) and beside what the SAE trainer consumes at
-d = 640, M = 16,384, batch 4,096 (measured here with one trainer step).
+"""The data path's throughput with 1 and 2 worker threads (data.workers, extract.workers): the
+shuffle loader from a local store and the store writer's buckets, beside the raw read bandwidth
+of the same chunk files and beside the feed each Gemma 2 preset's trainer jobs need at Gemma
+Scope's MFU on one 8-GPU H100 host, all in the same run.
 
-Run: PYTHONPATH=. python -m benchmarks.loader
+Run: PYTHONPATH=. python -m benchmarks.loader [--small]
 """
 
+import argparse
+import importlib.util
 import json
 import os
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -14,28 +19,38 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import seconds_per_call
 from scope_jax.activations.store import KV, write_manifest
 from scope_jax.activations.writer import ShardWriter
 from scope_jax.data.loader import StoreLoader
+from scope_jax.parallel.devices import target
 from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
-from scope_jax.train import stacked
+from scope_jax.parallel.workers import host_cores
 
-D, ROWS, CHUNK, BATCH, M = 640, 131_072, 1_024, 4_096, 16_384
+REPO = Path(__file__).resolve().parents[1]
+SITE, CHUNK, BATCH = "res.12", 1_024, 4_096
+FULL = dict(d=2_304, rows=65_536, bucket=32_768, repeats=3)  # Gemma 2 2B's width
+SMALL = dict(d=64, rows=8_192, bucket=4_096, repeats=1)
 
 
-def make_store(root: str) -> None:
-  kv = KV(root)
-  writer = ShardWriter(kv, 0, ["res.6"], {"res.6": D}, "float32", CHUNK, seed=0)
-  rng = np.random.default_rng(0)
-  for lo in range(0, ROWS, 16_384):
-    writer.add({"res.6": rng.standard_normal((16_384, D), np.float32)}, np.zeros((16_384, 5), np.int32))
-    writer.flush(lo // 16_384 + 1, finished=lo + 16_384 >= ROWS)
-  write_manifest(kv, {"sites": ["res.6"], "widths": {"res.6": D}, "chunk_rows": CHUNK}, 1)
+def write_rows(root: str, batches: list[np.ndarray], workers: int, dtype: str = "float32") -> float:
+  """Writes a store of `batches` (one write bucket each) through the writer; returns its seconds
+  (add + flush)."""
+  kv, d = KV(root), batches[0].shape[1]
+  writer = ShardWriter(kv, 0, [SITE], {SITE: d}, dtype, CHUNK, seed=0, workers=workers)
+  trace = np.zeros((len(batches[0]), 5), np.int32)
+  start = time.perf_counter()
+  for i, batch in enumerate(batches):
+    writer.add({SITE: batch}, trace)
+    writer.flush(i + 1, finished=i + 1 == len(batches))
+  seconds = time.perf_counter() - start
+  writer.close()
+  identity = {"sites": [SITE], "widths": {SITE: d}, "chunk_rows": CHUNK, "dtype": dtype}
+  write_manifest(kv, {**identity, "seq_len": 1024, "text": ["random normal"], "model": "none"}, 1)
+  return seconds
 
 
 def raw_read_bytes_per_s(root: str) -> float:
-  files = sorted(p for p in (Path(root) / "shards" / "00000" / "res.6" / "c").rglob("*") if p.is_file())
+  files = sorted(p for p in (Path(root) / "shards" / "00000" / SITE / "c").rglob("*") if p.is_file())
   start, total = time.perf_counter(), 0
   for p in files:
     with open(p, "rb") as f:
@@ -43,53 +58,90 @@ def raw_read_bytes_per_s(root: str) -> float:
   return total / (time.perf_counter() - start)
 
 
-def loader_rows_per_s(root: str) -> float:
-  loader = StoreLoader(root, "res.6", BATCH, make_mesh(devices=jax.devices()[:1]), seed=0)
-  steps = ROWS // BATCH
+def loader_rows_per_s(root: str, rows: int, workers: int, batch: int = BATCH) -> float:
+  """Rows/s of an epoch of batches onto the first device (the first batch, which starts the
+  threads and reads the first window, not timed)."""
+  loader = StoreLoader(root, SITE, batch, make_mesh(devices=jax.devices()[:1]), seed=0, workers=workers)
+  steps = rows // batch
   loader.batch(0).block_until_ready()
   start = time.perf_counter()
   for s in range(1, steps):
     loader.batch(s).block_until_ready()
   seconds = time.perf_counter() - start
   loader.close()
-  return (steps - 1) * BATCH / seconds
+  return (steps - 1) * batch / seconds
 
 
-def trainer_tokens_per_s() -> float:
-  mesh = make_mesh(devices=jax.devices()[:1])
-  init, _, step_fn = stacked.build(0, np.zeros(D), stacked.make_groups([M], [6e-4]), stacked.Recipe(), mesh, BATCH)
-  box = [init()]
-  x = jax.device_put(np.random.default_rng(0).standard_normal((BATCH, D), np.float32) / np.sqrt(D))
+def preset_feeds(slice_name: str = "h100x8") -> dict:
+  """Per Gemma 2 preset: the largest feed (rows/s, GB/s) among its trainer jobs on `slice_name`
+  at Gemma Scope's MFU, at the float32 and the bfloat16 peak."""
+  from scope_jax import grid
+  from scope_jax.train.plan import train_feed
 
-  def run():
-    box[0], _ = step_fn(box[0], x)
-    jax.block_until_ready(box[0])
-
-  seconds, _ = seconds_per_call(run, repeats=3)
-  return BATCH / seconds
+  spec = importlib.util.spec_from_file_location("gemma2_presets", REPO / "configs" / "gemma2.py")
+  presets = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(presets)
+  slice_, out = target(slice_name), {}
+  for size in ("2b", "9b", "27b"):
+    with tempfile.TemporaryDirectory() as workdir:
+      jobs = [j for j in grid.plan(presets.get_config(f"size={size}"), workdir) if j.kind == "train"]
+    for precision in ("float32", "bfloat16"):
+      feeds = {j.name: train_feed(j.config, slice_, precision) for j in jobs}
+      name = max(feeds, key=lambda n: feeds[n][0] * feeds[n][1])
+      rows_per_s, row_bytes = feeds[name]
+      out[f"{size} {precision}"] = {"job": name, "rows_per_s": rows_per_s, "gb_per_s": rows_per_s * row_bytes / 1e9}
+  return out
 
 
 def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--small", action="store_true", help="tiny shapes (the suite runs this)")
+  shape = SMALL if parser.parse_args().small else FULL
+  d, rows, bucket, repeats = shape["d"], shape["rows"], shape["bucket"], shape["repeats"]
   use_xnnpack_on_cpu()
-  with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:
-    make_store(root)
-    raw = raw_read_bytes_per_s(root)  # the OS page cache holds the files in both readings
-    rows = loader_rows_per_s(root)
-    train = trainer_tokens_per_s()
-  bytes_per_row = D * 4
-  r = {
-    "loader_rows_per_s": rows,
-    "loader_mb_per_s": rows * bytes_per_row / 1e6,
-    "raw_read_mb_per_s": raw / 1e6,
-    "fraction_of_raw": rows * bytes_per_row / raw,
-    "trainer_rows_per_s": train,
-    "ratio_vs_trainer": rows / train,
-  }
+  row_bytes = 4 * d
+  batches = [np.random.default_rng(i).standard_normal((bucket, d), np.float32) for i in range(rows // bucket)]
+  writes, loads = {}, {}  # seconds per measurement; 1 and 2 workers alternate so drift hits both
+  with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+    for rep in range(repeats):
+      for workers in (1, 2):
+        for dtype in ("float32", "bfloat16"):
+          seconds = write_rows(f"{tmp}/w{rep}-{workers}-{dtype}", batches, workers, dtype)
+          writes.setdefault(f"{workers} {dtype}", []).append(seconds)
+          shutil.rmtree(f"{tmp}/w{rep}-{workers}-{dtype}")
+    root = f"{tmp}/store"
+    write_rows(root, batches, workers=2)
+    raw = raw_read_bytes_per_s(root) / 1e9  # the page cache holds the files in every reading
+    for _ in range(repeats):
+      for workers in (1, 2):
+        loads.setdefault(str(workers), []).append(loader_rows_per_s(root, rows, workers))
+  r = {"d": d, "rows": rows, "host_cores": host_cores(), "raw_read_gb_per_s": raw, "loader": {}, "writer": {}}
+  for key, seconds in writes.items():
+    per_s = rows / statistics.median(seconds)
+    r["writer"][key] = {"rows_per_s": per_s, "gb_per_s": per_s * row_bytes / 1e9}
+  for key, rates in loads.items():
+    per_s = statistics.median(rates)
+    r["loader"][key] = {"rows_per_s": per_s, "gb_per_s": per_s * row_bytes / 1e9}
+  r["loader_2_over_1"] = r["loader"]["2"]["rows_per_s"] / r["loader"]["1"]["rows_per_s"]
+  r["writer_2_over_1"] = r["writer"]["2 float32"]["rows_per_s"] / r["writer"]["1 float32"]["rows_per_s"]
+  r["feeds_h100x8"] = preset_feeds()
+  for workers in ("1", "2"):
+    x = r["loader"][workers]
+    print(
+      f"loader, {workers} worker(s): {x['rows_per_s']:,.0f} rows/s = {x['gb_per_s']:.2f} GB/s at d {d} "
+      f"({x['gb_per_s'] / r['raw_read_gb_per_s']:.0%} of raw reads, {r['raw_read_gb_per_s']:.2f} GB/s)"
+    )
+  for key, x in r["writer"].items():
+    print(f"writer, {key.replace(' ', ' worker(s), ')} store: {x['rows_per_s']:,.0f} rows/s = {x['gb_per_s']:.2f} GB/s")
   print(
-    f"loader {rows:,.0f} rows/s = {r['loader_mb_per_s']:,.0f} MB/s; raw reads of the same files "
-    f"{r['raw_read_mb_per_s']:,.0f} MB/s ({r['fraction_of_raw']:.0%}); trainer consumes {train:,.0f} rows/s "
-    f"at d={D}, M={M}, batch {BATCH} ({r['ratio_vs_trainer']:.1f}x)"
+    f"2 workers / 1: loader {r['loader_2_over_1']:.2f}x, writer {r['writer_2_over_1']:.2f}x ({r['host_cores']} cores)"
   )
+  for key, f in r["feeds_h100x8"].items():
+    have = r["loader"]["2"]["gb_per_s"]
+    print(
+      f"feed of gemma2 {key} ({f['job']}) on h100x8 at 50.8% MFU: {f['rows_per_s']:,.0f} rows/s = "
+      f"{f['gb_per_s']:.2f} GB/s; this host's loader gives {have / f['gb_per_s']:.2f}x that"
+    )
   print(json.dumps(r))
 
 

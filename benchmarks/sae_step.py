@@ -30,7 +30,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from benchmarks.common import seconds_per_call
 from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
@@ -85,10 +84,11 @@ def slots_per_token(sae: SAE, x: np.ndarray) -> np.ndarray:
   return counts
 
 
-def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, lazy=True):
+def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, lazy=True, precision="float32"):
   """(seconds per step, compiled peak bytes, params+Adam+batch bytes); `clip`: recipe.clip_grad_norm;
   `start`: (SAE, batch) to step from (default: initialization, Gaussian rows); `capacity`: the
-  sparse step's slots per token (0: the dense step); `lazy`: recipe.lazy_adam."""
+  sparse step's slots per token (0: the dense step); `lazy`: recipe.lazy_adam; `precision`: the
+  step's matmuls' (parallel/precision.py)."""
   mesh = make_mesh(devices=jax.devices()[:1])
   groups = stacked.make_groups([m], [LAMBDA * (1 + i) for i in range(n_saes)])
   recipe = stacked.Recipe(
@@ -98,7 +98,9 @@ def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, laz
     clip_grad_norm=clip,
     lazy_adam=lazy,
   )
-  init, shardings, step_fn = stacked.build(0, np.zeros(d), groups, recipe, mesh, batch, 0, 0, (capacity,))
+  init, shardings, step_fn = stacked.build(
+    0, np.zeros(d), groups, recipe, mesh, batch, 0, 0, (capacity,), precision=precision
+  )
   state = init()
   if start is None:
     x = np.random.default_rng(0).normal(0, 1 / np.sqrt(d), (batch, d)).astype(np.float32)
@@ -129,6 +131,7 @@ def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, laz
 
 def saelens(start, repeats=5):
   """Seconds per SAELens training step from `start` = (SAE, batch)."""
+  import torch
   from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
   from sae_lens.saes.sae import TrainStepInput
 
@@ -188,6 +191,8 @@ def lazy_adam(headline: dict, starts: dict) -> None:
 
 
 def main():
+  import torch
+
   use_xnnpack_on_cpu()
   torch.set_num_threads(os.cpu_count())
   print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, torch {torch.__version__}, jax {jax.__version__}")

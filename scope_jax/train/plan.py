@@ -150,6 +150,18 @@ def train_cost(config: ml_collections.ConfigDict, target: Target) -> TrainCost:
   )
 
 
+def train_feed(config: ml_collections.ConfigDict, target: Target, precision: str) -> tuple[float, int]:
+  """(rows per second, bytes per row) a trainer job consumes on `target` at Gemma Scope's MFU with
+  `precision`'s peak (the pre-activations kept, as the accelerator tiling does where they fit):
+  what its loaders must deliver, over all of the slice's hosts together, as float32."""
+  lm = model_config(config)
+  d_in = site_width(parse_site(config.site, lm), lm)
+  d_out = d_in if config.kind == "sae" else site_width(parse_site(stacked_target(config), lm), lm)
+  peak = target.kind.bf16_flops if precision == "bfloat16" else target.kind.f32_flops
+  step_s = train_flops(config, d_in, d_out, keep_pre=True) / (target.chips * peak * GEMMA_SCOPE_MFU)
+  return config.train.batch_size / step_s, 4 * (d_in + (d_out if config.kind != "sae" else 0))
+
+
 def stacked_target(config: ml_collections.ConfigDict) -> str:
   from scope_jax.train.checkpoints import target_site
 
