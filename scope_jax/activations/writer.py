@@ -99,7 +99,8 @@ class ShardWriter:
     """Buffers the rows of one batch: `acts[site] [n, width]`, `trace [n, 5]`."""
     for site in self.sites:
       rows = acts[site]
-      bad = np.concatenate(self.pool.run([functools.partial(_nonfinite, rows[lo:hi]) for lo, hi in _pieces(rows)]))
+      pieces = [functools.partial(_nonfinite, rows[lo:hi]) for lo, hi in _pieces(rows)]
+      bad = np.concatenate([np.zeros(0, bool), *self.pool.run(pieces)])  # a shard may get no rows of a batch
       if bad.any():
         row = int(np.argmax(bad))
         t = dict(zip(TRACE_COLUMNS, trace[row].tolist()))

@@ -18,6 +18,7 @@ def write_shard(root, dtype: str, workers: int, rows_nd: np.ndarray) -> dict:
   for b, lo in enumerate(range(0, len(rows_nd), BATCH_ROWS)):
     batch = rows_nd[lo : lo + BATCH_ROWS]
     writer.add({"res.0": batch}, np.zeros((len(batch), 5), np.int32))
+    writer.add({"res.0": batch[:0]}, np.zeros((0, 5), np.int32))  # a batch of only padding for this shard
     if b % 3 == 2:
       writer.flush(b + 1)
   writer.flush(len(rows_nd) // BATCH_ROWS, finished=True)
