@@ -137,13 +137,13 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
   if not steps:
     return init()
   failures = []
+  _ignore_orphaned_reads()  # before: a failed restore's reads can land while its error is still raised
   for step in steps:
     try:
       state = _restore_step(mngr, step, identity, init, shardings)
     except OtherRun:
       raise
     except Exception as e:  # orbax and tensorstore raise many types for a damaged file
-      _ignore_orphaned_reads()
       failures.append((step, e))
       continue
     for bad, e in failures:
@@ -159,7 +159,8 @@ def restore_or_init(mngr, identity: dict, init, shardings) -> dict:
 
 
 def _ignore_orphaned_reads() -> None:
-  """Silences the reads a failed restore leaves behind (for every later failure too).
+  """Silences the reads a failed restore leaves behind, from before the first restore on (they
+  can complete while the restore's error is still being raised, before any handler runs).
 
   orbax 0.12 runs a restore's reads in an event loop it closes as soon as the first read fails;
   each read still in flight then completes into the closed loop, and tensorstore reports every one

@@ -181,6 +181,11 @@ def test_kill_9_sigterm_or_ctrl_c_then_resume_gives_the_uninterrupted_store(
     assert proc.poll() is None and time.time() < deadline, "extraction ended before it could be killed"
     time.sleep(0.01)
   proc.send_signal(sig)
+  while sig == signal.SIGINT and proc.poll() is None:  # a Ctrl-C that lands in JAX's gc callback is
+    try:  # dropped there ("Exception ignored in _xla_gc_callback", jax-ml/jax#18246): press it again
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(sig)
   assert proc.wait() == code
   assert not (killed / "activations" / "manifest.json").exists()
   assert (killed / "LEASE").exists() or sig != signal.SIGKILL  # left behind by kill -9; must not block
