@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
@@ -25,6 +26,9 @@ from scope_jax.layout import gcs_hint, kvstore_spec, remote_timeout, some_names
 
 TRACE_COLUMNS = ("token", "doc", "pos", "seq", "col")  # token id, document, position in it, sequence, column
 MANIFEST, CONFIG, LEDGER = "manifest.json", "config.json", "ledger.json"
+# Every site array's codecs: little-endian rows, then a CRC-32C of them (4 bytes, little-endian).
+CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+DEFAULT_KEYS = ({"name": "default"}, {"name": "default", "configuration": {"separator": "/"}})  # chunk files c/<i>/<j>
 
 
 class StoreError(RuntimeError):
@@ -101,7 +105,7 @@ def array_spec(root_spec: dict, key: str, width: int, dtype: str, chunk_rows: in
       "shape": [0, width],
       "data_type": dtype,
       "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}},
-      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+      "codecs": CODECS,
     },
   }
 
@@ -175,6 +179,23 @@ class Store:
       except Exception as e:
         raise StoreError(f"{self.root}/{key}: cannot open ({e})") from e
     return self._arrays[site, shard]
+
+  def chunk_files(self, site: str, shard: int) -> tuple[Path, str] | None:
+    """(directory, data type) of a shard's site array on local disk when its chunks are files as this
+    project writes them (`CODECS`, whole `[chunk_rows, width]` chunks, zarr3's default keys
+    `c/<chunk>/0`), which the loader reads without tensorstore's decoding; None on GCS or for
+    an array laid out otherwise (read through tensorstore)."""
+    if self.kv.spec["driver"] != "file":
+      return None
+    key = f"{shard_key(shard)}/{self._check_site(site)}"
+    meta = self.kv.read_json(f"{key}/zarr.json") or {}
+    as_written = (
+      meta.get("codecs") == CODECS
+      and meta.get("data_type") in ("float32", "bfloat16")
+      and meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") == [self.chunk_rows, self.width(site)]
+      and meta.get("chunk_key_encoding") in DEFAULT_KEYS
+    )
+    return (Path(self.kv.spec["path"]) / key, meta["data_type"]) if as_written else None
 
   def read(self, site: str, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of `site` (or 'trace'), numbered across shards in order."""

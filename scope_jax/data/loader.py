@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scope_jax.activations.store import Store, StoreError, open_store
-from scope_jax.data.batcher import aligned_empty, global_batch
+from scope_jax.data.batcher import HostBuffers, global_batch
 from scope_jax.data.chunks import WindowReader
 from scope_jax.data.normalization import scale_and_mean
 from scope_jax.data.order import StreamOrder
@@ -98,8 +98,8 @@ class StoreLoader:
     self.pool = WorkerPool(resolve_workers(workers, "data.workers"), name=f"loader {site} worker")
     keep = 2 * len(self.own_streams)
     self.reader = WindowReader(self.store, site, self.chunks, self.order, nonfinite, keep, seed, self.pool)
-    # Every batch gets fresh memory: JAX on CPU may keep using (zero-copy) the host buffer an
-    # array was made from, so a buffer handed to it is never written again.
+    # A batch's memory is reused only once no array holds it (JAX on CPU keeps using it, zero-copy).
+    self._buffers = HostBuffers(keep=prefetch + 4)
     self._prefetch = Prefetcher(self.local_rows, prefetch, name=f"loader {site}")
 
   @property
@@ -110,17 +110,19 @@ class StoreLoader:
   def local_rows(self, step: int) -> np.ndarray:
     """This process's rows of step `step` (its streams' rows, in stream order), float32
     `[batch_size / processes, width]`."""
-    out = aligned_empty((len(self.own_streams) * self.stream_batch, self.width))
+    out = self._buffers.take((len(self.own_streams) * self.stream_batch, self.width))
     pieces = []
     for i, k in enumerate(self.own_streams):
       pieces += self._gather_pieces(k, step, out[i * self.stream_batch : (i + 1) * self.stream_batch])
     self.pool.run(pieces)
+    self.reader.recycle()
     return out
 
   def stream_rows(self, stream: int, step: int) -> np.ndarray:
     """Rows [step·b, (step+1)·b) of one stream, `[batch_size / streams, width]` (normalized)."""
     out = np.empty((self.stream_batch, self.width), np.float32)
     self.pool.run(self._gather_pieces(stream, step, out))
+    self.reader.recycle()
     return out
 
   def _gather_pieces(self, stream: int, step: int, out: np.ndarray) -> list:

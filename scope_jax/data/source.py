@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scope_jax.data.batcher import aligned_empty, global_batch
+from scope_jax.data.batcher import HostBuffers, global_batch
 from scope_jax.data.loader import StoreLoader
 from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
 from scope_jax.data.order import epoch_permutation
@@ -74,6 +74,7 @@ class ArraySource:
     self.sharding = NamedSharding(mesh, P(DATA, None))
     self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd, name), normalize, name)
     self._perm_cache: dict[int, np.ndarray] = {}
+    self._buffers = HostBuffers(keep=4)
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._perm_cache:
@@ -99,7 +100,7 @@ class ArraySource:
     owned = owned_blocks(self.mesh, self.batch_size, blocks, "mesh.data")
     ids = np.concatenate([self._row_ids(first + b * size, first + (b + 1) * size) for b in owned])
     order = np.argsort(ids)
-    out = aligned_empty((len(ids), self.width))
+    out = self._buffers.take((len(ids), self.width))
     out[order] = self.rows_nd[ids[order]]
     if self._divisor != 1:
       np.divide(out, np.float32(self._divisor), out=out)
@@ -147,11 +148,12 @@ class PairedSource:
     self.mean = np.concatenate([input_source.mean, target_source.mean]).astype(np.float32)
     self.store = getattr(input_source, "store", None)
     self.sharding = NamedSharding(self.mesh, P(DATA, None))
+    self._buffers = HostBuffers(keep=6)
     self._prefetch = Prefetcher(self.local_rows, 2, name="paired loader")
 
   def local_rows(self, step: int) -> np.ndarray:
     x, y = self.input.local_rows(step), self.target.local_rows(step)
-    out = aligned_empty((x.shape[0], self.width))
+    out = self._buffers.take((x.shape[0], self.width))
     out[:, : self.input_width], out[:, self.input_width :] = x, y
     return out
 

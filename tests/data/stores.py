@@ -11,7 +11,16 @@ SITE = "res.0"
 
 
 def write_store(
-  root, shard_rows=(1_000, 700), width=8, chunk_rows=64, bucket_rows=256, doc_rows=50, seed=0, finish=True, workers=0
+  root,
+  shard_rows=(1_000, 700),
+  width=8,
+  chunk_rows=64,
+  bucket_rows=256,
+  doc_rows=50,
+  seed=0,
+  finish=True,
+  workers=0,
+  dtype="float32",
 ) -> KV:
   """Column 0 of row r is its global id (shards in order), column 1 its document; documents are
   runs of `doc_rows` consecutive ids, as extraction sees them before its bucket shuffle."""
@@ -20,14 +29,14 @@ def write_store(
     "sites": [SITE],
     "widths": {SITE: width},
     "chunk_rows": chunk_rows,
-    "dtype": "float32",
+    "dtype": dtype,
     "seq_len": 64,
     "text": ["synthetic"],
     "model": "none",
   }
   first = 0
   for process, n in enumerate(shard_rows):
-    writer = ShardWriter(kv, process, [SITE], {SITE: width}, "float32", chunk_rows, seed, workers=workers)
+    writer = ShardWriter(kv, process, [SITE], {SITE: width}, dtype, chunk_rows, seed, workers=workers)
     ids = np.arange(first, first + n)
     rows = np.zeros((n, width), np.float32)
     rows[:, 0], rows[:, 1] = ids, ids // doc_rows

@@ -1,6 +1,7 @@
 """The shuffle loader: exactly-once epochs (one and two real processes), determinism and resume,
 shuffle quality, and every validation error triggered for real."""
 
+import gc
 import math
 import sys
 from pathlib import Path
@@ -86,6 +87,40 @@ def test_batches_handed_out_never_change_while_later_ones_are_made(store_root, d
   ld.close()
   fresh = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize="raw")
   np.testing.assert_array_equal(late, np.stack([fresh.local_rows(s) for s in range(12)]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunk_files_read_directly_give_tensorstores_rows(tmp_path, dtype):
+  """The workers' own reads of a local store's chunk files (data/chunks.py) against tensorstore's
+  decoding of the same arrays, the shards' partial last chunks included."""
+  from scope_jax.activations.store import open_store
+  from scope_jax.data.chunks import read_chunk_file
+
+  write_store(tmp_path, dtype=dtype)
+  store = open_store(str(tmp_path))
+  for shard, rows in enumerate(store.shard_rows):
+    directory, found = store.chunk_files(SITE, shard)
+    assert found == dtype
+    for lo in range(0, rows, store.chunk_rows):
+      out = np.empty((store.chunk_rows, store.width(SITE)), np.float32)
+      sums = read_chunk_file(directory / "c" / str(lo // store.chunk_rows) / "0", dtype, out)
+      n = min(store.chunk_rows, rows - lo)
+      expected = np.asarray(store.array(SITE, shard)[lo : lo + n].read().result(), np.float32)
+      np.testing.assert_array_equal(out[:n], expected)
+      np.testing.assert_allclose(sums[:n], expected.sum(axis=1), rtol=1e-5)
+
+
+def test_batch_memory_is_reused_only_once_nothing_holds_it(store_root):
+  ld = StoreLoader(store_root, SITE, 48, make_mesh(devices=jax.devices()[:1]), normalize="raw")
+  first = ld.local_rows(0)
+  address = first.ctypes.data
+  held = global_batch(first, ld.sharding, (ld.batch_size, ld.width))
+  del first
+  assert ld.local_rows(1).ctypes.data != address  # a JAX array still holds step 0's memory
+  del held
+  gc.collect()  # JAX's array may sit in a reference cycle until a collection
+  assert ld.local_rows(2).ctypes.data == address
+  ld.close()
 
 
 def test_batches_are_handed_to_jax_without_a_copy(store_root):
