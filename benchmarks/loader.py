@@ -14,6 +14,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -58,18 +59,36 @@ def raw_read_bytes_per_s(root: str) -> float:
   return total / (time.perf_counter() - start)
 
 
+def copy_gb_per_s(threads: int, mb: int = 256) -> float:
+  """A plain numpy copy's bandwidth on `threads` threads (each copying its own `mb` MB): the memory
+  bound the loader's 2-over-1 ratio stands beside."""
+  src = [np.ones(mb * 2**18, np.float32) for _ in range(threads)]
+  dst = [np.zeros_like(x) for x in src]
+  with ThreadPoolExecutor(threads) as pool:
+    best = min(_timed(lambda: list(pool.map(np.copyto, dst, src))) for _ in range(5))
+  return threads * mb * 2**20 / best / 1e9
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def loader_rows_per_s(root: str, rows: int, workers: int, batch: int = BATCH) -> float:
-  """Rows/s of an epoch of batches onto the first device (the first batch, which starts the
-  threads and reads the first window, not timed)."""
+  """Rows/s of an epoch of batches onto the first device, in the steady state of a long job: after
+  an untimed epoch, in which the threads start and the loader's buffers are first taken (fresh
+  memory, a page fault per 4 KiB; later windows and batches reuse them)."""
   loader = StoreLoader(root, SITE, batch, make_mesh(devices=jax.devices()[:1]), seed=0, workers=workers)
   steps = rows // batch
-  loader.batch(0).block_until_ready()
+  for s in range(steps):
+    loader.batch(s).block_until_ready()
   start = time.perf_counter()
-  for s in range(1, steps):
+  for s in range(steps, 2 * steps):
     loader.batch(s).block_until_ready()
   seconds = time.perf_counter() - start
   loader.close()
-  return (steps - 1) * batch / seconds
+  return steps * batch / seconds
 
 
 def preset_feeds(slice_name: str = "h100x8") -> dict:
@@ -123,6 +142,8 @@ def main():
     per_s = statistics.median(rates)
     r["loader"][key] = {"rows_per_s": per_s, "gb_per_s": per_s * row_bytes / 1e9}
   r["loader_2_over_1"] = r["loader"]["2"]["rows_per_s"] / r["loader"]["1"]["rows_per_s"]
+  r["copy_gb_per_s"] = {str(t): copy_gb_per_s(t, 256 if shape is FULL else 8) for t in (1, 2)}
+  r["copy_2_over_1"] = r["copy_gb_per_s"]["2"] / r["copy_gb_per_s"]["1"]
   r["writer_2_over_1"] = r["writer"]["2 float32"]["rows_per_s"] / r["writer"]["1 float32"]["rows_per_s"]
   r["feeds_h100x8"] = preset_feeds()
   for workers in ("1", "2"):
@@ -134,7 +155,8 @@ def main():
   for key, x in r["writer"].items():
     print(f"writer, {key.replace(' ', ' worker(s), ')} store: {x['rows_per_s']:,.0f} rows/s = {x['gb_per_s']:.2f} GB/s")
   print(
-    f"2 workers / 1: loader {r['loader_2_over_1']:.2f}x, writer {r['writer_2_over_1']:.2f}x ({r['host_cores']} cores)"
+    f"2 workers / 1: loader {r['loader_2_over_1']:.2f}x, writer {r['writer_2_over_1']:.2f}x ({r['host_cores']} cores); "
+    f"a plain copy {r['copy_2_over_1']:.2f}x ({r['copy_gb_per_s']['1']:.1f} -> {r['copy_gb_per_s']['2']:.1f} GB/s)"
   )
   for key, f in r["feeds_h100x8"].items():
     have = r["loader"]["2"]["gb_per_s"]
