@@ -82,10 +82,10 @@ def loader_rows_per_s(root: str, rows: int, workers: int, batch: int = BATCH) ->
   loader = StoreLoader(root, SITE, batch, make_mesh(devices=jax.devices()[:1]), seed=0, workers=workers)
   steps = rows // batch
   for s in range(steps):
-    loader.batch(s).block_until_ready()
+    loader.batch(s).x_bd.block_until_ready()
   start = time.perf_counter()
   for s in range(steps, 2 * steps):
-    loader.batch(s).block_until_ready()
+    loader.batch(s).x_bd.block_until_ready()
   seconds = time.perf_counter() - start
   loader.close()
   return steps * batch / seconds
@@ -103,7 +103,7 @@ def preset_feeds(slice_name: str = "h100x8") -> dict:
   slice_, out = target(slice_name), {}
   for size in ("2b", "9b", "27b"):
     with tempfile.TemporaryDirectory() as workdir:
-      jobs = [j for j in grid.plan(presets.get_config(f"size={size}"), workdir) if j.kind == "train"]
+      jobs = [j for j in grid.plan(presets.get_config(f"size={size}"), workdir) if j.stage == "train"]
     for precision in ("float32", "bfloat16"):
       feeds = {j.name: train_feed(j.config, slice_, precision) for j in jobs}
       name = max(feeds, key=lambda n: feeds[n][0] * feeds[n][1])

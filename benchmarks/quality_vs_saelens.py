@@ -46,7 +46,7 @@ from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
 
 def batches_from(loader: StoreLoader, steps: int):
   for s in range(steps):
-    yield torch.from_numpy(np.asarray(loader.batch(s)).copy())
+    yield torch.from_numpy(np.asarray(loader.batch(s).x_bd).copy())
 
 
 def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:

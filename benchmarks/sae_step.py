@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import seconds_per_call
+from scope_jax.data.batch import Batch
 from scope_jax.parallel.mesh import make_mesh, use_xnnpack_on_cpu
 from scope_jax.sae.model import SAE
-from scope_jax.train import stacked
+from scope_jax.train import run, stacked
 from scope_jax.train.params import TrainParams
 from scope_jax.train.selection import auto_capacity
 
@@ -98,9 +99,8 @@ def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, laz
     clip_grad_norm=clip,
     lazy_adam=lazy,
   )
-  init, shardings, step_fn = stacked.build(
-    0, np.zeros(d), groups, recipe, mesh, batch, 0, 0, (capacity,), precision=precision
-  )
+  built = run.build(stacked.Sweep(tuple(groups), recipe, batch, precision=precision), mesh, np.zeros(d))
+  init, shardings, step_fn = built.init, built.shardings, built.make_step((capacity,))
   state = init()
   if start is None:
     x = np.random.default_rng(0).normal(0, 1 / np.sqrt(d), (batch, d)).astype(np.float32)
@@ -110,20 +110,20 @@ def ours(d, m, batch, n_saes=1, repeats=5, clip=0.0, start=None, capacity=0, laz
     state["params"] = jax.device_put((params,), shardings["params"])
     nu = jax.tree.map(lambda a: np.full(a.shape, 1e-8, np.float32), params)  # a trained Adam state
     state["opt_state"]["nu"] = jax.device_put((nu,), shardings["opt_state"]["nu"])
-  x = jax.device_put(x)
+  x = Batch(jax.device_put(x))
   compiled = step_fn.lower(state, x).compile()
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-  base = sum(a.nbytes for a in jax.tree.leaves((state["params"], state["opt_state"]))) + x.nbytes
+  base = sum(a.nbytes for a in jax.tree.leaves((state["params"], state["opt_state"]))) + x.x_bd.nbytes
   box = [state]
   ran_sparse = []
 
-  def run():
+  def one_step():
     box[0], metrics = compiled(box[0], x)
     jax.block_until_ready(box[0])
     ran_sparse.append(float(metrics[0]["sparse"][0]))
 
-  seconds, _ = seconds_per_call(run, repeats=repeats)
+  seconds, _ = seconds_per_call(one_step, repeats=repeats)
   if capacity and min(ran_sparse) < 1:
     raise RuntimeError(f"capacity {capacity}: a step fell back to the dense step; the timing is not the sparse step's")
   return seconds, peak, base
@@ -147,7 +147,7 @@ def saelens(start, repeats=5):
   opt = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999), eps=1e-8)
   x = torch.from_numpy(x_np)
 
-  def run():
+  def one_step():
     out = sae.training_forward_pass(
       TrainStepInput(
         sae_in=x, coefficients={"l0": LAMBDA}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
@@ -157,7 +157,7 @@ def saelens(start, repeats=5):
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  seconds, _ = seconds_per_call(run, repeats=repeats)
+  seconds, _ = seconds_per_call(one_step, repeats=repeats)
   return seconds
 
 

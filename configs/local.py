@@ -14,6 +14,7 @@ at res.6 with nested prefixes of 128 and 512 latents.
 """
 
 from scope_jax.config import default_config, parse_arg
+from scope_jax.core.kinds import TRANSCODER_KINDS, transcoder_sites
 
 
 def get_config(arg=None):
@@ -22,9 +23,8 @@ def get_config(arg=None):
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
   c.site = arg.site
-  if arg.kind in ("transcoder", "skip_transcoder"):
-    layer = arg.site.split(".")[1]
-    c.kind, c.site, c.target_site = arg.kind, f"mlp_in.{layer}", f"mlp.{layer}"
+  if arg.kind in TRANSCODER_KINDS:
+    c.kind, (c.site, c.target_site) = arg.kind, transcoder_sites(arg.site.split(".")[1])
     c.sites = (c.site, c.target_site)
   elif arg.kind == "matryoshka":
     c.sweep.prefixes = (128, 512)

@@ -143,10 +143,10 @@ def stage_export(config, workdir, redo=()) -> None:
     return
   entries = export(config, workdir)
   for e in entries:
-    print(f"{e['name']:>24}  L0 {e['l0']:8.1f}  dead {e['dead_fraction']:.1%}  {e['gemma_scope']}")
+    print(f"{e.name:>24}  L0 {e.l0:8.1f}  dead {e.dead_fraction:.1%}  {e.files['gemma_scope']}")
   print(
-    f"export: {len(entries)} SAEs, each trained on {entries[0]['epochs']:.2f} epochs of its data; "
-    f"L0 and dead latents measured on {entries[0]['measured_rows']:,} rows; index in {RunLayout(workdir).export_index}"
+    f"export: {len(entries)} SAEs, each trained on {entries[0].epochs:.2f} epochs of its data; "
+    f"L0 and dead latents measured on {entries[0].measured_rows:,} rows; index in {RunLayout(workdir).export_index}"
   )
 
 
@@ -222,7 +222,7 @@ def stage_sweep(config, workdir, dry_run: bool, patterns: str | None, redo=(), t
       print("finished earlier; skipped")
       continue
     with holding(job.workdir, "workdir"):
-      if job.kind == "extract":
+      if job.stage == "extract":
         stage_extract(job.config, job.workdir)
       else:
         stage_train_export_eval(job.config, job.workdir, redo)
@@ -329,7 +329,7 @@ def prepare_environment() -> None:
 def match(args) -> None:
   """`scope-jax match`: adjacent-layer matches of the given SAEs, written as a small report."""
   from scope_jax.activations.store import StoreError, open_store
-  from scope_jax.browse.relations import adjacent_matches, write_match_report
+  from scope_jax.analysis.matching import adjacent_matches, write_match_report
   from scope_jax.sae import load_sae
 
   try:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from scope_jax.core.choices import DTYPES, EXTRACT_BY, MODES, NONFINITE, NORMALIZATIONS, SPARSITY_LOSSES, TRAIN_STEPS
+from scope_jax.core.kinds import KINDS, TRANSCODER_KINDS, config_target_site
+
 
 def default_config() -> ml_collections.ConfigDict:
   """Sequences are tuples so that `--config.sites="('res.6','res.12')"` can override them."""
@@ -215,15 +218,7 @@ def _is_site(value) -> bool:
 
 def choices() -> dict[str, tuple[str, ...]]:
   """Fields that take one of a few names, with the names as the modules that use them define them."""
-  from scope_jax.activations.extract import DTYPES
-  from scope_jax.data.chunks import NONFINITE
-  from scope_jax.data.normalization import NORMALIZATIONS
-  from scope_jax.grid import EXTRACT_BY
   from scope_jax.parallel.precision import PRECISIONS
-  from scope_jax.sae.loss import SPARSITY_LOSSES
-  from scope_jax.text.sequences import MODES
-  from scope_jax.train.selection import STEP_KINDS
-  from scope_jax.train.stacked import KINDS
 
   return {
     "model_dtype": DTYPES,
@@ -234,8 +229,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     "recipe.normalize": NORMALIZATIONS,
     "recipe.sparsity_loss": SPARSITY_LOSSES,
     "grid.extract_by": EXTRACT_BY,
-    "train.step": STEP_KINDS,
-    "kind": KINDS,
+    "train.step": TRAIN_STEPS,
+    "kind": tuple(KINDS),
   }
 
 
@@ -305,7 +300,7 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
     check("site", _is_site(config.site), "a site name KIND.LAYER, e.g. 'res.6'")
     if config.data.path is None and command != "extract":  # training reads the store extraction writes
       check("site", config.site in sites, f"one of sites {sites} (the store holds those), or set data.path")
-  if config.kind != "sae" and command != "extract":
+  if config.kind in TRANSCODER_KINDS and command != "extract":
     found.extend(transcoder_problems(config))
   if config.recipe.sparsity_loss == "quadratic":
     target = config.recipe.target_l0
@@ -316,9 +311,8 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
 def transcoder_problems(config: ml_collections.ConfigDict) -> list[str]:
   """A transcoder's input and target: sites of one layer, both in the store extraction writes."""
   from scope_jax.models.sites import parse_site
-  from scope_jax.train.checkpoints import target_site
 
-  site, target = config.site, target_site(config)
+  site, target = config.site, config_target_site(config)
   if site is None or not _is_site(site):
     return [f"site = {site!r}: expected the transcoder's input site (e.g. 'mlp_in.6') with kind = {config.kind!r}"]
   if target is None or not _is_site(target):

@@ -32,17 +32,15 @@ from pathlib import Path
 import ml_collections
 
 from scope_jax.activations.store import KV, MANIFEST
+from scope_jax.core.choices import EXTRACT_BY
+from scope_jax.core.kinds import TRANSCODER_KINDS, transcoder_sites, transcoder_target
 from scope_jax.layout import RunLayout, eval_identity
-from scope_jax.models.sites import KINDS
-
-TRANSCODER_KINDS = ("transcoder", "skip_transcoder")
-
-EXTRACT_BY = ("layer", "site", "all")
+from scope_jax.models.sites import SITE_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  kind: str  # "extract" | "train" (train + export + eval)
+  stage: str  # "extract" | "train" (train + export + eval)
   name: str  # e.g. "extract/L12-8B", "train/res.12-8B"
   workdir: str
   config: ml_collections.ConfigDict
@@ -68,9 +66,9 @@ def site_widths(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]
   g = config.grid
   if not g.layers:
     raise ValueError("config.grid.layers is empty: a sweep config lists the layers (and grid.kinds) to train")
-  unknown = sorted(set(g.kinds) - set(KINDS))
+  unknown = sorted(set(g.kinds) - set(SITE_KINDS))
   if unknown or not g.kinds:
-    raise ValueError(f"config.grid.kinds {list(g.kinds)}: expected a non-empty subset of {list(KINDS)}")
+    raise ValueError(f"config.grid.kinds {list(g.kinds)}: expected a non-empty subset of {list(SITE_KINDS)}")
   widths = tuple(g.widths) or tuple(config.sweep.widths)
   out = {f"{kind}.{layer}": widths for layer in g.layers for kind in g.kinds}
   for site, own in g.site_widths:
@@ -125,14 +123,16 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
   for site, tokens in train_groups:
     budget[site] = max(budget.get(site, 0), tokens)
   for _, layer, tokens in transcoder_groups:
-    pair = (f"mlp_in.{layer}", f"mlp.{layer}")  # read as pairs from one store: one budget
+    pair = transcoder_sites(layer)  # read as pairs from one store: one budget
     both = max(tokens, *(budget.get(s, 0) for s in pair))
     budget.update(dict.fromkeys(pair, both))
   transcoder_layers = {str(layer) for _, layer, _ in transcoder_groups}
   extraction_sets: dict[tuple[str, int], list[str]] = {}
   for site, tokens in budget.items():
-    kind, layer = site.split(".")
-    paired = f"mlp.{layer}" if kind == "mlp_in" and layer in transcoder_layers else site  # one store per pair
+    layer = site.split(".")[1]
+    paired = (
+      transcoder_target(site) if layer in transcoder_layers and transcoder_target(site) else site
+    )  # one store per pair
     group = {"layer": f"L{layer}", "site": paired, "all": "all"}[config.grid.extract_by]
     extraction_sets.setdefault((group, tokens), []).append(site)
 
@@ -153,8 +153,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path) -> list[Job]:
     jobs.append(Job("train", name, f"{workdir}/{name}", c, (site,), tuple(widths), tokens))
   for (kind, layer, tokens), widths in transcoder_groups.items():
     name = f"train/{kind}.{layer}-{_tokens_name(tokens)}"
-    c = _copy(store_of[f"mlp_in.{layer}"])
-    c.kind, c.site, c.target_site, c.sweep.widths = kind, f"mlp_in.{layer}", f"mlp.{layer}", tuple(widths)
+    c = _copy(store_of[transcoder_sites(layer)[0]])
+    c.kind, (c.site, c.target_site), c.sweep.widths = kind, transcoder_sites(layer), tuple(widths)
     c.train.steps = max(1, tokens // c.train.batch_size)
     jobs.append(Job("train", name, f"{workdir}/{name}", c, (c.site, c.target_site), tuple(widths), tokens))
   return jobs
@@ -179,7 +179,7 @@ def is_finished(job: Job, timeout: float | None = None) -> bool:
   """An extraction is finished when its store's manifest exists; a trainer job when its
   evaluation's (and, with `browse.enabled`, its browser's) marker holds what the job's config
   and latest checkpoint give (layout.py)."""
-  if job.kind == "extract":
+  if job.stage == "extract":
     return KV(job.workdir).read_json(MANIFEST, timeout=timeout) is not None
   from scope_jax.browse import browse_identity
 
@@ -205,8 +205,8 @@ def table(jobs: list[Job]) -> str:
         j.name,
         ",".join(j.sites),
         "+".join(map(str, j.widths)) or "-",
-        str(len(j.config.sweep.l1_coefficients)) if j.kind == "train" else "-",
-        str(j.saes) if j.kind == "train" else "-",
+        str(len(j.config.sweep.l1_coefficients)) if j.stage == "train" else "-",
+        str(j.saes) if j.stage == "train" else "-",
         _tokens_name(j.tokens),
         status,
       )
@@ -215,10 +215,10 @@ def table(jobs: list[Job]) -> str:
   lines = ["  ".join(v.ljust(n) for v, n in zip(r, sizes)).rstrip() for r in rows]
   if unreachable:
     lines.append(unreachable)
-  n_extract = sum(j.kind == "extract" for j in jobs)
+  n_extract = sum(j.stage == "extract" for j in jobs)
   lines.append(
     f"{n_extract} extraction jobs, {len(jobs) - n_extract} trainer jobs, "
-    f"{sum(j.saes for j in jobs if j.kind == 'train')} SAEs"
+    f"{sum(j.saes for j in jobs if j.stage == 'train')} SAEs"
   )
   return "\n".join(lines)
 
@@ -254,7 +254,7 @@ def cost_table(jobs: list[Job], target_name: str, progress: bool = True) -> str:
   rows, compiled, hours, stored, failed = [head], {}, 0.0, 0, 0
   for job in tqdm(jobs, desc=f"plan on {target_name}", unit="job", disable=not progress):
     try:
-      if job.kind == "extract":
+      if job.stage == "extract":
         e = extract_cost(job.config, slice_)
         hours, stored = hours + e.device_hours, stored + e.store_bytes
         store = f"{_size(e.store_bytes)}, written at {_size(e.write_bytes_per_s)}/s"

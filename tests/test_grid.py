@@ -66,11 +66,11 @@ def test_grouping_by_site_and_all_and_store_root():
   c = load("gemma2", "size=2b")
   c.grid.layers, c.grid.site_widths = (3, 4), ()
   c.extract.store = "gs://bucket/acts/"
-  by_site = [j for j in grid.plan(c, "runs") if j.kind == "extract"]
+  by_site = [j for j in grid.plan(c, "runs") if j.stage == "extract"]
   c.grid.extract_by = "site"
-  assert len([j for j in grid.plan(c, "runs") if j.kind == "extract"]) == 6 and len(by_site) == 2
+  assert len([j for j in grid.plan(c, "runs") if j.stage == "extract"]) == 6 and len(by_site) == 2
   c.grid.extract_by = "all"
-  (everything,) = [j for j in grid.plan(c, "runs") if j.kind == "extract"]
+  (everything,) = [j for j in grid.plan(c, "runs") if j.stage == "extract"]
   assert len(everything.sites) == 8 and everything.workdir == "gs://bucket/acts/all-8B"  # with mlp_in.3, mlp_in.4
 
 

@@ -11,11 +11,13 @@ from jax.sharding import PartitionSpec as P
 
 import scope_jax as sj
 from scope_jax.browse import features
+from scope_jax.core.kinds import kind_named
+from scope_jax.data.batch import Batch
 from scope_jax.eval import statistics
 from scope_jax.export import exporter
 from scope_jax.models.sites import parse_site
 from scope_jax.parallel.mesh import make_mesh
-from scope_jax.train import stacked
+from scope_jax.train import run, stacked
 from tests.helpers import tiny_gemma3
 from tests.sae.test_io import random_sae
 
@@ -66,15 +68,13 @@ def test_every_training_step_lowers_for_tpu_and_cuda(kind, prefixes, capacity, p
   mesh, batch = make_mesh(4, 2), 128
   groups = stacked.make_groups([64, 128], [1e-3, 1e-2], prefixes=prefixes)
   recipe = stacked.Recipe(clip_grad_norm=1.0, dead_latent_loss=0.1, frequency_scale=0.1 if capacity else 0.0)
-  d_in = D if kind != "sae" else None
-  columns = D + (D if d_in else 0)
-  init, shardings = stacked.initializer(0, np.zeros(D), groups, recipe, mesh, batch, kind, d_in)
+  kind = kind_named(kind)
+  sweep = stacked.Sweep(tuple(groups), recipe, batch, kind, precision=precision)
+  rows = jax.ShapeDtypeStruct((batch, D), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
   for free in (None, 80 * 10**9):  # the cache rule and the memory rule (whole width, kept pre-activations)
-    step_fn = stacked.make_train_step(
-      groups, recipe, shardings, mesh, batch, np.zeros(D), 0, 0, (capacity,) * 2, kind, precision, free
-    )
-    x = jax.ShapeDtypeStruct((batch, columns), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
-    module = _lowers(step_fn, _abstract(jax.eval_shape(init), shardings), x)
+    built = run.build(sweep, mesh, np.zeros(D), D, free)
+    state = stacked.abstract_state(sweep, built.shardings, D, D)
+    module = _lowers(built.make_step((capacity,) * 2), state, Batch(rows, rows if kind.transcoder else None))
     assert ("bf16" in module) == (precision == "bfloat16")
 
 
@@ -108,4 +108,4 @@ def test_the_eval_engine_the_browser_encoder_and_the_export_measure_lower_for_tp
   _lowers(features._encode, sae, jnp.zeros((256, D), jnp.float32))
   groups = stacked.make_groups([64], [1e-3])
   params = tuple(stacked.init_group(0, np.zeros(D), g, stacked.Recipe()) for g in groups)
-  _lowers(exporter._fire_counts, params, jnp.zeros((128, D), jnp.float32), False)
+  _lowers(exporter._fire_counts, params, Batch(jnp.zeros((128, D), jnp.float32)), False)

@@ -10,7 +10,7 @@ import pytest
 
 import scope_jax as sj
 from scope_jax.activations.store import KV, StoreError
-from scope_jax.browse.relations import write_match_report
+from scope_jax.analysis.matching import write_match_report
 from scope_jax.data import ArraySource
 from scope_jax.export import export
 from scope_jax.layout import (

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from scope_jax.activations.store import CONFIG, KV, MANIFEST, TRACE_COLUMNS, StoreError, write_manifest
 from scope_jax.activations.writer import ShardWriter, ledger_batches
+from scope_jax.core.choices import DTYPES
 from scope_jax.layout import RunLayout, differences
 from scope_jax.lease import holding
 from scope_jax.models.sites import parse_site, site_width
@@ -36,8 +37,6 @@ from scope_jax.parallel.mesh import make_mesh, owned_blocks
 from scope_jax.parallel.prefetch import BackgroundWorker, prefetch_iterator
 from scope_jax.text.sequences import batches, sequences
 from scope_jax.text.sources import iter_documents
-
-DTYPES = ("float32", "bfloat16")
 
 
 def store_root(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
@@ -110,6 +109,11 @@ def _local_rows(batch, acts: dict[str, jax.Array]) -> tuple[dict[str, np.ndarray
       )
     )
   return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(traces)
+
+
+def committed_rows(writers: dict[int, ShardWriter]) -> int:
+  """The rows this process's shards have committed (each shard's ledger, updated at every flush)."""
+  return sum(w.ledger["rows"] for w in writers.values())
 
 
 def load_extraction_model(config: ml_collections.ConfigDict):
@@ -213,7 +217,7 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
         tokens_seen += int(batch.keep.sum())
         bar.update(1)
         bar.set_postfix_str(
-          f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, {writer.ledger['rows']:,} rows committed"
+          f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, {committed_rows(writers):,} rows committed"
         )
     finally:
       try:
@@ -230,7 +234,7 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
     write_manifest(kv, identity, shards, model_source=lm.source)
   multihost_utils.sync_global_devices("scope_jax extract: manifest written")
   return summary | {
-    "rows": sum(w.ledger["rows"] for w in writers.values()),
+    "rows": committed_rows(writers),
     "tokens_processed": tokens_seen,
     "seconds": seconds,
     "tokens_per_s": tokens_seen / seconds if seconds else 0.0,

@@ -22,7 +22,7 @@ the latent's activation on every token (process 0 reads them; every process scan
 the store's chunks for the statistics, `features.scan`). Promoted / suppressed tokens: the decoder direction
 through the model's unembedding (final norm scale folded in), for SAEs writing the residual
 stream (`res`, `mlp` sites and transcoders). Splitting: each latent links to its children in the
-next wider SAE of the same site and λ (`relations.children`: nearest decoder directions), each
+next wider SAE of the same site and λ (`analysis/matching.py` `children`: nearest decoder directions), each
 with the share of the child's firings on which the parent fires too (co-activation, counted in
 the same scan).
 """
@@ -43,9 +43,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from scope_jax.activations.store import Store, open_store
+from scope_jax.analysis.matching import children
 from scope_jax.browse.contexts import TokenText, check_trace, windows
 from scope_jax.browse.features import N_BINS, LatentStats, bin_edges, scan
-from scope_jax.browse.relations import children
 from scope_jax.eval.evaluate import entry_sae, saes_to_evaluate
 from scope_jax.layout import RunLayout, check_replaceable, discard, export_identity, new_staging, replace_directory
 from scope_jax.models.sites import parse_site
@@ -69,19 +69,21 @@ def run_browse(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, 
   layout = RunLayout(workdir)
   if jax.process_index() == 0:
     check_replaceable(layout.browse)  # a browse/ scope_jax did not make is refused before the scan
-  entries = {name: e for name, e in saes_to_evaluate(config, workdir).items() if not e.get("prefix")}
+  entries = {name: e for name, e in saes_to_evaluate(config, workdir).items() if not e.prefix}
   store = open_store(config.data.path or store_root(config, workdir))
   check_trace(store)
   for name, e in entries.items():
-    if e["input_site"] not in store.sites:
+    if e.input_site not in store.sites:
       raise ValueError(
-        f"SAE {name} reads site {e['input_site']}, which the store {store.root} does not hold "
+        f"SAE {name} reads site {e.input_site}, which the store {store.root} does not hold "
         f"(it holds {list(store.sites)}); browse it with --config.data.path set to a store of that site"
       )
   writer = jax.process_index() == 0  # every process scans its chunks; process 0 writes the site
   lm = lm or load_extraction_model(config)
   text = TokenText(lm.tokenizer)
-  unembed_vd = lm.unembedding() if any(parse_site(e["site"]).kind in RESIDUAL_KINDS for e in entries.values()) else None
+  unembed_vd = (
+    lm.unembedding() if any(parse_site(e.output_site).kind in RESIDUAL_KINDS for e in entries.values()) else None
+  )
   staging = None  # the site is written whole here (process 0), then swapped in
   if writer:
     layout.unmark("browse")
@@ -111,8 +113,8 @@ def write_sites(config, entries: dict, store: Store, text: TokenText, unembed_vd
   writes each SAE's folder of the site; returns {name: latents}."""
   writer = staging is not None
   written = {}
-  for site in sorted({e["input_site"] for e in entries.values()}):
-    saes = {name: entry_sae(e) for name, e in entries.items() if e["input_site"] == site}
+  for site in sorted({e.input_site for e in entries.values()}):
+    saes = {name: entry_sae(e) for name, e in entries.items() if e.input_site == site}
     b = config.browse
     trees = {}  # name -> (the next wider SAE, each latent's children in it)
     for name, sae in saes.items():
@@ -127,7 +129,7 @@ def write_sites(config, entries: dict, store: Store, text: TokenText, unembed_vd
       written[name] = sae.width
       if not writer:
         continue
-      residual = parse_site(entries[name]["site"]).kind in RESIDUAL_KINDS
+      residual = parse_site(entries[name].output_site).kind in RESIDUAL_KINDS
       logits = promoted_tokens(sae, unembed_vd, b.logit_tokens) if residual else None
       records = latent_records(name, sae, stats[name], store, site, text, logits, config)
       if name in trees:  # each child: (latent, decoder cosine, share of its firings the parent's fire with)
@@ -150,10 +152,10 @@ def next_wider(name: str, entries: dict) -> str | None:
   """The SAE a latent of `name` splits into: the next wider one of the same sites and λ."""
   e = entries[name]
   same = [
-    (o["width"], n)
+    (o.width, n)
     for n, o in entries.items()
-    if (o["site"], o["input_site"], o.get("l1_coefficient")) == (e["site"], e["input_site"], e.get("l1_coefficient"))
-    and o["width"] > e["width"]
+    if (o.output_site, o.input_site, o.l1_coefficient) == (e.output_site, e.input_site, e.l1_coefficient)
+    and o.width > e.width
   ]
   return min(same)[1] if same else None
 
@@ -299,7 +301,7 @@ def write_sae(folder: Path, records: list[dict], config, name: str, entry: dict,
     top_token = top["tokens"][rec["scope"]["centers"][0]] if top else ""
     rows.append([m, rec["frac_nonzero"], rec["scope"]["max"], top_token, rec["pos_str"][:3]])
   (folder / "latents.js").write_text("scopeLatents(" + json.dumps(rows, separators=(",", ":")) + ");\n")
-  layer = parse_site(entry["site"]).layer
+  layer = parse_site(entry.output_site).layer
   for k in range(0, len(records), BATCH_FEATURES):
     batch = {
       "model_id": str(config.model),
@@ -309,7 +311,7 @@ def write_sae(folder: Path, records: list[dict], config, name: str, entry: dict,
     }
     (folder / "neuronpedia" / f"batch-{k // BATCH_FEATURES}.json").write_text(json.dumps(batch))
   title = html.escape(
-    f"{name} ({entry['input_site']}" + (f" -> {entry['site']}" if entry["site"] != entry["input_site"] else "") + ")"
+    f"{name} ({entry.input_site}" + (f" -> {entry.output_site}" if entry.output_site != entry.input_site else "") + ")"
   )
   (folder / "index.html").write_text(
     _PAGE.format(
@@ -329,7 +331,7 @@ def write_sae(folder: Path, records: list[dict], config, name: str, entry: dict,
 def _top_index(entries: dict, written: dict, config) -> str:
   items = "".join(
     f'<li><a href="{html.escape(folder_of(n))}/index.html">{html.escape(n)}</a> '
-    f'<span class="muted">{html.escape(entries[n]["site"])}, {written[n]:,} latents</span></li>'
+    f'<span class="muted">{html.escape(entries[n].output_site)}, {written[n]:,} latents</span></li>'
     for n in written
   )
   title = html.escape(f"scope_jax feature browser: {config.model}")

@@ -30,10 +30,10 @@ import ml_dtypes
 import numpy as np
 
 from scope_jax.activations.store import Store, StoreError
+from scope_jax.core.choices import NONFINITE
 from scope_jax.data.order import StreamOrder, WindowKey
 from scope_jax.parallel.workers import WorkerPool
 
-NONFINITE = ("error", "skip")
 SEGMENT_BYTES = 1 << 19  # what a chunk file is read in: checksummed, converted and summed while in cache
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 

@@ -33,7 +33,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scope_jax.activations.store import Store, StoreError, open_store
-from scope_jax.data.batcher import HostBuffers, global_batch
+from scope_jax.data.batch import SiteSource
+from scope_jax.data.batcher import HostBuffers
 from scope_jax.data.chunks import WindowReader
 from scope_jax.data.normalization import scale_and_mean
 from scope_jax.data.order import StreamOrder
@@ -42,7 +43,7 @@ from scope_jax.parallel.prefetch import Prefetcher
 from scope_jax.parallel.workers import WorkerPool, resolve_workers
 
 
-class StoreLoader:
+class StoreLoader(SiteSource):
   """A `BatchSource` over one site of a finished store."""
 
   def __init__(
@@ -81,10 +82,10 @@ class StoreLoader:
     self.own_streams = owned_blocks(mesh, batch_size, self.streams, "data.streams")
     self.window_chunks = max(1, window_chunks)
     stats = self.store.stats(site)
-    self.scale, divisor, self.mean = scale_and_mean(
+    self.scale, self.divisor, self.mean = scale_and_mean(
       stats["mean_sq_norm"], stats["mean"], normalize, f"{self.store.root} site {site}"
     )
-    self._divisor = np.float32(divisor)
+    self._divisor = np.float32(self.divisor)
     chunk_rows = self.store.chunk_rows
     # every chunk of every shard: (shard, first row in shard, rows)
     self.chunks = [
@@ -97,6 +98,7 @@ class StoreLoader:
     self.order = StreamOrder([c[2] for c in self.chunks], seed, self.streams, self.window_chunks)
     self.pool = WorkerPool(resolve_workers(workers, "data.workers"), name=f"loader {site} worker")
     keep = 2 * len(self.own_streams)
+    self.nonfinite = nonfinite
     self.reader = WindowReader(self.store, site, self.chunks, self.order, nonfinite, keep, seed, self.pool)
     # A batch's memory is reused only once no array holds it (JAX on CPU keeps using it, zero-copy).
     self._buffers = HostBuffers(keep=prefetch + 4)
@@ -148,9 +150,9 @@ class StoreLoader:
 
   # ---------------------------------------------------------------- BatchSource
 
-  def batch(self, step: int) -> jax.Array:
-    """The global batch of `step` (prefetched in the background when read in order)."""
-    return global_batch(self._prefetch.get(step), self.sharding, (self.batch_size, self.width))
+  def rows(self, step: int) -> np.ndarray:
+    """This process's rows of `step` (prefetched in the background when read in order)."""
+    return self._prefetch.get(step)
 
   def close(self) -> None:
     """Stops the prefetch thread (also done when a new `batch(step)` jumps elsewhere)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NORMALIZATIONS = ("raw", "centred")
+from scope_jax.core.choices import NORMALIZATIONS
 
 
 def check_normalization(how: str | None) -> None:

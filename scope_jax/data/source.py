@@ -1,50 +1,34 @@
 """What the trainer reads: global batches addressed by step.
 
-A `BatchSource` gives the batch of step `s` as a pure function of (seed, s), so a resumed job
-asks for step `s` directly and sees what an uninterrupted one would have seen. Batches are
-global `[batch, width]` jax arrays sharded over the mesh's `data` axis; each process builds only
-the rows its own devices hold. `scale` is the normalization scalar C (docs/recipe.md §3): batches come
-divided by it unless `normalize` is None, and export folds it back into the weights.
+A `BatchSource` gives the `Batch` of step `s` as a pure function of (seed, s), so a resumed job
+asks for step `s` directly and sees what an uninterrupted one would have seen. A batch holds
+global `[batch, width]` jax arrays sharded over the mesh's `data` axis, one per site it reads
+(an SAE's input; a transcoder's input and target); each process builds only the rows its own
+devices hold. `scale` is the normalization scalar C (docs/recipe.md §3): batches come divided by
+it unless `normalize` is None, and export folds it back into the weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
 
-import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scope_jax.data.batcher import HostBuffers, global_batch
+from scope_jax.data.batch import Batch, BatchSource, SiteSource
+from scope_jax.data.batcher import HostBuffers
 from scope_jax.data.loader import StoreLoader
 from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
 from scope_jax.data.order import epoch_permutation
 from scope_jax.parallel.mesh import DATA, owned_blocks
-from scope_jax.parallel.prefetch import Prefetcher
-
-
-class BatchSource(Protocol):
-  width: int
-  batch_size: int
-  mesh: Mesh  # the batches are sharded over its `data` axis
-  scale: float  # C (data/normalization.py)
-  mean: np.ndarray  # μ / C, [width] float32: the site's mean in training units (b_dec's start)
-
-  def batch(self, step: int) -> jax.Array:
-    """Rows of step `step`, `[batch_size, width]` float32, divided by C when normalizing."""
-
-  def describe(self) -> dict:
-    """JSON-able identity of the data, checked when a run resumes."""
-
 
 # float16 is refused: Gemma's residual stream overflows its range (and rounds coarsely)
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
 
 
-class ArraySource:
+class ArraySource(SiteSource):
   """Batches drawn from an in-memory (or memory-mapped) `[rows, width]` array.
 
   Epoch e visits the rows in the permutation `default_rng([seed, e])`; step s takes global
@@ -72,7 +56,7 @@ class ArraySource:
     self.rows_nd, self.batch_size, self.mesh, self.seed, self.name = rows_nd, batch_size, mesh, seed, name
     self.width = rows_nd.shape[1]
     self.sharding = NamedSharding(mesh, P(DATA, None))
-    self.scale, self._divisor, self.mean = scale_and_mean(*array_statistics(rows_nd, name), normalize, name)
+    self.scale, self.divisor, self.mean = scale_and_mean(*array_statistics(rows_nd, name), normalize, name)
     self._perm_cache: dict[int, np.ndarray] = {}
     self._buffers = HostBuffers(keep=4)
 
@@ -102,12 +86,9 @@ class ArraySource:
     order = np.argsort(ids)
     out = self._buffers.take((len(ids), self.width))
     out[order] = self.rows_nd[ids[order]]
-    if self._divisor != 1:
-      np.divide(out, np.float32(self._divisor), out=out)
+    if self.divisor != 1:
+      np.divide(out, np.float32(self.divisor), out=out)
     return out
-
-  def batch(self, step: int) -> jax.Array:
-    return global_batch(self.local_rows(step), self.sharding, (self.batch_size, self.width))
 
   def describe(self) -> dict:
     return {
@@ -121,8 +102,8 @@ class ArraySource:
 
 
 class PairedSource:
-  """A transcoder's batches: `[batch, d_in + d_out]`, each row its input site's activation then its
-  target site's, from the same row of one extraction (the store writes every site of a row
+  """A transcoder's batches: `Batch(x_bd, y_bd)`, row b of each its input site's and its target
+  site's activation at the same row of one extraction (the store writes every site of a row
   together, and two sources of one store with one seed read the same rows in the same order).
 
   Input and target are each normalized by their own C ("centred" by default): a λ then means the
@@ -136,35 +117,26 @@ class PairedSource:
     same = {k: (ins.get(k), outs.get(k)) for k in ("root", "rows", "seed", "batch_size", "streams")}
     if any(a != b for a, b in same.values()):
       raise ValueError(f"transcoder input and target must come from one store read alike; they differ in {same}")
-    if getattr(input_source, "reader", None) is not None and input_source.reader.nonfinite != "error":
+    if input_source.nonfinite != "error":
       raise ValueError(
         "data.nonfinite 'skip' replaces rows per site, so input and target rows would no longer pair; "
         "use 'error' to train a transcoder"
       )
     self.input, self.target = input_source, target_source
-    self.input_width, self.width = input_source.width, input_source.width + target_source.width
+    self.input_width, self.output_width = input_source.width, target_source.width
     self.batch_size, self.mesh = input_source.batch_size, input_source.mesh
     self.scale, self.target_scale = input_source.scale, target_source.scale
-    self.mean = np.concatenate([input_source.mean, target_source.mean]).astype(np.float32)
-    self.store = getattr(input_source, "store", None)
-    self.sharding = NamedSharding(self.mesh, P(DATA, None))
-    self._buffers = HostBuffers(keep=6)
-    self._prefetch = Prefetcher(self.local_rows, 2, name="paired loader")
+    self.divisors = (input_source.divisor, target_source.divisor)
+    self.output_mean = target_source.mean
+    self.store = input_source.store
 
-  def local_rows(self, step: int) -> np.ndarray:
-    x, y = self.input.local_rows(step), self.target.local_rows(step)
-    out = self._buffers.take((x.shape[0], self.width))
-    out[:, : self.input_width], out[:, self.input_width :] = x, y
-    return out
-
-  def batch(self, step: int) -> jax.Array:
-    return global_batch(self._prefetch.get(step), self.sharding, (self.batch_size, self.width))
+  def batch(self, step: int) -> Batch:
+    """Each site's rows, read (and prefetched) by its own source."""
+    return Batch(self.input.batch(step).x_bd, self.target.batch(step).x_bd)
 
   def close(self) -> None:
-    self._prefetch.close()
     for source in (self.input, self.target):
-      if hasattr(source, "close"):
-        source.close()
+      source.close()
 
   def describe(self) -> dict:
     inputs = self.input.describe()

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
+from scope_jax.export.entries import read_index
 from scope_jax.layout import RunLayout, check_replaceable, eval_identity, staged_directory
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
@@ -166,12 +167,12 @@ class _Losses:
     return np.concatenate(self.counts)
 
 
-def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar) -> dict[str, dict]:
+def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar, ablations: bool) -> dict[str, dict]:
   """Every SAE of one site. Pass 1 runs the forward up to the site for its mean and variance; pass 2
-  runs it again, then the rest of the forward once per SAE and per reference (clean, zero- and
-  mean-ablated), all from the same on-device activations. A transcoder replaces the site (its
-  target, the MLP's output) with its prediction from its input site of the same layer (the MLP's
-  input), read by one more forward up to that site."""
+  runs it again, then the rest of the forward once per SAE and per reference (clean and, with
+  `ablations`, zero- and mean-ablated), all from the same on-device activations. A transcoder
+  replaces the site (its target, the MLP's output) with its prediction from its input site of the
+  same layer (the MLP's input), read by one more forward up to that site."""
   site_stats = SiteStats()
   for batch in token_batches:
     _, act, _ = lm.to_site(batch.tokens, site)
@@ -183,11 +184,10 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
     resid, act, _ = lm.to_site(batch.tokens, site)
     keep_bt, pred_bt = _padded(batch.keep, act.shape[0]), batch.keep[:, 1:]
     losses.counts.append(pred_bt.sum(axis=1).astype(np.float64))
-    for key, replaced in (
-      ("clean", act),
-      ("zero", _ablate(act, jnp.zeros_like(mean_d))),
-      ("mean", _ablate(act, mean_d)),
-    ):
+    references = {"clean": act}
+    if ablations:
+      references |= {"zero": _ablate(act, jnp.zeros_like(mean_d)), "mean": _ablate(act, mean_d)}
+    for key, replaced in references.items():
       losses.add(key, lm.token_losses_from_site(batch.tokens, site, resid, replaced), pred_bt)
     inputs = {
       s: lm.to_site(batch.tokens, s)[1] for s in {sae.info.site for sae in saes.values() if sae.info.target_site}
@@ -197,7 +197,7 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
       stats[name].add(sums, batch.keep.sum(axis=1))
       losses.add(name, lm.token_losses_from_site(batch.tokens, site, resid, spliced), pred_bt)
     bar.update(1)
-  clean, zero, mean = (losses.mean(k) for k in ("clean", "zero", "mean"))
+  clean = losses.mean("clean")
   out = {}
   for name in saes:
     spliced = losses.mean(name)
@@ -206,25 +206,36 @@ def _evaluate_site(lm, site: str, saes: dict[str, SAE], token_batches: list, bar
       "site": site,
       "ce_clean": clean,
       "ce_spliced": spliced,
-      "ce_zero_ablation": zero,
-      "ce_mean_ablation": mean,
       "delta_loss": delta,
       "delta_loss_se": delta_se,
-      "delta_loss_zero_ablation": zero - clean,  # what the site is worth: the SAE's Δ loss should be far below
-      "delta_loss_mean_ablation": mean - clean,
-      "loss_recovered": _recovered(zero, spliced, clean),
-      "loss_recovered_mean": _recovered(mean, spliced, clean),
       "predictions": int(losses.predictions.sum()),
       "sequences": int(np.sum(losses.predictions > 0)),
     }
+    if ablations:
+      zero, mean = losses.mean("zero"), losses.mean("mean")
+      out[name] |= {
+        "ce_zero_ablation": zero,
+        "ce_mean_ablation": mean,
+        "delta_loss_zero_ablation": zero - clean,  # what the site is worth: the SAE's Δ loss should be far below
+        "delta_loss_mean_ablation": mean - clean,
+        "loss_recovered": _recovered(zero, spliced, clean),
+        "loss_recovered_mean": _recovered(mean, spliced, clean),
+      }
   return out
 
 
 def evaluate_saes(
-  lm, saes: dict[str, tuple[SAE, str]], token_batches: list, dtype=jnp.float32, progress: bool = True
+  lm,
+  saes: dict[str, tuple[SAE, str]],
+  token_batches: list,
+  dtype=jnp.float32,
+  progress: bool = True,
+  ablations: bool = True,
 ) -> dict[str, dict]:
   """{name: metrics} for SAEs `{name: (sae, site)}` on `token_batches`, SAEs cast to `dtype` (the
-  model runs in its own dtype: pass `lm.astype(dtype)` for a low-precision evaluation).
+  model runs in its own dtype: pass `lm.astype(dtype)` for a low-precision evaluation). Without
+  `ablations` the zero- and mean-ablated references (and the loss recovered against them) are
+  left out: two of the forward's passes per batch fewer, for evaluations that report Δ loss only.
 
   The model compiles two programs per site (the forward up to it, the forward from it to the
   loss) whatever the number of SAEs; each SAE shape compiles one small program. Every program's
@@ -246,7 +257,7 @@ def evaluate_saes(
     traced_at(lm.precision),
   ):
     for site in sorted(by_site):
-      out |= _evaluate_site(lm, site, by_site[site], token_batches, bar)
+      out |= _evaluate_site(lm, site, by_site[site], token_batches, bar, ablations)
   return {name: out[name] for name in saes}
 
 
@@ -255,45 +266,61 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float:
   return (ablated - spliced) / (ablated - clean) if ablated != clean else float("nan")
 
 
-def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
-  """The run's exports (export/index.json) and `eval.saes` paths: {name: {"path", "site", ...}}."""
+@dataclasses.dataclass(frozen=True)
+class EvalEntry:
+  """An SAE to splice in (an export of the run, a Matryoshka prefix of one, or an `eval.saes` file)."""
+
+  path: str
+  input_site: str
+  output_site: str  # where its reconstruction is spliced: input_site for an SAE
+  width: int
+  l1_coefficient: float | None
+  dead_export: float | None = None  # dead on the export's measurement rows (exports only)
+  prefix: int | None = None  # a Matryoshka prefix: its first `prefix` latents
+
+  def about(self) -> dict:
+    """What the report shows of it beside its results."""
+    return {
+      "width": self.width,
+      "l1_coefficient": self.l1_coefficient,
+      "path": self.path,
+      "dead_export": self.dead_export,
+    }
+
+
+def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, EvalEntry]:
+  """The run's exports (export/index.json) and `eval.saes` paths, by name."""
   entries = {}
   index = RunLayout(workdir).export_index
   if index.exists():
-    for e in json.loads(index.read_text()):
-      entries[e["name"]] = {
-        "path": e["gemma_scope"],
-        "site": e.get("target_site") or e["site"] or config.site,
-        "input_site": e["site"] or config.site,
-        "width": e["width"],
-        "l1_coefficient": e["l1_coefficient"],
-        "dead_export": e["dead_fraction"],
-      }
-      for m in e.get("prefixes", [])[:-1]:  # a Matryoshka SAE's narrower prefixes, each on its own
-        entries[f"{e['name']}@{m}"] = entries[e["name"]] | {"prefix": m, "width": m, "dead_export": None}
+    for e in read_index(index):
+      entries[e.name] = EvalEntry(
+        e.files["gemma_scope"],
+        e.input_site or config.site,
+        e.output_site or config.site,
+        e.width,
+        e.l1_coefficient,
+        e.dead_fraction,
+      )
+      for m in e.prefixes[:-1]:  # a Matryoshka SAE's narrower prefixes, each on its own
+        entries[f"{e.name}@{m}"] = dataclasses.replace(entries[e.name], prefix=m, width=m, dead_export=None)
   for path in config.eval.saes:
     sae = load_sae(path)
     site = sae.info.site or config.site
     if not site:
       raise ValueError(f"eval.saes {path}: the file does not say its site; set config.site")
-    entries[str(path)] = {
-      "path": str(path),
-      "site": sae.info.target_site or site,
-      "input_site": site,
-      "width": sae.width,
-      "l1_coefficient": sae.info.l1_coefficient,
-    }
+    entries[str(path)] = EvalEntry(str(path), site, sae.info.target_site or site, sae.width, sae.info.l1_coefficient)
   if not entries:
     raise FileNotFoundError(f"nothing to evaluate: no {index} and eval.saes is empty")
   return entries
 
 
-def entry_sae(entry: dict) -> SAE:
+def entry_sae(entry: EvalEntry) -> SAE:
   """The SAE of a `saes_to_evaluate` entry: its file read with its sites, cut to its prefix."""
-  sae = load_sae(entry["path"], site=entry["input_site"])
-  if entry["site"] != entry["input_site"]:
-    sae = sae.replace(info=dataclasses.replace(sae.info, target_site=entry["site"]))
-  return prefix_sae(sae, entry["prefix"]) if entry.get("prefix") else sae
+  sae = load_sae(entry.path, site=entry.input_site)
+  if entry.output_site != entry.input_site:
+    sae = sae.replace(info=dataclasses.replace(sae.info, target_site=entry.output_site))
+  return prefix_sae(sae, entry.prefix) if entry.prefix else sae
 
 
 def prefix_sae(sae: SAE, m: int) -> SAE:
@@ -335,14 +362,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
     layout.unmark("eval")
   lm = lm or load_extraction_model(config)
   token_batches = eval_batches(config, lm.tokenizer)
-  saes = {name: (entry_sae(e), e["site"]) for name, e in entries.items()}
+  saes = {name: (entry_sae(e), e.output_site) for name, e in entries.items()}
   results = evaluate_saes(lm, saes, token_batches, progress=progress)
   warnings_ = check_standard_errors(results, config.eval.delta_loss_se)
   results_bf16 = None
   if config.eval.bfloat16:
     results_bf16 = evaluate_saes(lm.astype(jnp.bfloat16), saes, token_batches, dtype=jnp.bfloat16, progress=progress)
   for name, e in entries.items():
-    about = {k: e.get(k) for k in ("width", "l1_coefficient", "path", "dead_export")}
+    about = e.about()
     results[name] |= about
     if results_bf16:
       results_bf16[name] |= about

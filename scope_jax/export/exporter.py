@@ -13,7 +13,6 @@ folder and as a SAELens directory.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -23,25 +22,24 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from scope_jax.data.source import BatchSource
+from scope_jax.core.kinds import SAE, Kind, config_target_site, kind_named
+from scope_jax.data.batch import Batch, BatchSource
+from scope_jax.export.entries import ExportEntry, index_json
 from scope_jax.layout import RunLayout, check_replaceable, export_identity, staged_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.parallel.precision import traced_at
 from scope_jax.sae.io import GS2_FOLDERS, save_sae, width_name
 from scope_jax.sae.model import SAEInfo, fold, training_pre, unstack
-from scope_jax.train.checkpoints import data_scales, open_run, restore_or_init, target_site
+from scope_jax.train.checkpoints import restore_latest
 from scope_jax.train.params import TrainParams
-from scope_jax.train.step import inputs_and_targets
-
-FORMAT_KEYS = ("gemma_scope", "gemma_scope_2", "int8", "saelens")  # an index entry's paths of its files
+from scope_jax.train.run import make_train_mesh, source_from_config
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _fire_counts(params: tuple[TrainParams, ...], batch_bd: jax.Array, transcoder: bool) -> tuple[jax.Array, ...]:
+def _fire_counts(params: tuple[TrainParams, ...], rows: Batch, transcoder: bool) -> tuple[jax.Array, ...]:
   """Per group `[saes, M]`: how many rows of the batch fire each latent (the layout's transpose is
   folded into the matmul here, not copied)."""
-  x_bd, _ = inputs_and_targets(batch_bd, params[0].W_enc.shape[-1])
-  counts = lambda sae: jnp.sum(training_pre(sae, x_bd, transcoder) > sae.threshold, axis=0)
+  counts = lambda sae: jnp.sum(training_pre(sae, rows.x_bd, transcoder) > sae.threshold, axis=0)
   return tuple(jax.vmap(counts)(p.to_sae()) for p in params)
 
 
@@ -61,21 +59,21 @@ def measure(
   return [np.asarray(c, np.float64) / (batches * source.batch_size) for c in counts]
 
 
-def gemma_scope_dir(root: Path, site: str | None, width: int, l0: float, kind: str = "sae") -> Path:
+def gemma_scope_dir(root: Path, site: str | None, width: int, l0: float, kind: Kind = SAE) -> Path:
   base = root / "gemma-scope"
   if site:
     s = parse_site(site)
-    base = base / (s.kind if kind == "sae" else kind) / f"layer_{s.layer}"
+    base = base / (kind.name if kind.transcoder else s.kind) / f"layer_{s.layer}"
   return base / f"width_{width_name(width)}" / f"average_l0_{round(l0)}"
 
 
-def gemma_scope_2_dir(root: Path, site: str | None, width: int, l0: float, kind: str = "sae") -> Path:
+def gemma_scope_2_dir(root: Path, site: str | None, width: int, l0: float, kind: Kind = SAE) -> Path:
   """Gemma Scope 2's folder: `resid_post/layer_6_width_16k_l0_40` (its names end in small, medium or
   big; ours in the measured L0); a transcoder's under `transcoder/`, a skip-transcoder's ending `_affine`."""
   s = parse_site(site) if site else None
-  folder = (GS2_FOLDERS.get(s.kind, s.kind) if s else "sae") if kind == "sae" else "transcoder"
+  folder = "transcoder" if kind.transcoder else (GS2_FOLDERS.get(s.kind, s.kind) if s else "sae")
   name = f"layer_{s.layer if s else 0}_width_{width_name(width)}_l0_{round(l0)}"
-  return root / "gemma-scope-2" / folder / (name + ("_affine" if kind == "skip_transcoder" else ""))
+  return root / "gemma-scope-2" / folder / (name + ("_affine" if kind.skip else ""))
 
 
 def export(
@@ -83,28 +81,27 @@ def export(
   workdir: str | Path,
   source: BatchSource | None = None,
   progress: bool = True,
-) -> list[dict]:
+) -> list[ExportEntry]:
   """Writes every SAE of the run's latest checkpoint; returns the index entries."""
   layout = RunLayout(workdir)
   if jax.process_index() == 0:
     check_replaceable(layout.export)  # an export/ scope_jax did not make is refused before the measuring
-  run = open_run(config, workdir, source)
-  groups, source = run.groups, run.source
+  kind, owns_source = kind_named(config.kind), source is None
+  source = source or source_from_config(config, workdir, make_train_mesh(config))
   try:
-    if run.checkpoints.latest_step() is None:
-      raise FileNotFoundError(f"{layout.checkpoints}: no checkpoint to export; run `scope-jax train` first")
-    state = restore_or_init(run.checkpoints, run.identity, run.init, run.shardings)
+    restored = restore_latest(workdir, config, source)
+    state, groups, (scale, target_scale) = restored.state, restored.groups, restored.divisors
     step = int(state["step"])
     with traced_at(config.precision):
-      densities = measure(state["params"], source, step, config.export.batches, progress, config.kind != "sae")
+      densities = measure(state["params"], source, step, config.export.batches, progress, kind.transcoder)
   finally:
-    run.close()
-  scale, target_scale = data_scales(config, source)
+    if owns_source:
+      source.close()
   epochs = step * source.batch_size / source.describe()["rows"]  # every SAE of the sweep saw the same rows
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)  # numpy, on every process
   params = [p.to_sae() for p in params]
-  store = getattr(source, "store", None)  # a store knows where its activations came from
+  store = source.store  # a store knows where its activations came from
   model = store.model if store else config.model
   context = store.seq_len if store else config.data.context_size
   dataset = ",".join(store.text) if store else (config.data.dataset or config.data.path)
@@ -117,54 +114,52 @@ def export(
         context_size=context,
         dataset=dataset,
         l1_coefficient=lam,
-        target_site=target_site(config),
+        target_site=config_target_site(config),
         prefixes=group.prefixes,
       )
       released = jax.tree.map(np.asarray, fold(sae, scale, target_scale)).replace(info=info)
       l0 = float(density_m.sum())
-      npz_dir = gemma_scope_dir(root, config.site, group.width, l0, config.kind)
-      gs2 = gemma_scope_2_dir(root, config.site, group.width, l0, config.kind)
-      if any(e["gemma_scope"] == str(npz_dir / "params.npz") for e in entries):
+      npz_dir = gemma_scope_dir(root, config.site, group.width, l0, kind)
+      gs2 = gemma_scope_2_dir(root, config.site, group.width, l0, kind)
+      if any(e.files["gemma_scope"] == str(npz_dir / "params.npz") for e in entries):
         npz_dir = npz_dir.with_name(f"{npz_dir.name}_{name}")
-      if any(e["gemma_scope_2"] == str(gs2) for e in entries):
+      if any(e.files["gemma_scope_2"] == str(gs2) for e in entries):
         gs2 = gs2.with_name(f"{gs2.name}_{name}")
       npz, lens = npz_dir / "params.npz", root / "saelens" / (f"{config.site}-{name}" if config.site else name)
       int8 = root / "int8" / gs2.relative_to(root / "gemma-scope-2") if config.export.int8 else None
       entries.append(
-        {
-          "name": name,
-          "kind": config.kind,
-          "site": config.site,
-          "target_site": target_site(config),
-          "prefixes": list(group.prefixes),
-          "width": group.width,
-          "l1_coefficient": lam,
-          "seed": seed,
-          "step": step,
-          "l0": l0,
-          "dead_fraction": float(np.mean(density_m == 0)),
-          "scale": scale,
-          "target_scale": target_scale,
-          "epochs": epochs,
-          "measured_rows": config.export.batches * source.batch_size,
-          "gemma_scope": str(npz),
-          "gemma_scope_2": str(gs2),
-          "saelens": str(lens),
-          **({"int8": str(int8)} if int8 else {}),
-        }
+        ExportEntry(
+          name=name,
+          kind=config.kind,
+          input_site=config.site,
+          output_site=config_target_site(config) or config.site,
+          prefixes=group.prefixes,
+          width=group.width,
+          l1_coefficient=lam,
+          seed=seed,
+          step=step,
+          l0=l0,
+          dead_fraction=float(np.mean(density_m == 0)),
+          scale=scale,
+          target_scale=target_scale,
+          epochs=epochs,
+          measured_rows=config.export.batches * source.batch_size,
+          files={"gemma_scope": str(npz), "gemma_scope_2": str(gs2), "saelens": str(lens)}
+          | ({"int8": str(int8)} if int8 else {}),
+        )
       )
       files.append((released, entries[-1], np.log10(density_m + 1e-10)))
   if jax.process_index() == 0:
     layout.unmark("export")
     with staged_directory(root, "export") as staging:  # no file of an older export survives outside the index
       for released, e, density_log10 in tqdm(files, desc="write exports", disable=not progress):
-        path = {key: staging / Path(e[key]).relative_to(root) for key in FORMAT_KEYS if key in e}
+        path = {key: staging / Path(where).relative_to(root) for key, where in e.files.items()}
         save_sae(released, path["gemma_scope"], format="gemma-scope")
         save_sae(released, path["gemma_scope_2"], format="gemma-scope-2")
         if "int8" in path:
           save_sae(released, path["int8"], format="int8")
         save_sae(released, path["saelens"], format="saelens", sparsity_log10=density_log10)
-      (staging / layout.export_index.relative_to(root)).write_text(json.dumps(entries, indent=2) + "\n")
+      (staging / layout.export_index.relative_to(root)).write_text(index_json(entries))
     layout.mark_finished("export", export_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them
   return entries

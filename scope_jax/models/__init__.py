@@ -3,14 +3,14 @@
 from scope_jax.models.config import PRESETS, GemmaConfig
 from scope_jax.models.gemma import FromSite
 from scope_jax.models.lm import LanguageModel, load_model
-from scope_jax.models.sites import KINDS, Site, parse_site
+from scope_jax.models.sites import SITE_KINDS, Site, parse_site
 from scope_jax.text.tokenizer import Tokenizer
 
 __all__ = [
   "PRESETS",
   "FromSite",
   "GemmaConfig",
-  "KINDS",
+  "SITE_KINDS",
   "LanguageModel",
   "Site",
   "Tokenizer",

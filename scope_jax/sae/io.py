@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scope_jax.core.kinds import SAE as SAE_KIND
+from scope_jax.core.kinds import SKIP_TRANSCODER, TRANSCODER, Kind, transcoder_sites
 from scope_jax.layout import check_writable, record_file, staged_directory
 from scope_jax.models.sites import parse_site
 from scope_jax.sae.headers import check_npz, check_safetensors
@@ -98,7 +100,7 @@ def _sites_from_path(path: Path) -> tuple[str | None, str | None]:
     m = re.fullmatch(r"layer_(\d+)", part)
     if m and i > 0:
       if re.search(r"(?:^|-|_)(skip_)?transcoders?$", parts[i - 1]):
-        return f"mlp_in.{m.group(1)}", f"mlp.{m.group(1)}"
+        return transcoder_sites(m.group(1))
       kind = re.search(r"(?:^|-)(mlp_in|res|mlp|att)s?$", parts[i - 1])
       if kind:
         return f"{kind.group(1)}.{m.group(1)}", None
@@ -231,9 +233,9 @@ def _load_int8(path: Path, site: str | None) -> SAE:
 
 
 SAELENS_ARCHITECTURES = {
-  "sae": "jumprelu",
-  "transcoder": "jumprelu_transcoder",
-  "skip_transcoder": "jumprelu_skip_transcoder",
+  SAE_KIND.name: "jumprelu",
+  TRANSCODER.name: "jumprelu_transcoder",
+  SKIP_TRANSCODER.name: "jumprelu_skip_transcoder",
 }
 
 
@@ -250,7 +252,7 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
       f"only 'none' can be loaded (fold the normalization into the weights first)"
     )
   raw = _read_safetensors(path / _SAELENS_WEIGHTS)
-  needed = PARAM_NAMES + (("W_skip",) if cfg["architecture"] == SAELENS_ARCHITECTURES["skip_transcoder"] else ())
+  needed = PARAM_NAMES + (("W_skip",) if cfg["architecture"] == SAELENS_ARCHITECTURES[SKIP_TRANSCODER.name] else ())
   if missing := [k for k in needed if k not in raw]:
     raise ValueError(f"{path / _SAELENS_WEIGHTS}: missing tensors {missing}")
   arrays = {k: raw[k].astype(np.float32) for k in needed}
@@ -302,11 +304,11 @@ def load_sae(path: str | Path, site: str | None = None) -> SAE:
   )
 
 
-def kind_of(sae: SAE) -> str:
-  """ "sae", "transcoder" or "skip_transcoder"."""
+def kind_of(sae: SAE) -> Kind:
+  """What `sae` is: an SAE, a transcoder (it names a target site) or a skip-transcoder (it has W_skip)."""
   if sae.W_skip is not None:
-    return "skip_transcoder"
-  return "transcoder" if sae.info.target_site else "sae"
+    return SKIP_TRANSCODER
+  return TRANSCODER if sae.info.target_site else SAE_KIND
 
 
 def _staged(path: Path, write) -> Path:
@@ -355,7 +357,7 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
       cfg["hf_hook_point_in"] = hook_name(info.site, HF_HOOK_POINTS)
     if info.target_site:
       cfg["hf_hook_point_out"] = hook_name(info.target_site, HF_HOOK_POINTS)
-      cfg["affine_connection"] = kind == "skip_transcoder"
+      cfg["affine_connection"] = kind.skip
     return json.dumps(cfg, indent=2) + "\n"
 
   if format == "gemma-scope-2":
@@ -390,10 +392,10 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     if sparsity_log10 is not None:
       save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, staging / _SAELENS_SPARSITY)
     cfg = {
-      "architecture": SAELENS_ARCHITECTURES[kind],
+      "architecture": SAELENS_ARCHITECTURES[kind.name],
       "d_in": sae.d_in,
       "d_sae": sae.width,
-      **({"d_out": int(sae.W_dec.shape[-1])} if kind != "sae" else {}),
+      **({"d_out": int(sae.W_dec.shape[-1])} if kind.transcoder else {}),
       "dtype": "float32",
       "device": "cpu",
       "apply_b_dec_to_input": False,

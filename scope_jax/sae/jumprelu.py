@@ -49,20 +49,20 @@ jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def step(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+def heaviside(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
   """`H(z - θ)` as z's dtype: 1 where z exceeds the threshold, else 0."""
   return (z > threshold).astype(z.dtype)
 
 
-def _step_fwd(z, threshold, bandwidth):
-  return step(z, threshold, bandwidth), (z, threshold)
+def _heaviside_fwd(z, threshold, bandwidth):
+  return heaviside(z, threshold, bandwidth), (z, threshold)
 
 
-def _step_bwd(bandwidth, residuals, g):
+def _heaviside_bwd(bandwidth, residuals, g):
   z, threshold = residuals
   kernel = _rectangle((z.astype(jnp.float32) - threshold) / bandwidth)
   dthreshold = -(1.0 / bandwidth) * kernel * g.astype(jnp.float32)
   return jnp.zeros_like(z), _sum_to_threshold(dthreshold, threshold)
 
 
-step.defvjp(_step_fwd, _step_bwd)
+heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)

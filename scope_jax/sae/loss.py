@@ -20,7 +20,7 @@ rows have unit norm here) on latents that have not fired for `recipe.dead_window
 whose pre-activations all sit below θ - ε/2 gets no gradient from the rest of the loss, ever.
 
 `train/step.py` computes it and its gradients block by block; the tests check those against
-`jax.grad` of the same loss written with the custom-VJP `jumprelu`/`step`, and against SAELens.
+`jax.grad` of the same loss written with the custom-VJP `jumprelu`/`heaviside`, and against SAELens.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-SPARSITY_LOSSES = ("l0", "quadratic")
+from scope_jax.core.choices import SPARSITY_LOSSES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,13 +17,14 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from scope_jax.core.choices import MODES
 from scope_jax.text.tokenizer import Tokenizer
-
-MODES = ("pack", "truncate")
 
 
 @dataclasses.dataclass
-class Batch:
+class TokenBatch:
+  """A global batch of token sequences and where each token came from (extraction writes the trace)."""
+
   index: int  # global batch number
   tokens: np.ndarray  # [G, T] int32
   doc: np.ndarray  # [G, T] int32, -1 where nothing is stored
@@ -93,7 +94,7 @@ def batches(
   global_batch: int,
   pad_id: int,
   max_batches: int | None = None,
-) -> Iterator[Batch]:
+) -> Iterator[TokenBatch]:
   """Groups sequences into global batches; the last one is padded with empty sequences."""
   rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
   index = 0
@@ -102,10 +103,10 @@ def batches(
       return
     rows.append(seq)
     if len(rows) == global_batch:
-      yield Batch(index, *(np.stack(col) for col in zip(*rows)))
+      yield TokenBatch(index, *(np.stack(col) for col in zip(*rows)))
       rows, index = [], index + 1
   if rows and (max_batches is None or index < max_batches):
     seq_len = len(rows[0][0])
     while len(rows) < global_batch:
       rows.append((np.full(seq_len, pad_id, np.int32), np.full(seq_len, -1, np.int32), np.full(seq_len, -1, np.int32)))
-    yield Batch(index, *(np.stack(col) for col in zip(*rows)))
+    yield TokenBatch(index, *(np.stack(col) for col in zip(*rows)))

@@ -1,17 +1,20 @@
-"""What training and export share about a run: its mesh, its data source, its identity (what must
-not change between a run and its resumption) and its orbax checkpoints (every SAE stack, Adam
-state, step, dead-latent counters, and the identity beside them).
+"""A run's orbax checkpoints: the manager, what is saved and when (`Checkpointer`), preemption,
+restore (verified, another run's refused, a damaged one set aside) and the migration of older
+layouts. Each checkpoint holds every SAE stack, Adam state, step, dead-latent counters, the run's
+identity (`run_identity`), the step choices (train/selection.py) and a checksum of the state.
+
+    state = restore_or_init(manager, identity, init, shardings)      # training
+    restored = restore_latest(workdir, config, source)               # export: nothing compiled
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -23,55 +26,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scope_jax.data.source import BatchSource, PairedSource, open_source
+from scope_jax.data.batch import BatchSource
 from scope_jax.layout import NotOurs, RunLayout, differences, owned, some_names
-from scope_jax.parallel.mesh import make_mesh, sae_model_axis
 from scope_jax.train import stacked
-from scope_jax.train.memory import check_fits
-
-
-def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  model = config.mesh.model or sae_model_axis(jax.device_count(), list(config.sweep.widths))
-  return make_mesh(data=config.mesh.data, model=model)
-
-
-def target_site(config: ml_collections.ConfigDict) -> str | None:
-  """A transcoder's target site: `target_site`, or mlp.L for `site` mlp_in.L; None for an SAE."""
-  if config.kind == "sae":
-    return None
-  if config.target_site is not None:
-    return config.target_site
-  m = re.fullmatch(r"mlp_in\.(\d+)", config.site or "")
-  return f"mlp.{m.group(1)}" if m else None
-
-
-def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
-  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config; for a
-  transcoder, its input and target sites of that store read as pairs (data/source.py `PairedSource`)."""
-  from scope_jax.activations.extract import store_root
-
-  path = config.data.path or store_root(config, workdir)
-  normalize = config.recipe.normalize if config.data.normalize else None
-  options = dict(
-    window_chunks=config.data.window_chunks,
-    streams=config.data.streams,
-    nonfinite=config.data.nonfinite,
-    workers=config.data.workers,
-  )
-  open_site = lambda site, width: open_source(
-    path, config.train.batch_size, mesh, config.seed, normalize, site=site, expected_width=width, **options
-  )
-  if config.kind == "sae":
-    return open_site(config.site, config.data.width)
-  if Path(path).suffix == ".npy":
-    raise ValueError(f"data.path {path}: a {config.kind} trains on a store holding both its sites, not a .npy file")
-  input_source = open_site(config.site, config.data.width)
-  try:
-    return PairedSource(input_source, open_site(target_site(config), None))
-  except BaseException:
-    input_source.close()
-    raise
-
+from scope_jax.train.health import check_finite
 
 # The trainer state's layout: 2 = latent-major W_enc and Adam's latent_step (train/params.py).
 # Checkpoints of layout 1 (W_enc [S, d, M], no latent_step) have no field; they are converted.
@@ -311,112 +269,106 @@ def restore_selection(mngr) -> dict | None:
   return mngr.restore(step, args=ocp.args.Composite(selection=ocp.args.JsonRestore()))["selection"]
 
 
-def data_scales(config: ml_collections.ConfigDict, source: BatchSource) -> tuple[float, float | None]:
-  """(what the batches' inputs were divided by, what their targets were: None for an SAE)."""
-  if not config.data.normalize:
-    return 1.0, (None if config.kind == "sae" else 1.0)
-  return source.scale, getattr(source, "target_scale", None)
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A run's latest checkpoint as export reads it."""
+
+  state: dict
+  groups: tuple[stacked.Group, ...]
+  divisors: tuple[float, float | None]  # what the batches' inputs and targets were divided by (the source's)
 
 
-def starting_from(path: str, scales, d_in: int, groups, kind: str, init, shardings) -> Callable[[], dict]:
-  """`init` with every SAE of the sweep starting from the released SAE at `path` (any file
-  `load_sae` reads), its normalization unfolded into this run's (`scales`: `data_scales`); Adam,
-  the schedules and the dead-latent counters start afresh (finetuning, as Gemma Scope 2's chat
-  SAEs were made from the pretrained ones)."""
-  from scope_jax.sae.io import kind_of, load_sae
-  from scope_jax.sae.model import unfold
-  from scope_jax.train.params import TrainParams
+def restore_latest(workdir: str | Path, config: ml_collections.ConfigDict, source: BatchSource) -> Restored:
+  """The latest checkpoint of `config`'s run in `workdir` on `source`'s mesh (another run's is
+  refused, a damaged one set aside as in training); no step is built and nothing is allocated
+  but the state."""
+  sweep = stacked.sweep_from(config)
+  manager = checkpoint_manager(Path(workdir), config)
+  try:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(f"{RunLayout(workdir).checkpoints}: no checkpoint to export; run `scope-jax train` first")
+    # jit is lazy: the initializer is only traced, for the state's shapes
+    init, shardings = stacked.initializer(sweep, source.mesh, np.zeros(source.output_width), source.input_width)
+    state = restore_or_init(manager, run_identity(config, source), init, shardings)
+  finally:
+    manager.close()
+  return Restored(state, sweep.groups, source.divisors)
 
-  sae = load_sae(path)
-  file_kind = kind_of(sae)
-  expected = f"{kind} of width {sorted({g.width for g in groups})} and input width {d_in}"
-  if file_kind != kind or any(g.width != sae.width for g in groups) or sae.d_in != d_in:
-    raise ValueError(
-      f"train.init_from {path}: a {file_kind} of width {sae.width} and input width {sae.d_in}; "
-      f"this sweep trains a {expected}"
+
+class Checkpointer:
+  """What training saves and when: every `every` steps, the last step, and the step a
+  preemption stops at; never a state in which a loss became NaN or Inf (`check_finite`)."""
+
+  def __init__(self, manager: ocp.CheckpointManager, identity: dict, groups, every: int):
+    self.manager, self.identity, self.groups, self.every = manager, identity, groups, every
+    self.latest = manager.latest_step()  # read after a restore set any damaged checkpoint aside
+
+  def save(self, step: int, state: dict, selection: dict) -> None:
+    """Saves `state` as the checkpoint of `step`, asynchronously (`selection`: the step choices)."""
+    check_finite(state, self.groups, self.latest)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        identity=ocp.args.JsonSave(self.identity),
+        selection=ocp.args.JsonSave(selection),
+        checksum=ocp.args.JsonSave(state_checksum(state)),
+      ),
+      force=True,
     )
-  trained = TrainParams.from_sae(unfold(sae, *scales))
+    self.latest = step
 
-  def init_from_file() -> dict:
-    state = init()
-    stack = lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), trained)
-    params = tuple(jax.device_put(stack(len(g.members)), sh) for g, sh in zip(groups, shardings["params"]))
-    return state | {"params": params}
+  def on_schedule(self, step: int, last: int) -> bool:
+    """Whether the state after `step` steps is saved on the way to `last` (the last one is saved by `finish`)."""
+    return step % self.every == 0 and step < last
 
-  return init_from_file
-
-
-@dataclasses.dataclass
-class Run:
-  """A run as training and export open it: the sweep, the mesh, the data, the jitted state
-  initializer, the step (`make_step(capacities)`: dense for `()`, see `stacked.make_train_step`)
-  and the checkpoints."""
-
-  groups: list[stacked.Group]
-  recipe: stacked.Recipe
-  mesh: jax.sharding.Mesh
-  source: BatchSource
-  owns_source: bool  # opened here from the config (and so closed here)
-  identity: dict
-  init: object
-  shardings: dict
-  make_step: Callable[[tuple[int, ...]], Callable]
-  checkpoints: ocp.CheckpointManager
-
-  def close(self) -> None:
-    self.checkpoints.close()
-    if self.owns_source and hasattr(self.source, "close"):
-      self.source.close()  # the loader's prefetch thread
+  def finish(self, step: int, state: dict, selection: dict) -> bool:
+    """Saves the state of `step` unless it is already saved, waits for every save; True when it saved."""
+    saved = self.latest != step
+    if saved:
+      self.save(step, state, selection)
+    self.manager.wait_until_finished()
+    return saved
 
 
-def open_run(
-  config: ml_collections.ConfigDict,
-  workdir: str | Path,
-  source: BatchSource | None = None,
-) -> Run:
-  """The run of `config` in `workdir`, on `source` (default: the config's data), over the
-  source's mesh: the batches arrive sharded on it, so the step must run on it too."""
-  groups, recipe = list(stacked.groups_from(config)), stacked.recipe_from(config)
-  owns_source = source is None
-  source = source or source_from_config(config, workdir, make_train_mesh(config))
-  mesh = source.mesh
-  if source.batch_size != config.train.batch_size:
-    raise ValueError(f"source batch size {source.batch_size} differs from train.batch_size {config.train.batch_size}")
-  if config.data.width is not None and source.width != config.data.width:  # .npy sources
-    raise ValueError(
-      f"data width {source.width} ({source.describe().get('name')}) differs from config.data.width {config.data.width}"
-    )
-  batch, kind = config.train.batch_size, config.kind
-  d_in = getattr(source, "input_width", source.width)
-  mean = source.mean if kind == "sae" else source.mean[d_in:]  # what b_dec starts at: the target's mean
-  d_out = source.width if kind == "sae" else source.width - d_in
-  check_fits(groups, d_in, d_out, batch, mesh, kind == "skip_transcoder")  # before anything is allocated
-  init, shardings = stacked.initializer(config.seed, mean, groups, recipe, mesh, batch, kind, d_in)
-  if config.train.init_from:
-    scales = data_scales(config, source)
-    init = starting_from(config.train.init_from, scales, d_in, groups, kind, init, shardings)
-  make_step = functools.partial(
-    stacked.make_train_step,
-    groups,
-    recipe,
-    shardings,
-    mesh,
-    batch,
-    jnp.asarray(mean, jnp.float32),
-    config.train.latent_block,
-    config.train.steps,
-    kind=kind,
-    precision=config.precision,
-  )
-  return Run(
-    groups,
-    recipe,
-    mesh,
-    source,
-    owns_source,
-    run_identity(config, source),
-    init,
-    shardings,
-    make_step,
-    checkpoint_manager(Path(workdir), config),
-  )
+class Preempted(SystemExit):
+  """SIGTERM (or Ctrl-C's SIGINT) arrived; a checkpoint of the current step was saved."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signal = signum  # the exit code is 128 + signum, as the shell reports a killed process
+
+
+class Preemption:
+  """SIGTERM (preemption) or Ctrl-C, acted on by every process at the same step.
+
+  One process: Python handlers of SIGTERM and SIGINT set `signal`, which the loop checks between
+  steps (a second Ctrl-C interrupts at once). Several: JAX's preemption service (started by
+  `jax.distributed.initialize`) catches SIGTERM on any process and agrees with the others on a
+  step at which all of them stop, so their checkpoint is of one step. It must be asked at every step.
+  """
+
+  def __init__(self):
+    self.signal = 0
+    self._previous = {}
+    self.shared = jax.process_count() > 1
+    if not self.shared and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+    signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C stops at once
+
+  def reached(self, step: int) -> bool:
+    if self.shared and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = signal.SIGTERM
+    return bool(self.signal)
+
+  def stopped(self, step: int) -> Preempted:
+    """The exit of a run stopped (and saved) at `step`."""
+    name = signal.Signals(self.signal).name
+    return Preempted(f"{name}: saved a checkpoint at step {step}; run the same command to resume", self.signal)
+
+  def restore(self):
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)

@@ -1,5 +1,6 @@
-"""Training metrics: `metrics.jsonl` (one line per SAE per logged step) and TensorBoard events,
-written by process 0 only."""
+"""Training health: a loss gone NaN or Inf (`check_finite`), warnings about training that went
+wrong, and the metrics: `metrics.jsonl` (one line per SAE per logged step) and TensorBoard
+events, written by process 0 only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,22 @@ import jax
 import numpy as np
 
 from scope_jax.layout import RunLayout
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss became NaN or Inf; the message names the SAE and step."""
+
+
+def check_finite(state: dict, groups, last_checkpoint: int | None) -> None:
+  """TrainingDiverged naming the first SAE whose loss became NaN or Inf, and at which step."""
+  for group, bad in zip(groups, state["first_bad_step"]):
+    bad = np.asarray(bad)
+    if (bad >= 0).any():
+      i = int(np.argmax(bad >= 0))
+      raise TrainingDiverged(
+        f"SAE {group.names[i]}: loss became NaN or Inf at step {int(bad[i])}; "
+        f"the last checkpoint (step {last_checkpoint}) is kept, nothing later was saved"
+      )
 
 
 class MetricWriter:

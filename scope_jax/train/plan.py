@@ -29,12 +29,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from scope_jax.core.kinds import config_target_site, kind_named
+from scope_jax.data.batch import Batch
 from scope_jax.models.config import PRESETS, GemmaConfig
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.devices import Target
 from scope_jax.parallel.mesh import DATA, make_mesh, sae_model_axis
 from scope_jax.train import stacked
 from scope_jax.train.memory import need_per_device
+from scope_jax.train.run import build
 
 GEMMA_SCOPE_MFU = 0.508  # 131K-wide SAE, 8 TPUv3 chips, 45 ms per 4,096-token batch (docs/recipe.md §6)
 
@@ -86,16 +89,12 @@ def train_flops(config: ml_collections.ConfigDict, d_in: int, d_out: int, keep_p
   return 2.0 * config.train.batch_size * latents * (encoder + 3 * d_out)  # decoder, ∂f, ∂W_dec
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def train_cost(config: ml_collections.ConfigDict, target: Target) -> TrainCost:
   """A trainer job's cost on `target`, from its step compiled for the target's chips (this process
   needs that many devices: the CLI starts with fake CPU devices for a `--target`)."""
   lm = model_config(config)
   d_in = site_width(parse_site(config.site, lm), lm)
-  d_out = d_in if config.kind == "sae" else site_width(parse_site(stacked_target(config), lm), lm)
+  d_out = output_width(config, lm, d_in)
   chips, batch = target.chips, config.train.batch_size
   if len(jax.devices()) < chips:
     raise PlanError(f"{target.name} has {chips} chips; this process has {len(jax.devices())} devices")
@@ -109,28 +108,16 @@ def train_cost(config: ml_collections.ConfigDict, target: Target) -> TrainCost:
       f"mesh {data}×{model} with train.batch_size {batch} does not fit the {chips} chips of {target.name}"
     )
   mesh = make_mesh(data, model, jax.devices()[:chips])
-  groups, recipe, kind = list(stacked.groups_from(config)), stacked.recipe_from(config), config.kind
-  need = need_per_device(groups, d_in, d_out, batch, mesh, kind == "skip_transcoder")
+  sweep = stacked.sweep_from(config)
+  groups = sweep.groups
+  need = need_per_device(groups, d_in, d_out, batch, mesh, sweep.kind.skip)
   free = target.kind.memory_bytes - (need.params + need.adam + need.batches)
-  mean = np.zeros(d_out, np.float32)
-  init, shardings = stacked.initializer(config.seed, mean, groups, recipe, mesh, batch, kind, d_in)
-  step_fn = stacked.make_train_step(
-    groups,
-    recipe,
-    shardings,
-    mesh,
-    batch,
-    mean,
-    config.train.latent_block,
-    config.train.steps,
-    kind=kind,
-    precision=config.precision,
-    free_bytes=max(free, 1),
-    quiet=True,
-  )
-  columns = d_in + (d_out if kind != "sae" else 0)
-  x = jax.ShapeDtypeStruct((batch, columns), jnp.float32, sharding=NamedSharding(mesh, P(DATA, None)))
-  memory = step_fn.lower(_abstract(jax.eval_shape(init), shardings), x).compile().memory_analysis()
+  built = build(sweep, mesh, np.zeros(d_out, np.float32), d_in, free_bytes=max(free, 1))
+  step_fn = built.make_step((), quiet=True)
+  rows = lambda width: jax.ShapeDtypeStruct((batch, width), jnp.float32, sharding=NamedSharding(mesh, P(DATA, None)))
+  batch_shapes = Batch(rows(d_in), rows(d_out) if sweep.kind.transcoder else None)
+  state_shapes = stacked.abstract_state(sweep, built.shardings, d_in, d_out)
+  memory = step_fn.lower(state_shapes, batch_shapes).compile().memory_analysis()
   per_device = (
     memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - memory.alias_size_in_bytes
   )
@@ -156,19 +143,20 @@ def train_feed(config: ml_collections.ConfigDict, target: Target, precision: str
   what its loaders must deliver, over all of the slice's hosts together, as float32."""
   lm = model_config(config)
   d_in = site_width(parse_site(config.site, lm), lm)
-  d_out = d_in if config.kind == "sae" else site_width(parse_site(stacked_target(config), lm), lm)
+  d_out = output_width(config, lm, d_in)
   peak = target.kind.bf16_flops if precision == "bfloat16" else target.kind.f32_flops
   step_s = train_flops(config, d_in, d_out, keep_pre=True) / (target.chips * peak * GEMMA_SCOPE_MFU)
-  return config.train.batch_size / step_s, 4 * (d_in + (d_out if config.kind != "sae" else 0))
+  return config.train.batch_size / step_s, 4 * (d_in + (d_out if kind_named(config.kind).transcoder else 0))
 
 
-def stacked_target(config: ml_collections.ConfigDict) -> str:
-  from scope_jax.train.checkpoints import target_site
-
-  site = target_site(config)
+def output_width(config: ml_collections.ConfigDict, lm: GemmaConfig, d_in: int) -> int:
+  """d_out: the width of what the config's dictionaries reconstruct (a transcoder's target site's)."""
+  if not kind_named(config.kind).transcoder:
+    return d_in
+  site = config_target_site(config)
   if site is None:
     raise PlanError(f"{config.kind} at {config.site}: no target site (set target_site)")
-  return site
+  return site_width(parse_site(site, lm), lm)
 
 
 def forward_flops_per_token(lm: GemmaConfig, layers: int) -> float:

@@ -30,7 +30,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-STEP_KINDS = ("auto", "dense", "sparse")
+from scope_jax.core.choices import TRAIN_STEPS
+
 PROBE_EVERY = 10  # logged steps between timings while the dense step is the faster
 SWITCH_MARGIN = 0.9  # auto switches when the sparse step takes under 90% of the dense step's time:
 # a narrower win is within timing noise, and the sparse step's fallback steps cost more than dense ones
@@ -56,8 +57,8 @@ class StepChooser:
     record: dict | None = None,
     log_every: int = 1,
   ):
-    if kind not in STEP_KINDS:
-      raise ValueError(f"train.step {kind!r}: expected one of {STEP_KINDS}")
+    if kind not in TRAIN_STEPS:
+      raise ValueError(f"train.step {kind!r}: expected one of {TRAIN_STEPS}")
     self.kind, self.fixed, self.widths, self.make_step = kind, capacity, list(widths), make_step
     self.probe_every = PROBE_EVERY * log_every
     if not record or record.get("kind") != kind:
@@ -83,22 +84,22 @@ class StepChooser:
       "probes": self.probes,
     }
 
-  def _step_fn(self, kind: str, state, x_bd):
+  def _step_fn(self, kind: str, state, rows):
     capacities = tuple(k if fit else 0 for k, fit in zip(self.capacities, self.fits)) if kind == "sparse" else ()
     capacities = capacities if any(capacities) else ()
     if capacities not in self._compiled:
-      self._compiled[capacities] = self.make_step(capacities).lower(state, x_bd).compile()
+      self._compiled[capacities] = self.make_step(capacities).lower(state, rows).compile()
     return self._compiled[capacities]
 
-  def run(self, step: int, state, x_bd):
+  def run(self, step: int, state, rows):
     """Training step `step` (0-based) on `state`: `(state, metrics)`."""
     if not self._probe or self._probe[0][0] != step:
-      return self._step_fn(self.running, state, x_bd)(state, x_bd)
+      return self._step_fn(self.running, state, rows)(state, rows)
     _, kind = self._probe.pop(0)
-    fn = self._step_fn(kind, state, x_bd)
+    fn = self._step_fn(kind, state, rows)
     jax.block_until_ready(state)
     start = time.perf_counter()
-    state, metrics = fn(state, x_bd)
+    state, metrics = fn(state, rows)
     jax.block_until_ready(state)
     self._times.setdefault(kind, []).append(time.perf_counter() - start)
     if not self._probe:

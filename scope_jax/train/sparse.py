@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from scope_jax.data.batch import Batch
 from scope_jax.parallel.mesh import DATA, MODEL
 from scope_jax.parallel.precision import matmul
 from scope_jax.sae.loss import LossSpec
 from scope_jax.train import step
-from scope_jax.train.optim import Adam
 from scope_jax.train.params import TrainParams
 
 F32, I32, U32 = jnp.float32, jnp.int32, jnp.uint32
@@ -225,29 +225,22 @@ def train_sae(
   group: TrainParams,
   moments: dict,
   s,
-  x_bd: jax.Array,
-  y_bd: jax.Array,
-  lam: jax.Array,
-  lr: jax.Array,
-  t: jax.Array,
+  rows: Batch,
+  scalars: step.Scalars,
   dead_m: jax.Array,
-  spec: LossSpec,
-  adam: Adam,
-  block: int,
-  batch: int,
+  spec: step.StepSpec,
   capacity: int,
 ) -> tuple[TrainParams, dict, dict]:
   """`step.train_sae` by the sparse step, or by the dense one where a token of the global batch has
   more than `capacity` slots (statistic `sparse` says which ran)."""
-  forward, slots = find_slots(group, s, x_bd, block, capacity, spec)
+  x_bd, loss, block = rows.x_bd, spec.loss, spec.block
+  forward, slots = find_slots(group, s, x_bd, block, capacity, loss)
   too_many = lax.pmax(jnp.max(lax.psum(forward.slots_b, MODEL)), DATA) > capacity
   # The choice is made per pass and per block, never around the whole update: arrays carried
   # through a `lax.cond` are copied, and the group's would double the step's memory.
-  forward = lax.cond(too_many, lambda: step.reconstruct(group, s, x_bd, block, spec), lambda: forward)
-  dense = step.dense_gradients(x_bd, spec)
-  sparse = block_gradients_from(slots, x_bd, spec)
+  forward = lax.cond(too_many, lambda: step.reconstruct(group, s, x_bd, block, loss), lambda: forward)
+  dense = step.dense_gradients(x_bd, loss)
+  sparse = block_gradients_from(slots, x_bd, loss)
   gradients = lambda *args: lax.cond(too_many, dense, sparse, *args)
-  group, moments, stats = step.update_sae(
-    group, moments, s, x_bd, y_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
-  )
+  group, moments, stats = step.update_sae(group, moments, s, rows, forward, gradients, scalars, dead_m, spec)
   return group, moments, stats | {"sparse": 1.0 - too_many.astype(F32)}

@@ -20,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from scope_jax.core.kinds import SAE, Kind, kind_named
+from scope_jax.data.batch import Batch
 from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.parallel.precision import at_precision
@@ -28,7 +30,7 @@ from scope_jax.sae.model import init_sae, init_transcoder
 from scope_jax.train import sparse, step
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
-from scope_jax.train.step import STAT_NAMES
+from scope_jax.train.step import STAT_NAMES, Scalars, StepSpec
 from scope_jax.train.tiling import Tiling, choose_tiling, device_free_bytes
 
 
@@ -59,9 +61,9 @@ class Recipe:
   def loss(self) -> LossSpec:
     return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0, self.dead_latent_loss, self.frequency_scale)
 
-  def group_loss(self, group: Group, kind: str) -> LossSpec:
+  def group_loss(self, group: Group, kind: Kind | str) -> LossSpec:
     """The loss of `group`'s SAEs of kind `kind` (its Matryoshka prefixes, transcoder or not)."""
-    return dataclasses.replace(self.loss, transcoder=kind != "sae", prefixes=group.prefixes)
+    return dataclasses.replace(self.loss, transcoder=kind_named(kind).transcoder, prefixes=group.prefixes)
 
   @property
   def adam(self) -> Adam:
@@ -70,9 +72,6 @@ class Recipe:
   def __post_init__(self):
     _ = self.loss  # constructing the LossSpec validates the loss fields
     check_normalization(self.normalize)
-
-
-KINDS = ("sae", "transcoder", "skip_transcoder")  # what a sweep trains (docs/recipe.md §4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +86,20 @@ class Group:
   @property
   def names(self) -> list[str]:
     return [sae_name(self.width, lam, seed) for lam, seed in self.members]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """What a sweep's state and step are built from (`train/run.py` reads it from a config)."""
+
+  groups: tuple[Group, ...]
+  recipe: Recipe
+  batch_size: int  # rows of a global batch
+  kind: Kind = SAE
+  seed: int = 0  # the base seed every SAE's initialization derives from
+  latent_block: int = 0  # latents per block of the blocked step; 0: train/tiling.py chooses
+  steps: int = 0  # the run's length, where the learning rate's decay ends (`recipe.lr_decay_steps`)
+  precision: str = "float32"  # the matmuls' (parallel/precision.py)
 
 
 def sae_name(width: int, lam: float, seed: int) -> str:
@@ -115,7 +128,7 @@ def make_groups(
 
 
 def init_group(
-  base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe, kind: str = "sae", d_in: int | None = None
+  base_seed: int, b_dec_d: jax.Array, group: Group, recipe: Recipe, kind: Kind = SAE, d_in: int | None = None
 ) -> TrainParams:
   """The stacked initial SAEs (or transcoders, input width `d_in`) of `group` in the trainer's
   layout, `b_dec` at `b_dec_d` (the mean of what they reconstruct); the rest of each depends only
@@ -123,11 +136,10 @@ def init_group(
   base = jax.random.key(base_seed)
   d_out = b_dec_d.shape[-1]
   keys = [jax.random.fold_in(jax.random.fold_in(base, group.width), seed) for _, seed in group.members]
-  if kind == "sae":
-    saes = [init_sae(key, d_out, group.width, recipe.init_threshold, b_dec_d) for key in keys]
+  if kind.transcoder:
+    saes = [init_transcoder(k, d_in, d_out, group.width, recipe.init_threshold, b_dec_d, kind.skip) for k in keys]
   else:
-    skip = kind == "skip_transcoder"
-    saes = [init_transcoder(k, d_in, d_out, group.width, recipe.init_threshold, b_dec_d, skip) for k in keys]
+    saes = [init_sae(key, d_out, group.width, recipe.init_threshold, b_dec_d) for key in keys]
   return TrainParams.from_sae(jax.tree.map(lambda *a: jnp.stack(a), *saes))
 
 
@@ -145,9 +157,9 @@ def group_spec(mesh: Mesh, width: int, skip: bool = False) -> TrainParams:
   )
 
 
-def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam, kind: str = "sae") -> dict:
+def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam, kind: Kind = SAE) -> dict:
   to_sharding = lambda spec: NamedSharding(mesh, spec)
-  params = tuple(jax.tree.map(to_sharding, group_spec(mesh, g.width, kind == "skip_transcoder")) for g in groups)
+  params = tuple(jax.tree.map(to_sharding, group_spec(mesh, g.width, kind.skip)) for g in groups)
   replicated = NamedSharding(mesh, P())
   return {
     "step": replicated,
@@ -159,12 +171,7 @@ def state_shardings(mesh: Mesh, groups: Sequence[Group], adam: Adam, kind: str =
 
 
 def init_state(
-  base_seed: int,
-  b_dec_d: jax.Array,
-  groups: Sequence[Group],
-  recipe: Recipe,
-  kind: str = "sae",
-  d_in: int | None = None,
+  base_seed: int, b_dec_d: jax.Array, groups: Sequence[Group], recipe: Recipe, kind: Kind = SAE, d_in: int | None = None
 ) -> dict:
   params = tuple(init_group(base_seed, b_dec_d, g, recipe, kind, d_in) for g in groups)
   return {
@@ -193,23 +200,24 @@ def group_tiling(
   )
 
 
-def _group_step(mesh: Mesh, group: Group, recipe: Recipe, batch: int, tiling: Tiling, capacity: int, kind: str = "sae"):
-  """`(params, moments, x_bd, lam_s, lr, t, dead_sm) -> (params, moments, stats)` for one stacked group:
+def _group_step(mesh: Mesh, sweep: Sweep, group: Group, tiling: Tiling, capacity: int):
+  """`(params, moments, rows, scalars, dead_sm) -> (params, moments, stats)` for one stacked group:
   `step.train_group` under `shard_map` (rows on `data`, latents on `model`), by the dense step, or
   by the sparse one with `capacity` slots per token (train/sparse.py)."""
-  spec = group_spec(mesh, group.width, kind == "skip_transcoder")
-  bound = dict(spec=recipe.group_loss(group, kind), adam=recipe.adam, block=tiling.block, batch=batch)
+  recipe = sweep.recipe
+  spec = group_spec(mesh, group.width, sweep.kind.skip)
+  bound = StepSpec(recipe.group_loss(group, sweep.kind), recipe.adam, tiling.block, sweep.batch_size)
   if capacity:
-    one = functools.partial(sparse.train_sae, **bound, capacity=check_capacity(capacity, group.width))
+    one = functools.partial(sparse.train_sae, spec=bound, capacity=check_capacity(capacity, group.width))
   else:
-    one = functools.partial(step.train_sae, **bound, keep_pre=tiling.keep_pre)
+    one = functools.partial(step.train_sae, spec=bound, keep_pre=tiling.keep_pre)
   moment_specs = {k: spec for k in recipe.adam.moment_names} | {"latent_step": spec.b_enc}
   stat_specs = {k: P() for k in STAT_NAMES} | {"fired_m": spec.b_enc}
   return jax.shard_map(
     functools.partial(step.train_group, train_one=one),
     mesh=mesh,
     check_vma=False,
-    in_specs=(spec, moment_specs, P(DATA, None), P(), P(), P(), spec.b_enc),
+    in_specs=(spec, moment_specs, P(DATA, None), P(), spec.b_enc),  # the rows' and scalars' specs as prefixes
     out_specs=(spec, moment_specs, stat_specs),
   )
 
@@ -242,54 +250,47 @@ def threshold_quantiles(threshold_sm: jax.Array) -> dict[str, jax.Array]:
 
 
 def make_train_step(
-  groups: Sequence[Group],
-  recipe: Recipe,
+  sweep: Sweep,
   shardings: dict,
   mesh: Mesh,
-  batch: int,
   mean_d: jax.Array,
-  requested_block: int = 0,
-  total_steps: int = 0,
   capacities: Sequence[int] = (),
-  kind: str = "sae",
-  precision: str = "float32",
   free_bytes: int | None = None,
   quiet: bool = False,
 ):
-  """The jitted `step_fn(state, x_bd) -> (state, metrics)`; metrics: per group, per SAE.
+  """The jitted `step_fn(state, batch: Batch) -> (state, metrics)`; metrics: per group, per SAE.
 
   `mean_d`: the mean of what the SAEs reconstruct (a transcoder's target), in training units (how
-  far `b_dec` moved from it is a health metric); `kind`: one of KINDS (a transcoder's batches hold
-  its input's columns, then its target's);
-  `requested_block` latents per block of the blocked step (0: automatic, see train/tiling.py);
-  `total_steps`: where the learning rate's decay ends (`recipe.lr_decay_steps`); `capacities`:
-  per group, 0 for the dense step or the sparse step's slots per token (none given: all dense);
-  `precision`: the matmuls' (parallel/precision.py); `free_bytes`: the device memory the tiling is
-  sized for (train/tiling.py; None: what the mesh's devices report, or the cache rule on CPU). The
-  tiling is printed (process 0, unless `quiet`) and in every step's metrics (`latent_block`, `keeps_pre`)."""
+  far `b_dec` moved from it is a health metric); `capacities`: per group, 0 for the dense step or
+  the sparse step's slots per token (none given: all dense); `free_bytes`: the device memory the
+  tiling is sized for (train/tiling.py; None: what the mesh's devices report, or the cache rule on
+  CPU). The tiling is printed (process 0, unless `quiet`) and in every step's metrics
+  (`latent_block`, `keeps_pre`)."""
+  groups, recipe = sweep.groups, sweep.recipe
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
-  lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, total_steps)
+  lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, sweep.steps)
   capacities = tuple(capacities) or (0,) * len(groups)
   free_bytes = device_free_bytes(mesh) if free_bytes is None else free_bytes
-  tilings = [group_tiling(mesh, g, batch, requested_block, k > 0, free_bytes) for g, k in zip(groups, capacities)]
+  block = sweep.latent_block
+  tilings = [group_tiling(mesh, g, sweep.batch_size, block, k > 0, free_bytes) for g, k in zip(groups, capacities)]
   if jax.process_index() == 0 and not quiet:
     for g, k, tiling in zip(groups, capacities, tilings):
       name = "sparse" if k else "dense"
       tqdm.write(f"train: width {g.width}, {name} step: {tiling.describe(width_local(mesh, g.width))} per device")
-  group_steps = [_group_step(mesh, g, recipe, batch, t, k, kind) for g, t, k in zip(groups, tilings, capacities)]
+  group_steps = [_group_step(mesh, sweep, g, t, k) for g, t, k in zip(groups, tilings, capacities)]
 
-  def train_step(state, x_bd):
+  def train_step(state, rows: Batch):
     step = state["step"]
     factor, lr, t = lam_factor(step), lr_at(step), (step + 1).astype(jnp.float32)
-    y_bd = x_bd[:, x_bd.shape[1] - mean_d.shape[0] :]  # what is reconstructed: the input, or the target
+    y_bd = rows.targets_bd  # what is reconstructed: the input, or the target
     variance = jnp.mean(jnp.sum(jnp.square(y_bd - jnp.mean(y_bd, axis=0)), axis=-1))  # FVU's denominator, once
     params, since_fired, first_bad, metrics = [], [], [], []
     moments = {k: [] for k in state["opt_state"]}
     for gi, (group_step, lam_s) in enumerate(zip(group_steps, lambdas)):
       group_moments = {k: v[gi] for k, v in state["opt_state"].items()}
       dead_sm = state["since_fired"][gi] >= recipe.dead_window_steps
-      p, m, s = group_step(state["params"][gi], group_moments, x_bd, factor * lam_s, lr, t, dead_sm)
+      p, m, s = group_step(state["params"][gi], group_moments, rows, Scalars(factor * lam_s, lr, t), dead_sm)
       since = jnp.where(s.pop("fired_m"), 0, state["since_fired"][gi] + 1)
       bad = state["first_bad_step"][gi]
       bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)
@@ -324,61 +325,31 @@ def make_train_step(
   batch_sharding = NamedSharding(mesh, P(DATA, None))
   replicated = NamedSharding(mesh, P())
   return jax.jit(
-    at_precision(precision, train_step),
-    in_shardings=(shardings, batch_sharding),
+    at_precision(sweep.precision, train_step),
+    in_shardings=(shardings, batch_sharding),  # a prefix of the Batch: each of its arrays
     out_shardings=(shardings, replicated),
     donate_argnums=(0,),
   )
 
 
-def initializer(
-  base_seed: int,
-  mean_d,
-  groups: Sequence[Group],
-  recipe: Recipe,
-  mesh: Mesh,
-  batch: int,
-  kind: str = "sae",
-  d_in: int | None = None,
-):
+def initializer(sweep: Sweep, mesh: Mesh, mean_d, d_in: int | None = None):
   """(jitted `init() -> state` placing the initial state on the mesh, its shardings). `mean_d`
   `[d_out]`: the mean of what the SAEs reconstruct, in training units, where every `b_dec` starts
   (docs/recipe.md §2 starts it at zero; at a site with a large constant offset that spends the
   first thousands of steps, and many latents, on the offset); `d_in`: a transcoder's input width."""
-  if batch % mesh.shape[DATA]:
+  if (batch := sweep.batch_size) % mesh.shape[DATA]:
     raise ValueError(f"train.batch_size {batch} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
-  if kind not in KINDS:
-    raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
-  shardings = state_shardings(mesh, groups, recipe.adam, kind)
-  init = functools.partial(init_state, base_seed, jnp.asarray(mean_d, jnp.float32), groups, recipe, kind, d_in)
+  shardings = state_shardings(mesh, sweep.groups, sweep.recipe.adam, sweep.kind)
+  mean_d = jnp.asarray(mean_d, jnp.float32)
+  init = functools.partial(init_state, sweep.seed, mean_d, sweep.groups, sweep.recipe, sweep.kind, d_in)
   return jax.jit(init, out_shardings=shardings), shardings
 
 
-def build(
-  base_seed: int,
-  mean_d,
-  groups: Sequence[Group],
-  recipe: Recipe,
-  mesh: Mesh,
-  batch: int,
-  requested_block: int = 0,
-  total_steps: int = 0,
-  capacities: Sequence[int] = (),
-  kind: str = "sae",
-  d_in: int | None = None,
-  precision: str = "float32",
-):
-  """(`initializer`'s init and shardings, the jitted step for `batch`-row batches: dense, or sparse
-  for groups given a capacity, see `make_train_step`). `mean_d`: the mean of the batches' columns
-  (a transcoder's: its input's `d_in`, then its target's)."""
-  mean_d = jnp.asarray(mean_d, jnp.float32)
-  if kind != "sae":
-    mean_d = mean_d[d_in:]
-  init, shardings = initializer(base_seed, mean_d, groups, recipe, mesh, batch, kind, d_in)
-  step_fn = make_train_step(
-    groups, recipe, shardings, mesh, batch, mean_d, requested_block, total_steps, capacities, kind, precision
-  )
-  return init, shardings, step_fn
+def abstract_state(sweep: Sweep, shardings: dict, d_in: int, d_out: int) -> dict:
+  """The state's shapes, dtypes and shardings (what a checkpoint restores into), computing nothing."""
+  init = functools.partial(init_state, sweep.seed, jnp.zeros(d_out, jnp.float32), sweep.groups, sweep.recipe)
+  shapes = jax.eval_shape(functools.partial(init, sweep.kind, d_in))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def recipe_from(config: ml_collections.ConfigDict) -> Recipe:
@@ -388,3 +359,12 @@ def recipe_from(config: ml_collections.ConfigDict) -> Recipe:
 def groups_from(config: ml_collections.ConfigDict):
   s = config.sweep
   return make_groups(list(s.widths), list(s.l1_coefficients), list(s.seeds), list(s.prefixes))
+
+
+def sweep_from(config: ml_collections.ConfigDict) -> Sweep:
+  """The config's sweep: `sweep.*`, `recipe.*`, `kind`, `seed`, `precision` and the `train` fields the step uses."""
+  t = config.train
+  kind = kind_named(config.kind)
+  return Sweep(
+    groups_from(config), recipe_from(config), t.batch_size, kind, config.seed, t.latent_block, t.steps, config.precision
+  )

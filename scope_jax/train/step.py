@@ -34,6 +34,7 @@ The functions see one device's share of a stacked group — rows `[B_local, d]`,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from scope_jax.data.batch import Batch
 from scope_jax.parallel.mesh import DATA, MODEL
 from scope_jax.parallel.precision import matmul
 from scope_jax.sae.loss import LossSpec
@@ -61,6 +63,25 @@ STAT_NAMES = (
   "slots_max",
   "sparse",
 )  # per SAE, besides fired_m
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What a group's step is built with and never changes during a run."""
+
+  loss: LossSpec
+  adam: Adam
+  block: int  # latents per block of the blocked passes (train/tiling.py)
+  batch_size: int  # rows of the global batch (the local rows are a share of it)
+
+
+class Scalars(NamedTuple):
+  """What changes from one step to the next: λ after its warm-up (`[S]` for a group, a scalar
+  for one SAE), the learning rate, and Adam's step count t (from 1)."""
+
+  lam: jax.Array
+  lr: jax.Array
+  t: jax.Array
 
 
 class Forward(NamedTuple):
@@ -114,14 +135,6 @@ def prefix_of(j, block: int, width_local: int, prefixes: tuple[int, ...]) -> jax
   `model` in order); blocks never straddle a prefix boundary (the tiling's block divides them)."""
   start = lax.axis_index(MODEL) * width_local + j * block
   return jnp.sum(start >= jnp.asarray(prefixes[:-1], I32), dtype=I32)
-
-
-def inputs_and_targets(batch_bd: jax.Array, d_in: int) -> tuple[jax.Array, jax.Array]:
-  """(encoder input, target) of a batch: an SAE's batch is its input and target; a transcoder's
-  holds its input's `d_in` columns, then the target's (data/source.py `PairedSource`)."""
-  if batch_bd.shape[-1] == d_in:
-    return batch_bd, batch_bd
-  return batch_bd[:, :d_in], batch_bd[:, d_in:]
 
 
 def _cut(a: jax.Array, s, j, block: int) -> jax.Array:
@@ -345,52 +358,48 @@ def update_sae(
   group: TrainParams,
   moments: dict,
   s,
-  x_bd: jax.Array,
-  y_bd: jax.Array,
+  rows: Batch,
   forward: Forward,
   gradients: BlockGradients,
-  lam: jax.Array,
-  lr: jax.Array,
-  t: jax.Array,
+  scalars: Scalars,
   dead_m: jax.Array,
-  spec: LossSpec,
-  adam: Adam,
-  block: int,
-  batch: int,
+  spec: StepSpec,
 ) -> tuple[TrainParams, dict, dict]:
-  """Passes 2 (and with clipping 1½) of SAE s's step given pass 1 (`forward`) and a way to form a
-  block's gradients (the dense `block_gradients` or the sparse step's): every block's gradients
-  formed and applied in place (Adam, decoder-gradient projection, renormalization, θ ≥ 0), then
-  `b_dec` and a skip-transcoder's `W_skip`. `x_bd` is the encoder's input, `y_bd` the target (the
-  same array for an SAE); `dead_m` `[M_local]` marks the dead latents (for the dead-latent loss).
+  """Passes 2 (and with clipping 1½) of SAE s's step on the local `rows` given pass 1 (`forward`)
+  and a way to form a block's gradients (the dense `block_gradients` or the sparse step's): every
+  block's gradients formed and applied in place (Adam, decoder-gradient projection,
+  renormalization, θ ≥ 0), then `b_dec` and a skip-transcoder's `W_skip`. `dead_m` `[M_local]`
+  marks the dead latents (for the dead-latent loss).
 
   Returns (group, moments, SAE s's statistics: STAT_NAMES — window_fraction is the fraction of
   pre-activations inside the threshold's kernel window — and fired_m).
   """
+  loss, adam, block, batch = spec.loss, spec.adam, spec.block, spec.batch_size
+  (lam, lr, t), x_bd, y_bd = scalars, rows.x_bd, rows.targets_bd
   yhat_pbd, l0_b, slots_b = lax.psum((forward.yhat_pbd, forward.l0_b, forward.slots_b), MODEL)
   err_pbd = yhat_pbd + (group.b_dec[s] + (0.0 if group.W_skip is None else matmul(x_bd, group.W_skip[s]))) - y_bd
   # ∂loss/∂yhat_p = (2/batch)·err_p; the latents of prefix p feed every prefix from p on
   dyhat_pbd = (2.0 / batch) * (jnp.cumsum(err_pbd[::-1], axis=0)[::-1] if err_pbd.shape[0] > 1 else err_pbd)
   frequency_m = lax.psum(forward.fired_m, DATA) / batch  # [M_local] firing frequency, or [0]
   dfreq_m = None
-  if spec.frequency_scale:  # ∂/∂H_bi of (λ/s)·Σ_i p_i², p_i = Σ_b H_bi / batch
-    dfreq_m = (2.0 * lam / (spec.frequency_scale * batch)) * frequency_m
+  if loss.frequency_scale:  # ∂/∂H_bi of (λ/s)·Σ_i p_i², p_i = Σ_b H_bi / batch
+    dfreq_m = (2.0 * lam / (loss.frequency_scale * batch)) * frequency_m
   cot = Cotangents(
     dyhat_pbd,
-    (lam / batch) * spec.penalty_slope(l0_b),
-    jnp.where(dead_m, spec.dead_latent_loss / batch, 0.0),
+    (lam / batch) * loss.penalty_slope(l0_b),
+    jnp.where(dead_m, loss.dead_latent_loss / batch, 0.0),
     dfreq_m,
   )
   clip = jnp.ones((), F32)
   if adam.clip_norm:
-    norm = gradient_norm(group, s, x_bd, cot, gradients, block, spec)
+    norm = gradient_norm(group, s, x_bd, cot, gradients, block, loss)
     clip = jnp.minimum(1.0, adam.clip_norm / norm)
     cot = cot.scaled(clip)
 
   def update(j, carry):
     group, moments, db_dec_d, sq_sum, sums, fired_m = carry
     blk = block_of(group, s, j, block)
-    g, fired_k, sums_k = gradients(blk, j, *cot.block(j, block, spec.prefixes))
+    g, fired_k, sums_k = gradients(blk, j, *cot.block(j, block, loss.prefixes))
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     update_k = touched(g, fired_k) if adam.lazy else jnp.ones_like(fired_k)
@@ -422,12 +431,12 @@ def update_sae(
     {
       "sq_err_p": jnp.sum(jnp.square(err_pbd), axis=(1, 2)),
       "l0": jnp.sum(l0_b),
-      "penalty": jnp.sum(spec.penalty(l0_b)),
+      "penalty": jnp.sum(loss.penalty(l0_b)),
     },
     DATA,
   )
   mse_p, sparsity = totals["sq_err_p"] / batch, totals["penalty"] / batch
-  frequency = lax.psum(jnp.sum(jnp.square(frequency_m)), MODEL) / spec.frequency_scale if dfreq_m is not None else zero
+  frequency = lax.psum(jnp.sum(jnp.square(frequency_m)), MODEL) / loss.frequency_scale if dfreq_m is not None else zero
   stats = {
     "loss": jnp.sum(mse_p) + lam * (sparsity + frequency) + sums["dead_loss"] / clip,
     "mse": mse_p[-1],  # the whole width's
@@ -452,29 +461,14 @@ def dense_gradients(x_bd: jax.Array, spec: LossSpec, pre_jbk: jax.Array | None =
 
 
 def train_sae(
-  group: TrainParams,
-  moments: dict,
-  s,
-  x_bd: jax.Array,
-  y_bd: jax.Array,
-  lam: jax.Array,
-  lr: jax.Array,
-  t: jax.Array,
-  dead_m: jax.Array,
-  spec: LossSpec,
-  adam: Adam,
-  block: int,
-  batch: int,
-  keep_pre: bool = False,
+  group: TrainParams, moments: dict, s, rows: Batch, scalars: Scalars, dead_m: jax.Array, spec: StepSpec, keep_pre=False
 ) -> tuple[TrainParams, dict, dict]:
-  """The dense step of SAE s of a stacked group on the local rows (input `x_bd`, target `y_bd`) of
-  a `batch`-row global batch, with pass 1's pre-activations kept for pass 2 when `keep_pre`.
-  Statistics as `update_sae`'s, plus `sparse` (0: this step)."""
-  forward = reconstruct(group, s, x_bd, block, spec, keep_pre)
-  gradients = dense_gradients(x_bd, spec, forward.pre_jbk)
-  group, moments, stats = update_sae(
-    group, moments, s, x_bd, y_bd, forward, gradients, lam, lr, t, dead_m, spec, adam, block, batch
-  )
+  """The dense step of SAE s of a stacked group on the local `rows` of a global batch, with pass
+  1's pre-activations kept for pass 2 when `keep_pre`. Statistics as `update_sae`'s, plus
+  `sparse` (0: this step)."""
+  forward = reconstruct(group, s, rows.x_bd, spec.block, spec.loss, keep_pre)
+  gradients = dense_gradients(rows.x_bd, spec.loss, forward.pre_jbk)
+  group, moments, stats = update_sae(group, moments, s, rows, forward, gradients, scalars, dead_m, spec)
   return group, moments, stats | {"sparse": jnp.zeros((), F32)}
 
 
@@ -482,26 +476,18 @@ TrainSAE = Callable[..., tuple[TrainParams, dict, dict]]  # train_sae's signatur
 
 
 def train_group(
-  group: TrainParams,
-  moments: dict,
-  batch_bd: jax.Array,
-  lam_s: jax.Array,
-  lr: jax.Array,
-  t: jax.Array,
-  dead_sm: jax.Array,
-  train_one: TrainSAE,
+  group: TrainParams, moments: dict, rows: Batch, scalars: Scalars, dead_sm: jax.Array, train_one: TrainSAE
 ) -> tuple[TrainParams, dict, dict]:
-  """One step of every SAE of a stacked group, one after another on the same batch (a `vmap`
+  """One step of every SAE of a stacked group, one after another on the same rows (a `vmap`
   would make XLA copy the group's arrays instead of updating them in place), each by `train_one`
-  (`train_sae` or `sparse.train_sae` with the loss, Adam, block and batch bound). Statistics `[S]`."""
+  (`train_sae` or `sparse.train_sae` with its `StepSpec` bound); `scalars.lam` `[S]`. Statistics `[S]`."""
   n = group.W_enc.shape[0]
-  x_bd, y_bd = inputs_and_targets(batch_bd, group.W_enc.shape[-1])
   stats = {k: jnp.zeros((n,), F32) for k in STAT_NAMES}
   stats["fired_m"] = jnp.zeros(group.b_enc.shape, bool)
 
   def one(s, carry):
     group, moments, stats = carry
-    group, moments, stats_s = train_one(group, moments, s, x_bd, y_bd, lam_s[s], lr, t, dead_sm[s])
+    group, moments, stats_s = train_one(group, moments, s, rows, scalars._replace(lam=scalars.lam[s]), dead_sm[s])
     return group, moments, {k: v.at[s].set(stats_s[k]) for k, v in stats.items()}
 
   return lax.fori_loop(0, n, one, (group, moments, stats))

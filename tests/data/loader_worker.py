@@ -23,13 +23,13 @@ loader = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normal
 epoch_rows = loader.order.epoch_rows(stream, 0)
 steps = -(-epoch_rows // loader.stream_batch)
 ids = np.concatenate([loader.stream_rows(stream, s)[:, 0] for s in range(steps)])[:epoch_rows]
-batch = loader.batch(0)  # a real global array built from both processes' rows
+batch = loader.batch(0).x_bd  # a real global array built from both processes' rows
 assert batch.shape == (40, 8) and len(batch.addressable_shards) == 2
 loader.close()
 np.save(f"{out}.{jax.process_index()}.npy", ids)
 
 # with the number of streams fixed, the global batches do not depend on the process count
 fixed = StoreLoader(root, SITE, batch_size=40, mesh=make_mesh(), seed=3, normalize=None, streams=4)
-batches = np.stack([multihost_utils.process_allgather(fixed.batch(s), tiled=True) for s in range(3)])
+batches = np.stack([multihost_utils.process_allgather(fixed.batch(s).x_bd, tiled=True) for s in range(3)])
 fixed.close()
 np.save(f"{out}.streams4.{jax.process_index()}.npy", batches)

@@ -33,7 +33,7 @@ def loader(root, batch=50, seed=0, normalize=None, **kw):
 
 
 def ids_of(ld, steps, start=0):
-  return np.stack([np.asarray(ld.batch(s))[:, 0] for s in range(start, start + steps)]).astype(int)
+  return np.stack([np.asarray(ld.batch(s).x_bd)[:, 0] for s in range(start, start + steps)]).astype(int)
 
 
 def test_every_row_exactly_once_per_epoch(store_root):
@@ -82,7 +82,7 @@ def test_batches_handed_out_never_change_while_later_ones_are_made(store_root, d
   """JAX on CPU may keep using the host memory an array was made from: the loader must never
   write into memory it has handed out."""
   ld = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize="raw")
-  kept = [ld.batch(s) for s in range(12)]  # held as jax arrays while the prefetch thread runs on
+  kept = [ld.batch(s).x_bd for s in range(12)]  # held as jax arrays while the prefetch thread runs on
   late = np.stack([np.asarray(b) for b in kept])
   ld.close()
   fresh = StoreLoader(store_root, SITE, 48, make_mesh(data=data, model=model), normalize="raw")
@@ -137,7 +137,9 @@ def test_normalization_divides_by_the_manifest_scale(store_root):
   raw = loader(store_root)
   normalized = StoreLoader(store_root, SITE, 50, make_mesh(data=2, model=4), normalize="raw")
   assert normalized.scale == pytest.approx(math.sqrt(raw.store.stats(SITE)["mean_sq_norm"]))
-  np.testing.assert_allclose(np.asarray(normalized.batch(4)) * normalized.scale, np.asarray(raw.batch(4)), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(normalized.batch(4).x_bd) * normalized.scale, np.asarray(raw.batch(4).x_bd), rtol=1e-6
+  )
   raw.close(), normalized.close()
 
 
@@ -148,7 +150,7 @@ def test_two_processes_cover_each_row_once_per_epoch(store_root, tmp_path):
   assert min(len(p) for p in parts) > 0 and not set(parts[0]) & set(parts[1])
   assert sorted(np.concatenate(parts)) == list(range(N))
   one_process = StoreLoader(store_root, SITE, 40, make_mesh(data=2, model=4), seed=3, normalize=None, streams=4)
-  expected = np.stack([np.asarray(one_process.batch(s)) for s in range(3)])
+  expected = np.stack([np.asarray(one_process.batch(s).x_bd) for s in range(3)])
   one_process.close()
   for i in range(2):
     np.testing.assert_array_equal(np.load(f"{out}.streams4.{i}.npy"), expected)
@@ -163,7 +165,7 @@ def test_rows_of_a_document_spread_across_batches_like_a_uniform_shuffle(tmp_pat
   root = str(tmp_path / "s")
   write_store(root, shard_rows=(n,), chunk_rows=256, bucket_rows=2_048, doc_rows=doc_rows)
   ld = StoreLoader(root, SITE, batch, make_mesh(data=2, model=4), normalize=None, window_chunks=32)
-  docs = np.stack([np.asarray(ld.batch(s))[:, 1] for s in range(n // batch)]).astype(int)  # [batches, B]
+  docs = np.stack([np.asarray(ld.batch(s).x_bd)[:, 1] for s in range(n // batch)]).astype(int)  # [batches, B]
   ld.close()
   distinct = np.mean([len(np.unique(np.nonzero(docs == d)[0])) for d in range(n // doc_rows)])
   miss = math.exp(

@@ -451,7 +451,7 @@ def test_a_transcoder_spliced_by_the_engine_equals_plain_forwards_reading_its_in
 
 
 def test_two_runs_started_on_one_workdir_end_as_one_run_alone(tiny_model, tmp_path):
-  """The full pipeline on the tiny model: a second `run` on the same workdir stops within 5 s
+  """The full pipeline on the tiny model: a second `run` on the same workdir is refused at once
   naming the first; what the first leaves equals a run that was alone, file for file."""
   cmd = lambda workdir: [
     sys.executable,

@@ -69,6 +69,7 @@ def test_a_fault_in_a_background_thread_ends_the_process_within_seconds_naming_i
   ended = time.time()
   assert fault_at.exists(), f"the fault was never raised:\n{stderr[-3000:]}"
   assert proc.returncode == code, stderr[-3000:]
-  assert ended - float(fault_at.read_text()) < 10, "the process lived on after its thread failed"
+  # generous for a loaded machine: what is tested is that it ends, not how fast (a hang runs to the timeout)
+  assert ended - float(fault_at.read_text()) < 60, "the process lived on after its thread failed"
   assert f"scope_jax: {thread}" in stderr, stderr[-3000:]
   assert not (workdir / "LEASE").exists()  # given up (renewal) or released (the others)

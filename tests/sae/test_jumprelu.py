@@ -8,7 +8,7 @@ import torch
 from sae_lens.saes.jumprelu_sae import JumpReLU as LensJumpReLU
 from sae_lens.saes.jumprelu_sae import Step as LensStep
 
-from scope_jax.sae import jumprelu, step
+from scope_jax.sae import heaviside, jumprelu
 
 EPS = 0.05
 
@@ -43,7 +43,7 @@ def test_jumprelu_vjp_is_the_closed_form():
 
 def test_step_vjp_is_the_closed_form_and_gives_no_gradient_to_z():
   z, threshold, g = _inputs(1)
-  out, vjp = jax.vjp(lambda z, t: step(z, t, EPS), z, threshold)
+  out, vjp = jax.vjp(lambda z, t: heaviside(z, t, EPS), z, threshold)
   dz, dthreshold = vjp(g)
   np.testing.assert_array_equal(out, (z > threshold).astype(np.float32))
   assert not np.any(np.asarray(dz))
@@ -51,7 +51,7 @@ def test_step_vjp_is_the_closed_form_and_gives_no_gradient_to_z():
   np.testing.assert_allclose(dthreshold, expected, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("fn, lens_fn", [(jumprelu, LensJumpReLU), (step, LensStep)])
+@pytest.mark.parametrize("fn, lens_fn", [(jumprelu, LensJumpReLU), (heaviside, LensStep)])
 def test_vjps_equal_saelens_autograd(fn, lens_fn):
   z, threshold, g = _inputs(2, shape=(64, 48))
   zt = torch.tensor(z, requires_grad=True)

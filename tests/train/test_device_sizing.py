@@ -8,6 +8,7 @@ import pytest
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import stacked
 from scope_jax.train.tiling import DENSE_TILE, SPARSE_TILE, choose_tiling
+from tests.train.steps import build_step
 
 GB = 10**9
 RECIPE = stacked.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, init_threshold=0.3)
@@ -48,10 +49,7 @@ def test_the_accelerator_tiling_gives_the_blocked_steps_parameters_and_adam_stat
   mesh, x = make_mesh(4, 2), _data()
   states, printed = [], []
   for block, free in ((4, None), (0, 80 * GB)):
-    init, shardings = stacked.initializer(0, np.zeros(16), groups, RECIPE, mesh, 128)
-    step_fn = stacked.make_train_step(
-      groups, RECIPE, shardings, mesh, 128, np.zeros(16), block, 0, capacities, free_bytes=free
-    )
+    init, _, step_fn = build_step(0, np.zeros(16), groups, RECIPE, mesh, 128, block, 0, capacities, free_bytes=free)
     state = init()
     for s in range(4):
       state, metrics = step_fn(state, x[128 * s : 128 * (s + 1)])
@@ -71,8 +69,7 @@ def test_the_accelerator_tiling_gives_the_blocked_steps_parameters_and_adam_stat
 def _train(precision: str, steps: int = 6, patch=None):
   groups = stacked.make_groups([64], [1e-3])
   mesh, x = make_mesh(4, 2), _data()
-  init, shardings = stacked.initializer(0, np.zeros(16), groups, RECIPE, mesh, 128)
-  step_fn = stacked.make_train_step(groups, RECIPE, shardings, mesh, 128, np.zeros(16), 8, precision=precision)
+  init, _, step_fn = build_step(0, np.zeros(16), groups, RECIPE, mesh, 128, 8, precision=precision)
   state = init()
   for s in range(steps):
     state, _ = step_fn(state, x[128 * (s % 4) : 128 * (s % 4 + 1)])

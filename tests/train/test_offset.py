@@ -85,7 +85,7 @@ def test_centred_export_on_raw_inputs_gives_c_times_the_training_latents_and_the
   state = train(c, tmp_path, progress=False)
   entries = export(c, tmp_path, progress=False)
   source = ArraySource(x, 256, make_mesh(), normalize="centred")
-  scale = entries[0]["scale"]
+  scale = entries[0].scale
   assert scale == pytest.approx(source.scale) and scale < 0.5 * np.sqrt(np.mean(np.sum(x**2, 1)))
   xn = x[:512] / scale
   for entry, sae in zip(entries, unstack(jax.device_get(state["params"][0]).to_sae())):
@@ -93,7 +93,7 @@ def test_centred_export_on_raw_inputs_gives_c_times_the_training_latents_and_the
     f_train = np.where(pre > np.asarray(sae.threshold), pre, 0.0)
     recon_train = f_train @ np.asarray(sae.W_dec) + np.asarray(sae.b_dec)
     assert 0 < np.mean(f_train > 0) < 1
-    released = sj.load_sae(entry["gemma_scope"])
+    released = sj.load_sae(entry.files["gemma_scope"])
     f_raw = np.asarray(released.encode(x[:512]))
     np.testing.assert_allclose(f_raw, scale * f_train, rtol=1e-4, atol=1e-4 * scale)
     np.testing.assert_allclose(np.asarray(released(x[:512])), scale * recon_train, rtol=1e-4, atol=1e-3)

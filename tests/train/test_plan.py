@@ -10,9 +10,10 @@ import pytest
 
 from scope_jax import grid
 from scope_jax.config import default_config
+from scope_jax.data.batch import Batch
 from scope_jax.parallel.devices import target
 from scope_jax.parallel.mesh import make_mesh
-from scope_jax.train import stacked
+from scope_jax.train import run, stacked
 from scope_jax.train.memory import need_per_device
 from scope_jax.train.plan import PlanError, train_cost, train_flops
 from scope_jax.train.tiling import DENSE_TEMPORARIES
@@ -55,11 +56,11 @@ def test_xlas_own_count_of_one_sae_in_one_block_agrees_with_the_formula():
   """XLA counts a loop body once, so only a step whose loops each run once can be checked this way."""
   config = _config(widths=(1_024,))
   config.sweep.l1_coefficients = (1e-3,)
-  groups, recipe, mesh = list(stacked.groups_from(config)), stacked.recipe_from(config), make_mesh(1, 1)
-  init, shardings = stacked.initializer(0, np.zeros(D), groups, recipe, mesh, 512)
-  step_fn = stacked.make_train_step(groups, recipe, shardings, mesh, 512, np.zeros(D), free_bytes=80 * 10**9)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(init), shardings)
-  flops = step_fn.lower(state, jax.ShapeDtypeStruct((512, D), np.float32)).compile().cost_analysis()["flops"]
+  sweep, mesh = stacked.sweep_from(config), make_mesh(1, 1)
+  built = run.build(sweep, mesh, np.zeros(D), free_bytes=80 * 10**9)
+  state = stacked.abstract_state(sweep, built.shardings, D, D)
+  rows = Batch(jax.ShapeDtypeStruct((512, D), np.float32))
+  flops = built.make_step(()).lower(state, rows).compile().cost_analysis()["flops"]
   assert flops == pytest.approx(train_flops(config, D, D, keep_pre=True), rel=0.05)
 
 

@@ -15,6 +15,7 @@ from scope_jax.sae.model import PARAM_NAMES, SAE, init_sae
 from scope_jax.train import stacked
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
 from scope_jax.train.selection import StepChooser, auto_capacity
+from tests.train.steps import build_step
 
 D, M, ROWS, L0 = 32, 256, 128, 16
 
@@ -51,7 +52,7 @@ def _starting_at(saes: list[SAE], init, shardings) -> dict:
 def _one_step(mesh_shape, capacity, saes, x, recipe, dead_m, block=32):
   mesh = make_mesh(*mesh_shape)
   groups = stacked.make_groups([M], [0.01, 0.1][: len(saes)])
-  init, shardings, step_fn = stacked.build(0, np.zeros(D), groups, recipe, mesh, ROWS, block, 0, (capacity,))
+  init, shardings, step_fn = build_step(0, np.zeros(D), groups, recipe, mesh, ROWS, block, 0, (capacity,))
   state = _starting_at(saes, init, shardings)
   nu = jax.tree.map(lambda p: np.full(p.shape, 1e-6, np.float32), state["params"][0])  # a trained Adam state
   state["opt_state"]["nu"] = jax.device_put((nu,), shardings["opt_state"]["nu"])
@@ -121,7 +122,7 @@ def test_lazy_adam_over_several_steps_equals_dense_adam_after_the_flush(dead):
   for lazy in (True, False):
     recipe = _recipe(lazy_adam=lazy, dead_latent_loss=0.5 if dead else 0.0, dead_window_steps=2)
     mesh = make_mesh(4, 2)
-    init, shardings, step_fn = stacked.build(
+    init, shardings, step_fn = build_step(
       0, np.zeros(D), stacked.make_groups([M], [0.01, 0.1]), recipe, mesh, ROWS, 32, 0, (64,)
     )
     state = _starting_at(saes, init, shardings)
@@ -186,7 +187,7 @@ def test_capacities_and_step_kinds_out_of_range_are_clear_errors():
   with pytest.raises(ValueError, match="train.capacity 0: slots per token must be between 1 and the SAE width 64"):
     stacked.check_capacity(0, 64)
   with pytest.raises(ValueError, match="train.capacity 65: slots per token must be between 1 and the SAE width 64"):
-    stacked.build(0, np.zeros(D), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(1, 1), 8, 0, 0, (65,))
+    build_step(0, np.zeros(D), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(1, 1), 8, 0, 0, (65,))
   with pytest.raises(ValueError, match=r"train.step 'fast': expected one of \('auto', 'dense', 'sparse'\)"):
     StepChooser("fast", 0, [64], lambda caps: None)
 

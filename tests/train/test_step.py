@@ -15,13 +15,14 @@ from sae_lens.saes.sae import TrainStepInput
 from scope_jax.config import default_config
 from scope_jax.data import ArraySource
 from scope_jax.parallel.mesh import make_mesh, sae_model_axis
-from scope_jax.sae import jumprelu, step, training_pre, unstack
+from scope_jax.sae import heaviside, jumprelu, training_pre, unstack
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import PARAM_NAMES
 from scope_jax.train import stacked, train
 from scope_jax.train.optim import lr_schedule, project_rows
 from scope_jax.train.params import TrainParams
 from tests.sae.test_io import random_sae
+from tests.train.steps import build_step
 
 
 def _saelens_loss_and_gradients(sae, x, lam, spec, dead_m=None):
@@ -79,7 +80,7 @@ def test_one_step_follows_the_saelens_gradients(mode, mesh_shape, block, capacit
   )
   dead_m = (np.arange(m) % 3 == 0) if mode == "l0+dead" else None
   mesh = make_mesh(*mesh_shape)
-  init, shardings, step_fn = stacked.build(
+  init, shardings, step_fn = build_step(
     0, np.zeros(d), stacked.make_groups([m], lambdas), recipe, mesh, batch, block, 0, (capacity,)
   )
   pair = jax.tree.map(lambda a: jnp.stack([a, a]), sae)
@@ -113,7 +114,7 @@ def _composed_loss(sae, x, lam, spec):
   """The loss written with the public custom-VJP functions, differentiated by jax.grad."""
   pre = training_pre(sae, x)
   xhat = jumprelu(pre, sae.threshold, spec.bandwidth) @ sae.W_dec + sae.b_dec
-  l0_b = jnp.sum(step(pre, sae.threshold, spec.bandwidth), axis=-1)
+  l0_b = jnp.sum(heaviside(pre, sae.threshold, spec.bandwidth), axis=-1)
   return jnp.mean(jnp.sum(jnp.square(x - xhat), -1)) + lam * jnp.mean(spec.penalty(l0_b))
 
 
@@ -121,7 +122,7 @@ def _composed_loss(sae, x, lam, spec):
 @pytest.mark.parametrize("capacity", [0, 32], ids=["dense", "sparse"])
 def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, capacity):
   """Several real steps (blocked, sharded; dense, or sparse with room for every slot) against
-  optax's Adam fed `jax.grad` through the public `jumprelu`/`step`, with optax's global-norm
+  optax's Adam fed `jax.grad` through the public `jumprelu`/`heaviside`, with optax's global-norm
   clipping before it and the decoder projection and renormalization around it."""
   d, m, lam, batch = 16, 32, 0.05, 64
   recipe = stacked.Recipe(
@@ -129,7 +130,7 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, capacity)
   )
   mesh = make_mesh(4, 2)
   groups = stacked.make_groups([m], [lam])
-  init, shardings, step_fn = stacked.build(0, np.zeros(d), groups, recipe, mesh, batch, 4, 0, (capacity,))
+  init, shardings, step_fn = build_step(0, np.zeros(d), groups, recipe, mesh, batch, 4, 0, (capacity,))
   sae = random_sae(d, m, seed=3)
   state = _with_params(init(), (jax.tree.map(lambda a: a[None], sae),), shardings)
   scale = (
@@ -195,7 +196,7 @@ def test_decoder_rows_have_unit_norm_after_every_step():
   mesh = make_mesh(data=4, model=2)
   groups = stacked.make_groups([32, 64], [1e-3, 1e-1])
   recipe = stacked.Recipe(lr=1e-2, lr_warmup_steps=0, sparsity_warmup_steps=0)
-  init, _, step_fn = stacked.build(0, np.zeros(16), groups, recipe, mesh, 64)
+  init, _, step_fn = build_step(0, np.zeros(16), groups, recipe, mesh, 64)
   state, source = init(), ArraySource(_data(), 64, mesh)
   for s in range(5):
     before = np.asarray(state["params"][0].W_dec).copy()
@@ -281,9 +282,7 @@ def test_bad_sweeps_are_clear_errors():
   with pytest.raises(ValueError, match="widths"):
     stacked.make_groups([64, 64], [1e-3])
   with pytest.raises(ValueError, match=r"latents dimension 65 is not divisible by mesh axis 'model' of size 2"):
-    stacked.build(
-      0, np.zeros(16), stacked.make_groups([64, 65], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 64
-    )
+    build_step(0, np.zeros(16), stacked.make_groups([64, 65], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 64)
   with pytest.raises(ValueError, match="quadratic' needs target_l0"):
     stacked.Recipe(sparsity_loss="quadratic")
   with pytest.raises(ValueError, match="bandwidth must be > 0"):
@@ -299,7 +298,7 @@ def test_latent_blocks_and_meshes_do_not_change_the_result():
   results = []
   for mesh_shape, block in [((1, 1), 0), ((4, 2), 4), ((2, 4), 2)]:
     mesh = make_mesh(*mesh_shape)
-    init, _, step_fn = stacked.build(0, np.zeros(16), groups, recipe, mesh, 128, block)
+    init, _, step_fn = build_step(0, np.zeros(16), groups, recipe, mesh, 128, block)
     state = init()
     for s in range(4):
       state, metrics = step_fn(state, x[128 * s : 128 * (s + 1)])
@@ -315,8 +314,6 @@ def test_latent_blocks_and_meshes_do_not_change_the_result():
 
 def test_a_latent_block_that_does_not_divide_the_local_width_is_a_clear_error():
   with pytest.raises(ValueError, match="train.latent_block 5 does not divide the 32 latents each device holds"):
-    stacked.build(
-      0, np.zeros(16), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 64, 5
-    )
+    build_step(0, np.zeros(16), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 64, 5)
   with pytest.raises(ValueError, match="train.batch_size 30 is not divisible by the mesh's data axis \\(4\\)"):
-    stacked.build(0, np.zeros(16), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 30)
+    build_step(0, np.zeros(16), stacked.make_groups([64], [1e-3]), stacked.Recipe(), make_mesh(data=4, model=2), 30)

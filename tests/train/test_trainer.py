@@ -21,6 +21,7 @@ from tensorboardX.proto.event_pb2 import Event
 from scope_jax.activations.store import StoreError
 from scope_jax.config import default_config
 from scope_jax.data import ArraySource
+from scope_jax.data.batch import Batch
 from scope_jax.layout import open_workdir
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import TrainingDiverged, checkpoints, train
@@ -140,8 +141,8 @@ class _PoisonedSource(ArraySource):
     self.bad_step = bad_step
 
   def batch(self, step):
-    x = super().batch(step)
-    return x.at[3, 0].set(np.nan) if step >= self.bad_step else x
+    x = super().batch(step).x_bd
+    return Batch(x.at[3, 0].set(np.nan) if step >= self.bad_step else x)
 
 
 def _small_config(steps=40):

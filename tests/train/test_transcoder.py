@@ -14,12 +14,13 @@ from scope_jax.config import default_config, validate
 from scope_jax.data import ArraySource
 from scope_jax.data.source import PairedSource
 from scope_jax.parallel.mesh import make_mesh
-from scope_jax.sae import jumprelu, load_sae, save_sae, step, training_pre, unstack
+from scope_jax.sae import heaviside, jumprelu, load_sae, save_sae, training_pre, unstack
 from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, SAEInfo, fold, init_transcoder, unfold
 from scope_jax.train import stacked, train
 from scope_jax.train.optim import project_rows
 from scope_jax.train.params import TrainParams
+from tests.train.steps import build_step
 
 D_IN, D_OUT = 12, 16
 
@@ -51,7 +52,7 @@ def _composed_loss(sae: SAE, x, y, lam, spec: LossSpec):
   base = sae.b_dec + sae.skip(x)
   ends = spec.prefixes or (sae.width,)
   mse = sum(jnp.mean(jnp.sum(jnp.square(y - (f[:, :m] @ sae.W_dec[:m] + base)), -1)) for m in ends)
-  h = step(pre, sae.threshold, spec.bandwidth)
+  h = heaviside(pre, sae.threshold, spec.bandwidth)
   loss = mse + lam * jnp.mean(spec.penalty(jnp.sum(h, -1)))
   if spec.frequency_scale:
     loss += lam * jnp.sum(jnp.square(jnp.mean(h, 0))) / spec.frequency_scale
@@ -79,7 +80,7 @@ def test_steps_follow_optax_adam_on_jax_grad_of_each_new_loss(case, capacity):
   groups = stacked.make_groups([m], [lam], prefixes=prefixes)
   d_in = D_IN if kind != "sae" else D_OUT
   mean = np.zeros(d_in + D_OUT if kind != "sae" else D_OUT)
-  init, shardings, step_fn = stacked.build(
+  init, shardings, step_fn = build_step(
     0, mean, groups, recipe, make_mesh(4, 2), batch, 4, 0, (capacity,), kind=kind, d_in=d_in
   )
   if kind == "sae":
@@ -299,7 +300,8 @@ def test_init_from_starts_from_the_runs_own_export(tmp_path):
   """A run's export, read back by `train.init_from` on the same store, gives back the parameters
   of the checkpoint it was exported from."""
   from scope_jax.export import export
-  from scope_jax.train.checkpoints import open_run, restore_or_init
+  from scope_jax.train.checkpoints import restore_or_init
+  from scope_jax.train.run import open_run
 
   x, y = _paired_data(4096, seed=6)
   mesh = make_mesh(devices=jax.devices()[:2], data=2, model=1)
@@ -316,10 +318,10 @@ def test_init_from_starts_from_the_runs_own_export(tmp_path):
   entries = export(c, tmp_path / "run", source(), progress=False)
   for fmt in ("gemma_scope_2", "saelens"):
     c2 = c.copy_and_resolve_references()
-    c2.train.init_from = entries[0][fmt]
+    c2.train.init_from = entries[0].files[fmt]
     run = open_run(c2, tmp_path / f"again-{fmt}", source())
     try:
-      state = restore_or_init(run.checkpoints, run.identity, run.init, run.shardings)
+      state = restore_or_init(run.checkpoints, run.identity, run.built.init, run.built.shardings)
     finally:
       run.close()
     got, want = state["params"][0].to_sae(), trained["params"][0].to_sae()
@@ -328,14 +330,14 @@ def test_init_from_starts_from_the_runs_own_export(tmp_path):
     assert int(state["step"]) == 0
 
   c3 = c.copy_and_resolve_references()
-  c3.sweep.widths, c3.train.init_from = (64,), entries[0]["saelens"]
+  c3.sweep.widths, c3.train.init_from = (64,), entries[0].files["saelens"]
   with pytest.raises(ValueError, match="width 32 .* this sweep trains a skip_transcoder of width \\[64\\]"):
     open_run(c3, tmp_path / "wrong-width", source())
   c4 = c.copy_and_resolve_references()
-  c4.kind, c4.train.init_from = "transcoder", entries[0]["saelens"]
+  c4.kind, c4.train.init_from = "transcoder", entries[0].files["saelens"]
   with pytest.raises(ValueError, match="a skip_transcoder of width 32"):
     open_run(c4, tmp_path / "wrong-kind", source())
-  released = load_sae(entries[0]["saelens"])
+  released = load_sae(entries[0].files["saelens"])
   narrower_input = released.replace(W_enc=released.W_enc[:-1], W_skip=released.W_skip[:-1])
   c5 = c.copy_and_resolve_references()
   c5.train.init_from = str(save_sae(narrower_input, tmp_path / "narrower", format="saelens"))
@@ -375,7 +377,7 @@ def test_transcoder_sources_must_pair_rows(tmp_path):
   c = default_config()
   c.kind, c.site, c.data.path = "transcoder", "mlp_in.0", str(tmp_path / "x.npy")
   np.save(tmp_path / "x.npy", x)
-  from scope_jax.train.checkpoints import source_from_config
+  from scope_jax.train.run import source_from_config
 
   with pytest.raises(ValueError, match="a transcoder trains on a store holding both its sites, not a .npy"):
     source_from_config(c, tmp_path, mesh)

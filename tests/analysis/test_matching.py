@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from scope_jax.activations.store import open_store
-from scope_jax.browse.relations import activation_correlations, assign, children, decoder_cosines
+from scope_jax.analysis.matching import activation_correlations, assign, children, decoder_cosines
 from scope_jax.sae import SAE
 from tests.data.stores import SITE, write_store
 

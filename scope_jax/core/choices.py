@@ -1,0 +1,10 @@
+"""The names a config field may take where it names one of a few choices, in one place: config.py
+validates against them, and the stage that acts on each field imports it from here."""
+
+DTYPES = ("float32", "bfloat16")  # extract.dtype, model_dtype: how activations are stored, the model computes
+MODES = ("pack", "truncate")  # extract.mode: documents packed into sequences, or each cut to one
+NONFINITE = ("error", "skip")  # data.nonfinite: a row holding NaN or Inf stops the loader, or is replaced
+NORMALIZATIONS = ("raw", "centred")  # recipe.normalize: how C is chosen (data/normalization.py)
+SPARSITY_LOSSES = ("l0", "quadratic")  # recipe.sparsity_loss (sae/loss.py)
+TRAIN_STEPS = ("auto", "dense", "sparse")  # train.step: which step runs (train/selection.py)
+EXTRACT_BY = ("layer", "site", "all")  # grid.extract_by: one store per layer, per site, or one for all
