@@ -1,6 +1,6 @@
 """The local run: Gemma 3 270M (embedded), text every Python installation carries (the Python
 documentation and the standard library's docstrings), res.6, six JumpReLU SAEs that a 2-core
-machine trains to a usable quality in about 16 minutes end to end (AMD EPYC, 2 cores).
+machine trains to a usable quality in about 14 minutes end to end (AMD EPYC, 2 cores; benchmarks/README.md).
 
     scope-jax run --config configs/local.py --workdir runs/local
 
@@ -64,7 +64,7 @@ def get_config(arg=None):
   # Δ loss per domain: the held-out Python documentation (prose) and the standard library's code,
   # which is never trained on; and each SAE's weights in bfloat16, float8 and int8 (model float32)
   c.eval.domains = (("docs", "builtin:python-docs"), ("code", "builtin:python-stdlib"))
-  c.eval.domain_sequences = 32
+  c.eval.domain_sequences = 16  # one batch per domain: Δ loss ± ~0.02-0.04 (the main set's 64 decide the table)
   c.eval.quantize = ("bfloat16", "float8_e4m3", "int8")
   c.eval.quantize_sequences = 16
   return c

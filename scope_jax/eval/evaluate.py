@@ -387,6 +387,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
           f"eval.domains {domain} ({source})",
         ),
         progress=progress,
+        ablations=False,  # the domain table reports Δ loss, FVU and L0
       )
       for domain, source in config.eval.domains
     }
@@ -396,7 +397,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
     variants = dict(saes)
     for fmt in config.eval.quantize:
       variants |= {f"{name}@{fmt}": (quantized(sae, fmt), site) for name, (sae, site) in saes.items()}
-    q_results = evaluate_saes(lm, variants, q_batches, progress=progress)
+    q_results = evaluate_saes(lm, variants, q_batches, progress=progress, ablations=False)
     sections.append(quantization_section(q_results, list(saes), tuple(config.eval.quantize)))
   files = {}
   if jax.process_index() == 0:

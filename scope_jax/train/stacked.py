@@ -31,7 +31,7 @@ from scope_jax.train import sparse, step
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
 from scope_jax.train.step import STAT_NAMES, Scalars, StepSpec
-from scope_jax.train.tiling import Tiling, choose_tiling, device_free_bytes
+from scope_jax.train.tiling import Tiling, choose_tiling, device_free_bytes, keeps_gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +206,9 @@ def _group_step(mesh: Mesh, sweep: Sweep, group: Group, tiling: Tiling, capacity
   by the sparse one with `capacity` slots per token (train/sparse.py)."""
   recipe = sweep.recipe
   spec = group_spec(mesh, group.width, sweep.kind.skip)
-  bound = StepSpec(recipe.group_loss(group, sweep.kind), recipe.adam, tiling.block, sweep.batch_size)
+  bound = StepSpec(
+    recipe.group_loss(group, sweep.kind), recipe.adam, tiling.block, sweep.batch_size, tiling.gradient_bytes
+  )
   if capacity:
     one = functools.partial(sparse.train_sae, spec=bound, capacity=check_capacity(capacity, group.width))
   else:
@@ -265,7 +267,7 @@ def make_train_step(
   the sparse step's slots per token (none given: all dense); `free_bytes`: the device memory the
   tiling is sized for (train/tiling.py; None: what the mesh's devices report, or the cache rule on
   CPU). The tiling is printed (process 0, unless `quiet`) and in every step's metrics
-  (`latent_block`, `keeps_pre`)."""
+  (`latent_block`, `keeps_pre`, `keeps_gradients`)."""
   groups, recipe = sweep.groups, sweep.recipe
   lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
@@ -279,6 +281,9 @@ def make_train_step(
       name = "sparse" if k else "dense"
       tqdm.write(f"train: width {g.width}, {name} step: {tiling.describe(width_local(mesh, g.width))} per device")
   group_steps = [_group_step(mesh, sweep, g, t, k) for g, t, k in zip(groups, tilings, capacities)]
+  kept_gradients = lambda p, tiling: keeps_gradients(
+    tiling.gradient_bytes, recipe.clip_grad_norm, width_local(mesh, p.width), p.W_enc.shape[-1], p.W_dec.shape[-1]
+  )
 
   def train_step(state, rows: Batch):
     step = state["step"]
@@ -306,6 +311,7 @@ def make_train_step(
         "b_dec_drift": jnp.linalg.norm(p.b_dec - mean_d, axis=-1),
         "latent_block": jnp.full(lam_s.shape, tilings[gi].block, jnp.float32),
         "keeps_pre": jnp.full(lam_s.shape, tilings[gi].keep_pre, jnp.float32),
+        "keeps_gradients": jnp.full(lam_s.shape, kept_gradients(p, tilings[gi]), jnp.float32),
       }
       params.append(p)
       for k in moments:

@@ -18,9 +18,12 @@ gradient (`touched`), `UPDATE_ROWS` rows at a time, gathered from the latent-maj
 and its second moments catch up on the skipped steps' β2 decay when it is next touched
 (`Adam.catch_up`, bookkept in `latent_step`).
 
-With `recipe.clip_grad_norm` a pass between the two forms every block's gradient only to sum its
-squares (`gradient_norm`): the clip factor must be known before the first block is updated. It
-costs ~1.5× the step's time and no memory.
+With `recipe.clip_grad_norm` a pass between the two forms every block's gradient to sum its
+squares (`gradient_norm`): the clip factor must be known before the first block is updated.
+Where one SAE's gradient fits the tiling's `gradient_bytes` (train/tiling.py) the pass keeps the
+blocks' gradients and the update scales them by the clip factor instead of forming them again
+from the clipped cotangents (the same gradient to rounding: scaled after the matmuls, not
+before); otherwise the pass discards them and the clipped step costs ~1.5× the unclipped one.
 
 Peak memory is params + Adam moments + batch plus a few `[rows, block]` temporaries. The price
 is one extra encoder matmul (12·d·M FLOPs per token where 10 suffice); on CPU it is repaid
@@ -48,6 +51,7 @@ from scope_jax.parallel.precision import matmul
 from scope_jax.sae.loss import LossSpec
 from scope_jax.train.optim import Adam, project_rows
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
+from scope_jax.train.tiling import keeps_gradients
 
 F32, I32 = jnp.float32, jnp.int32
 UPDATE_ROWS = 64  # latents per gather/scatter chunk of the update
@@ -73,6 +77,12 @@ class StepSpec:
   adam: Adam
   block: int  # latents per block of the blocked passes (train/tiling.py)
   batch_size: int  # rows of the global batch (the local rows are a share of it)
+  gradient_bytes: int = 0  # under clipping, one SAE's local gradient up to this size is kept (train/tiling.py)
+
+  def keeps_gradients(self, group: TrainParams) -> bool:
+    """Whether the clipping pass keeps a group's block gradients for the update to read."""
+    d_in, d_out = group.W_enc.shape[-1], group.W_dec.shape[-1]
+    return keeps_gradients(self.gradient_bytes, self.adam.clip_norm, group.width, d_in, d_out)
 
 
 class Scalars(NamedTuple):
@@ -329,20 +339,36 @@ def _dense_gradients(x_bd: jax.Array, dyhat_bd: jax.Array, db_dec_shares_d: jax.
 
 
 def gradient_norm(
-  group: TrainParams, s, x_bd: jax.Array, cot: Cotangents, gradients: BlockGradients, block: int, spec: LossSpec
-) -> jax.Array:
-  """The global norm of SAE s's gradient (every leaf), by a pass that forms each block's gradients
-  and discards them: the norm must be known before the first block is updated."""
+  group: TrainParams,
+  s,
+  x_bd: jax.Array,
+  cot: Cotangents,
+  gradients: BlockGradients,
+  block: int,
+  spec: LossSpec,
+  keep: bool = False,
+) -> tuple[jax.Array, tuple | None]:
+  """(the global norm of SAE s's gradient (every leaf), by a pass that forms each block's
+  gradients: the norm must be known before the first block is updated; with `keep`, what that
+  pass formed, every block's `(gradients, fired, sums)` stacked `[blocks, ...]`, else None)."""
+  blocks = group.width // block
 
   def body(j, carry):
-    sq_sum, db_dec_d = carry
-    g, _, _ = gradients(block_of(group, s, j, block), j, *cot.block(j, block, spec.prefixes))
-    return sq_sum + _latent_sq_norm(g), db_dec_d + g.b_dec
+    sq_sum, db_dec_d, kept = carry
+    formed = gradients(block_of(group, s, j, block), j, *cot.block(j, block, spec.prefixes))
+    if kept is not None:
+      kept = jax.tree.map(lambda stack, value: stack.at[j].set(value), kept, formed)
+    return sq_sum + _latent_sq_norm(formed[0]), db_dec_d + formed[0].b_dec, kept
 
-  init = (jnp.zeros((), F32), jnp.zeros_like(group.b_dec[s]))
-  sq_sum, db_dec_d = lax.fori_loop(0, group.width // block, body, init)
+  kept = None
+  if keep:  # shaped as one block's (gradients, fired, sums), one per block
+    like = block_of(group, s, 0, block)
+    sums = {"in_window": jnp.zeros((blocks,), F32), "dead_loss": jnp.zeros((blocks,), F32)}
+    kept = (jax.tree.map(lambda a: jnp.zeros((blocks, *a.shape), F32), like), jnp.zeros((blocks, block), bool), sums)
+  init = (jnp.zeros((), F32), jnp.zeros_like(group.b_dec[s]), kept)
+  sq_sum, db_dec_d, kept = lax.fori_loop(0, blocks, body, init)
   shared = _dense_gradients(x_bd, cot.dyhat_pbd[0], db_dec_d, group.W_skip is not None)
-  return jnp.sqrt(lax.psum(sq_sum, MODEL) + sum(jnp.sum(jnp.square(g)) for g in shared.values()))
+  return jnp.sqrt(lax.psum(sq_sum, MODEL) + sum(jnp.sum(jnp.square(g)) for g in shared.values())), kept
 
 
 def _update_shared(group: TrainParams, moments: dict, s, grads: dict, adam: Adam, t, lr) -> tuple[TrainParams, dict]:
@@ -390,16 +416,24 @@ def update_sae(
     jnp.where(dead_m, loss.dead_latent_loss / batch, 0.0),
     dfreq_m,
   )
-  clip = jnp.ones((), F32)
+  clip, kept = jnp.ones((), F32), None
   if adam.clip_norm:
-    norm = gradient_norm(group, s, x_bd, cot, gradients, block, loss)
+    norm, kept = gradient_norm(group, s, x_bd, cot, gradients, block, loss, spec.keeps_gradients(group))
     clip = jnp.minimum(1.0, adam.clip_norm / norm)
     cot = cot.scaled(clip)
+
+  def block_gradients_at(blk: TrainParams, j) -> tuple[TrainParams, jax.Array, dict]:
+    """Block j's clipped gradients: formed from the clipped cotangents, or the kept ones scaled
+    (every gradient and the dead-latent loss are linear in the cotangents)."""
+    if kept is None:
+      return gradients(blk, j, *cot.block(j, block, loss.prefixes))
+    g, fired_k, sums_k = jax.tree.map(lambda stack: stack[j], kept)
+    return jax.tree.map(lambda a: a * clip, g), fired_k, sums_k | {"dead_loss": sums_k["dead_loss"] * clip}
 
   def update(j, carry):
     group, moments, db_dec_d, sq_sum, sums, fired_m = carry
     blk = block_of(group, s, j, block)
-    g, fired_k, sums_k = gradients(blk, j, *cot.block(j, block, loss.prefixes))
+    g, fired_k, sums_k = block_gradients_at(blk, j)
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     update_k = touched(g, fired_k) if adam.lazy else jnp.ones_like(fired_k)

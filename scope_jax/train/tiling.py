@@ -12,7 +12,13 @@ The step (train/step.py) walks each device's latents a block at a time, twice. T
   latent fit too, pass 1 keeps them and pass 2 reads them (`keep_pre`), so the dense step costs
   10·B·d·M FLOPs instead of 12. The kept values are pass 1's own, so the result is the same.
 
-`train.latent_block` > 0 fixes the block (and keeps nothing) on every backend.
+With gradient clipping (`recipe.clip_grad_norm`) the step forms every block's gradient once to
+find the norm before it updates any block (train/step.py `gradient_norm`). Where one SAE's
+gradient fits `gradient_bytes` (the cache and fixed rules: `HOST_GRADIENT_BYTES`; the memory
+rule: what its budget leaves), that pass keeps the gradients and the update reads them instead of
+forming them again: four of the clipped dense step's ten `[rows, block] × d` matmuls per block saved.
+
+`train.latent_block` > 0 fixes the block (and keeps no pre-activations) on every backend.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ MEMORY_FRACTION = 0.5  # of a device's free memory the step's temporaries may ta
 # ∂pre, ∂θ, the pull and the masks; the sparse step's pre-activations, masks and packed words
 DENSE_TEMPORARIES, SPARSE_TEMPORARIES = 8, 4
 FLOAT = 4
+HOST_GRADIENT_BYTES = 64 << 20  # one SAE's local gradient kept under clipping by the cache and fixed rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Tiling:
   block: int  # latents per block
   keep_pre: bool  # pass 1's pre-activations kept for pass 2 (dense step only)
   rule: str  # "cache", "memory" or "fixed" (train.latent_block)
+  gradient_bytes: int = 0  # under clipping, one SAE's gradient up to this size is kept between its passes
 
   def describe(self, width_local: int) -> str:
     blocks = width_local // self.block
@@ -69,15 +77,21 @@ def choose_tiling(
         + (f" and every prefix size {list(prefixes)}" if prefixes else "")
         + "; use a common divisor or 0 (automatic)"
       )
-    return Tiling(requested, False, "fixed")
+    return Tiling(requested, False, "fixed", HOST_GRADIENT_BYTES)
   if free_bytes is None:
     tile = SPARSE_TILE if sparse else DENSE_TILE
-    return Tiling(_divisors(width_local, prefixes, tile // rows_local), False, "cache")
+    return Tiling(_divisors(width_local, prefixes, tile // rows_local), False, "cache", HOST_GRADIENT_BYTES)
   budget = MEMORY_FRACTION * free_bytes
   per_latent = FLOAT * rows_local * (SPARSE_TEMPORARIES if sparse else DENSE_TEMPORARIES)
   block = _divisors(width_local, prefixes, int(budget // per_latent))
   keep_pre = not sparse and FLOAT * rows_local * width_local + per_latent * block <= budget
-  return Tiling(block, keep_pre, "memory")
+  left = budget - per_latent * block - (FLOAT * rows_local * width_local if keep_pre else 0)
+  return Tiling(block, keep_pre, "memory", max(0, int(left)))
+
+
+def keeps_gradients(gradient_bytes: int, clip_norm: float, width_local: int, d_in: int, d_out: int) -> bool:
+  """Whether the clipped step keeps one SAE's block gradients between its passes (see above)."""
+  return bool(clip_norm) and FLOAT * width_local * (d_in + d_out + 3) <= gradient_bytes
 
 
 def device_free_bytes(mesh: jax.sharding.Mesh) -> int | None:

@@ -7,7 +7,7 @@ import pytest
 
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import stacked
-from scope_jax.train.tiling import DENSE_TILE, SPARSE_TILE, choose_tiling
+from scope_jax.train.tiling import DENSE_TILE, HOST_GRADIENT_BYTES, SPARSE_TILE, choose_tiling, keeps_gradients
 from tests.train.steps import build_step
 
 GB = 10**9
@@ -39,6 +39,17 @@ def test_the_memory_rule_takes_whole_width_blocks_and_keeps_pre_activations_wher
   assert (fixed.block, fixed.keep_pre, fixed.rule) == (512, False, "fixed")
   with pytest.raises(ValueError, match="train.latent_block 5 does not divide the 64 latents each device holds"):
     choose_tiling(64, 128, sparse=False, requested=5, free_bytes=70 * GB)
+
+
+def test_clipping_keeps_one_saes_gradient_where_the_rule_leaves_room_for_it():
+  # a 131K × 2,304 SAE's gradient is 2.4 GB: it fits what the memory rule leaves of 35 GB, not of 4 GB
+  memory = choose_tiling(131_072, 4_096, sparse=False, free_bytes=70 * GB)
+  assert keeps_gradients(memory.gradient_bytes, 1.0, 131_072, 2_304, 2_304)
+  assert not keeps_gradients(memory.gradient_bytes, 0.0, 131_072, 2_304, 2_304)  # no clipping, nothing to keep
+  tight = choose_tiling(131_072, 4_096, sparse=False, free_bytes=8 * GB)
+  assert not keeps_gradients(tight.gradient_bytes, 1.0, 131_072, 2_304, 2_304)
+  cache = choose_tiling(2_048, 1_024, sparse=False)  # the local run's: 10 MB kept on the host
+  assert cache.gradient_bytes == HOST_GRADIENT_BYTES and keeps_gradients(cache.gradient_bytes, 1.0, 2_048, 640, 640)
 
 
 @pytest.mark.parametrize("capacities", [(0, 0), (32, 64)], ids=["dense", "sparse"])

@@ -118,19 +118,28 @@ def _composed_loss(sae, x, lam, spec):
   return jnp.mean(jnp.sum(jnp.square(x - xhat), -1)) + lam * jnp.mean(spec.penalty(l0_b))
 
 
-@pytest.mark.parametrize("b1,clip", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.05)])
+@pytest.mark.parametrize(
+  "b1,clip,free",
+  [(0.0, 0.0, None), (0.9, 0.0, None), (0.0, 0.05, None), (0.0, 0.05, 4_096)],
+  ids=["adam-b1-0", "adam-b1-0.9", "clip-gradients-kept", "clip-gradients-formed-again"],
+)
 @pytest.mark.parametrize("capacity", [0, 32], ids=["dense", "sparse"])
-def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, capacity):
+def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, free, capacity):
   """Several real steps (blocked, sharded; dense, or sparse with room for every slot) against
   optax's Adam fed `jax.grad` through the public `jumprelu`/`heaviside`, with optax's global-norm
-  clipping before it and the decoder projection and renormalization around it."""
+  clipping before it and the decoder projection and renormalization around it. Clipped, the
+  blocks' gradients are kept between the step's passes (blocks of 4, the host's budget) or, with
+  4 KB free (the memory rule's blocks, no room left), formed again from the clipped cotangents."""
   d, m, lam, batch = 16, 32, 0.05, 64
   recipe = stacked.Recipe(
     lr=3e-3, lr_warmup_steps=0, sparsity_warmup_steps=0, bandwidth=0.05, adam_b1=b1, clip_grad_norm=clip
   )
   mesh = make_mesh(4, 2)
   groups = stacked.make_groups([m], [lam])
-  init, shardings, step_fn = build_step(0, np.zeros(d), groups, recipe, mesh, batch, 4, 0, (capacity,))
+  block = 4 if free is None else 0
+  init, shardings, step_fn = build_step(
+    0, np.zeros(d), groups, recipe, mesh, batch, block, free_bytes=free, capacities=(capacity,)
+  )
   sae = random_sae(d, m, seed=3)
   state = _with_params(init(), (jax.tree.map(lambda a: a[None], sae),), shardings)
   scale = (
@@ -143,6 +152,8 @@ def test_steps_follow_optax_adam_on_the_custom_vjp_gradients(b1, clip, capacity)
   for s, x in enumerate(np.split(_data(4 * batch, d, seed=4), 4)):
     state, stats = step_fn(state, x)
     assert stats[0]["sparse"][0] == (capacity > 0)
+    assert stats[0]["keeps_gradients"][0] == (clip > 0 and free is None)
+    assert stats[0]["latent_block"][0] < m // 2  # more than one block per device
     g = jax.grad(_composed_loss)(ref, x, lam, recipe.loss)
     np.testing.assert_allclose(stats[0]["grad_norm"][0], optax.global_norm(g), rtol=1e-4)
     if clip:
