@@ -73,7 +73,7 @@ def test_every_training_step_lowers_for_tpu_and_cuda(kind, prefixes, capacity, p
   rows = jax.ShapeDtypeStruct((batch, D), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
   for free in (None, 80 * 10**9):  # the cache rule and the memory rule (whole width, kept pre-activations)
     built = run.build(sweep, mesh, np.zeros(D), D, free)
-    state = stacked.abstract_state(sweep, built.shardings, D, D)
+    state = stacked.abstract_state(built.init, built.shardings)
     module = _lowers(built.make_step((capacity,) * 2), state, Batch(rows, rows if kind.transcoder else None))
     assert ("bf16" in module) == (precision == "bfloat16")
 

@@ -108,8 +108,8 @@ class PairedSource:
 
   Input and target are each normalized by their own C ("centred" by default): a λ then means the
   same for a transcoder as for an SAE of the target site, whatever the two sites' scales (Gemma
-  Scope divided both by √d_model instead, docs/recipe.md §4). `scale` is the input's C,
-  `target_scale` the target's; export folds both back (sae/model.py `fold`).
+  Scope divided both by √d_model instead, docs/recipe.md §4). `scale` is the input's C;
+  `divisors` what each site's rows were divided by, which export folds back (sae/model.py `fold`).
   """
 
   def __init__(self, input_source: BatchSource, target_source: BatchSource):
@@ -125,7 +125,7 @@ class PairedSource:
     self.input, self.target = input_source, target_source
     self.input_width, self.output_width = input_source.width, target_source.width
     self.batch_size, self.mesh = input_source.batch_size, input_source.mesh
-    self.scale, self.target_scale = input_source.scale, target_source.scale
+    self.scale = input_source.scale
     self.divisors = (input_source.divisor, target_source.divisor)
     self.output_mean = target_source.mean
     self.store = input_source.store

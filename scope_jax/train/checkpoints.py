@@ -226,9 +226,7 @@ def _restore_step(mngr, step: int, identity: dict, init, shardings) -> dict:
       + "\n  ".join(diffs)
       + "\nuse a new --workdir, or restore the old config"
     )
-  abstract = jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), jax.eval_shape(init), shardings
-  )
+  abstract = stacked.abstract_state(init, shardings)
   if layout == 1:
     return _from_layout_1(mngr, step, abstract, shardings)
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]

@@ -116,7 +116,7 @@ def train_cost(config: ml_collections.ConfigDict, target: Target) -> TrainCost:
   step_fn = built.make_step((), quiet=True)
   rows = lambda width: jax.ShapeDtypeStruct((batch, width), jnp.float32, sharding=NamedSharding(mesh, P(DATA, None)))
   batch_shapes = Batch(rows(d_in), rows(d_out) if sweep.kind.transcoder else None)
-  state_shapes = stacked.abstract_state(sweep, built.shardings, d_in, d_out)
+  state_shapes = stacked.abstract_state(built.init, built.shardings)
   memory = step_fn.lower(state_shapes, batch_shapes).compile().memory_analysis()
   per_device = (
     memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - memory.alias_size_in_bytes

@@ -351,10 +351,10 @@ def initializer(sweep: Sweep, mesh: Mesh, mean_d, d_in: int | None = None):
   return jax.jit(init, out_shardings=shardings), shardings
 
 
-def abstract_state(sweep: Sweep, shardings: dict, d_in: int, d_out: int) -> dict:
-  """The state's shapes, dtypes and shardings (what a checkpoint restores into), computing nothing."""
-  init = functools.partial(init_state, sweep.seed, jnp.zeros(d_out, jnp.float32), sweep.groups, sweep.recipe)
-  shapes = jax.eval_shape(functools.partial(init, sweep.kind, d_in))
+def abstract_state(init, shardings: dict) -> dict:
+  """The shapes, dtypes and shardings of the state `init` makes (what a checkpoint restores into,
+  what a step is lowered for), by tracing it: nothing is computed or allocated."""
+  shapes = jax.eval_shape(init)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 

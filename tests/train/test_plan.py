@@ -58,7 +58,7 @@ def test_xlas_own_count_of_one_sae_in_one_block_agrees_with_the_formula():
   config.sweep.l1_coefficients = (1e-3,)
   sweep, mesh = stacked.sweep_from(config), make_mesh(1, 1)
   built = run.build(sweep, mesh, np.zeros(D), free_bytes=80 * 10**9)
-  state = stacked.abstract_state(sweep, built.shardings, D, D)
+  state = stacked.abstract_state(built.init, built.shardings)
   rows = Batch(jax.ShapeDtypeStruct((512, D), np.float32))
   flops = built.make_step(()).lower(state, rows).compile().cost_analysis()["flops"]
   assert flops == pytest.approx(train_flops(config, D, D, keep_pre=True), rel=0.05)
