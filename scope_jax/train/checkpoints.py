@@ -10,11 +10,14 @@ identity (`run_identity`), the step choices (train/selection.py) and a checksum 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -120,11 +123,13 @@ def _ignore_orphaned_reads() -> None:
   """Silences the reads a failed restore leaves behind, from before the first restore on (they
   can complete while the restore's error is still being raised, before any handler runs).
 
-  orbax 0.12 runs a restore's reads in an event loop it closes as soon as the first read fails;
-  each read still in flight then completes into the closed loop, and tensorstore reports every one
-  through `sys.unraisablehook` as a traceback (`RuntimeError: Event loop is closed`), dozens in
-  all, after the failure has already been handled. Only that error is dropped; any other goes to
-  the hook that was there."""
+  orbax 0.12 gathers a restore's reads as asyncio tasks and closes their event loop as soon as the
+  first read fails. The reads still in flight are reported after the failure has been handled, as
+  tracebacks, dozens in all, on two channels: one that completes into the closed loop goes to
+  `sys.unraisablehook` (`RuntimeError: Event loop is closed`); one that had failed before the loop
+  closed is logged by asyncio when its task is collected ("Task exception was never retrieved").
+  Only those are dropped: the hook passes any other error on, and the log filter drops only
+  never-retrieved task errors raised in orbax's code."""
   previous = sys.unraisablehook
   if getattr(previous, "scope_jax_orphaned_reads", False):
     return
@@ -136,6 +141,15 @@ def _ignore_orphaned_reads() -> None:
 
   hook.scope_jax_orphaned_reads = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_orphaned_task_errors)
+
+
+def _orphaned_task_errors(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of a task whose error nobody read, raised in orbax's code."""
+  if not record.getMessage().startswith("Task exception was never retrieved") or not record.exc_info:
+    return True
+  frames = traceback.extract_tb(record.exc_info[2])
+  return not any(f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in frame.filename for frame in frames)
 
 
 def _first_line(e: BaseException) -> str:
