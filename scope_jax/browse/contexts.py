@@ -116,10 +116,17 @@ class TokenText:
   def strings(self, ids) -> list[str]:
     ids = [int(i) for i in ids]
     out = [self.pieces[i] for i in ids]
-    if "".join(out) == self.tokenizer.decode(ids):
+    joined, decoded = "".join(out), self.tokenizer.decode(ids)
+    if joined == decoded:
       return out
-    # byte pieces (<0xE2>…) or normalization: each token gets what it adds to the decoded prefix
-    # (a token completing a multi-byte character shows the whole character)
+    if out and out[0].startswith(" ") and joined[1:] == decoded:  # a dummy-prefix tokenizer drops the leading space
+      return [out[0][1:], *out[1:]]
+    return self.by_prefix(ids)
+
+  def by_prefix(self, ids: list[int]) -> list[str]:
+    """Each token's string as what it adds to the decoded prefix (byte pieces <0xE2>… or
+    normalization; a token completing a multi-byte character shows the whole character): one
+    decode per token, where `strings` needs one per window."""
     out, shown = [], ""
     for i in range(len(ids)):
       prefix = self.tokenizer.decode(ids[: i + 1])

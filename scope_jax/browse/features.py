@@ -45,6 +45,11 @@ class Kept:
   row: np.ndarray  # int64 store row
   value: np.ndarray  # float32 activation
 
+  @property
+  def arrays(self) -> tuple[np.ndarray, ...]:
+    """The fields in order, not copied (`dataclasses.astuple` deep-copies every array)."""
+    return self.group, self.key, self.row, self.value
+
   @classmethod
   def empty(cls) -> Kept:
     return cls(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -57,7 +62,7 @@ class Kept:
     full = np.flatnonzero(counts >= k)
     floor[full] = self.key[np.searchsorted(self.group, full) + k - 1]  # kept entries are sorted by group
     enter = other.key >= floor[other.group]
-    cat = [np.concatenate([a, b[enter]]) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))]
+    cat = [np.concatenate([a, b[enter]]) for a, b in zip(self.arrays, other.arrays)]
     return Kept(*keep_largest(*cat, k=k, tie=cat[2]))  # equal keys: the smaller row, whatever the merge order
 
 
@@ -66,12 +71,37 @@ def keep_largest(
 ) -> tuple[np.ndarray, ...]:
   """(group, key, *payload) restricted to the `k` largest keys of each group, sorted by group and
   then by key, largest first; equal keys by `tie` (default: entry order), smallest first."""
-  order = np.lexsort((np.arange(len(key)) if tie is None else tie, -key, group))
+  sel = np.flatnonzero(_may_be_kept(group, key, k))  # in entry order, so the default tie holds
+  group, key, payload = group[sel], key[sel], [p[sel] for p in payload]
+  order = np.lexsort((np.arange(len(key)) if tie is None else tie[sel], -key, group))
   g = group[order]
   starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.zeros(0, np.int64)
   rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))
   keep = order[rank < k]
   return (group[keep], key[keep], *(p[keep] for p in payload))
+
+
+def _may_be_kept(group: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
+  """A mask of the entries that can be among the `k` largest keys of their group, found by one
+  integer sort instead of the three-key sort: each entry packed as its group in the high bits and
+  its key's leading bits below (inverted: larger keys first); an entry whose packed value is
+  above its group's k-th is below k entries of its group by more than any tie, and is dropped.
+  Equal leading bits are kept, so the exact sort after it decides ties. Scanning an SAE's first
+  chunk (millions of active entries, nothing kept yet) is where this matters: 7.5x at 3.6 M.
+  Holds one uint64 per group number up to the largest (the histogram's size, for samples)."""
+  if len(group) == 0 or (group_bits := max(1, int(group.max()).bit_length())) > 48:
+    return np.ones(len(group), bool)
+  key_bits = np.uint64(64 - group_bits)
+  bits = np.ascontiguousarray(key, np.float64).view(np.uint64)
+  ordered = np.where(bits >> np.uint64(63), ~bits, bits | np.uint64(1 << 63))  # IEEE 754: as the floats order
+  packed = (group.astype(np.uint64) << key_bits) | (~ordered >> np.uint64(group_bits))
+  s = np.sort(packed)
+  g_s = s >> key_bits
+  starts = np.flatnonzero(np.r_[True, g_s[1:] != g_s[:-1]])
+  full = starts[np.diff(np.r_[starts, len(s)]) >= k]
+  limit = np.full(int(group.max()) + 1, np.iinfo(np.uint64).max, np.uint64)
+  limit[g_s[full]] = s[full + (k - 1)]
+  return packed <= limit[group]
 
 
 @dataclasses.dataclass
@@ -188,7 +218,7 @@ def _allgather_bytes(blob: np.ndarray) -> list[np.ndarray]:
 
 def _allgather_kept(kept: Kept) -> list[Kept]:
   """Every process's `kept`."""
-  arrays = dataclasses.astuple(kept)
+  arrays = kept.arrays
   blob = np.concatenate([np.ascontiguousarray(a).view(np.uint8) for a in arrays])
   out = []
   for b in _allgather_bytes(blob):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from scope_jax.activations.store import open_store
-from scope_jax.browse.contexts import windows
+from scope_jax.browse.contexts import TokenText, windows
 from scope_jax.browse.features import N_BINS, bin_of, keep_largest, scan
 from scope_jax.sae import SAE
+from scope_jax.text.tokenizer import Tokenizer
 from tests.data.stores import SITE, write_store
 
 
@@ -23,6 +24,23 @@ def random_sae(width=24, d=8, seed=0) -> SAE:
     b_dec=jnp.zeros(d),
     threshold=jnp.full((width,), 0.5),
   )
+
+
+@pytest.mark.parametrize("k", [1, 2, 16])
+def test_keep_largest_equals_a_per_group_sort_with_ties_and_negative_keys(k):
+  rng = np.random.default_rng(k)
+  n = 20_000
+  group = rng.integers(0, 300, n) * 7  # sparse group numbers
+  key = np.round(rng.normal(size=n), 2)  # many equal keys, both signs
+  key[::97] = 1e300
+  tie = rng.permutation(n)
+  g, kk, idx = keep_largest(group, key, np.arange(n), k=k, tie=tie)
+  expected = []
+  for grp in sorted(set(group.tolist())):
+    members = sorted(np.flatnonzero(group == grp), key=lambda i: (-key[i], tie[i]))
+    expected += members[:k]
+  assert idx.tolist() == expected
+  assert g.tolist() == group[expected].tolist() and kk.tolist() == key[expected].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +124,19 @@ def test_windows_are_the_neighbouring_tokens_of_the_same_sequence_and_document(s
     shown = np.flatnonzero(w.tokens_nw[i] >= 0)
     latent = i % sae.width
     np.testing.assert_allclose(w.values_nw[i, shown], acts[row_of_id[center + shown - 6], latent], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("text", ["Hello world, this is text.", "naïve café — 東京 and 🙂", "  two spaces\tand a tab"])
+def test_each_tokens_string_is_what_it_adds_to_the_decoded_prefix_in_every_window(tiny_model, text):
+  """The browser shows each token of a window as a string; their concatenation is the window's
+  decoding. The fast path (the pieces, less the space a dummy-prefix tokenizer drops) must equal
+  the per-prefix rule on every window, byte-fallback characters included."""
+  tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.model"))  # dummy prefix, byte fallback
+  token_text = TokenText(tokenizer)
+  ids = tokenizer.encode(text, add_bos=False)
+  for start in range(len(ids)):
+    for end in range(start + 1, len(ids) + 1):
+      window = ids[start:end]
+      shown = token_text.strings(window)
+      assert shown == token_text.by_prefix(window), (start, end)
+      assert "".join(shown) == tokenizer.decode(window)
