@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import numpy as np
 
-from scope_jax.models import checkpoints
+from scope_jax.models import checkpoints, gguf_format
 from scope_jax.models.config import GemmaConfig, alternating_layer_types
 
 SUPPORTED_ARCHITECTURES = ("gemma2", "gemma3")
@@ -51,16 +52,13 @@ class GGUFModel:
   """An opened GGUF file: `.config`, `.reader()` for the weights, `.tokenizer_proto()`."""
 
   def __init__(self, path: str):
-    import gguf
-
     self.path = os.fspath(path)
     if not os.path.exists(self.path):
       raise FileNotFoundError(f"GGUF file {self.path} does not exist")
     try:
-      self._file = gguf.GGUFReader(self.path)
-    except Exception as e:  # the reader fails deep inside numpy on short or damaged files
+      self._fields, self._tensors = gguf_format.read(self.path)
+    except (ValueError, struct.error, IndexError, UnicodeDecodeError) as e:  # short, damaged or not GGUF
       raise ValueError(f"{self.path}: not a readable GGUF file; it is truncated or corrupt ({e})") from None
-    self._tensors = {t.name: t for t in self._file.tensors}
     self.architecture = self.field("general.architecture")
     if self.architecture not in SUPPORTED_ARCHITECTURES:
       raise ValueError(
@@ -69,12 +67,11 @@ class GGUFModel:
     self.config = self._config()
 
   def field(self, key: str, default=None):
-    field = self._file.fields.get(key)
-    if field is None:
+    if key not in self._fields:
       if default is None:
         raise ValueError(f"{self.path}: metadata field {key!r} is missing")
       return default
-    return field.contents()
+    return self._fields[key]
 
   def _config(self) -> GemmaConfig:
     arch = self.architecture
