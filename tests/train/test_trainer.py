@@ -76,19 +76,30 @@ def acts_npy(tmp_path_factory):
   return path
 
 
-def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
+DENSE = "--config.train.step=dense"  # runs compared bit for bit: `auto` chooses its step by timing
+
+
+@pytest.fixture(scope="module")
+def dense_run(acts_npy, tmp_path_factory):
+  """The 60-step dense run straight through (checkpoints 40, 50, 60): what every interrupted or
+  damaged run must end equal to, and (copied; nothing in a workdir names its own path) the
+  finished run the damage tests start from. Never modified."""
+  path = tmp_path_factory.mktemp("dense") / "run"
+  subprocess.run(_cli(path, acts_npy, DENSE), cwd=REPO, check=True, capture_output=True)
+  assert _checkpoints(path) == [40, 50, 60]
+  return path
+
+
+def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy, dense_run):
   """`train.step=dense` (and `sparse`, below): `auto` chooses by timing, so two separate runs can
   switch at different steps and then differ by float rounding."""
-  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-  dense = "--config.train.step=dense"
-  subprocess.run(_cli(straight, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
-  assert _checkpoints(straight)[-1] == 60
+  straight, interrupted = dense_run, tmp_path / "interrupted"
 
   preempted_at = 0
   for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):  # Ctrl-C saves what SIGTERM saves
     before = preempted_at
     rc, out = _run_until(
-      _cli(interrupted, acts_npy, dense), lambda b=before: any(c > b for c in _checkpoints(interrupted)), sig
+      _cli(interrupted, acts_npy, DENSE), lambda b=before: any(c > b for c in _checkpoints(interrupted)), sig
     )
     assert rc == code, out
     preempted_at = _checkpoints(interrupted)[-1]
@@ -96,14 +107,14 @@ def test_sigterm_ctrl_c_and_kill_9_resume_bit_identically(tmp_path, acts_npy):
     assert "Traceback" not in out
 
   rc, out = _run_until(
-    _cli(interrupted, acts_npy, dense), lambda: _checkpoints(interrupted)[-1] > preempted_at, signal.SIGKILL
+    _cli(interrupted, acts_npy, DENSE), lambda: _checkpoints(interrupted)[-1] > preempted_at, signal.SIGKILL
   )
   assert rc == -signal.SIGKILL, out
   assert _checkpoints(interrupted)[-1] < 60, "killed too late to test anything"
   holder = json.loads((interrupted / "LEASE").read_text())  # left by the killed run; does not block the next
   assert holder["pid"] > 0 and holder["host"]
 
-  subprocess.run(_cli(interrupted, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
+  subprocess.run(_cli(interrupted, acts_npy, DENSE), cwd=REPO, check=True, capture_output=True)
   for a, b in zip(_final_state(straight, 60), _final_state(interrupted, 60), strict=True):
     np.testing.assert_array_equal(a, b)
   lines = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
@@ -404,11 +415,9 @@ def test_training_from_a_store(tmp_path):
   assert (tmp_path / "w" / "checkpoints" / "12").exists()
 
 
-def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tmp_path, acts_npy):
-  single, shared = tmp_path / "single", tmp_path / "shared"
-  dense = "--config.train.step=dense"  # `auto` times the two steps, and a loaded machine may choose otherwise
-  subprocess.run(_cli(single, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
-  first = subprocess.Popen(_cli(shared, acts_npy, dense), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tmp_path, acts_npy, dense_run):
+  single, shared = dense_run, tmp_path / "shared"
+  first = subprocess.Popen(_cli(shared, acts_npy, DENSE), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   while not (shared / "LEASE").exists():
     assert first.poll() is None, first.stdout.read().decode()
     time.sleep(0.01)
@@ -427,12 +436,10 @@ def test_two_trainings_on_one_workdir_one_proceeds_the_other_names_the_holder(tm
   assert not (shared / "LEASE").exists()  # released at the end
 
 
-def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(tmp_path, acts_npy, small_disk):
+def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(acts_npy, small_disk, dense_run):
   disk, resize = small_disk
-  straight, workdir = tmp_path / "straight", disk / "w"
-  dense = "--config.train.step=dense"  # `auto`'s timing may choose otherwise on a loaded machine
-  subprocess.run(_cli(straight, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
-  full = subprocess.run(_cli(workdir, acts_npy, dense), cwd=REPO, capture_output=True, text=True, timeout=240)
+  straight, workdir = dense_run, disk / "w"
+  full = subprocess.run(_cli(workdir, acts_npy, DENSE), cwd=REPO, capture_output=True, text=True, timeout=240)
   assert full.returncode == 1, full.stderr
   lines = full.stderr.splitlines()  # orbax's own log of the failed write may come before or after
   ours = next(i for i, line in enumerate(lines) if line.startswith("scope-jax train: "))
@@ -440,7 +447,7 @@ def test_disk_full_while_checkpointing_is_one_clear_error_and_resumes(tmp_path, 
   assert lines[ours + 1] == "the disk is full: free space and run the same command; it resumes from what was committed"
   assert _checkpoints(workdir) == []
   resize("512m")
-  subprocess.run(_cli(workdir, acts_npy, dense), cwd=REPO, check=True, capture_output=True, timeout=240)
+  subprocess.run(_cli(workdir, acts_npy, DENSE), cwd=REPO, check=True, capture_output=True, timeout=240)
   for a, b in zip(_final_state(straight, 60), _final_state(workdir, 60), strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -517,15 +524,15 @@ def _run(cmd, **kwargs):
 
 
 SHORT = "--config.train.steps=20"
-SHORT_DENSE = (SHORT, "--config.train.step=dense")  # for runs compared bit for bit: `auto` times its steps
+SHORT_DENSE = (SHORT, DENSE)
 
 
 def test_disk_full_while_exporting_is_one_clear_error_and_the_rerun_exports(tmp_path, acts_npy, small_disk):
   disk, resize = small_disk
   resize("512m")
   straight, workdir = tmp_path / "straight", disk / "w"
-  for w in (straight, workdir):
-    assert _run(_cli(w, acts_npy, *SHORT_DENSE)).returncode == 0
+  assert _run(_cli(straight, acts_npy, *SHORT_DENSE)).returncode == 0
+  shutil.copytree(straight, workdir)  # the same trained run, on the small disk
   assert _run(_cli(straight, acts_npy, *SHORT_DENSE, command="export")).returncode == 0
   resize(f"{shutil.disk_usage(disk).used // 1024 + 256}k")  # room for the checkpoints, not the export
   full = _run(_cli(workdir, acts_npy, *SHORT_DENSE, command="export"))
@@ -576,15 +583,14 @@ def _damage(step_dir: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip a bit"])
-def test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_run_ends_as_if_it_never_was(tmp_path, acts_npy, how):
-  straight, damaged = tmp_path / "straight", tmp_path / "damaged"
-  dense = "--config.train.step=dense"
-  subprocess.run(_cli(straight, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
-  subprocess.run(_cli(damaged, acts_npy, dense), cwd=REPO, check=True, capture_output=True)
-  assert _checkpoints(damaged) == [40, 50, 60]
+def test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_run_ends_as_if_it_never_was(
+  tmp_path, acts_npy, dense_run, how
+):
+  straight, damaged = dense_run, tmp_path / "damaged"
+  shutil.copytree(dense_run, damaged)
   _damage(damaged / "checkpoints" / "60", how)
   kept = tree_hashes(damaged / "checkpoints" / "60")
-  again = subprocess.run(_cli(damaged, acts_npy, dense), cwd=REPO, capture_output=True, text=True, timeout=300)
+  again = subprocess.run(_cli(damaged, acts_npy, DENSE), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
   expected = f"scope_jax: the checkpoint of step 60 ({damaged / 'checkpoints' / '60'}) is damaged ("
   assert expected in again.stderr and "resuming from the intact checkpoint of step 50" in again.stderr
