@@ -148,6 +148,7 @@ def _extract_cmd(model, workdir, *extra):
     "--config.extract.bucket_rows=512",
     "--config.extract.chunk_rows=64",
     "--config.data.holdout_every=0",
+    "--config.extract.tokens=300000",  # ~6 s of the tiny model: ~150x the rows the interruptions wait for
     *extra,
   ]
 
@@ -183,7 +184,7 @@ def test_kill_9_sigterm_or_ctrl_c_then_resume_gives_the_uninterrupted_store(
   proc.send_signal(sig)
   while sig == signal.SIGINT and proc.poll() is None:  # a Ctrl-C that lands in JAX's gc callback is
     try:  # dropped there ("Exception ignored in _xla_gc_callback", jax-ml/jax#18246): press it again
-      proc.wait(timeout=10)
+      proc.wait(timeout=3)  # well past handling one (ms), well before the extraction's end
     except subprocess.TimeoutExpired:
       proc.send_signal(sig)
   assert proc.wait() == code
