@@ -111,12 +111,13 @@ def test_a_sweep_runs_every_job_then_finds_them_finished(tiny_model, tmp_path, c
   """The runlocal grid on a tiny model: one extraction job (whose workdir is its store, held
   once by the sweep) and two trainer jobs; the second sweep runs nothing and no lease is left."""
   args = ["sweep", "--config", f"configs/gemma2.py:size=2b,runlocal,layer=1,model={tiny_model}"]
+  args.append("--config.extract.tokens=20480")  # what is tested is the jobs, not the SAEs: 40 steps each
   cli.main([*args, "--workdir", str(tmp_path)])
   out = capsys.readouterr().out
   assert out.count("eval: report in") == 3
   for site in ("res.1", "mlp.1"):
-    assert len(json.loads((tmp_path / "train" / f"{site}-51.2K" / "export" / "index.json").read_text())) == 4
-  index = json.loads((tmp_path / "train" / "transcoder.1-51.2K" / "export" / "index.json").read_text())
+    assert len(json.loads((tmp_path / "train" / f"{site}-20.48K" / "export" / "index.json").read_text())) == 4
+  index = json.loads((tmp_path / "train" / "transcoder.1-20.48K" / "export" / "index.json").read_text())
   assert len(index) == 2 and {(e["kind"], e["site"], e["target_site"]) for e in index} == {
     ("transcoder", "mlp_in.1", "mlp.1")
   }
