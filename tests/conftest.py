@@ -1,17 +1,9 @@
 """Test set-up: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
 
 import os
-import tempfile
 import threading
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# One persistent XLA compilation cache for the suite's processes, the CLI's subprocesses included
-# (they inherit the environment): ~150 of them compile the same steps, engines and initializers,
-# ~0.5 s each on CPU. The key is the program and its devices, so a changed program compiles anew.
-XLA_CACHE = os.path.join(tempfile.gettempdir(), f"scope_jax-tests-xla-{os.getuid()}")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))  # least recently used entries go past 2 GiB
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
