@@ -33,6 +33,7 @@ from scope_jax.core.choices import DTYPES
 from scope_jax.layout import RunLayout, differences
 from scope_jax.lease import holding
 from scope_jax.models.sites import parse_site, site_width
+from scope_jax.parallel.interrupt import CtrlC
 from scope_jax.parallel.mesh import make_mesh, owned_blocks
 from scope_jax.parallel.prefetch import BackgroundWorker, prefetch_iterator
 from scope_jax.text.sequences import batches, sequences
@@ -210,15 +211,17 @@ def _extract(config: ml_collections.ConfigDict, root: str, lm, progress: bool) -
     worker.start()
     done = start
     try:
-      for batch in prefetch_iterator((b for b in stream if b.index >= start), depth=2, name="tokenizer"):
-        acts = lm.activations(batch.tokens, identity["sites"])
-        worker.put((batch, acts))
-        done = batch.index + 1
-        tokens_seen += int(batch.keep.sum())
-        bar.update(1)
-        bar.set_postfix_str(
-          f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, {committed_rows(writers):,} rows committed"
-        )
+      with CtrlC() as ctrl_c:
+        for batch in prefetch_iterator((b for b in stream if b.index >= start), depth=2, name="tokenizer"):
+          acts = lm.activations(batch.tokens, identity["sites"])
+          worker.put((batch, acts))
+          done = batch.index + 1
+          tokens_seen += int(batch.keep.sum())
+          bar.update(1)
+          bar.set_postfix_str(
+            f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s, {committed_rows(writers):,} rows committed"
+          )
+          ctrl_c.check()  # between batches: what was written so far is resumed from
     finally:
       try:
         worker.finish()
