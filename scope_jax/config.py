@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from scope_jax.core.choices import DTYPES, EXTRACT_BY, MODES, NONFINITE, NORMALIZATIONS, SPARSITY_LOSSES, TRAIN_STEPS
-from scope_jax.core.kinds import KINDS, TRANSCODER_KINDS, config_target_site
+from scope_jax.core.choices import (
+  ACTIVATIONS,
+  DTYPES,
+  EXTRACT_BY,
+  MODES,
+  NONFINITE,
+  NORMALIZATIONS,
+  SPARSITY_LOSSES,
+  TRAIN_STEPS,
+)
+from scope_jax.core.kinds import KINDS, TRANSCODER_KINDS, config_target_site, topk_problem
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,6 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sweep.seeds = (0,)  # init seeds; every (width, λ) trains every seed
   c.sweep.prefixes = ()  # Matryoshka: nested prefix sizes, increasing, each at most the narrowest
   # width (the width itself is always the last prefix); () = plain SAEs
+  c.sweep.activation = "jumprelu"  # jumprelu (Gemma Scope) | topk (k latents per token) | batchtopk (k per
+  # token on average over the batch, released as a JumpReLU); train/topk.py
+  c.sweep.k = ()  # topk, batchtopk: the k values; every width trains every k (sweep.l1_coefficients is unused)
 
   c.recipe = ml_collections.ConfigDict({f.name: f.default for f in Recipe.__dataclass_fields__.values()})
   c.recipe.target_l0 = ml_collections.FieldReference(None, field_type=float)
@@ -180,6 +192,7 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "recipe.lr_decay_steps": 0,
   "recipe.sparsity_warmup_steps": 0,
   "recipe.dead_window_steps": 1,
+  "recipe.auxk_k": 0,
 }
 POSITIVE = ("recipe.lr", "recipe.adam_eps", "recipe.bandwidth", "storage.timeout_s", "storage.max_retry_delay_s")
 NON_NEGATIVE = (
@@ -187,6 +200,7 @@ NON_NEGATIVE = (
   "recipe.dead_latent_loss",
   "recipe.init_threshold",
   "recipe.frequency_scale",
+  "recipe.auxk_coefficient",
   "eval.delta_loss_se",
 )
 BELOW_ONE = ("recipe.adam_b1", "recipe.adam_b2")  # in [0, 1)
@@ -231,6 +245,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     "grid.extract_by": EXTRACT_BY,
     "train.step": TRAIN_STEPS,
     "kind": tuple(KINDS),
+    "sweep.activation": ACTIVATIONS,
   }
 
 
@@ -305,6 +320,37 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
   if config.recipe.sparsity_loss == "quadratic":
     target = config.recipe.target_l0
     check("recipe.target_l0", _is_number(target) and target > 0, "a number > 0 (sparsity_loss 'quadratic')")
+  found.extend(ranked_problems(config))
+  return found
+
+
+def ranked_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """TopK and BatchTopK sweeps: k below every width, AuxK's k_aux within the width, BatchTopK's
+  k·batch counted exactly (train/topk.py), no JumpReLU-only term; a JumpReLU sweep takes no k."""
+  s, r = config.sweep, config.recipe
+  widths = [w for w in s.widths if _is_int(w) and w >= 1]
+  ks = tuple(s.k)
+  if s.activation == "jumprelu":
+    return [f"sweep.k = {ks!r}: expected () for sweep.activation 'jumprelu' (it sweeps λ)"] if ks else []
+  if not ks or not all(_is_int(k) and k >= 1 for k in ks):
+    return [f"sweep.k = {ks!r}: expected positive integers (latents per token) for sweep.activation {s.activation!r}"]
+  found = []
+  if widths and max(ks) >= min(widths):
+    found.append(f"sweep.k = {ks!r}: expected every k below every width (the narrowest is {min(widths)})")
+  if _is_int(r.auxk_k) and widths and r.auxk_k > min(widths):
+    found.append(f"recipe.auxk_k = {r.auxk_k}: expected at most the narrowest width ({min(widths)}), or 0 (d/2)")
+  batch = config.train.batch_size
+  if s.activation == "batchtopk" and _is_int(batch) and max(ks) * batch >= 2**24:
+    found.append(f"sweep.k = {ks!r}: k × train.batch_size ({max(ks) * batch:,}) must stay below 2^24 (16,777,216)")
+  if not (_is_number(r.threshold_ema) and 0 < r.threshold_ema <= 1):
+    found.append(f"recipe.threshold_ema = {r.threshold_ema!r}: expected a rate in (0, 1]")
+  for field in ("dead_latent_loss", "frequency_scale"):
+    if r[field]:
+      found.append(f"recipe.{field} = {r[field]!r}: a JumpReLU term; expected 0 for sweep.activation {s.activation!r}")
+  if r.sparsity_loss != "l0":
+    found.append(f"recipe.sparsity_loss = {r.sparsity_loss!r}: k sets the L0 of sweep.activation {s.activation!r}")
+  if s.activation == "topk" and (problem := topk_problem(config.kind, tuple(s.prefixes))):
+    found.append(problem)
   return found
 
 

@@ -8,3 +8,4 @@ NORMALIZATIONS = ("raw", "centred")  # recipe.normalize: how C is chosen (data/n
 SPARSITY_LOSSES = ("l0", "quadratic")  # recipe.sparsity_loss (sae/loss.py)
 TRAIN_STEPS = ("auto", "dense", "sparse")  # train.step: which step runs (train/selection.py)
 EXTRACT_BY = ("layer", "site", "all")  # grid.extract_by: one store per layer, per site, or one for all
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk")  # sweep.activation: θ per latent, k per token, k per token on average

@@ -60,3 +60,18 @@ def kind_named(name: str | Kind, field: str = "kind") -> Kind:
 def config_target_site(config) -> str | None:
   """The target site of `config`'s dictionaries (`Kind.target_of` of its kind, site and target_site)."""
   return kind_named(config.kind).target_of(config.site, config.target_site)
+
+
+def topk_problem(kind: str, prefixes: tuple[int, ...]) -> str | None:
+  """Why a TopK sweep of `kind` with Matryoshka `prefixes` cannot be released, or None."""
+  if kind in TRANSCODER_KINDS:
+    return (
+      f"kind = {kind!r}: sweep.activation 'topk' trains SAEs only (SAELens, which releases TopK, has no TopK "
+      "transcoder); use 'batchtopk', released as a JumpReLU transcoder"
+    )
+  if prefixes:
+    return (
+      f"sweep.prefixes = {prefixes!r}: a TopK SAE's prefix would rank its latents apart from the full width it "
+      "trained with; use sweep.activation 'batchtopk' (its released θ serves every prefix)"
+    )
+  return None

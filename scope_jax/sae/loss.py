@@ -30,7 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from scope_jax.core.choices import SPARSITY_LOSSES
+from scope_jax.core.choices import ACTIVATIONS, SPARSITY_LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,25 @@ class LossSpec:
   frequency_scale: float = 0.0  # s of the frequency penalty; 0 = off
   transcoder: bool = False  # reconstruct a target from the input, no pre-encoder bias
   prefixes: tuple[int, ...] = ()  # Matryoshka: nested prefix sizes, increasing, the width last; () = off
+  activation: str = "jumprelu"  # "topk" / "batchtopk": latents chosen by rank (train/topk.py), no sparsity term
+  auxk_coefficient: float = 0.0  # α of TopK's AuxK loss; 0 = off
+  auxk_k: int = 0  # dead latents per token AuxK decodes (0: train/topk.py chooses half the output width)
 
   def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation {self.activation!r}: expected one of {ACTIVATIONS}")
+    if self.activation != "jumprelu":
+      jumprelu_only = {
+        "dead_latent_loss": self.dead_latent_loss,
+        "frequency_scale": self.frequency_scale,
+        "target_l0": self.target_l0,
+      }  # terms that train JumpReLU's thresholds; rank-chosen latents have none
+      if set_fields := {name: v for name, v in jumprelu_only.items() if v}:
+        raise ValueError(
+          f"{set_fields} apply to JumpReLU SAEs only; a {self.activation} SAE uses AuxK (auxk_coefficient)"
+        )
+    if self.auxk_coefficient < 0 or self.auxk_k < 0:
+      raise ValueError(f"auxk_coefficient and auxk_k must be >= 0; got {self.auxk_coefficient}, {self.auxk_k}")
     if self.sparsity_loss not in SPARSITY_LOSSES:
       raise ValueError(f"sparsity_loss {self.sparsity_loss!r}: expected one of {SPARSITY_LOSSES}")
     if self.sparsity_loss == "quadratic" and not (self.target_l0 and self.target_l0 > 0):
@@ -55,6 +72,11 @@ class LossSpec:
     if self.frequency_scale < 0:
       raise ValueError(f"frequency_scale must be >= 0 (0 = off); got {self.frequency_scale}")
     check_prefixes(self.prefixes, self.prefixes[-1] if self.prefixes else 1)
+
+  @property
+  def ranked(self) -> bool:
+    """Whether latents are chosen by rank (TopK, BatchTopK) rather than by a threshold per latent."""
+    return self.activation != "jumprelu"
 
   @property
   def pre_bias(self) -> bool:

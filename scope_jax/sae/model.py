@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scope_jax.parallel.precision import matmul
+from scope_jax.sae.topk import topk_mask
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # every SAE's; a skip-transcoder adds W_skip
 
@@ -36,6 +37,8 @@ class SAEInfo:
   l1_coefficient: float | None = None  # λ it was trained with
   target_site: str | None = None  # a transcoder's target (e.g. "mlp.6" for site "mlp_in.6"); None: an SAE
   prefixes: tuple[int, ...] = ()  # a Matryoshka SAE's nested prefix sizes (the last is its width)
+  activation: str = "jumprelu"  # how `encode` selects latents: "jumprelu" (θ per latent) or "topk" (k per token)
+  k: int | None = None  # TopK's latents per token (sae/topk.py); None for JumpReLU
 
   @property
   def output_site(self) -> str | None:
@@ -63,8 +66,12 @@ class SAE:
     return self.W_enc.shape[-1]
 
   def encode(self, x_bd: jax.Array) -> jax.Array:
-    """Latents `[..., M]` of the released form: `JumpReLU_θ(x @ W_enc + b_enc)`."""
+    """Latents `[..., M]` of the released form: `JumpReLU_θ(x @ W_enc + b_enc)`, or for TopK each
+    token's k largest pre-activations, ReLU'd (sae/topk.py; θ is then unused)."""
     pre_bm = matmul(x_bd, self.W_enc) + self.b_enc
+    if self.info.activation == "topk":
+      keep = topk_mask(pre_bm.reshape(-1, self.width), self.info.k).reshape(pre_bm.shape)
+      return jnp.where(keep, pre_bm, 0).astype(pre_bm.dtype)
     return jnp.where(pre_bm > self.threshold, jax.nn.relu(pre_bm), 0).astype(pre_bm.dtype)
 
   def decode(self, f_bm: jax.Array) -> jax.Array:

@@ -232,7 +232,7 @@ def _restore_step(mngr, step: int, identity: dict, init, shardings) -> dict:
     )
   # A recipe field added since the checkpoint was written ran at its default (which keeps the old behaviour).
   saved["recipe"] = dataclasses.asdict(stacked.Recipe()) | saved["recipe"]
-  saved["sweep"] = {"prefixes": []} | saved["sweep"]  # so did a field added elsewhere
+  saved["sweep"] = {"prefixes": [], "activation": "jumprelu", "k": []} | saved["sweep"]  # so did fields added elsewhere
   saved = {"kind": "sae", "init_from": ""} | saved
   if diffs := differences(saved | {"state_layout": STATE_LAYOUT}, identity):
     raise OtherRun(

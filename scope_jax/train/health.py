@@ -101,10 +101,15 @@ def per_sae_metrics(names: list[list[str]], metrics: list[dict[str, jax.Array]])
 
 
 def health_warnings(last: dict[str, dict[str, float]], groups, steps: int) -> list[str]:
-  """What the final logged metrics say went wrong, in words: thresholds that never trained (the
-  failure peers report most), and L0 that does not fall as λ rises within a width."""
+  """What the final logged metrics say went wrong with JumpReLU SAEs, in words: thresholds that
+  never trained (the failure peers report most), and L0 that does not fall as λ rises within a
+  width. (A TopK or BatchTopK SAE has no threshold to train, and k sets its L0.)"""
   out = []
+  groups = [g for g in groups if not g.ranked]
+  jumprelu = {name for g in groups for name in g.names}
   for name, values in last.items():
+    if name not in jumprelu:
+      continue
     moved = values.get("threshold_moved", float("inf"))
     if moved < 0.1:
       out.append(

@@ -55,7 +55,11 @@ def need_per_device(groups, d_in: int, d_out: int, batch: int, mesh: jax.shardin
   params = FLOAT * values // model
   adam = 2 * params + 4 * sum(len(g.members) * g.width for g in groups) // model  # mu, nu; latent_step
   batches = BATCHES_IN_FLIGHT * FLOAT * -(-batch // data) * (d_in + (d_out if d_out != d_in else 0))
-  return MemoryNeed(params, adam, batches, int(STEP_TEMPORARIES * (params + adam + batches)))
+  temporaries = int(STEP_TEMPORARIES * (params + adam + batches))
+  # A TopK or BatchTopK step holds one SAE's every local pre-activation and their bits (train/topk.py)
+  ranked = [g.width // model for g in groups if g.activation != "jumprelu"]
+  temporaries += 2 * FLOAT * -(-batch // data) * max(ranked, default=0)
+  return MemoryNeed(params, adam, batches, temporaries)
 
 
 def memory_available(devices: list) -> tuple[int, str]:
@@ -85,7 +89,7 @@ def check_fits(groups, d_in: int, d_out: int, batch: int, mesh: jax.sharding.Mes
       f"this training needs about {_gib(need.total * n)} ({_gib(need.params * n)} parameters, "
       f"{_gib(need.adam * n)} Adam state, {_gib(need.batches * n)} batches, {_gib(need.temporaries * n)} step "
       f"temporaries, over {n} devices of mesh {dict(mesh.shape)}); this process has {_gib(have * n)} ({what}). "
-      "Train fewer or narrower SAEs per job (sweep.widths, sweep.l1_coefficients, sweep.seeds), a smaller "
+      "Train fewer or narrower SAEs per job (sweep.widths, sweep.l1_coefficients or sweep.k, sweep.seeds), a smaller "
       "train.batch_size, or spread the latents over more devices (mesh.model)"
     )
   return need

@@ -66,7 +66,7 @@ def _pack(mask_bk: jax.Array) -> jax.Array:
   return jnp.sum(mask << jnp.arange(32, dtype=U32), axis=-1, dtype=U32)
 
 
-def _append(slots: Slots, j, pre_bk: jax.Array, candidate_bk: jax.Array) -> tuple[Slots, jax.Array]:
+def append(slots: Slots, j, pre_bk: jax.Array, candidate_bk: jax.Array) -> tuple[Slots, jax.Array]:
   """Block j's candidates appended as entries, row by row in latent order; and their count per
   row `[rows]`. Entries past the capacity are dropped (the step then falls back)."""
   rows, k = pre_bk.shape
@@ -106,7 +106,7 @@ def _chunk(slots: Slots, start, end) -> tuple[jax.Array, jax.Array, jax.Array, j
   return take(slots.row_n), take(slots.latent_n), take(slots.pre_n), start + jnp.arange(CHUNK) < end
 
 
-def _over(slots: Slots, start, end, body, init):
+def over(slots: Slots, start, end, body, init):
   """`body(row_c, latent_c, pre_c, valid_c, carry)` over entries `[start, end)`, `CHUNK` at a time."""
   chunks = (end - start + CHUNK - 1) // CHUNK
   return lax.fori_loop(0, chunks, lambda c, carry: body(*_chunk(slots, start + c * CHUNK, end), carry), init)
@@ -128,7 +128,7 @@ def find_slots(
     blk = step.block_of(group, s, j, block)
     pre_bk = step.block_pre(blk, x_bd, spec.pre_bias)
     active_bk, in_window_bk = step.candidates(pre_bk, blk.threshold, spec.bandwidth)
-    slots, n_b = _append(slots, j, pre_bk, active_bk | in_window_bk)
+    slots, n_b = append(slots, j, pre_bk, active_bk | in_window_bk)
     fired_m = step.count_fired(fired_m, active_bk, j, block)
     return l0_b + jnp.sum(active_bk, axis=-1, dtype=F32), slots_b + n_b, fired_m, slots
 
@@ -145,9 +145,9 @@ def find_slots(
   offset = lax.axis_index(MODEL) * group.width
   for end_latent in spec.prefixes[:-1] or ():
     end = slots.start_j[jnp.clip((end_latent - offset) // block, 0, blocks)]
-    yhat_bd, start = _over(slots, start, end, add, yhat_bd), end
+    yhat_bd, start = over(slots, start, end, add, yhat_bd), end
     totals.append(yhat_bd)
-  totals.append(_over(slots, start, slots.start_j[-1], add, yhat_bd))
+  totals.append(over(slots, start, slots.start_j[-1], add, yhat_bd))
   return step.Forward(jnp.stack(totals), l0_b, slots_b, fired_m), slots
 
 
@@ -157,7 +157,8 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, spec: LossSpec) -> step.
   rows, bandwidth = x_bd.shape[0], spec.bandwidth
   x_sum_d = jnp.sum(x_bd, axis=0)  # for the dead latents' pull on every non-active row
 
-  def gradients(blk: TrainParams, j, derr_bd, dpenalty_b, pull_k, dfreq_k):
+  def gradients(blk: TrainParams, j, cot: step.BlockCotangents):
+    derr_bd, dpenalty_b, pull_k, dfreq_k = cot.derr_bd, cot.dpenalty_b, cot.pull_k, cot.dfreq_k
     k, d_out = blk.W_dec.shape
 
     def add(row_c, latent_c, pre_c, valid_c, carry):
@@ -197,7 +198,7 @@ def block_gradients_from(slots: Slots, x_bd: jax.Array, spec: LossSpec) -> step.
       F32(0),
     )
     start, end = slots.start_j[j], slots.start_j[j + 1]
-    g_dec_kd, g_enc_kd, g_b_k, g_theta_k, fired_k, active_pre_k, in_window = _over(slots, start, end, add, init)
+    g_dec_kd, g_enc_kd, g_b_k, g_theta_k, fired_k, active_pre_k, in_window = over(slots, start, end, add, init)
     local = {"W_dec": g_dec_kd, "fired": fired_k, "in_window": in_window}
     if not spec.dead_latent_loss:
       zero = jnp.zeros((), F32)

@@ -1,6 +1,7 @@
 """A sweep of JumpReLU SAEs (or transcoders) trained together: one jitted, sharded step updates all of them.
 
-SAEs of one width are stacked on a leading axis (a *group*); the step loops over groups and
+SAEs of one width are stacked on a leading axis (a *group*); TopK and BatchTopK SAEs (train/topk.py)
+stack the same way, k taking λ's place; the step loops over groups and
 over each stack with the blocked single-SAE step (`step.py`), so every SAE sees the same
 batch and gets exactly the update it would get alone. Shardings: batch on `data`, latents on
 `model`; the stack axis is replicated.
@@ -20,18 +21,21 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from scope_jax.core.kinds import SAE, Kind, kind_named
+from scope_jax.core.choices import ACTIVATIONS
+from scope_jax.core.kinds import SAE, Kind, kind_named, topk_problem
 from scope_jax.data.batch import Batch
 from scope_jax.data.normalization import check_normalization
 from scope_jax.parallel.mesh import DATA, MODEL, logical_spec
 from scope_jax.parallel.precision import at_precision
 from scope_jax.sae.loss import LossSpec, check_prefixes
 from scope_jax.sae.model import init_sae, init_transcoder
-from scope_jax.train import sparse, step
+from scope_jax.train import sparse, step, topk
 from scope_jax.train.optim import Adam, lr_schedule, sparsity_warmup
 from scope_jax.train.params import LATENT_LEAVES, TrainParams
 from scope_jax.train.step import STAT_NAMES, Scalars, StepSpec
 from scope_jax.train.tiling import Tiling, choose_tiling, device_free_bytes, keeps_gradients
+
+RANKED = ACTIVATIONS[1:]  # topk, batchtopk: latents chosen by rank, swept over k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +60,25 @@ class Recipe:
   frequency_scale: float = 0.0  # s of the penalty on high-frequency latents (sae/loss.py); 0 = off
   normalize: str = "centred"  # how C is chosen: "centred" E||(x-μ)/C||² = 1, "raw" E||x/C||² = 1
   # (Gemma Scope); data/normalization.py says why centred is the default
+  auxk_coefficient: float = 1 / 32  # TopK, BatchTopK: α of AuxK (dead latents decode the residual; train/topk.py)
+  auxk_k: int = 0  # AuxK's dead latents per token; 0 = half the reconstructed width (Gao et al.)
+  threshold_ema: float = 0.01  # BatchTopK: the EMA rate of its released θ (SAELens' topk_threshold_lr)
 
   @property
   def loss(self) -> LossSpec:
     return LossSpec(self.bandwidth, self.sparsity_loss, self.target_l0, self.dead_latent_loss, self.frequency_scale)
 
   def group_loss(self, group: Group, kind: Kind | str) -> LossSpec:
-    """The loss of `group`'s SAEs of kind `kind` (its Matryoshka prefixes, transcoder or not)."""
-    return dataclasses.replace(self.loss, transcoder=kind_named(kind).transcoder, prefixes=group.prefixes)
+    """The loss of `group`'s SAEs of kind `kind` (its activation, Matryoshka prefixes, transcoder or not)."""
+    ranked = group.activation != "jumprelu"
+    return dataclasses.replace(
+      self.loss,
+      transcoder=kind_named(kind).transcoder,
+      prefixes=group.prefixes,
+      activation=group.activation,
+      auxk_coefficient=self.auxk_coefficient if ranked else 0.0,
+      auxk_k=self.auxk_k if ranked else 0,
+    )
 
   @property
   def adam(self) -> Adam:
@@ -72,20 +87,28 @@ class Recipe:
   def __post_init__(self):
     _ = self.loss  # constructing the LossSpec validates the loss fields
     check_normalization(self.normalize)
+    if not 0 < self.threshold_ema <= 1:
+      raise ValueError(f"recipe.threshold_ema {self.threshold_ema}: expected a rate in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """The SAEs of one width: every (λ, seed) pair, in that order; Matryoshka prefix sizes (the
-  width last) or ()."""
+  """The SAEs of one width: every (sparsity, seed) pair, in that order, the sparsity being λ for
+  JumpReLU SAEs and k for TopK and BatchTopK ones; Matryoshka prefix sizes (the width last) or ()."""
 
   width: int
-  members: tuple[tuple[float, int], ...]  # (λ, seed)
+  members: tuple[tuple[float, int], ...]  # (λ or k, seed)
   prefixes: tuple[int, ...] = ()
+  activation: str = "jumprelu"  # jumprelu | topk | batchtopk (core/choices.py)
 
   @property
   def names(self) -> list[str]:
-    return [sae_name(self.width, lam, seed) for lam, seed in self.members]
+    return [sae_name(self.width, value, seed, self.activation) for value, seed in self.members]
+
+  @property
+  def ranked(self) -> bool:
+    """Latents chosen by rank (TopK, BatchTopK): members are (k, seed)."""
+    return self.activation != "jumprelu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,27 +124,47 @@ class Sweep:
   steps: int = 0  # the run's length, where the learning rate's decay ends (`recipe.lr_decay_steps`)
   precision: str = "float32"  # the matmuls' (parallel/precision.py)
 
+  def __post_init__(self):
+    for group in self.groups:
+      if group.activation == "topk" and (problem := topk_problem(self.kind.name, group.prefixes)):
+        raise ValueError(problem)
 
-def sae_name(width: int, lam: float, seed: int) -> str:
-  return f"w{width}-l{lam:g}-s{seed}"
+
+def sae_name(width: int, value: float, seed: int, activation: str = "jumprelu") -> str:
+  """`w{width}-l{λ}-s{seed}`, or for TopK and BatchTopK `w{width}-k{k}-s{seed}`."""
+  return f"w{width}-k{int(value)}-s{seed}" if activation in RANKED else f"w{width}-l{value:g}-s{seed}"
 
 
 def make_groups(
-  widths: Sequence[int], lambdas: Sequence[float], seeds: Sequence[int] = (0,), prefixes: Sequence[int] = ()
+  widths: Sequence[int],
+  values: Sequence[float],
+  seeds: Sequence[int] = (0,),
+  prefixes: Sequence[int] = (),
+  activation: str = "jumprelu",
 ) -> tuple[Group, ...]:
-  """One group per width holding every λ × seed, with clear errors for empty or bad lists;
-  `prefixes`: Matryoshka prefix sizes shared by every width (each below the narrowest)."""
-  for name, values in (("widths", widths), ("l1_coefficients", lambdas), ("seeds", seeds)):
-    if len(values) == 0:
-      raise ValueError(f"sweep: {name} is empty; list at least one value")
+  """One group per width holding every value × seed (λ for JumpReLU, k for TopK and BatchTopK),
+  with clear errors for empty or bad lists; `prefixes`: Matryoshka prefix sizes shared by every
+  width (each below the narrowest)."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"sweep.activation {activation!r}: expected one of {ACTIVATIONS}")
+  field = "k" if activation in RANKED else "l1_coefficients"
+  for name, entries in (("widths", widths), (field, values), ("seeds", seeds)):
+    if len(entries) == 0:
+      raise ValueError(f"sweep.{name} is empty; list at least one value")
   if any(int(w) != w or w < 1 for w in widths) or len(set(widths)) != len(widths):
-    raise ValueError(f"sweep: widths {list(widths)} must be distinct positive integers")
-  if any(lam < 0 for lam in lambdas):
-    raise ValueError(f"sweep: l1_coefficients {list(lambdas)} must be >= 0")
-  members = tuple(itertools.product([float(lam) for lam in lambdas], [int(s) for s in seeds]))
+    raise ValueError(f"sweep.widths {list(widths)} must be distinct positive integers")
+  if activation in RANKED:
+    if any(int(k) != k or k < 1 for k in values):
+      raise ValueError(f"sweep.k {list(values)}: expected positive integers (latents per token)")
+    if max(values) >= min(widths):
+      raise ValueError(f"sweep.k {max(values)} must be below every width (the narrowest is {min(widths)})")
+  elif any(lam < 0 for lam in values):
+    raise ValueError(f"sweep.l1_coefficients {list(values)} must be >= 0")
+  numbers = [int(v) for v in values] if activation in RANKED else [float(v) for v in values]
+  members = tuple(itertools.product(numbers, [int(s) for s in seeds]))
   for w in widths:
     check_prefixes(prefixes, w, f"sweep.prefixes (width {w})")
-  return tuple(Group(int(w), members, check_prefixes(prefixes, w) if len(prefixes) else ()) for w in widths)
+  return tuple(Group(int(w), members, check_prefixes(prefixes, w) if len(prefixes) else (), activation) for w in widths)
 
 
 # ------------------------------------------------------------------ state and shardings
@@ -136,10 +179,11 @@ def init_group(
   base = jax.random.key(base_seed)
   d_out = b_dec_d.shape[-1]
   keys = [jax.random.fold_in(jax.random.fold_in(base, group.width), seed) for _, seed in group.members]
+  threshold = 0.0 if group.ranked else recipe.init_threshold  # BatchTopK's θ starts where SAELens' does
   if kind.transcoder:
-    saes = [init_transcoder(k, d_in, d_out, group.width, recipe.init_threshold, b_dec_d, kind.skip) for k in keys]
+    saes = [init_transcoder(k, d_in, d_out, group.width, threshold, b_dec_d, kind.skip) for k in keys]
   else:
-    saes = [init_sae(key, d_out, group.width, recipe.init_threshold, b_dec_d) for key in keys]
+    saes = [init_sae(key, d_out, group.width, threshold, b_dec_d) for key in keys]
   return TrainParams.from_sae(jax.tree.map(lambda *a: jnp.stack(a), *saes))
 
 
@@ -207,10 +251,18 @@ def _group_step(mesh: Mesh, sweep: Sweep, group: Group, tiling: Tiling, capacity
   recipe = sweep.recipe
   spec = group_spec(mesh, group.width, sweep.kind.skip)
   bound = StepSpec(
-    recipe.group_loss(group, sweep.kind), recipe.adam, tiling.block, sweep.batch_size, tiling.gradient_bytes
+    recipe.group_loss(group, sweep.kind),
+    recipe.adam,
+    tiling.block,
+    sweep.batch_size,
+    tiling.gradient_bytes,
+    recipe.threshold_ema,
   )
-  if capacity:
-    one = functools.partial(sparse.train_sae, spec=bound, capacity=check_capacity(capacity, group.width))
+  capacity = check_capacity(capacity, group.width) if capacity else 0
+  if group.ranked:
+    one = functools.partial(topk.train_sae, spec=bound, capacity=capacity)
+  elif capacity:
+    one = functools.partial(sparse.train_sae, spec=bound, capacity=capacity)
   else:
     one = functools.partial(step.train_sae, spec=bound, keep_pre=tiling.keep_pre)
   moment_specs = {k: spec for k in recipe.adam.moment_names} | {"latent_step": spec.b_enc}
@@ -269,7 +321,8 @@ def make_train_step(
   CPU). The tiling is printed (process 0, unless `quiet`) and in every step's metrics
   (`latent_block`, `keeps_pre`, `keeps_gradients`)."""
   groups, recipe = sweep.groups, sweep.recipe
-  lambdas = tuple(jnp.asarray([lam for lam, _ in g.members], jnp.float32) for g in groups)
+  lambdas = tuple(jnp.asarray([0.0 if g.ranked else lam for lam, _ in g.members], jnp.float32) for g in groups)
+  ks = tuple(jnp.asarray([int(v) if g.ranked else 0 for v, _ in g.members], jnp.int32) for g in groups)
   lam_factor = sparsity_warmup(recipe.sparsity_warmup_steps)
   lr_at = lr_schedule(recipe.lr, recipe.lr_warmup_steps, recipe.lr_decay_steps, sweep.steps)
   capacities = tuple(capacities) or (0,) * len(groups)
@@ -292,10 +345,10 @@ def make_train_step(
     variance = jnp.mean(jnp.sum(jnp.square(y_bd - jnp.mean(y_bd, axis=0)), axis=-1))  # FVU's denominator, once
     params, since_fired, first_bad, metrics = [], [], [], []
     moments = {k: [] for k in state["opt_state"]}
-    for gi, (group_step, lam_s) in enumerate(zip(group_steps, lambdas)):
+    for gi, (group_step, lam_s, k_s) in enumerate(zip(group_steps, lambdas, ks)):
       group_moments = {k: v[gi] for k, v in state["opt_state"].items()}
       dead_sm = state["since_fired"][gi] >= recipe.dead_window_steps
-      p, m, s = group_step(state["params"][gi], group_moments, rows, Scalars(factor * lam_s, lr, t), dead_sm)
+      p, m, s = group_step(state["params"][gi], group_moments, rows, Scalars(factor * lam_s, lr, t, k_s), dead_sm)
       since = jnp.where(s.pop("fired_m"), 0, state["since_fired"][gi] + 1)
       bad = state["first_bad_step"][gi]
       bad = jnp.where((bad < 0) & ~jnp.isfinite(s["loss"]), step, bad)
@@ -307,7 +360,12 @@ def make_train_step(
         "threshold_max": jnp.max(p.threshold, axis=-1),
         "l1_coefficient": factor * lam_s,
         **threshold_quantiles(p.threshold),
-        "threshold_moved": jnp.mean(jnp.abs(p.threshold - recipe.init_threshold), axis=-1) / recipe.init_threshold,
+        "k": k_s.astype(jnp.float32),
+        "threshold_moved": (
+          jnp.zeros(lam_s.shape)
+          if groups[gi].ranked  # TopK has no θ; BatchTopK's follows its batches
+          else jnp.mean(jnp.abs(p.threshold - recipe.init_threshold), axis=-1) / recipe.init_threshold
+        ),
         "b_dec_drift": jnp.linalg.norm(p.b_dec - mean_d, axis=-1),
         "latent_block": jnp.full(lam_s.shape, tilings[gi].block, jnp.float32),
         "keeps_pre": jnp.full(lam_s.shape, tilings[gi].keep_pre, jnp.float32),
@@ -364,7 +422,8 @@ def recipe_from(config: ml_collections.ConfigDict) -> Recipe:
 
 def groups_from(config: ml_collections.ConfigDict):
   s = config.sweep
-  return make_groups(list(s.widths), list(s.l1_coefficients), list(s.seeds), list(s.prefixes))
+  values = list(s.k) if s.activation in RANKED else list(s.l1_coefficients)
+  return make_groups(list(s.widths), values, list(s.seeds), list(s.prefixes), s.activation)
 
 
 def sweep_from(config: ml_collections.ConfigDict) -> Sweep:

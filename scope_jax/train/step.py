@@ -58,6 +58,7 @@ UPDATE_ROWS = 64  # latents per gather/scatter chunk of the update
 STAT_NAMES = (
   "loss",
   "mse",
+  "auxk_loss",
   "l0",
   "sparsity_loss",
   "frequency_loss",
@@ -78,6 +79,7 @@ class StepSpec:
   block: int  # latents per block of the blocked passes (train/tiling.py)
   batch_size: int  # rows of the global batch (the local rows are a share of it)
   gradient_bytes: int = 0  # under clipping, one SAE's local gradient up to this size is kept (train/tiling.py)
+  threshold_ema: float = 0.0  # BatchTopK: the rate its released θ follows the smallest kept value (train/topk.py)
 
   def keeps_gradients(self, group: TrainParams) -> bool:
     """Whether the clipping pass keeps a group's block gradients for the update to read."""
@@ -86,58 +88,74 @@ class StepSpec:
 
 
 class Scalars(NamedTuple):
-  """What changes from one step to the next: λ after its warm-up (`[S]` for a group, a scalar
-  for one SAE), the learning rate, and Adam's step count t (from 1)."""
+  """What changes from one step to the next, or from one SAE of a group to the next: λ after its
+  warm-up, the learning rate, Adam's step count t (from 1), and TopK's k (`[S]` for a group, a
+  scalar for one SAE: λ and k; a JumpReLU's k is 0, a TopK's λ is)."""
 
   lam: jax.Array
   lr: jax.Array
   t: jax.Array
+  k: jax.Array
 
 
 class Forward(NamedTuple):
   """Pass 1 of a step on the local rows and latents: the reconstruction `Σ f @ W_dec` of each
   prefix `[P, B, d_out]` (P = 1: the whole width), active latents per row `[B]` (float), slots
-  (active or in-window latents) per row `[B]`, and rows each local latent is active on `[M_local]`
+  (latents with a gradient) per row `[B]`, and rows each local latent is active on `[M_local]`
   (float; `[0]` unless the frequency penalty needs it); and, when kept for pass 2 (train/tiling.py),
-  every block's pre-activations `[blocks, B, block]`."""
+  every block's pre-activations `[blocks, B, block]`. With AuxK (train/topk.py): the dead latents'
+  reconstruction of the residual `ehat_bd` (local latents' share, no `b_dec`) and its loss's scale."""
 
   yhat_pbd: jax.Array
   l0_b: jax.Array
   slots_b: jax.Array
   fired_m: jax.Array
   pre_jbk: jax.Array | None = None
+  ehat_bd: jax.Array | None = None
+  aux_scale: jax.Array | None = None
 
 
 class Cotangents(NamedTuple):
   """∂loss/∂ what pass 1 computed, for one SAE: `dyhat_pbd` `[P, B, d_out]`, ∂loss/∂yhat summed
   over prefix p and every wider one (what the latents of prefix p's last block see);
   `dpenalty_b` ∂loss/∂||f||₀ per row; `pull_m` `[M_local]` c / batch on dead latents, else 0;
-  `dfreq_m` `[M_local]` ∂loss/∂(firing count) of the frequency penalty, or None. Every gradient of
-  the step is linear in them, so scaling them scales it (gradient clipping)."""
+  `dfreq_m` `[M_local]` ∂loss/∂(firing count) of the frequency penalty, or None; `daux_bd`
+  `[B, d_out]` ∂loss/∂ehat of AuxK, or None. Every gradient of the step is linear in them, so
+  scaling them scales it (gradient clipping)."""
 
   dyhat_pbd: jax.Array
   dpenalty_b: jax.Array
   pull_m: jax.Array
   dfreq_m: jax.Array | None
+  daux_bd: jax.Array | None = None
 
   def scaled(self, c: jax.Array) -> Cotangents:
     return jax.tree.map(lambda a: a * c, self)
 
-  def block(self, j, block: int, prefixes: tuple[int, ...]):
-    """(derr_bd, dpenalty_b, pull_k, dfreq_k) for latent block j: what `BlockGradients` takes."""
+  def block(self, j, block: int, prefixes: tuple[int, ...]) -> BlockCotangents:
+    """What latent block j's gradients are formed from."""
     cut = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, j * block, block)
     if len(prefixes) > 1:
       derr_bd = self.dyhat_pbd[prefix_of(j, block, self.pull_m.shape[0], prefixes)]
     else:
       derr_bd = self.dyhat_pbd[0]
-    return derr_bd, self.dpenalty_b, cut(self.pull_m), cut(self.dfreq_m)
+    return BlockCotangents(derr_bd, self.dpenalty_b, cut(self.pull_m), cut(self.dfreq_m), self.daux_bd)
 
 
-# (block, j, ∂loss/∂yhat [B, d], ∂loss/∂||f||₀ [B], pull [block], dfreq [block] | None)
-#   -> (gradients, fired, sums)
-BlockGradients = Callable[
-  [TrainParams, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None], tuple[TrainParams, jax.Array, dict]
-]
+class BlockCotangents(NamedTuple):
+  """`Cotangents` as one latent block sees them: ∂loss/∂yhat `[B, d]` (its prefix's), ∂loss/∂||f||₀
+  `[B]`, the dead latents' pull `[block]`, the frequency penalty's `[block]` or None, AuxK's
+  ∂loss/∂ehat `[B, d]` or None."""
+
+  derr_bd: jax.Array
+  dpenalty_b: jax.Array
+  pull_k: jax.Array
+  dfreq_k: jax.Array | None
+  daux_bd: jax.Array | None
+
+
+# (block's parameters, j, its cotangents) -> (gradients, fired, sums)
+BlockGradients = Callable[[TrainParams, jax.Array, BlockCotangents], tuple[TrainParams, jax.Array, dict]]
 
 
 def prefix_of(j, block: int, width_local: int, prefixes: tuple[int, ...]) -> jax.Array:
@@ -289,12 +307,12 @@ def touched(g: TrainParams, fired_k: jax.Array) -> jax.Array:
 
 
 def update_rows(
-  group: TrainParams, moments: dict, s, j, block: int, g: TrainParams, fired_k, update_k, adam: Adam, t, lr
+  group: TrainParams, moments: dict, s, j, block: int, g: TrainParams, update_k, adam: Adam, t, lr
 ) -> tuple[TrainParams, dict]:
-  """Adam, the renormalization of fired decoder rows and θ ≥ 0 for the latents of block j marked
-  in `update_k`, written in place `UPDATE_ROWS` latents at a time. Their moments first catch up
-  on the steps they skipped (`moments["latent_step"]`, see `Adam.catch_up`); the other latents
-  are not read or written. `g`: the block's gradients, the decoder's already projected."""
+  """Adam, the renormalization of the decoder rows it moved and θ ≥ 0 for the latents of block j
+  marked in `update_k`, written in place `UPDATE_ROWS` latents at a time. Their moments first
+  catch up on the steps they skipped (`moments["latent_step"]`, see `Adam.catch_up`); the other
+  latents are not read or written. `g`: the block's gradients, the decoder's already projected."""
   ids_u = jnp.nonzero(update_k, size=block + UPDATE_ROWS, fill_value=block)[0]
   step = t.astype(I32)
 
@@ -312,10 +330,11 @@ def update_rows(
       m_u = adam.moments(g_u, adam.catch_up(leaf_moments, skipped_u))
       new[name] = adam.apply(rows(getattr(group, name)), g_u, m_u, t, lr)
       moments = moments | {k: moments[k].replace(**{name: write(getattr(moments[k], name), m_u[k])}) for k in m_u}
-    # A row that did not fire got a zero decoder gradient and so kept its unit norm: it is left
-    # bit for bit as it was, as the lazy update leaves an untouched latent.
+    # A row Adam left as it was (a zero decoder gradient: the latent neither fired nor decoded for
+    # AuxK) kept its unit norm: it stays bit for bit, as the lazy update leaves an untouched latent.
+    moved_u = jnp.any(new["W_dec"] != rows(group.W_dec), axis=-1, keepdims=True)
     renormalized = new["W_dec"] / jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
-    new["W_dec"] = jnp.where(fired_k.at[i_u].get(mode="clip")[:, None], renormalized, new["W_dec"])
+    new["W_dec"] = jnp.where(moved_u, renormalized, new["W_dec"])
     new["threshold"] = jnp.maximum(new["threshold"], 0.0)
     group = group.replace(**{name: write(getattr(group, name), new[name]) for name in LATENT_LEAVES})
     return group, moments | {"latent_step": write(moments["latent_step"], step)}
@@ -355,7 +374,7 @@ def gradient_norm(
 
   def body(j, carry):
     sq_sum, db_dec_d, kept = carry
-    formed = gradients(block_of(group, s, j, block), j, *cot.block(j, block, spec.prefixes))
+    formed = gradients(block_of(group, s, j, block), j, cot.block(j, block, spec.prefixes))
     if kept is not None:
       kept = jax.tree.map(lambda stack, value: stack.at[j].set(value), kept, formed)
     return sq_sum + _latent_sq_norm(formed[0]), db_dec_d + formed[0].b_dec, kept
@@ -401,7 +420,7 @@ def update_sae(
   pre-activations inside the threshold's kernel window — and fired_m).
   """
   loss, adam, block, batch = spec.loss, spec.adam, spec.block, spec.batch_size
-  (lam, lr, t), x_bd, y_bd = scalars, rows.x_bd, rows.targets_bd
+  (lam, lr, t), x_bd, y_bd = scalars[:3], rows.x_bd, rows.targets_bd
   yhat_pbd, l0_b, slots_b = lax.psum((forward.yhat_pbd, forward.l0_b, forward.slots_b), MODEL)
   err_pbd = yhat_pbd + (group.b_dec[s] + (0.0 if group.W_skip is None else matmul(x_bd, group.W_skip[s]))) - y_bd
   # ∂loss/∂yhat_p = (2/batch)·err_p; the latents of prefix p feed every prefix from p on
@@ -410,11 +429,15 @@ def update_sae(
   dfreq_m = None
   if loss.frequency_scale:  # ∂/∂H_bi of (λ/s)·Σ_i p_i², p_i = Σ_b H_bi / batch
     dfreq_m = (2.0 * lam / (loss.frequency_scale * batch)) * frequency_m
+  aux_loss, daux_bd = jnp.zeros((), F32), None
+  if forward.ehat_bd is not None:
+    aux_loss, daux_bd = auxk_cotangent(forward, err_pbd[-1], y_bd, loss.auxk_coefficient, batch)
   cot = Cotangents(
     dyhat_pbd,
     (lam / batch) * loss.penalty_slope(l0_b),
     jnp.where(dead_m, loss.dead_latent_loss / batch, 0.0),
     dfreq_m,
+    daux_bd,
   )
   clip, kept = jnp.ones((), F32), None
   if adam.clip_norm:
@@ -426,7 +449,7 @@ def update_sae(
     """Block j's clipped gradients: formed from the clipped cotangents, or the kept ones scaled
     (every gradient and the dead-latent loss are linear in the cotangents)."""
     if kept is None:
-      return gradients(blk, j, *cot.block(j, block, loss.prefixes))
+      return gradients(blk, j, cot.block(j, block, loss.prefixes))
     g, fired_k, sums_k = jax.tree.map(lambda stack: stack[j], kept)
     return jax.tree.map(lambda a: a * clip, g), fired_k, sums_k | {"dead_loss": sums_k["dead_loss"] * clip}
 
@@ -437,7 +460,7 @@ def update_sae(
     sq_sum += _latent_sq_norm(g)
     g = g.replace(W_dec=project_rows(g.W_dec, blk.W_dec))
     update_k = touched(g, fired_k) if adam.lazy else jnp.ones_like(fired_k)
-    group, moments = update_rows(group, moments, s, j, block, g, fired_k, update_k, adam, t, lr)
+    group, moments = update_rows(group, moments, s, j, block, g, update_k, adam, t, lr)
     return (
       group,
       moments,
@@ -472,7 +495,8 @@ def update_sae(
   mse_p, sparsity = totals["sq_err_p"] / batch, totals["penalty"] / batch
   frequency = lax.psum(jnp.sum(jnp.square(frequency_m)), MODEL) / loss.frequency_scale if dfreq_m is not None else zero
   stats = {
-    "loss": jnp.sum(mse_p) + lam * (sparsity + frequency) + sums["dead_loss"] / clip,
+    "loss": jnp.sum(mse_p) + lam * (sparsity + frequency) + sums["dead_loss"] / clip + aux_loss,
+    "auxk_loss": aux_loss,
     "mse": mse_p[-1],  # the whole width's
     "l0": totals["l0"] / batch,
     "sparsity_loss": sparsity,
@@ -487,10 +511,23 @@ def update_sae(
   return group, moments, stats
 
 
+def auxk_cotangent(forward: Forward, err_bd: jax.Array, y_bd: jax.Array, coefficient: float, batch: int):
+  """(AuxK's loss, its ∂/∂ehat `[B, d_out]`) on the local rows (Gao et al. 2024, as sparsify writes it):
+  α · scale · mean_b ||ehat_b - e_b||² / mean_b ||y_b - ȳ||², where e = y - yhat is the residual
+  the live latents left (a constant: no gradient reaches yhat through it), ehat the dead latents'
+  decoding without `b_dec` (the residual already lacks it) and scale = min(dead / k_aux, 1)."""
+  ehat_bd = lax.psum(forward.ehat_bd, MODEL)
+  y_mean_d = lax.psum(jnp.sum(y_bd, axis=0), DATA) / batch
+  variance = lax.psum(jnp.sum(jnp.square(y_bd - y_mean_d)), DATA) / batch
+  coef = coefficient * forward.aux_scale / variance
+  miss_bd = ehat_bd + err_bd  # ehat - e, since err = yhat - y = -e
+  return coef * lax.psum(jnp.sum(jnp.square(miss_bd)), DATA) / batch, (2.0 * coef / batch) * miss_bd
+
+
 def dense_gradients(x_bd: jax.Array, spec: LossSpec, pre_jbk: jax.Array | None = None) -> BlockGradients:
   """The dense step's `BlockGradients`, reading pass 1's pre-activations `pre_jbk` when it kept them."""
-  return lambda blk, j, derr_bd, dpenalty_b, pull_k, dfreq_k: block_gradients(
-    blk, x_bd, derr_bd, dpenalty_b, spec, pull_k, dfreq_k, None if pre_jbk is None else pre_jbk[j]
+  return lambda blk, j, c: block_gradients(
+    blk, x_bd, c.derr_bd, c.dpenalty_b, spec, c.pull_k, c.dfreq_k, None if pre_jbk is None else pre_jbk[j]
   )
 
 
@@ -521,7 +558,8 @@ def train_group(
 
   def one(s, carry):
     group, moments, stats = carry
-    group, moments, stats_s = train_one(group, moments, s, rows, scalars._replace(lam=scalars.lam[s]), dead_sm[s])
+    one_sae = scalars._replace(lam=scalars.lam[s], k=scalars.k[s])
+    group, moments, stats_s = train_one(group, moments, s, rows, one_sae, dead_sm[s])
     return group, moments, {k: v.at[s].set(stats_s[k]) for k, v in stats.items()}
 
   return lax.fori_loop(0, n, one, (group, moments, stats))
