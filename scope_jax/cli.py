@@ -143,7 +143,7 @@ def stage_export(config, workdir, redo=()) -> None:
     return
   entries = export(config, workdir)
   for e in entries:
-    print(f"{e.name:>24}  L0 {e.l0:8.1f}  dead {e.dead_fraction:.1%}  {e.files['gemma_scope']}")
+    print(f"{e.name:>24}  L0 {e.l0:8.1f}  dead {e.dead_fraction:.1%}  {e.sae_file}")
   print(
     f"export: {len(entries)} SAEs, each trained on {entries[0].epochs:.2f} epochs of its data; "
     f"L0 and dead latents measured on {entries[0].measured_rows:,} rows; index in {RunLayout(workdir).export_index}"

@@ -149,14 +149,10 @@ def folder_of(name: str) -> str:
 
 
 def next_wider(name: str, entries: dict) -> str | None:
-  """The SAE a latent of `name` splits into: the next wider one of the same sites and λ."""
+  """The SAE a latent of `name` splits into: the next wider one of the same sites and λ (or k)."""
   e = entries[name]
-  same = [
-    (o.width, n)
-    for n, o in entries.items()
-    if (o.output_site, o.input_site, o.l1_coefficient) == (e.output_site, e.input_site, e.l1_coefficient)
-    and o.width > e.width
-  ]
+  key = lambda o: (o.output_site, o.input_site, o.l1_coefficient, o.k)
+  same = [(o.width, n) for n, o in entries.items() if key(o) == key(e) and o.width > e.width]
   return min(same)[1] if same else None
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from scope_jax.activations.store import TRACE_COLUMNS, Store
+from scope_jax.parallel.precision import matmul
 from scope_jax.sae import SAE
+from scope_jax.sae.topk import row_threshold
 from scope_jax.text.tokenizer import Tokenizer
 
 BLOCK_ROWS = 65_536
@@ -88,14 +91,33 @@ def _activations(store: Store, site: str, sae: SAE, row_nw: np.ndarray, latent_n
   values = np.zeros(flat.shape, np.float32)
   w_enc_md = np.ascontiguousarray(np.asarray(sae.W_enc, np.float32).T)
   b_enc, theta = np.asarray(sae.b_enc, np.float32), np.asarray(sae.threshold, np.float32)
+  topk = sae.info.activation == "topk"
   for idx, first, last in _blocks(store, rows):
     x_rd = store.read(site, first, last).astype(np.float32)
+    if topk:  # a TopK latent's activation depends on its row's k-th largest pre-activation
+      needed = np.unique(rows[idx]) - first
+      tau_r = np.zeros(len(x_rd), np.float32)
+      tau_r[needed] = _topk_thresholds(sae, x_rd[needed])
     for s in range(0, len(idx), 16_384):  # the gathered encoder rows stay small
       part = idx[s : s + 16_384]
-      lat = latent[order[part]]
-      pre = np.einsum("nd,nd->n", x_rd[rows[part] - first], w_enc_md[lat]) + b_enc[lat]
-      values[order[part]] = np.where(pre > theta[lat], np.maximum(pre, 0.0), 0.0)  # as SAE.encode
+      lat, r = latent[order[part]], rows[part] - first
+      pre = np.einsum("nd,nd->n", x_rd[r], w_enc_md[lat]) + b_enc[lat]
+      if topk:
+        values[order[part]] = np.where((pre >= tau_r[r]) & (pre > 0), pre, 0.0)  # as SAE.encode
+      else:
+        values[order[part]] = np.where(pre > theta[lat], np.maximum(pre, 0.0), 0.0)  # as SAE.encode
   return values.reshape(row_nw.shape)
+
+
+def _topk_thresholds(sae: SAE, x_rd: np.ndarray, rows_at_once: int = 4_096) -> np.ndarray:
+  """Each row's TopK threshold (sae/topk.py `row_threshold`: the k-th largest pre-activation)."""
+  out = [np.asarray(_row_threshold(sae, x_rd[a : a + rows_at_once])) for a in range(0, len(x_rd), rows_at_once)]
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+@jax.jit
+def _row_threshold(sae: SAE, x_rd: jax.Array) -> jax.Array:
+  return row_threshold(matmul(x_rd, sae.W_enc) + sae.b_enc, sae.info.k)
 
 
 def _contiguous(mask_nw: np.ndarray, c: int) -> np.ndarray:

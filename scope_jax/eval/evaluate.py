@@ -277,12 +277,14 @@ class EvalEntry:
   l1_coefficient: float | None
   dead_export: float | None = None  # dead on the export's measurement rows (exports only)
   prefix: int | None = None  # a Matryoshka prefix: its first `prefix` latents
+  k: int | None = None  # a TopK or BatchTopK SAE's k (its λ is None)
 
   def about(self) -> dict:
     """What the report shows of it beside its results."""
     return {
       "width": self.width,
       "l1_coefficient": self.l1_coefficient,
+      "k": self.k,
       "path": self.path,
       "dead_export": self.dead_export,
     }
@@ -295,12 +297,13 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
   if index.exists():
     for e in read_index(index):
       entries[e.name] = EvalEntry(
-        e.files["gemma_scope"],
+        e.sae_file,
         e.input_site or config.site,
         e.output_site or config.site,
         e.width,
         e.l1_coefficient,
         e.dead_fraction,
+        k=e.k,
       )
       for m in e.prefixes[:-1]:  # a Matryoshka SAE's narrower prefixes, each on its own
         entries[f"{e.name}@{m}"] = dataclasses.replace(entries[e.name], prefix=m, width=m, dead_export=None)
@@ -309,7 +312,9 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     site = sae.info.site or config.site
     if not site:
       raise ValueError(f"eval.saes {path}: the file does not say its site; set config.site")
-    entries[str(path)] = EvalEntry(str(path), site, sae.info.target_site or site, sae.width, sae.info.l1_coefficient)
+    entries[str(path)] = EvalEntry(
+      str(path), site, sae.info.target_site or site, sae.width, sae.info.l1_coefficient, k=sae.info.k
+    )
   if not entries:
     raise FileNotFoundError(f"nothing to evaluate: no {index} and eval.saes is empty")
   return entries

@@ -42,6 +42,7 @@ _FRACTIONS = {  # printed as percentages
 COLUMNS = [  # (metric, header, format) of the report's table
   ("width", "width", "{:d}"),
   ("l1_coefficient", "λ", "{:g}"),
+  ("k", "k", "{:d}"),
   ("l0", "L0", "{:.1f}"),
   *_with_se("delta_loss", "Δ loss", "{:.4f}"),
   ("delta_loss_mean_ablation", "Δ loss, mean-ablated", "{:.4f}"),

@@ -12,18 +12,26 @@ import dataclasses
 import json
 from pathlib import Path
 
-FORMAT_KEYS = ("gemma_scope", "gemma_scope_2", "int8", "saelens")  # the formats an entry's files are in
+# an entry's files: index key -> the format `save_sae` writes there
+FORMAT_OF_KEY = {
+  "gemma_scope": "gemma-scope",
+  "gemma_scope_2": "gemma-scope-2",
+  "int8": "int8",
+  "saelens": "saelens",
+  "saelens_batchtopk": "saelens-batchtopk",
+}
+FORMAT_KEYS = tuple(FORMAT_OF_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportEntry:
-  name: str  # w{width}-l{λ}-s{seed}
+  name: str  # w{width}-l{λ}-s{seed}, or w{width}-k{k}-s{seed}
   kind: str  # config.kind (core/kinds.py)
   input_site: str | None  # what the encoder reads (None: a .npy source without config.site)
   output_site: str | None  # what the decoder writes: input_site for an SAE, the target for a transcoder
   prefixes: tuple[int, ...]  # Matryoshka prefix sizes, the width last; () otherwise
   width: int
-  l1_coefficient: float
+  l1_coefficient: float | None  # None for TopK and BatchTopK SAEs
   seed: int
   step: int  # the checkpoint exported
   l0: float  # measured on `measured_rows` training rows
@@ -33,6 +41,13 @@ class ExportEntry:
   epochs: float  # how many times training saw its data
   measured_rows: int
   files: dict[str, str]  # format (FORMAT_KEYS) -> path
+  activation: str = "jumprelu"  # how it was trained: jumprelu | topk | batchtopk (released as a JumpReLU)
+  k: int | None = None  # TopK's and BatchTopK's k
+
+  @property
+  def sae_file(self) -> str:
+    """The file readers load: the Gemma Scope npz, or SAELens' directory for TopK (the npz is JumpReLU's)."""
+    return self.files.get("gemma_scope") or self.files["saelens"]
 
   def to_json(self) -> dict:
     """The entry as the index file holds it (its files' paths as top-level keys)."""
@@ -63,6 +78,8 @@ class ExportEntry:
         epochs=e["epochs"],
         measured_rows=e["measured_rows"],
         files={k: e[k] for k in FORMAT_KEYS if k in e},
+        activation=e.get("activation", "jumprelu"),
+        k=e.get("k"),
       )
     except KeyError as missing:
       raise ValueError(

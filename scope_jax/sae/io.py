@@ -35,7 +35,7 @@ from scope_jax.models.sites import parse_site
 from scope_jax.sae.headers import check_npz, check_safetensors
 from scope_jax.sae.model import PARAM_NAMES, SAE, SAEInfo
 
-FORMATS = ("gemma-scope", "gemma-scope-2", "saelens", "int8")
+FORMATS = ("gemma-scope", "gemma-scope-2", "saelens", "int8", "saelens-batchtopk")
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write; older versions are read as pre-v6 configs
 
 # our site kind -> TransformerLens/SAELens hook name template
@@ -239,12 +239,18 @@ SAELENS_ARCHITECTURES = {
 }
 
 
+# SAELens classes of SAEs whose latents are chosen by rank: TopK (released as it is) and the
+# BatchTopK training classes (read as SAELens releases them: a JumpReLU with their learnt threshold)
+SAELENS_RANKED = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
 def _load_saelens(path: Path, site: str | None) -> SAE:
   cfg = _read_json(path / _SAELENS_CFG)
-  if cfg.get("architecture") not in SAELENS_ARCHITECTURES.values():
+  architecture = cfg.get("architecture")
+  if architecture not in (*SAELENS_ARCHITECTURES.values(), *SAELENS_RANKED):
     raise ValueError(
-      f"{path / _SAELENS_CFG}: architecture {cfg.get('architecture')!r}; scope_jax reads "
-      f"{sorted(SAELENS_ARCHITECTURES.values())}"
+      f"{path / _SAELENS_CFG}: architecture {architecture!r}; scope_jax reads "
+      f"{sorted((*SAELENS_ARCHITECTURES.values(), *SAELENS_RANKED))}"
     )
   if cfg.get("normalize_activations", "none") not in ("none", None):
     raise ValueError(
@@ -252,10 +258,18 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
       f"only 'none' can be loaded (fold the normalization into the weights first)"
     )
   raw = _read_safetensors(path / _SAELENS_WEIGHTS)
-  needed = PARAM_NAMES + (("W_skip",) if cfg["architecture"] == SAELENS_ARCHITECTURES[SKIP_TRANSCODER.name] else ())
+  ranked = architecture in SAELENS_RANKED
+  needed = PARAM_NAMES + (("W_skip",) if architecture == SAELENS_ARCHITECTURES[SKIP_TRANSCODER.name] else ())
+  if ranked:
+    needed = tuple(k for k in PARAM_NAMES if k != "threshold") + (("topk_threshold",) if architecture != "topk" else ())
   if missing := [k for k in needed if k not in raw]:
-    raise ValueError(f"{path / _SAELENS_WEIGHTS}: missing tensors {missing}")
-  arrays = {k: raw[k].astype(np.float32) for k in needed}
+    raise ValueError(
+      f"{path / _SAELENS_WEIGHTS}: missing tensors {missing} (a SAELens {architecture!r} holds {needed})"
+    )
+  arrays = {k: raw[k].astype(np.float32) for k in needed if k != "topk_threshold"}
+  if ranked:
+    theta = float(np.asarray(raw["topk_threshold"]).reshape(())) if "topk_threshold" in raw else 0.0
+    arrays["threshold"] = np.full(arrays["b_enc"].shape, theta, np.float32)  # BatchTopK: one θ for every latent
   if "W_skip" in arrays:  # SAELens holds it as [d_out, d_in]
     arrays["W_skip"] = arrays["W_skip"].T
   _check_shapes(arrays, str(path / _SAELENS_WEIGHTS), cfg["architecture"] != SAELENS_ARCHITECTURES["sae"])
@@ -265,6 +279,12 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
       raise ValueError(f"{path / _SAELENS_CFG}: {field} = {cfg[field]!r}, but the weights have {field} {size}")
   if cfg.get("apply_b_dec_to_input", False):  # pre = (x - b_dec) W + b  ==  x W + (b - b_dec W)
     arrays["b_enc"] = arrays["b_enc"] - arrays["b_dec"] @ arrays["W_enc"]
+  if ranked and cfg.get("rescale_acts_by_decoder_norm"):  # it then ranks z·||W_dec||: a plain TopK only at unit norm
+    if not np.allclose(np.linalg.norm(arrays["W_dec"], axis=-1), 1.0, atol=1e-5):
+      raise ValueError(
+        f"{path / _SAELENS_CFG}: rescale_acts_by_decoder_norm with decoder rows not of unit norm; "
+        "fold the norms in SAELens first (fold_W_dec_norm)"
+      )
   meta = cfg.get("metadata", {}) or {}
   hook_out = meta.get("hook_name_out") or cfg.get("hook_name_out")
   info = SAEInfo(
@@ -274,8 +294,19 @@ def _load_saelens(path: Path, site: str | None) -> SAE:
     context_size=meta.get("context_size"),
     dataset=meta.get("dataset_path"),
     l1_coefficient=meta.get("l1_coefficient"),
+    prefixes=tuple(cfg.get("matryoshka_widths") or ()),
+    activation="topk" if architecture == "topk" else "jumprelu",
+    k=_saelens_k(cfg, path / _SAELENS_CFG, architecture, arrays["W_enc"].shape[1]) if ranked else None,
   )
   return _from_arrays(arrays, info, str(path))
+
+
+def _saelens_k(cfg: dict, where: Path, architecture: str, width: int) -> int:
+  """TopK's (or BatchTopK's) k from a SAELens cfg.json: a number in [1, width)."""
+  k = cfg.get("k")
+  if not isinstance(k, (int, float)) or isinstance(k, bool) or not 1 <= k < width or int(k) != k:
+    raise ValueError(f"{where}: k = {k!r}; a SAELens {architecture!r} needs an integer k in [1, {width})")
+  return int(k)
 
 
 def load_sae(path: str | Path, site: str | None = None) -> SAE:
@@ -325,8 +356,11 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
   gemma-scope: `path` is the `.npz` file, or a folder that receives `params.npz` (a skip-transcoder
   adds `W_skip`). gemma-scope-2: `path` is the folder of `params.safetensors` + `config.json`.
   saelens: `path` is a directory; `sparsity_log10 [M]` (log10 firing density) is written to
-  sparsity.safetensors when given. int8: a Gemma Scope 2 folder whose `params_int8.safetensors`
-  holds W_enc and W_dec as int8 with a float32 scale per latent (sae/quantize.py).
+  sparsity.safetensors when given; a TopK SAE as SAELens' "topk" class. saelens-batchtopk: a
+  BatchTopK SAE (every latent's θ the same) as SAELens' "batchtopk" training class (Matryoshka:
+  "matryoshka_batchtopk"), θ as its `topk_threshold`. int8: a Gemma Scope 2 folder whose
+  `params_int8.safetensors` holds W_enc and W_dec as int8 with a float32 scale per latent
+  (sae/quantize.py). A TopK SAE has no threshold: only saelens can hold it.
   """
   if format not in FORMATS:
     raise ValueError(f"format {format!r}: expected one of {FORMATS}")
@@ -334,6 +368,8 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     raise ValueError(f"save_sae takes one SAE; got a stack of shape {sae.W_enc.shape} (use sae.model.unstack)")
   arrays = sae.numpy()
   path = Path(path)
+  if sae.info.activation == "topk" and format != "saelens":
+    raise ValueError(f"{path}: a TopK SAE is written as saelens (format {format!r} releases a JumpReLU's threshold)")
   if format == "gemma-scope":
     if path.suffix != ".npz":
       path = path / "params.npz"
@@ -384,6 +420,22 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
 
     return _staged(path, write_int8)
 
+  architecture = SAELENS_ARCHITECTURES[kind.name]
+  if info.activation == "topk" or format == "saelens-batchtopk":
+    if kind.transcoder:
+      raise ValueError(f"{path}: SAELens has no TopK or BatchTopK transcoder class; write a JumpReLU format")
+    architecture = "topk" if info.activation == "topk" else ("matryoshka_batchtopk" if info.prefixes else "batchtopk")
+    ranked = {"k": info.k, "rescale_acts_by_decoder_norm": False}  # our decoder rows have unit norm
+    if architecture != "topk":  # the training class: θ is its topk_threshold (one value for every latent)
+      theta = np.unique(arrays["threshold"])
+      if len(theta) != 1:
+        raise ValueError(f"{path}: a BatchTopK SAE has one threshold for every latent; this one has {len(theta)}")
+      arrays["topk_threshold"] = np.asarray(theta[0], np.float64)
+      ranked |= {"matryoshka_widths": list(info.prefixes)} if info.prefixes else {}
+    del arrays["threshold"]
+  else:
+    ranked = {}
+
   def write_saelens(staging: Path) -> None:
     tensors = dict(arrays)
     if "W_skip" in tensors:  # SAELens holds it as [d_out, d_in]
@@ -392,7 +444,8 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
     if sparsity_log10 is not None:
       save_file({"sparsity": np.asarray(sparsity_log10, np.float32)}, staging / _SAELENS_SPARSITY)
     cfg = {
-      "architecture": SAELENS_ARCHITECTURES[kind.name],
+      "architecture": architecture,
+      **ranked,
       "d_in": sae.d_in,
       "d_sae": sae.width,
       **({"d_out": int(sae.W_dec.shape[-1])} if kind.transcoder else {}),

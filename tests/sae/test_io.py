@@ -123,8 +123,11 @@ def test_bad_sae_files_are_clear_errors(tmp_path):
     sj.load_sae(tmp_path / "nothing-here")
   lens = sj.save_sae(random_sae(), tmp_path / "lens", format="saelens")
   cfg = json.loads((lens / "cfg.json").read_text())
-  (lens / "cfg.json").write_text(json.dumps(cfg | {"architecture": "topk"}))
-  with pytest.raises(ValueError, match="architecture 'topk'"):
+  (lens / "cfg.json").write_text(json.dumps(cfg | {"architecture": "gated"}))
+  with pytest.raises(ValueError, match="architecture 'gated'"):
+    sj.load_sae(lens)
+  (lens / "cfg.json").write_text(json.dumps(cfg | {"architecture": "topk", "k": 0}))
+  with pytest.raises(ValueError, match=r"cfg.json: k = 0; a SAELens 'topk' needs an integer k in \[1, 80\)"):
     sj.load_sae(lens)
   with pytest.raises(ValueError, match="format 'hf'"):
     sj.save_sae(random_sae(), tmp_path / "x", format="hf")
