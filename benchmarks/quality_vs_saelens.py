@@ -20,8 +20,15 @@ What SAELens gets, for a fair race:
 Our Δ loss at matched L0 is read off our Pareto curve of the same width (linear in log L0 between
 our points); SAELens points outside our L0 range are reported, not compared.
 
+TopK and BatchTopK runs (`configs/local.py:kind=topk` or `batchtopk`) race SAELens's
+`TopKTrainingSAE` / `BatchTopKTrainingSAE` at the same k: their defaults (AuxK coefficient 1, decoder
+rows at norm 0.1 rescaling the activations, Adam β = (0.9, 0.999)) plus our batch, steps, learning
+rate and schedule, their activation normalization, and dead latents (for AuxK) over our window.
+
 Run (after `scope-jax run --config configs/local.py --workdir runs/local`):
     PYTHONPATH=. python -m benchmarks.quality_vs_saelens --workdir runs/local
+    PYTHONPATH=. python -m benchmarks.quality_vs_saelens --workdir runs/topk --config_arg kind=topk \
+      [--store runs/local/activations] [--widths 1024]
 The last line printed is one JSON object; the SAELens SAEs are kept in WORKDIR/saelens_peer/.
 """
 
@@ -33,7 +40,9 @@ import jax
 import numpy as np
 import torch
 from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 import scope_jax as sj
@@ -49,27 +58,41 @@ def batches_from(loader: StoreLoader, steps: int):
     yield torch.from_numpy(np.asarray(loader.batch(s).x_bd).copy())
 
 
-def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
-  """Trains one SAELens SAE into `out` (kept: a re-run reuses it)."""
-  path = out / f"w{width}-l{lam:g}"
-  if (path / "cfg.json").exists():
-    return path
-  r = config.recipe
+def saelens_sae(activation: str, width: int, sparsity: float, ratio: float, d_in: int, r):
+  """SAELens's training SAE of `activation` (`sparsity`: λ in our units, or k)."""
+  if activation in ("topk", "batchtopk"):
+    cls, cfg_cls = (
+      (TopKTrainingSAE, TopKTrainingSAEConfig)
+      if activation == "topk"
+      else (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)
+    )
+    return cls(cfg_cls(d_in=d_in, d_sae=width, k=int(sparsity), normalize_activations="expected_average_only_in"))
   cfg = JumpReLUTrainingSAEConfig(
-    d_in=loader.width,
+    d_in=d_in,
     d_sae=width,
     apply_b_dec_to_input=True,
     normalize_activations="expected_average_only_in",
     jumprelu_bandwidth=r.bandwidth * ratio,
     jumprelu_init_threshold=r.init_threshold * ratio,
     jumprelu_sparsity_loss_mode="step",
-    l0_coefficient=lam * ratio**2,
+    l0_coefficient=sparsity * ratio**2,
     l0_warm_up_steps=r.sparsity_warmup_steps,
     pre_act_loss_coefficient=(r.dead_latent_loss * ratio) or None,
   )
+  return JumpReLUTrainingSAE(cfg)
+
+
+def train_saelens(loader, activation, width, sparsity, ratio, config, out: Path) -> Path:
+  """Trains one SAELens SAE into `out` (kept: a re-run reuses it)."""
+  ranked = activation in ("topk", "batchtopk")
+  path = out / (f"w{width}-k{int(sparsity)}" if ranked else f"w{width}-l{sparsity:g}")
+  if (path / "cfg.json").exists():
+    return path
+  r = config.recipe
   torch.manual_seed(config.seed)
-  sae = JumpReLUTrainingSAE(cfg)
+  sae = saelens_sae(activation, width, sparsity, ratio, loader.width, r)
   steps, batch = config.train.steps, config.train.batch_size
+  adam = {} if ranked else {"adam_beta1": r.adam_b1, "adam_beta2": r.adam_b2}  # TopK: SAELens's own
   trainer_cfg = SAETrainerConfig(
     total_training_samples=steps * batch,
     train_batch_size_samples=batch,
@@ -77,10 +100,9 @@ def train_saelens(loader, width, lam, ratio, config, out: Path) -> Path:
     lr_end=r.lr,
     lr_warm_up_steps=r.lr_warmup_steps,
     lr_decay_steps=r.lr_decay_steps,
-    adam_beta1=r.adam_b1,
-    adam_beta2=r.adam_b2,
     dead_feature_window=r.dead_window_steps,
     n_batches_for_norm_estimate=20,
+    **adam,
   )
   norm_estimate = batches_from(loader, 20)
   data = (x for stream in (norm_estimate, batches_from(loader, steps)) for x in stream)
@@ -100,11 +122,13 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir", default="runs/local")
   parser.add_argument("--config_arg", default="", help="the run's configs/local.py argument, if it had one")
+  parser.add_argument("--store", default="", help="the run's activation store, if not WORKDIR/activations")
   parser.add_argument("--widths", default="", help="compare only these widths (comma-separated); default: the run's")
   args = parser.parse_args()
   use_xnnpack_on_cpu()
   workdir = Path(args.workdir)
   config = get_config(args.config_arg)
+  config.extract.store = args.store or config.extract.store
   ours = json.loads((workdir / "report" / "metrics.json").read_text())["float32"]
   mesh = make_mesh(devices=jax.devices()[:1])
   loader = StoreLoader(
@@ -123,16 +147,19 @@ def main():
   out = workdir / "saelens_peer"
   paths = {}
   widths = [int(w) for w in args.widths.split(",")] if args.widths else config.sweep.widths
+  activation = config.sweep.activation
+  ranked = activation in ("topk", "batchtopk")
   for width in widths:
-    for lam in config.sweep.l1_coefficients:
-      paths[f"saelens-w{width}-l{lam:g}"] = (train_saelens(loader, width, lam, ratio, config, out), width, lam)
+    for v in config.sweep.k if ranked else config.sweep.l1_coefficients:
+      name = f"saelens-w{width}-k{v}" if ranked else f"saelens-w{width}-l{v:g}"
+      paths[name] = (train_saelens(loader, activation, width, v, ratio, config, out), width, v)
   loader.close()
 
   lm = load_extraction_model(config)
   saes = {name: (sj.load_sae(path), config.site) for name, (path, _, _) in paths.items()}
   theirs = evaluate_saes(lm, saes, eval_batches(config, lm.tokenizer))
   rows = []
-  for name, (_, width, lam) in paths.items():
+  for name, (_, width, sparsity) in paths.items():
     curve = [(r["l0"], r["delta_loss"]) for r in ours.values() if r["width"] == width]
     t = theirs[name]
     mine = our_delta_at(t["l0"], curve)
@@ -140,7 +167,7 @@ def main():
       {
         "sae": name,
         "width": width,
-        "lambda_ours_units": lam,
+        "k" if ranked else "lambda_ours_units": sparsity,
         "l0": t["l0"],
         "delta_loss": t["delta_loss"],
         "delta_loss_se": t["delta_loss_se"],
@@ -165,12 +192,16 @@ def main():
   print(
     json.dumps(
       {
+        "activation": activation,
         "ratio": ratio,
         "steps": config.train.steps,
         "batch": config.train.batch_size,
         "saelens": rows,
         "ours": {
-          n: {k: r[k] for k in ("width", "l1_coefficient", "l0", "delta_loss", "delta_loss_se", "fvu", "dead_fraction")}
+          n: {
+            k: r.get(k)
+            for k in ("width", "l1_coefficient", "k", "l0", "delta_loss", "delta_loss_se", "fvu", "dead_fraction")
+          }
           for n, r in ours.items()
         },
       }

@@ -10,7 +10,9 @@ was measured: docs/local_recipe.md.
 
 `kind=transcoder` (or `skip_transcoder`) trains MLP transcoders of layer 6 instead (input
 mlp_in.6, target mlp.6, both extracted by one forward); `kind=matryoshka` trains Matryoshka SAEs
-at res.6 with nested prefixes of 128 and 512 latents.
+at res.6 with nested prefixes of 128 and 512 latents; `kind=topk` and `kind=batchtopk` train
+TopK and BatchTopK SAEs with AuxK (train/topk.py) at k = 25, 50, 100 (`k=...`), near the L0 of
+the JumpReLU grid, the same recipe otherwise (the dead-latent loss is JumpReLU's: AuxK takes its place).
 """
 
 from scope_jax.config import default_config, parse_arg
@@ -18,7 +20,8 @@ from scope_jax.core.kinds import TRANSCODER_KINDS, transcoder_sites
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, tokens=0, steps=2_000, widths=[1_024, 2_048], l1=[2e-4, 4.5e-4, 1e-3], site="res.6", kind="sae")
+  widths, l1, k = [1_024, 2_048], [2e-4, 4.5e-4, 1e-3], [25, 50, 100]
+  arg = parse_arg(arg, tokens=0, steps=2_000, widths=widths, l1=l1, k=k, site="res.6", kind="sae")
   c = default_config()
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
@@ -28,8 +31,12 @@ def get_config(arg=None):
     c.sites = (c.site, c.target_site)
   elif arg.kind == "matryoshka":
     c.sweep.prefixes = (128, 512)
+  elif arg.kind in ("topk", "batchtopk"):
+    c.sweep.activation, c.sweep.k = arg.kind, tuple(arg.k)
   elif arg.kind != "sae":
-    raise ValueError(f"configs/local.py kind={arg.kind!r}: expected sae, transcoder, skip_transcoder or matryoshka")
+    raise ValueError(
+      f"configs/local.py kind={arg.kind!r}: expected sae, transcoder, skip_transcoder, matryoshka, topk or batchtopk"
+    )
   c.data.text = (
     "builtin:python-docs",
     "builtin:python-docstrings",
@@ -53,7 +60,8 @@ def get_config(arg=None):
   c.recipe.lr_decay_steps = arg.steps * 3 // 10  # let the parameters settle at the end
   c.recipe.adam_b2 = 0.99  # Adam's memory: 100 steps, not half the run (gradients shrink ~3x early on)
   c.recipe.clip_grad_norm = 0.01  # below every step's norm: each step's gradient has the same norm
-  c.recipe.dead_latent_loss = 1e-2  # revive latents silent for dead_window_steps (sae/loss.py)
+  c.recipe.dead_latent_loss = 0.0 if arg.kind in ("topk", "batchtopk") else 1e-2  # revive latents silent for
+  # dead_window_steps (sae/loss.py); TopK and BatchTopK revive them with AuxK
   c.recipe.dead_window_steps = 100
   c.export.batches = 128  # L0 and dead latents measured on 131,072 rows
   c.eval.sequences = 64  # 64 × 128 tokens of held-out text: Δ loss's standard error ≈ 0.02-0.03
