@@ -172,6 +172,19 @@ def _read_json(path: Path) -> dict:
   return cfg
 
 
+def save_file(tensors: dict[str, np.ndarray], path: Path) -> None:
+  """safetensors' `save_file`, its failed writes raised as the `OSError` they are (it reports them
+  as its own error type, "... (os error 28)"), so a full disk reads as one, whoever writes first."""
+  from safetensors.numpy import save_file as write
+
+  try:
+    write(tensors, path)
+  except Exception as e:
+    if isinstance(e, OSError) or not (code := re.search(r"os error (\d+)", str(e))):
+      raise
+    raise OSError(int(code.group(1)), f"{path}: {os.strerror(int(code.group(1)))}") from e
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
 
@@ -383,7 +396,6 @@ def save_sae(sae: SAE, path: str | Path, format: str = "gemma-scope", sparsity_l
       tmp.unlink(missing_ok=True)
     record_file(path)
     return path
-  from safetensors.numpy import save_file
 
   info, kind = sae.info, kind_of(sae)
 
