@@ -78,6 +78,18 @@ def test_every_training_step_lowers_for_tpu_and_cuda(kind, prefixes, capacity, p
     assert ("bf16" in module) == (precision == "bfloat16")
 
 
+@pytest.mark.parametrize("capacity", [0, 48], ids=["dense", "sparse"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_the_topk_and_batchtopk_steps_lower_for_tpu_and_cuda(activation, capacity):
+  mesh, batch = make_mesh(4, 2), 128
+  groups = stacked.make_groups([64, 128], [4, 8], activation=activation)
+  sweep = stacked.Sweep(tuple(groups), stacked.Recipe(clip_grad_norm=1.0), batch)
+  rows = jax.ShapeDtypeStruct((batch, D), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
+  built = run.build(sweep, mesh, np.zeros(D), D)
+  state = stacked.abstract_state(built.init, built.shardings)
+  _lowers(built.make_step((capacity,) * 2), state, Batch(rows))
+
+
 @pytest.fixture(scope="module")
 def sharded_lm(tmp_path_factory):
   path = tmp_path_factory.mktemp("gemma3")
@@ -106,6 +118,7 @@ def test_the_eval_engine_the_browser_encoder_and_the_export_measure_lower_for_tp
   _lowers(statistics.sae_batch, sae, act, keep, act)  # a transcoder's splice reads another site
   _lowers(statistics.site_sums, act, keep)
   _lowers(features._encode, sae, jnp.zeros((256, D), jnp.float32))
-  groups = stacked.make_groups([64], [1e-3])
+  groups = (*stacked.make_groups([64], [1e-3]), *stacked.make_groups([64], [8], activation="topk"))
   params = tuple(stacked.init_group(0, np.zeros(D), g, stacked.Recipe()) for g in groups)
-  _lowers(exporter._fire_counts, params, Batch(jnp.zeros((128, D), jnp.float32)), False)
+  ks = (jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32))
+  _lowers(exporter._fire_counts, params, Batch(jnp.zeros((128, D), jnp.float32)), False, (False, True), ks)

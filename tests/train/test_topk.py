@@ -127,6 +127,85 @@ def test_steps_follow_optax_adam_on_jax_grad_of_the_loss(activation, auxk, capac
   assert l0 == k if activation == "topk" else abs(l0 - k) < 1e-9  # BatchTopK: k on average over the batch
 
 
+def _reference_loss_general(sae, x, y, k, dead, k_aux, prefixes, transcoder):
+  """BatchTopK's loss for a Matryoshka SAE or a transcoder: each prefix's reconstruction error of
+  the target `y` summed (the whole width last), AuxK on the whole width's residual, its variance
+  the target's; a transcoder's pre-activations take its input without `b_dec`."""
+  pre = training_pre(sae, x, transcoder)
+  kept, aux, scale = jax.lax.stop_gradient(_masks(pre, k, "batchtopk", dead, k_aux))
+  f = pre * kept
+  loss = 0.0
+  for end in prefixes:
+    yhat = f[:, :end] @ sae.W_dec[:end] + sae.b_dec
+    loss = loss + jnp.mean(jnp.sum(jnp.square(y - yhat), -1))
+  e = jax.lax.stop_gradient(y - yhat)
+  ehat = (pre * aux) @ sae.W_dec
+  variance = jnp.mean(jnp.sum(jnp.square(y - y.mean(0)), -1))
+  return loss + ALPHA * scale * jnp.mean(jnp.sum(jnp.square(ehat - e), -1)) / variance
+
+
+@pytest.mark.parametrize("capacity", [0, 48], ids=["dense", "sparse"])
+@pytest.mark.parametrize("form", ["matryoshka", "transcoder"])
+def test_batchtopk_matryoshka_and_transcoder_steps_follow_optax_adam_on_jax_grad(form, capacity):
+  """BatchTopK with AuxK where the references train it beyond plain SAEs: Matryoshka prefixes
+  (16, 32 of 48 latents, the loss summed over them) and a transcoder (12 inputs to 16 targets),
+  three steps (blocked, sharded 4×2) against optax's Adam fed `jax.grad`."""
+  d_in, d, m, k, batch, k_aux = 12, 16, 48, 5, 64, 6
+  transcoder = form == "transcoder"
+  prefixes = (16, 32) if form == "matryoshka" else ()
+  recipe = stacked.Recipe(lr=3e-3, lr_warmup_steps=0, auxk_coefficient=ALPHA, auxk_k=k_aux)
+  recipe = recipe.__class__(**{**recipe.__dict__, "dead_window_steps": 10**6})
+  groups = stacked.make_groups([m], [k], prefixes=prefixes, activation="batchtopk")
+  rows = _data(3 * batch, d_in + d if transcoder else d, seed=4)
+  if transcoder:  # a target that depends on the input
+    rows[:, d_in:] += rows[:, :d_in] @ np.random.default_rng(5).normal(0, 0.5, (d_in, d)).astype(np.float32)
+  mean = np.zeros(d_in + d if transcoder else d)
+  init, shardings, step_fn = build_step(
+    0,
+    mean,
+    groups,
+    recipe,
+    make_mesh(4, 2),
+    batch,
+    4,
+    capacities=(capacity,),
+    kind="transcoder" if transcoder else "sae",
+    d_in=d_in if transcoder else None,
+  )
+  sae = _start(d, m, seed=3)
+  if transcoder:
+    w = np.random.default_rng(6).normal(0, 0.3, (d_in, m)).astype(np.float32)
+    sae = sae.replace(W_enc=jnp.asarray(w))
+  dead_m = np.arange(m) % 3 == 0
+  sae = sae.replace(W_enc=jnp.where(dead_m, 0.05 * sae.W_enc, sae.W_enc), b_enc=jnp.where(dead_m, 0.05, sae.b_enc))
+  state = _with(init(), sae, shardings, dead_m, 10**6)
+  opt = optax.chain(
+    optax.scale_by_rms(decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True),
+    optax.scale(-recipe.lr),
+  )
+  opt_state, ref, theta = opt.init(sae), sae, 0.0
+  for s, r in enumerate(np.split(rows, 3)):
+    x, y = (r[:, :d_in], r[:, d_in:]) if transcoder else (r, r)
+    args = (k, dead_m, k_aux, (*prefixes, m), transcoder)
+    loss, g = jax.value_and_grad(_reference_loss_general)(ref, x, y, *args)
+    pre = training_pre(ref, x, transcoder)
+    kept = _masks(pre, k, "batchtopk", dead_m, k_aux)[0]
+    dead_m = dead_m & ~np.asarray(kept).any(axis=0)
+    theta = 0.99 * theta + 0.01 * float(jnp.min(jnp.where(kept, pre, jnp.inf)))
+    state, stats = step_fn(state, r)
+    assert stats[0]["sparse"][0] == (capacity > 0)
+    assert stats[0]["auxk_loss"][0] > 1e-4 * loss  # AuxK is really exercised
+    np.testing.assert_allclose(stats[0]["loss"][0], loss, rtol=1e-5, err_msg=f"step {s}")
+    updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
+    ref = optax.apply_updates(ref, updates)
+    ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True), threshold=sae.threshold)
+    got = unstack(jax.device_get(state["params"][0]).to_sae())[0]
+    for name in PARAM_NAMES:
+      if name not in ("threshold", "W_skip"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=2e-6, err_msg=f"{s} {name}")
+    np.testing.assert_allclose(got.threshold, np.full(m, theta), rtol=1e-5, err_msg=f"step {s} θ")
+
+
 def test_the_selection_on_a_model_sharded_latent_axis_is_the_unsharded_one_and_lax_top_k_s():
   """One step's selection, L0 and parameters on 1×1, 4×2 and 2×4 meshes (blocks of 4 latents):
   the thresholds come from integer counts, so the kept latents are the same bit for bit; and they
