@@ -9,7 +9,7 @@ positive, τ being the k-th largest value.
 order as the floats do) by bisection: 31 rounds, each counting the values at or above a
 candidate. The counts are integers, so τ does not depend on how the values are split into blocks,
 over devices or summed: a latent axis sharded over devices gives the unsharded selection exactly,
-which `lax.top_k` per shard and a merge would too, at 5× the encoder's cost on XLA:CPU (measured,
+which `lax.top_k` per shard and a merge would too, at 36× the encoder's cost on XLA:CPU (measured,
 benchmarks/README.md). Ties at τ are all kept: a token keeps more than k latents only where two
 pre-activations are bitwise equal at its k-th place. `lax.top_k` would break them by index.
 

@@ -1,7 +1,7 @@
 """TopK and BatchTopK SAEs in the blocked step: the selection, exact on a sharded latent axis, and AuxK.
 
 The recipes, as the reference implementations write them (OpenAI's sparse_autoencoder, SAELens 6,
-sparsify; docs/recipe.md §12):
+sparsify; docs/recipe.md §13):
 
 - Pre-activations `z = W_enc (x - b_dec) + b_enc` (a transcoder: no `b_dec` on its input). TopK
   keeps each token's k largest, ReLU'd; BatchTopK the k·B largest ReLU'd values of the whole
