@@ -46,19 +46,60 @@ def _masks(pre, k, activation, dead, k_aux):
   return kept, dead & (relu >= aux_kth) & (pre > 0), min(n_dead / k_aux, 1.0)
 
 
-def _reference_loss(sae, x, k, activation, dead, k_aux, alpha=ALPHA):
-  """The loss with the selection held fixed: ∂f/∂z is 1 on the kept latents; AuxK's target is the
-  residual, a constant, and its decoding has no b_dec."""
-  pre = training_pre(sae, x)
+def _reference_loss(sae, x, y, k, activation, dead, k_aux, prefixes, transcoder):
+  """The loss with the selection held fixed: ∂f/∂z is 1 on the kept latents; each prefix's
+  reconstruction error of the target `y` summed (the whole width last); AuxK's target is the
+  whole width's residual, a constant, its decoding has no b_dec and its variance is the target's;
+  a transcoder's pre-activations take its input without `b_dec`."""
+  pre = training_pre(sae, x, transcoder)
   kept, aux, scale = jax.lax.stop_gradient(_masks(pre, k, activation, dead, k_aux))
-  xhat = (pre * kept) @ sae.W_dec + sae.b_dec
-  mse = jnp.mean(jnp.sum(jnp.square(x - xhat), -1))
-  if not scale:
-    return mse
-  e = jax.lax.stop_gradient(x - xhat)
+  f = pre * kept
+  loss = 0.0
+  for end in prefixes:
+    yhat = f[:, :end] @ sae.W_dec[:end] + sae.b_dec
+    loss = loss + jnp.mean(jnp.sum(jnp.square(y - yhat), -1))
+  e = jax.lax.stop_gradient(y - yhat)
   ehat = (pre * aux) @ sae.W_dec
-  variance = jnp.mean(jnp.sum(jnp.square(x - x.mean(0)), -1))
-  return mse + alpha * scale * jnp.mean(jnp.sum(jnp.square(ehat - e), -1)) / variance
+  variance = jnp.mean(jnp.sum(jnp.square(y - y.mean(0)), -1))
+  return loss + ALPHA * scale * jnp.mean(jnp.sum(jnp.square(ehat - e), -1)) / variance
+
+
+def _follow_optax_adam(
+  step_fn, state, sae, recipe, rows, d_in, k, activation, dead_m, k_aux, prefixes, capacity, aux_floor
+):
+  """Three steps of `step_fn` on the thirds of `rows` against optax's Adam fed `jax.grad` of
+  `_reference_loss`, the decoder projection and renormalization around it, and BatchTopK's θ as an
+  EMA (rate 0.01) of the smallest kept value; `aux_floor`: AuxK's loss must pass this share of the
+  loss (None: not checked); `d_in`: a transcoder's input columns, or None."""
+  transcoder, m = d_in is not None, sae.W_dec.shape[0]
+  opt = optax.chain(
+    optax.scale_by_rms(decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True),
+    optax.scale(-recipe.lr),
+  )
+  opt_state, ref, theta = opt.init(sae), sae, 0.0
+  for s, r in enumerate(np.split(rows, 3)):
+    x, y = (r[:, :d_in], r[:, d_in:]) if transcoder else (r, r)
+    args = (k, activation, dead_m, k_aux, (*prefixes, m), transcoder)
+    loss, g = jax.value_and_grad(_reference_loss)(ref, x, y, *args)
+    pre = training_pre(ref, x, transcoder)
+    kept = _masks(pre, k, activation, dead_m, k_aux)[0]
+    dead_m = dead_m & ~np.asarray(kept).any(axis=0)  # a dead latent that fires is alive at the next step
+    theta = 0.99 * theta + 0.01 * float(jnp.min(jnp.where(kept, pre, jnp.inf)))  # BatchTopK's EMA (rate 0.01)
+    state, stats = step_fn(state, r)
+    assert stats[0]["sparse"][0] == (capacity > 0)
+    np.testing.assert_allclose(stats[0]["loss"][0], loss, rtol=1e-5, err_msg=f"step {s}")
+    if aux_floor is not None:
+      assert stats[0]["auxk_loss"][0] > aux_floor * loss  # AuxK is really exercised
+    updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
+    ref = optax.apply_updates(ref, updates)
+    ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True), threshold=sae.threshold)
+    got = unstack(jax.device_get(state["params"][0]).to_sae())[0]
+    for name in PARAM_NAMES:
+      if name != "threshold":
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=2e-6, err_msg=f"{s} {name}")
+    expected_theta = theta if activation == "batchtopk" else 0.0  # TopK has no θ
+    np.testing.assert_allclose(got.threshold, np.full(m, expected_theta), rtol=1e-5, err_msg=f"step {s} θ")
+  return stats
 
 
 def _start(d, m, seed):
@@ -99,49 +140,12 @@ def test_steps_follow_optax_adam_on_jax_grad_of_the_loss(activation, auxk, capac
   # dead latents outranked on every row (small positive values): AuxK decodes them at every step
   sae = sae.replace(W_enc=jnp.where(dead_m, 0.05 * sae.W_enc, sae.W_enc), b_enc=jnp.where(dead_m, 0.05, sae.b_enc))
   state = _with(init(), sae, shardings, dead_m, 10**6)
-  opt = optax.chain(
-    optax.scale_by_rms(decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True),
-    optax.scale(-recipe.lr),
+  rows = _data(3 * batch, d, seed=4)
+  stats = _follow_optax_adam(
+    step_fn, state, sae, recipe, rows, None, k, activation, dead_m, k_aux, (), capacity, 1e-3 if auxk else None
   )
-  opt_state, ref, theta = opt.init(sae), sae, 0.0
-  for s, x in enumerate(np.split(_data(3 * batch, d, seed=4), 3)):
-    loss, g = jax.value_and_grad(_reference_loss)(ref, x, k, activation, dead_m, k_aux)
-    pre, kept = training_pre(ref, x), _masks(training_pre(ref, x), k, activation, dead_m, k_aux)[0]
-    dead_m = dead_m & ~np.asarray(kept).any(axis=0)  # a dead latent that fires is alive at the next step
-    theta = 0.99 * theta + 0.01 * float(jnp.min(jnp.where(kept, pre, jnp.inf)))  # BatchTopK's EMA (rate 0.01)
-    state, stats = step_fn(state, x)
-    assert stats[0]["sparse"][0] == (capacity > 0)
-    np.testing.assert_allclose(stats[0]["loss"][0], loss, rtol=1e-5, err_msg=f"step {s}")
-    if auxk:
-      assert stats[0]["auxk_loss"][0] > 1e-3 * loss  # AuxK is really exercised
-    updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
-    ref = optax.apply_updates(ref, updates)
-    ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True), threshold=sae.threshold)
-    got = unstack(jax.device_get(state["params"][0]).to_sae())[0]
-    for name in PARAM_NAMES:
-      if name != "threshold":
-        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=2e-6, err_msg=f"{s} {name}")
-    expected_theta = theta if activation == "batchtopk" else 0.0  # TopK has no θ
-    np.testing.assert_allclose(got.threshold, np.full(m, expected_theta), rtol=1e-5, err_msg=f"step {s} θ")
   l0 = float(stats[0]["l0"][0])
   assert l0 == k if activation == "topk" else abs(l0 - k) < 1e-9  # BatchTopK: k on average over the batch
-
-
-def _reference_loss_general(sae, x, y, k, dead, k_aux, prefixes, transcoder):
-  """BatchTopK's loss for a Matryoshka SAE or a transcoder: each prefix's reconstruction error of
-  the target `y` summed (the whole width last), AuxK on the whole width's residual, its variance
-  the target's; a transcoder's pre-activations take its input without `b_dec`."""
-  pre = training_pre(sae, x, transcoder)
-  kept, aux, scale = jax.lax.stop_gradient(_masks(pre, k, "batchtopk", dead, k_aux))
-  f = pre * kept
-  loss = 0.0
-  for end in prefixes:
-    yhat = f[:, :end] @ sae.W_dec[:end] + sae.b_dec
-    loss = loss + jnp.mean(jnp.sum(jnp.square(y - yhat), -1))
-  e = jax.lax.stop_gradient(y - yhat)
-  ehat = (pre * aux) @ sae.W_dec
-  variance = jnp.mean(jnp.sum(jnp.square(y - y.mean(0)), -1))
-  return loss + ALPHA * scale * jnp.mean(jnp.sum(jnp.square(ehat - e), -1)) / variance
 
 
 @pytest.mark.parametrize("capacity", [0, 48], ids=["dense", "sparse"])
@@ -179,31 +183,8 @@ def test_batchtopk_matryoshka_and_transcoder_steps_follow_optax_adam_on_jax_grad
   dead_m = np.arange(m) % 3 == 0
   sae = sae.replace(W_enc=jnp.where(dead_m, 0.05 * sae.W_enc, sae.W_enc), b_enc=jnp.where(dead_m, 0.05, sae.b_enc))
   state = _with(init(), sae, shardings, dead_m, 10**6)
-  opt = optax.chain(
-    optax.scale_by_rms(decay=recipe.adam_b2, eps=recipe.adam_eps, eps_in_sqrt=False, bias_correction=True),
-    optax.scale(-recipe.lr),
-  )
-  opt_state, ref, theta = opt.init(sae), sae, 0.0
-  for s, r in enumerate(np.split(rows, 3)):
-    x, y = (r[:, :d_in], r[:, d_in:]) if transcoder else (r, r)
-    args = (k, dead_m, k_aux, (*prefixes, m), transcoder)
-    loss, g = jax.value_and_grad(_reference_loss_general)(ref, x, y, *args)
-    pre = training_pre(ref, x, transcoder)
-    kept = _masks(pre, k, "batchtopk", dead_m, k_aux)[0]
-    dead_m = dead_m & ~np.asarray(kept).any(axis=0)
-    theta = 0.99 * theta + 0.01 * float(jnp.min(jnp.where(kept, pre, jnp.inf)))
-    state, stats = step_fn(state, r)
-    assert stats[0]["sparse"][0] == (capacity > 0)
-    assert stats[0]["auxk_loss"][0] > 1e-4 * loss  # AuxK is really exercised
-    np.testing.assert_allclose(stats[0]["loss"][0], loss, rtol=1e-5, err_msg=f"step {s}")
-    updates, opt_state = opt.update(g.replace(W_dec=project_rows(g.W_dec, ref.W_dec)), opt_state)
-    ref = optax.apply_updates(ref, updates)
-    ref = ref.replace(W_dec=ref.W_dec / jnp.linalg.norm(ref.W_dec, axis=-1, keepdims=True), threshold=sae.threshold)
-    got = unstack(jax.device_get(state["params"][0]).to_sae())[0]
-    for name in PARAM_NAMES:
-      if name not in ("threshold", "W_skip"):
-        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=2e-6, err_msg=f"{s} {name}")
-    np.testing.assert_allclose(got.threshold, np.full(m, theta), rtol=1e-5, err_msg=f"step {s} θ")
+  d_in = d_in if transcoder else None
+  _follow_optax_adam(step_fn, state, sae, recipe, rows, d_in, k, "batchtopk", dead_m, k_aux, prefixes, capacity, 1e-4)
 
 
 def test_the_selection_on_a_model_sharded_latent_axis_is_the_unsharded_one_and_lax_top_k_s():
