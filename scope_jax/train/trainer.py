@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from scope_jax.data.batch import BatchSource
 from scope_jax.layout import RunLayout
+from scope_jax.parallel.dispatch import settle
 from scope_jax.train import stacked
 from scope_jax.train.checkpoints import Checkpointer, Preemption, restore_or_init, restore_selection
 from scope_jax.train.health import MetricWriter, check_finite, health_warnings, per_sae_metrics
@@ -89,6 +90,7 @@ def train(
       run.checkpoints.check_for_errors()  # a failed asynchronous save ends the run now, not at the next save
       if s + 1 < steps:
         rows = source.batch(s + 1)  # built on the host while the step runs
+      settle(state, run.mesh)  # XLA:CPU: the next step is dispatched once this one has finished
       done += 1
       if (s + 1) % every_log == 0 or s + 1 == steps:
         values = per_sae_metrics(names, metrics)
