@@ -16,12 +16,13 @@ the JumpReLU grid, the same recipe otherwise (the dead-latent loss is JumpReLU's
 """
 
 from scope_jax.config import default_config, parse_arg
-from scope_jax.core.kinds import TRANSCODER_KINDS, transcoder_sites
+from scope_jax.core.kinds import TRANSCODER_KINDS, clt_sites, transcoder_sites
 
 
 def get_config(arg=None):
+  raw = arg
   widths, l1, k = [1_024, 2_048], [2e-4, 4.5e-4, 1e-3], [25, 50, 100]
-  arg = parse_arg(arg, tokens=0, steps=2_000, widths=widths, l1=l1, k=k, site="res.6", kind="sae")
+  arg = parse_arg(arg, tokens=0, steps=2_000, widths=widths, l1=l1, k=k, site="res.6", kind="sae", layers="0-17")
   c = default_config()
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
@@ -33,9 +34,16 @@ def get_config(arg=None):
     c.sweep.prefixes = (128, 512)
   elif arg.kind in ("topk", "batchtopk"):
     c.sweep.activation, c.sweep.k = arg.kind, tuple(arg.k)
+  elif arg.kind == "clt":
+    first, _, last = arg.layers.partition("-")
+    c.kind, c.clt.first_layer, c.clt.last_layer = "clt", int(first), int(last or first)
+    inputs, targets = clt_sites(range(c.clt.first_layer, c.clt.last_layer + 1))
+    c.sites = tuple(site for pair in zip(inputs, targets) for site in pair)  # as the suite's grid orders them
+    c.site = inputs[0]
   elif arg.kind != "sae":
     raise ValueError(
-      f"configs/local.py kind={arg.kind!r}: expected sae, transcoder, skip_transcoder, matryoshka, topk or batchtopk"
+      f"configs/local.py kind={arg.kind!r}: expected sae, transcoder, skip_transcoder, matryoshka, topk, "
+      "batchtopk or clt"
     )
   c.data.text = (
     "builtin:python-docs",
@@ -75,4 +83,21 @@ def get_config(arg=None):
   c.eval.domain_sequences = 16  # one batch per domain: Δ loss ± ~0.02-0.04 (the main set's 64 decide the table)
   c.eval.quantize = ("bfloat16", "float8_e4m3", "int8")
   c.eval.quantize_sequences = 16
+  if arg.kind == "clt":
+    clt_sizes(c, given={item.partition("=")[0] for item in (raw or "").split(",")})
   return c
+
+
+def clt_sizes(c, given: set[str]) -> None:
+  """A CLT over all 18 layers (or `layers=A-B`) sized for 2 cores: 256 latents per layer, one
+  epoch of 400K tokens stored in bfloat16 (36 sites: 18 GB), the dense step (the sparse one pays
+  per slot what the dense one pays per latent only past ~50× sparsity: benchmarks/README.md)."""
+  c.sweep.widths = c.sweep.widths[:1] if "widths" in given else (256,)
+  c.sweep.l1_coefficients = c.sweep.l1_coefficients if "l1" in given else (4.5e-4, 1e-3)
+  c.extract.tokens = c.extract.tokens or 400_000
+  c.extract.dtype = "bfloat16"
+  c.extract.bucket_rows = 16_384  # × 36 sites in memory while shuffling
+  c.data.window_chunks = 4  # × 36 loaders
+  c.train.step = "dense"
+  c.eval.domains, c.eval.quantize = (), ()  # the replacement model is evaluated instead (eval/replacement.py)
+  c.browse.enabled = False  # the browser shows one layer's latents; a CLT's span layers

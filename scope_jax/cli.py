@@ -122,7 +122,12 @@ def stage_train(config, workdir, redo=()) -> None:
   from scope_jax.train import Preempted, TrainingDiverged, train
 
   try:
-    state = train(config, workdir)
+    if config.kind == "clt":
+      from scope_jax.train.clt_run import train_clt
+
+      state = train_clt(config, workdir)
+    else:
+      state = train(config, workdir)
   except TrainingDiverged as e:
     sys.exit(f"scope-jax train: {e}")
   except Preempted as e:
@@ -139,7 +144,15 @@ def stage_export(config, workdir, redo=()) -> None:
 
   layout = RunLayout(workdir)
   if not layout.to_do("export", export_identity(config, layout), redo):
-    print(f"export: {layout.export_index} is up to date; skipped")
+    print(f"export: {layout.export} is up to date; skipped")
+    return
+  if config.kind == "clt":
+    from scope_jax.export.clt import export_clt
+
+    for e in export_clt(config, workdir):
+      per_layer = " ".join(f"{v:.1f}" for v in e["l0_per_layer"])
+      print(f"{e['name']:>24}  L0 {e['l0']:8.1f} (per layer {per_layer})  dead {e['dead_fraction']:.1%}")
+      print(f"{'':>24}  {', '.join(e['files'].values())}")
     return
   entries = export(config, workdir)
   for e in entries:
@@ -157,7 +170,19 @@ def stage_eval(config, workdir, redo=()) -> None:
 
   layout = RunLayout(workdir)
   if not layout.to_do("eval", eval_identity(config, layout), redo):
-    print(f"eval: {layout.report_metrics} is up to date; skipped")
+    print(f"eval: {layout.report} is up to date; skipped")
+    return
+  if config.kind == "clt":
+    from scope_jax.eval.replacement import run_clt_eval
+
+    out = run_clt_eval(config, workdir)
+    for name, r in out["results"].items():
+      print(
+        f"{name:>24}  {r['kind']:<14} L0 {r['l0']:7.1f}  Δloss (all MLPs replaced) {r['delta_loss']:+.3f} ± "
+        f"{r['delta_loss_se']:.3f}  mean FVU {np.mean(r['fvu_per_layer']):.3f}"
+      )
+    if out["files"]:
+      print(f"eval: report in {out['files']['md']} (and replacement.json)")
     return
 
   out = run_eval(config, workdir)
@@ -198,7 +223,9 @@ def stage_run(config, workdir, redo=()) -> None:
   stage_extract(config, workdir)
   stage_train_export_eval(config, workdir, redo)
   layout = RunLayout(workdir)
-  print(f"\ndone: exports in {layout.export} (Gemma Scope npz and SAELens), report in {layout.report / 'report.html'}")
+  formats = "circuit-tracer and Gemma Scope 2" if config.kind == "clt" else "Gemma Scope npz and SAELens"
+  report = layout.report / ("report.md" if config.kind == "clt" else "report.html")
+  print(f"\ndone: exports in {layout.export} ({formats}), report in {report}")
   if config.browse.enabled:
     print(f"feature browser: {layout.browse / 'index.html'} (opens from the file system)")
 

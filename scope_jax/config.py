@@ -39,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (an MLP input, mlp_in.L) and predicts `target_site`
   c.target_site = ml_collections.FieldReference(None, field_type=str)  # a transcoder's target, a site of
   # the same layer in the same store; unset = mlp.L for site mlp_in.L
+  c.clt = ml_collections.ConfigDict()  # kind = "clt" (docs/recipe.md §14): encoders at mlp_in.L and decoders
+  c.clt.first_layer = 0  # to mlp.L' (L' >= L) for every layer L of first_layer … last_layer; the store must
+  c.clt.last_layer = 0  # hold both sites of each. sweep.widths: its one width (latents per layer)
 
   c.data = ml_collections.ConfigDict()
   c.data.text = ("builtin:python-docs",)  # text sources (scope_jax/text/sources.py)
@@ -116,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.domain_sequences = 0  # sequences per domain; 0 = eval.sequences
   c.eval.quantize = ()  # weight formats to evaluate each SAE in (bfloat16, float8_e4m3, int8), model in float32
   c.eval.quantize_sequences = 0  # sequences they are evaluated on (the eval set's first); 0 = all
+  c.eval.replacement_layer_sequences = 16  # kind "clt": sequences of the one-layer-at-a-time replacement
+  # (one forward per layer per batch; eval/replacement.py)
+  c.eval.compare_with = ()  # kind "clt": transcoder sets or CLT directories evaluated as replacement models beside it
   c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/grid.py); other commands ignore it
   c.grid.layers = ()  # layers to train SAEs at
   c.grid.kinds = ("res",)  # site kinds at every layer: res | mlp | att | mlp_in
@@ -317,6 +323,8 @@ def problems(config: ml_collections.ConfigDict, command: str = "run") -> list[st
       check("site", config.site in sites, f"one of sites {sites} (the store holds those), or set data.path")
   if config.kind in TRANSCODER_KINDS and command != "extract":
     found.extend(transcoder_problems(config))
+  if config.kind == "clt":
+    found.extend(clt_problems(config))
   if config.recipe.sparsity_loss == "quadratic":
     target = config.recipe.target_l0
     check("recipe.target_l0", _is_number(target) and target > 0, "a number > 0 (sparsity_loss 'quadratic')")
@@ -351,6 +359,32 @@ def ranked_problems(config: ml_collections.ConfigDict) -> list[str]:
     found.append(f"recipe.sparsity_loss = {r.sparsity_loss!r}: k sets the L0 of sweep.activation {s.activation!r}")
   if s.activation == "topk" and (problem := topk_problem(config.kind, tuple(s.prefixes))):
     found.append(problem)
+  return found
+
+
+def clt_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """A CLT: a layer range whose sites the store holds, one width, JumpReLU with the l0 loss."""
+  from scope_jax.core.kinds import clt_layers, clt_sites
+
+  first, last = config.clt.first_layer, config.clt.last_layer
+  if not (_is_int(first) and _is_int(last) and 0 <= first <= last):
+    return [f"clt.first_layer, clt.last_layer = {first!r}, {last!r}: expected layers 0 <= first <= last"]
+  found = []
+  if len(config.sweep.widths) != 1:
+    found.append(f"sweep.widths = {tuple(config.sweep.widths)!r}: a CLT sweep trains one width (latents per layer)")
+  if config.sweep.activation != "jumprelu" or config.sweep.prefixes:
+    found.append(
+      f"sweep.activation = {config.sweep.activation!r}, sweep.prefixes = {tuple(config.sweep.prefixes)!r}: "
+      "a CLT is trained as JumpReLU without Matryoshka prefixes"
+    )
+  if config.recipe.sparsity_loss != "l0" or config.recipe.frequency_scale:
+    found.append(
+      f"recipe.sparsity_loss = {config.recipe.sparsity_loss!r}, frequency_scale = "
+      f"{config.recipe.frequency_scale!r}: a CLT trains with 'l0' weighted by decoder norms, no frequency penalty"
+    )
+  inputs, targets = clt_sites(clt_layers(config))
+  if config.data.path is None and (missing := [v for v in inputs + targets if v not in tuple(config.sites)]):
+    found.append(f"sites = {tuple(config.sites)!r}: a CLT of layers {first}-{last} needs {missing} in the store too")
   return found
 
 

@@ -67,8 +67,11 @@ def site_widths(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]
   if not g.layers:
     raise ValueError("config.grid.layers is empty: a sweep config lists the layers (and grid.kinds) to train")
   unknown = sorted(set(g.kinds) - set(SITE_KINDS))
-  if unknown or not g.kinds:
-    raise ValueError(f"config.grid.kinds {list(g.kinds)}: expected a non-empty subset of {list(SITE_KINDS)}")
+  if unknown or not (g.kinds or g.transcoders):
+    raise ValueError(
+      f"config.grid.kinds {list(g.kinds)}: expected a subset of {list(SITE_KINDS)}, non-empty unless the grid "
+      "trains grid.transcoders only"
+    )
   widths = tuple(g.widths) or tuple(config.sweep.widths)
   out = {f"{kind}.{layer}": widths for layer in g.layers for kind in g.kinds}
   for site, own in g.site_widths:

@@ -92,7 +92,8 @@ def test_select_by_pattern():
   "field, value, message",
   [
     ("grid.layers", (), "config.grid.layers is empty"),
-    ("grid.kinds", ("resid",), r"config.grid.kinds \['resid'\]: expected a non-empty subset"),
+    ("grid.kinds", ("resid",), r"config.grid.kinds \['resid'\]: expected a subset of"),
+    ("grid.kinds", (), r"config.grid.kinds \[\]: expected a subset of .* non-empty unless the grid trains"),
     ("grid.extract_by", "model", "config.grid.extract_by 'model': expected one of"),
     ("grid.site_widths", (("res.99", (1024,)),), "names res.99, which is not in the grid"),
     ("sweep.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),

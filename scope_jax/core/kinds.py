@@ -17,6 +17,7 @@ class Kind:
   name: str
   transcoder: bool  # predicts a target site from its input site (else reconstructs its input)
   skip: bool  # adds a dense skip connection `x @ W_skip` (W_skip [d_in, d_out])
+  cross_layer: bool = False  # a CLT: reads every MLP input of a layer range, writes every later MLP output
 
   def target_of(self, site: str | None, target_site: str | None = None) -> str | None:
     """The site a dictionary of this kind reading `site` predicts: None for an SAE (it
@@ -44,8 +45,9 @@ def transcoder_target(site: str | None) -> str | None:
 SAE = Kind("sae", transcoder=False, skip=False)
 TRANSCODER = Kind("transcoder", transcoder=True, skip=False)
 SKIP_TRANSCODER = Kind("skip_transcoder", transcoder=True, skip=True)
-KINDS = {k.name: k for k in (SAE, TRANSCODER, SKIP_TRANSCODER)}  # docs/recipe.md §4
-TRANSCODER_KINDS = tuple(name for name, k in KINDS.items() if k.transcoder)
+CLT = Kind("clt", transcoder=True, skip=False, cross_layer=True)  # sae/clt.py, train/clt.py
+KINDS = {k.name: k for k in (SAE, TRANSCODER, SKIP_TRANSCODER, CLT)}  # docs/recipe.md §4, §14
+TRANSCODER_KINDS = tuple(name for name, k in KINDS.items() if k.transcoder and not k.cross_layer)  # one layer each
 
 
 def kind_named(name: str | Kind, field: str = "kind") -> Kind:
@@ -55,6 +57,17 @@ def kind_named(name: str | Kind, field: str = "kind") -> Kind:
   if name not in KINDS:
     raise ValueError(f"{field} {name!r}: expected one of {list(KINDS)}")
   return KINDS[name]
+
+
+def clt_layers(config) -> list[int]:
+  """The model layers of `config`'s CLT: `clt.first_layer` … `clt.last_layer`."""
+  return list(range(config.clt.first_layer, config.clt.last_layer + 1))
+
+
+def clt_sites(layers) -> tuple[list[str], list[str]]:
+  """(inputs, targets) of a CLT over `layers`: every mlp_in.L and every mlp.L."""
+  pairs = [transcoder_sites(layer) for layer in layers]
+  return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def config_target_site(config) -> str | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scope_jax.data.batch import Batch, BatchSource, SiteSource
-from scope_jax.data.batcher import HostBuffers
+from scope_jax.data.batcher import HostBuffers, global_batch
 from scope_jax.data.loader import StoreLoader
 from scope_jax.data.normalization import array_statistics, check_normalization, scale_and_mean
 from scope_jax.data.order import epoch_permutation
@@ -141,6 +142,57 @@ class PairedSource:
   def describe(self) -> dict:
     inputs = self.input.describe()
     return {"kind": "paired", "rows": inputs["rows"], "input": inputs, "target": self.target.describe()}
+
+
+class LayerStackSource:
+  """A cross-layer transcoder's batches: `(x_bld, y_bld)`, each `[batch, L, d]`, row b holding
+  every layer's MLP input and MLP output at the same row of one extraction (one source per site,
+  read alike, as `PairedSource` pairs two). Each site is normalized by its own C; `divisors`
+  holds them per layer, which export folds back (sae/clt.py `fold`)."""
+
+  def __init__(self, inputs: list[SiteSource], targets: list[SiteSource]):
+    sources = [*inputs, *targets]
+    first = sources[0].describe()
+    for source in sources[1:]:
+      d = source.describe()
+      if differ := {
+        k: (first.get(k), d.get(k))
+        for k in ("root", "rows", "seed", "batch_size", "streams")
+        if first.get(k) != d.get(k)
+      }:
+        raise ValueError(
+          f"CLT sites {first.get('site')} and {d.get('site')} must come from one store read alike; {differ}"
+        )
+    if any(source.nonfinite != "error" for source in sources):
+      raise ValueError("data.nonfinite 'skip' replaces rows per site, so layers would no longer pair; use 'error'")
+    self.inputs, self.targets = inputs, targets
+    self.layers = len(inputs)
+    self.batch_size, self.mesh = inputs[0].batch_size, inputs[0].mesh
+    self.input_width, self.output_width = inputs[0].width, targets[0].width
+    self.divisors = (np.array([s.divisor for s in inputs]), np.array([s.divisor for s in targets]))
+    self.scale = float(self.divisors[0][0])
+    self.output_mean = np.stack([s.mean for s in targets]).astype(np.float32)  # [L, d]
+    self.store = inputs[0].store
+    self.sharding = NamedSharding(self.mesh, P(DATA, None, None))
+
+  def _stacked(self, sources: list[SiteSource], step: int) -> jax.Array:
+    rows_bld = np.stack([source.rows(step) for source in sources], axis=1)
+    return global_batch(rows_bld, self.sharding, (self.batch_size, *rows_bld.shape[1:]))
+
+  def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+    return self._stacked(self.inputs, step), self._stacked(self.targets, step)
+
+  def close(self) -> None:
+    for source in [*self.inputs, *self.targets]:
+      source.close()
+
+  def describe(self) -> dict:
+    return {
+      "kind": "layers",
+      "rows": self.inputs[0].describe()["rows"],
+      "inputs": [s.describe() for s in self.inputs],
+      "targets": [s.describe() for s in self.targets],
+    }
 
 
 def open_source(

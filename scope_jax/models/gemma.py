@@ -275,6 +275,21 @@ class Gemma(nnx.Module):
       x_btd, act = block.advance(kind, x_btd, act, positions_bt)
     return x_btd, act
 
+  def between(self, resid_btd: jax.Array, act: jax.Array, start: Site, stop: Site) -> tuple[jax.Array, jax.Array]:
+    """The forward from `start` (its residual and (replaced) activation, as `to_site` gives them) to
+    the later site `stop`: (the residual there, `stop`'s activation). A replacement model that
+    splices at several sites in turn (a CLT, whose layer t reads what it wrote at every layer before)
+    is these segments in sequence."""
+    if (stop.layer, BLOCK_SITES.index(stop.kind)) <= (start.layer, BLOCK_SITES.index(start.kind)):
+      raise ValueError(f"between: {stop.name} does not come after {start.name}")
+    positions_bt = self._positions(resid_btd[..., 0])
+    for layer in range(start.layer, stop.layer + 1):
+      kinds = BLOCK_SITES[BLOCK_SITES.index(start.kind) + 1 if layer == start.layer else 0 :]
+      kinds = kinds[: kinds.index(stop.kind) + 1] if layer == stop.layer else kinds
+      for kind in kinds:
+        resid_btd, act = self.layers[layer].advance(kind, resid_btd, act, positions_bt)
+    return resid_btd, act
+
   def losses_from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site, tokens_bt: jax.Array) -> jax.Array:
     """The forward from `site` on, given `to_site`'s residual and a (replaced) activation: the
     next-token losses `[B, T-1]`."""

@@ -43,6 +43,10 @@ def _losses_from_site(state, tokens_bt, resid_btd, act, graphdef, site):
   return nnx.merge(graphdef, state).losses_from_site(resid_btd, act, site, tokens_bt)
 
 
+def _between(state, resid_btd, act, graphdef, start, stop):
+  return nnx.merge(graphdef, state).between(resid_btd, act, start, stop)
+
+
 class LanguageModel:
   """A Gemma 2 / Gemma 3 decoder whose parameters live on `mesh` (see `load_model`)."""
 
@@ -75,12 +79,27 @@ class LanguageModel:
       out_shardings=self._batch_sharding,
       static_argnums=(2, 3),
     )
+    self._jitted_between = None  # compiled on first use (`between`)
     self.jitted_from_site = jax.jit(
       at_precision(precision, _losses_from_site),
       in_shardings=(state_shardings, *[self._batch_sharding] * 3),
       out_shardings=self._batch_sharding,
       static_argnums=(4, 5),
     )
+
+  def between(self, resid: jax.Array, act: jax.Array, start: str, stop: str) -> tuple[jax.Array, jax.Array]:
+    """The forward from site `start` (`to_site`'s residual, `act` in place of its activation) to the
+    later site `stop`: (the residual there, `stop`'s activation), on the devices."""
+    if self._jitted_between is None:
+      shardings = jax.tree.map(lambda x: x.sharding, self._state)
+      self._jitted_between = jax.jit(
+        at_precision(self.precision, _between),
+        in_shardings=(shardings, self._batch_sharding, self._batch_sharding),
+        out_shardings=self._batch_sharding,
+        static_argnums=(3, 4, 5),
+      )
+    start_site, stop_site = parse_site(start, self.config), parse_site(stop, self.config)
+    return self._jitted_between(self._state, resid, act.astype(resid.dtype), self._graphdef, start_site, stop_site)
 
   def logits(self, tokens, replace: Mapping[str, Replacement] | None = None, dtype=jnp.float32) -> jax.Array:
     """int [B, T] -> [B, T, V]. `replace={site: fn}` splices `fn(activation)` in at that site;

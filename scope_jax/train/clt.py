@@ -88,7 +88,7 @@ def initializer(sweep: CLTSweep, mesh: Mesh, mean_ld, d_in: int):
     "params": specs,
     "opt_state": {k: specs for k in sweep.recipe.adam.moment_names},
     "since_fired": latent,
-    "first_bad_step": P(),
+    "first_bad_step": (P(),),  # one group (train/health.py `check_finite`)
   }
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs, is_leaf=lambda x: isinstance(x, P))
   mean_ld = jnp.asarray(mean_ld, jnp.float32)
@@ -105,7 +105,7 @@ def initializer(sweep: CLTSweep, mesh: Mesh, mean_ld, d_in: int):
       "params": params,
       "opt_state": {k: jax.tree.map(jnp.zeros_like, params) for k in sweep.recipe.adam.moment_names},
       "since_fired": jnp.zeros((n, sweep.layers, sweep.width), jnp.int32),
-      "first_bad_step": jnp.full((n,), -1, jnp.int32),
+      "first_bad_step": (jnp.full((n,), -1, jnp.int32),),
     }
 
   return jax.jit(init, out_shardings=shardings), shardings
@@ -301,8 +301,9 @@ def make_step(sweep: CLTSweep, mesh: Mesh):
     params, moments, since, stats = sharded(
       state["params"], state["opt_state"], state["since_fired"], lams, x_bld, y_bld, scalars
     )
-    bad = ~jnp.isfinite(stats["loss"]) & (state["first_bad_step"] < 0)  # [S]
-    first_bad = jnp.where(bad, state["step"], state["first_bad_step"])
+    (first_bad,) = state["first_bad_step"]  # [S]
+    bad = ~jnp.isfinite(stats["loss"]) & (first_bad < 0)
+    first_bad = (jnp.where(bad, state["step"], first_bad),)
     new = {"step": t, "params": params, "opt_state": moments, "since_fired": since, "first_bad_step": first_bad}
     return new, stats
 
