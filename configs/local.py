@@ -90,11 +90,15 @@ def get_config(arg=None):
 
 def clt_sizes(c, given: set[str]) -> None:
   """A CLT over all 18 layers (or `layers=A-B`) sized for 2 cores: 256 latents per layer, one
-  epoch of 400K tokens stored in bfloat16 (36 sites: 18 GB), the dense step (the sparse one pays
+  epoch of 400K tokens (390 steps) stored in bfloat16 (36 sites: 18 GB), the dense step (the sparse one pays
   per slot what the dense one pays per latent only past ~50× sparsity: benchmarks/README.md)."""
   c.sweep.widths = c.sweep.widths[:1] if "widths" in given else (256,)
   c.sweep.l1_coefficients = c.sweep.l1_coefficients if "l1" in given else (4.5e-4, 1e-3)
   c.extract.tokens = c.extract.tokens or 400_000
+  steps = c.train.steps if "steps" in given else c.extract.tokens // c.train.batch_size  # one epoch, as grid.py's
+  c.train.steps = steps  # jobs train (the suite's transcoders: configs/transcoder_suite.py)
+  c.recipe.lr_warmup_steps, c.recipe.sparsity_warmup_steps = steps // 20, steps * 3 // 10
+  c.recipe.lr_decay_steps = steps * 3 // 10
   c.extract.dtype = "bfloat16"
   c.extract.bucket_rows = 16_384  # × 36 sites in memory while shuffling
   c.data.window_chunks = 4  # × 36 loaders

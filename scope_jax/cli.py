@@ -3,6 +3,7 @@
     scope-jax demo [--model ...]
     scope-jax extract|train|export|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
     scope-jax sweep --config configs/FILE.py[:ARGS] --workdir DIR [--dry_run [--target SLICE]] [--jobs PATTERNS]
+    scope-jax transcoder-set TRANSCODER... --out DIR      (circuit-tracer's transcoder set: tools/circuit_tracer)
 
 Multi-process runs add --coordinator HOST:PORT --num_processes N --process_id I (or the
 SCOPE_JAX_* variables; scope_jax/parallel/distributed.py).
@@ -368,6 +369,24 @@ def match(args) -> None:
   print(f"match: {len(saes) - 1} adjacent pairs in {files['markdown']} (and matches.json, matching.png)")
 
 
+def transcoder_set(args) -> None:
+  """`scope-jax transcoder-set`: per-layer transcoders (any order) as circuit-tracer's transcoder set."""
+  from scope_jax.models.sites import parse_site
+  from scope_jax.sae import load_sae
+  from scope_jax.sae.clt_io import save_transcoder_set
+
+  try:
+    saes = [load_sae(p) for p in args.transcoders]
+    for path, sae in zip(args.transcoders, saes):
+      if not sae.info.target_site:
+        raise ValueError(f"{path}: an SAE of {sae.info.site}, not a transcoder (mlp_in.L -> mlp.L)")
+    saes.sort(key=lambda sae: parse_site(sae.info.site).layer)
+    out = save_transcoder_set(saes, args.model or saes[0].info.model, args.out)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"scope-jax transcoder-set: {e}")
+  print(f"transcoder-set: {len(saes)} layers in {out} (circuit-tracer: model_kind transcoder_set)")
+
+
 def fake_devices_for_target(argv: list[str]) -> None:
   """`sweep` or `train` `--dry_run --target T` compiles each job's step for T's chips: as many fake CPU devices,
   set before the backend starts (XLA reads its flags once). An unknown name is left to the flag's
@@ -408,6 +427,13 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--rows", type=int, default=0, help="store rows to correlate over (0 = all)")
   p.add_argument("--out", required=True, help="folder for matches.json, matches.md and matching.png")
   p.set_defaults(run=match)
+  p = commands.add_parser("transcoder-set", help="per-layer transcoders as circuit-tracer's transcoder set")
+  p.add_argument(
+    "transcoders", nargs="+", help="transcoder files or folders (any format load_sae reads), one per layer"
+  )
+  p.add_argument("--model", default="", help="the model's name in config.yaml (default: the transcoders')")
+  p.add_argument("--out", required=True, help="folder for config.yaml and layer_L.safetensors")
+  p.set_defaults(run=transcoder_set)
   for name in CONFIG_COMMANDS:
     commands.add_parser(name, help=f"{name} (--config FILE[:ARGS] --workdir DIR [--config.FIELD=VALUE])")
   args = parser.parse_args(argv)
