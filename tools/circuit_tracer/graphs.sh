@@ -13,7 +13,7 @@ venv="${CIRCUIT_TRACER_VENV:-$here/../../.venv-circuit-tracer}"
 model="${CIRCUIT_TRACER_MODEL:-${XDG_CACHE_HOME:-$HOME/.cache}/scope_jax/gemma-3-270m-hf}"
 dictionary="$1" out="$2"
 shift 2
-[ -x "$venv/bin/python" ] || "$here/setup.sh" "$venv"
+[ -f "$venv/.scope_jax_built" ] || "$here/setup.sh" "$venv"
 if [ ! -f "$model/model.safetensors" ] || [ ! -f "$model/tokenizer.json" ]; then
   gguf="$(python -c "from scope_jax.models.embedded import embedded_gguf_path; print(embedded_gguf_path('gemma3-270m'))")"
   "$venv/bin/python" "$here/hf_model.py" model "$gguf" "$model"

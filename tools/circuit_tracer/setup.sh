@@ -16,3 +16,4 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -c "$here/constraints.txt" -r "$here/requirements.txt"
 python -c "import circuit_tracer, torch, transformers, nnsight; print('circuit-tracer', circuit_tracer.__version__, \
 'torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__)"
+touch "$venv/.scope_jax_built"  # a venv whose build stopped half-way lacks it and is built again
