@@ -52,3 +52,10 @@ def test_the_loader_benchmark_measures_one_and_two_workers_beside_the_presets_fe
   for size in ("2b", "9b", "27b"):  # the bfloat16 peak is 989 / 67 of the float32 one on an H100
     ratio = feeds[f"{size} bfloat16"]["rows_per_s"] / feeds[f"{size} float32"]["rows_per_s"]
     assert ratio == pytest.approx(989 / 67)
+
+
+def test_the_clt_step_benchmark_measures_dense_sparse_and_the_roofline(tmp_path):
+  r = run_benchmark("benchmarks.clt_step", tmp_path)
+  (row,) = r["rows"]
+  assert all(positive(row[k]) for k in ("dense_tok_s", "sparse_tok_s", "roofline_tok_s", "matmul_gflops"))
+  assert row["sparse_layers_fraction"] > 0  # the sparse path ran, not only its dense fallback

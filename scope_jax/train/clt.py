@@ -127,21 +127,26 @@ def active_slots(active_bf: jax.Array, capacity: int) -> tuple[jax.Array, jax.Ar
   return idx_bk, valid_bk, jnp.max(count_b)
 
 
-def _chunk(b: int, n: int, capacity: int) -> int:
-  return max(1, min(capacity, GATHER_BYTES // (4 * b * n)))
+def _row_blocks(idx_bk: jax.Array, val_bk: jax.Array, n: int):
+  """`(idx [blocks, r, K], val [blocks, r, K], r)`: rows in blocks whose gathered decoder rows
+  (`r·K·n` floats) fit GATHER_BYTES; the last block padded with slot-less rows."""
+  b, capacity = idx_bk.shape
+  r = max(1, min(b, GATHER_BYTES // (4 * capacity * n)))
+  pad = -b % r
+  idx = jnp.pad(idx_bk, ((0, pad), (0, 0))).reshape(-1, r, capacity)
+  val = jnp.pad(val_bk, ((0, pad), (0, 0))).reshape(-1, r, capacity)
+  return idx, val, r
 
 
 @jax.custom_vjp
 def sparse_write(w_fn: jax.Array, idx_bk: jax.Array, val_bk: jax.Array) -> jax.Array:
   """`[b, n]`: Σ_k val[b, k] · w[idx[b, k]], reading only the rows named (`w [F, n]`: one source
-  layer's decoder, its target layers flattened). The backward scatters into one gradient buffer."""
-  b, capacity = idx_bk.shape
-  c = _chunk(b, w_fn.shape[1], capacity)
-  out = jnp.zeros((b, w_fn.shape[1]), w_fn.dtype)
-  for start in range(0, capacity, c):
-    rows_bcn = jnp.take(w_fn, idx_bk[:, start : start + c], axis=0)
-    out = out + jnp.einsum("bc,bcn->bn", val_bk[:, start : start + c], rows_bcn)
-  return out
+  layer's decoder, its target layers flattened), a block of rows at a time; the backward
+  scatter-adds each block into one gradient buffer."""
+  b = idx_bk.shape[0]
+  idx, val, _ = _row_blocks(idx_bk, val_bk, w_fn.shape[1])
+  out = lax.map(lambda iv: jnp.einsum("rk,rkn->rn", iv[1], jnp.take(w_fn, iv[0], axis=0)), (idx, val))
+  return out.reshape(-1, w_fn.shape[1])[:b]
 
 
 def _sparse_write_fwd(w_fn, idx_bk, val_bk):
@@ -150,15 +155,18 @@ def _sparse_write_fwd(w_fn, idx_bk, val_bk):
 
 def _sparse_write_bwd(residuals, g_bn):
   w_fn, idx_bk, val_bk = residuals
-  b, capacity = idx_bk.shape
-  c = _chunk(b, w_fn.shape[1], capacity)
-  g_w, g_val = jnp.zeros_like(w_fn), []
-  for start in range(0, capacity, c):
-    idx = idx_bk[:, start : start + c]
-    g_val.append(jnp.einsum("bn,bcn->bc", g_bn, jnp.take(w_fn, idx, axis=0)))
-    updates = val_bk[:, start : start + c, None] * g_bn[:, None, :]  # [b, c, n]
-    g_w = g_w.at[idx.reshape(-1)].add(updates.reshape(-1, g_bn.shape[1]))
-  return g_w, None, jnp.concatenate(g_val, axis=1)
+  b, n = g_bn.shape
+  idx, val, r = _row_blocks(idx_bk, val_bk, n)
+  g = jnp.pad(g_bn, ((0, idx.shape[0] * r - b), (0, 0))).reshape(-1, r, n)
+
+  def block(g_w, ivg):
+    i, v, g_rn = ivg
+    g_val = jnp.einsum("rn,rkn->rk", g_rn, jnp.take(w_fn, i, axis=0))
+    g_w = g_w.at[i.reshape(-1)].add((v[..., None] * g_rn[:, None, :]).reshape(-1, n))
+    return g_w, g_val
+
+  g_w, g_val = lax.scan(block, jnp.zeros_like(w_fn), (idx, val, g))
+  return g_w, None, g_val.reshape(-1, idx_bk.shape[1])[:b]
 
 
 sparse_write.defvjp(_sparse_write_fwd, _sparse_write_bwd)
@@ -171,14 +179,13 @@ def _pre_lbf(p: CLT, x_lbd: jax.Array) -> jax.Array:
   return jnp.einsum("lbd,ldf->lbf", x_lbd, p.W_enc) + p.b_enc[:, None, :]
 
 
-def _partial_yhat(p: CLT, x_lbd: jax.Array, bandwidth: float, capacity: int) -> tuple[jax.Array, jax.Array]:
+def _partial_yhat(pre_lbf: jax.Array, p: CLT, bandwidth: float, capacity: int) -> tuple[jax.Array, jax.Array]:
   """`[L, b, d]`: what this device's latents write into every layer (no `b_dec`, not yet summed
   over `model`); and how many source layers were decoded sparsely. The sparse path lists each
   row's *slots*: its active latents and those inside θ's kernel window, whose zero activation
   still passes θ a gradient (sae/jumprelu.py). A source layer takes it when no local row has more
   than `capacity` slots there (a per-device choice: neither path holds a collective)."""
-  L, b = x_lbd.shape[:2]
-  pre_lbf = _pre_lbf(p, x_lbd)
+  L, b = pre_lbf.shape[:2]
   a_lbf = per_layer(jumprelu)(pre_lbf, p.threshold, bandwidth)
   d = p.b_dec.shape[-1]
   out = [jnp.zeros((b, d), a_lbf.dtype) for _ in range(L)]
@@ -207,9 +214,8 @@ def _partial_yhat(p: CLT, x_lbd: jax.Array, bandwidth: float, capacity: int) -> 
   return jnp.stack(out), n_sparse
 
 
-def _penalty(p: CLT, x_lbd, dead_lf, lam, c_dead, rows: int, bandwidth: float) -> jax.Array:
+def _penalty(pre_lbf: jax.Array, p: CLT, dead_lf, lam, c_dead, rows: int, bandwidth: float) -> jax.Array:
   """The sparsity and dead-latent terms of this device's rows and latents (their share of the mean over `rows`)."""
-  pre_lbf = _pre_lbf(p, x_lbd)
   theta = p.threshold[:, None, :]
   fires_lbf = per_layer(heaviside)(pre_lbf, p.threshold, bandwidth)
   sparsity = lam * jnp.sum(decoder_norms(p)[:, None, :] * fires_lbf)
@@ -221,21 +227,25 @@ def _member_step(p: CLT, m: dict, since_lf, lam, x_lbd, y_lbd, scalars, *, sweep
   """One CLT's update on this device's rows and latents (under `shard_map`)."""
   recipe, adam, rows = sweep.recipe, sweep.recipe.adam, sweep.batch_size
   bandwidth = recipe.bandwidth
-  partial = functools.partial(_partial_yhat, x_lbd=x_lbd, bandwidth=bandwidth, capacity=sweep.capacity)
-  part_lbd, pullback, n_sparse = jax.vjp(partial, p, has_aux=True)
+  # The encoder runs once: its pullback takes the pre-activations' gradient from both terms.
+  pre_lbf, encoder_pullback = jax.vjp(lambda q: _pre_lbf(q, x_lbd), p)
+  partial = functools.partial(_partial_yhat, bandwidth=bandwidth, capacity=sweep.capacity)
+  part_lbd, decoder_pullback, n_sparse = jax.vjp(partial, pre_lbf, p, has_aux=True)
   r_lbd = lax.psum(part_lbd, MODEL) + p.b_dec[:, None, :] - y_lbd
   g_r = 2.0 * r_lbd / rows
-  (g_p,) = pullback(g_r)
+  g_pre_dec, g_dec = decoder_pullback(g_r)
   dead_lf = since_lf >= recipe.dead_window_steps
   lam_now = lam * scalars["sparsity"]
-  penalty, g_pen = jax.value_and_grad(_penalty)(p, x_lbd, dead_lf, lam_now, recipe.dead_latent_loss, rows, bandwidth)
-  g = jax.tree.map(lambda a, b: lax.psum(a + b, DATA), g_p, g_pen)
+  penalty, (g_pre_pen, g_pen) = jax.value_and_grad(_penalty, argnums=(0, 1))(
+    pre_lbf, p, dead_lf, lam_now, recipe.dead_latent_loss, rows, bandwidth
+  )
+  (g_enc,) = encoder_pullback(g_pre_dec + g_pre_pen)
+  g = jax.tree.map(lambda a, b, c: lax.psum(a + b + c, DATA), g_dec, g_pen, g_enc)
   g = g.replace(b_dec=lax.psum(jnp.sum(g_r, axis=1), DATA))
 
   mse_l = lax.psum(jnp.sum(jnp.square(r_lbd), axis=(1, 2)), DATA) / rows
   y_mean_ld = lax.psum(jnp.sum(y_lbd, axis=1), DATA) / rows
   var_l = lax.psum(jnp.sum(jnp.square(y_lbd - y_mean_ld[:, None, :]), axis=(1, 2)), DATA) / rows
-  pre_lbf = _pre_lbf(p, x_lbd)
   fires_lbf = pre_lbf > p.threshold[:, None, :]
   l0_l = lax.psum(jnp.sum(fires_lbf, axis=(1, 2), dtype=jnp.float32), (DATA, MODEL)) / rows
   fired_lf = lax.psum(jnp.any(fires_lbf, axis=1).astype(jnp.int32), DATA) > 0
