@@ -44,6 +44,26 @@ def test_gemma2_presets(size, widths, tokens):
   assert load("gemma2", f"size={size},widths=16384").extract.tokens == 4_000_000_000
 
 
+def test_the_clt_and_the_transcoder_suite_share_one_store():
+  """configs/transcoder_suite.py's one extraction writes what configs/local.py:kind=clt extracts
+  (the same sites in the same order, text, budget and format), so the CLT run can reuse its store
+  and the two are compared on the same rows; one transcoder job per layer, one epoch each as the CLT."""
+  from scope_jax import grid
+
+  clt, suite = load("local", "kind=clt"), load("transcoder_suite")
+  assert (clt.kind, clt.clt.first_layer, clt.clt.last_layer, clt.sweep.widths) == ("clt", 0, 17, (256,))
+  jobs = grid.plan(suite, "runs/suite")
+  extraction = [j for j in jobs if j.stage == "extract"]
+  trainers = [j for j in jobs if j.stage == "train"]
+  assert len(extraction) == 1 and len(trainers) == 18
+  store = extraction[0].config
+  for field in ("sites", "data", "model", "model_dtype", "seed"):
+    assert store[field] == clt[field], field
+  assert store.extract.to_dict() == clt.extract.to_dict() | {"store": "runs/suite/stores/all-400K"}
+  assert all(j.config.kind == "transcoder" and j.config.train.steps == clt.train.steps for j in trainers)
+  assert trainers[7].config.site == "mlp_in.7" and trainers[7].config.sweep.widths == clt.sweep.widths
+
+
 def test_gemma2_preset_bad_arguments():
   with pytest.raises(ValueError, match="size '3b'"):
     load("gemma2", "size=3b")
@@ -51,7 +71,16 @@ def test_gemma2_preset_bad_arguments():
     load("gemma2", "size=2b,layer=30")
 
 
-@pytest.mark.parametrize("name, arg", [("local", None), ("gemma2", "size=2b"), ("sweep_from_npy", "path=x.npy")])
+@pytest.mark.parametrize(
+  "name, arg",
+  [
+    ("local", None),
+    ("local", "kind=clt"),
+    ("transcoder_suite", None),
+    ("gemma2", "size=2b"),
+    ("sweep_from_npy", "path=x.npy"),
+  ],
+)
 def test_every_shipped_config_validates(name, arg):
   assert problems(load(name, arg)) == []
 

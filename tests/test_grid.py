@@ -93,7 +93,6 @@ def test_select_by_pattern():
   [
     ("grid.layers", (), "config.grid.layers is empty"),
     ("grid.kinds", ("resid",), r"config.grid.kinds \['resid'\]: expected a subset of"),
-    ("grid.kinds", (), r"config.grid.kinds \[\]: expected a subset of .* non-empty unless the grid trains"),
     ("grid.extract_by", "model", "config.grid.extract_by 'model': expected one of"),
     ("grid.site_widths", (("res.99", (1024,)),), "names res.99, which is not in the grid"),
     ("sweep.l1_coefficients", (), "config.sweep.l1_coefficients is empty"),
@@ -105,6 +104,16 @@ def test_bad_grids_are_clear_errors(field, value, message):
   section, name = field.split(".")
   c[section][name] = value
   with pytest.raises(ValueError, match=message):
+    grid.plan(c, "runs")
+
+
+def test_a_grid_of_transcoders_only_plans_no_sae_jobs_but_a_grid_of_nothing_is_refused():
+  c = load("gemma2", "size=2b")
+  c.grid.kinds, c.grid.site_widths = (), ()
+  jobs = grid.plan(c, "runs")
+  assert {j.config.kind for j in jobs if j.stage == "train"} == {"transcoder"}
+  c.grid.transcoders = ()
+  with pytest.raises(ValueError, match=r"config.grid.kinds \[\]: expected .* non-empty unless the grid trains"):
     grid.plan(c, "runs")
 
 
