@@ -2,7 +2,9 @@
 set read as one, sae/clt_io.py `load_transcoder_set`), as circuit-tracer's attribution graphs use it.
 
 Each layer's MLP output becomes the dictionary's reconstruction from the latents read at that
-layer's MLP input and every earlier one's, in the forward as replaced so far:
+layer's MLP input and every earlier one's, in the forward as replaced so far, at every position
+but BOS (as SAEs are spliced, eval/statistics.py; circuit-tracer leaves position 0 to its error
+node: BOS's MLP outputs are orders of magnitude larger than any text token's):
 
     mlp_in.ℓ  →  a^ℓ = JumpReLU(x^ℓ W_enc^ℓ + b_enc^ℓ)       ŷ^t = b_dec^t + Σ_{ℓ ≤ t} a^ℓ W_dec^ℓ[:, t - ℓ]
 
@@ -79,7 +81,7 @@ def replaced_forward(lm, clt: CLT, first_layer: int, tokens, replaced: set[int] 
     on = replaced is None or i in replaced
     if on:
       sums.add(i, y, yhat, a, keep_bt)
-    out = yhat if on else y
+    out = y.at[:, 1:].set(yhat[:, 1:].astype(y.dtype)) if on else y  # every position but BOS, as SAEs are spliced
     if i == L - 1:
       return lm.token_losses_from_site(tokens, f"mlp.{layer}", resid, out)
     if replaced is not None and i >= max(replaced):  # nothing later is replaced: finish the forward

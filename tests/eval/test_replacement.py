@@ -1,6 +1,6 @@
 """The replacement model (eval/replacement.py) against transformers: a tiny Gemma 3 whose MLP
-outputs are replaced, through forward hooks, by a CLT's reconstruction from the MLP inputs the
-hooked forward itself produced."""
+outputs are replaced (every position but BOS), through forward hooks, by a CLT's reconstruction
+from the MLP inputs the hooked forward itself produced."""
 
 import jax
 import numpy as np
@@ -48,7 +48,7 @@ def hooked_losses(model, tokens, clt, first, replaced):
         pre = inputs[s] @ t(clt.W_enc[s]) + t(clt.b_enc[s])
         a = torch.where(pre > t(clt.threshold[s]), pre, torch.zeros_like(pre))
         yhat = yhat + a @ t(clt.W_dec[s][:, i - s])
-      return yhat
+      return torch.cat([out[:, :1], yhat[:, 1:]], dim=1)  # BOS keeps the MLP's own output
 
     return hook
 
