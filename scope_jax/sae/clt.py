@@ -60,19 +60,10 @@ class CLTInfo:
   first_layer: int
   layers: int
   l1_coefficient: float = 0.0
-  dtype: str = "float32"
 
   @property
   def model_layers(self) -> list[int]:
     return list(range(self.first_layer, self.first_layer + self.layers))
-
-  @property
-  def input_sites(self) -> list[str]:
-    return [f"mlp_in.{layer}" for layer in self.model_layers]
-
-  @property
-  def output_sites(self) -> list[str]:
-    return [f"mlp.{layer}" for layer in self.model_layers]
 
 
 def check_shapes(clt: CLT, where: str) -> None:

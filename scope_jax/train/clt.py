@@ -68,11 +68,10 @@ class CLTSweep:
     return [f"clt-w{self.width}-l1{lam:g}-s{seed}" for lam, seed in self.members]
 
 
-def param_specs(stacked: bool = True) -> CLT:
-  """Where each leaf of a (stacked) CLT lives: latents on `model`, the rest replicated."""
-  s = (None,) if stacked else ()
-  latent = P(*s, None, MODEL)
-  return CLT(W_enc=P(*s, None, None, MODEL), b_enc=latent, threshold=latent, W_dec=P(*s, MODEL), b_dec=P())
+def param_specs() -> CLT:
+  """Where each leaf of a stack of CLTs lives: latents on `model`, the rest replicated."""
+  latent = P(None, None, MODEL)
+  return CLT(W_enc=P(None, None, None, MODEL), b_enc=latent, threshold=latent, W_dec=P(None, MODEL), b_dec=P())
 
 
 def _tree_specs(layers: int, specs: CLT) -> CLT:

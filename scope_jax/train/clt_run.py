@@ -157,7 +157,7 @@ def train_clt(
   bar = tqdm(
     total=steps,
     initial=start,
-    desc=f"train {len(sweep.members)} CLTs of {sweep.layers} layers × {sweep.width}",
+    desc=f"train {len(sweep.members)} CLT{'s' * (len(sweep.members) > 1)} of {sweep.layers} layers × {sweep.width}",
     unit="step",
     disable=not progress or jax.process_index() != 0,
   )
