@@ -28,8 +28,8 @@ from scope_jax.train.stacked import Recipe
 
 L, D, CAPACITY, FIRING = 18, 640, 64, 16
 SHAPES = [(256, 1_024), (1_024, 1_024), (2_048, 256)]  # (F, batch)
-if os.environ.get("SHAPES") == "small" or "--small" in sys.argv:
-  SHAPES = [(64, 128)]
+if os.environ.get("SHAPES") == "small" or "--small" in sys.argv:  # a check that it runs: 4 layers
+  L, SHAPES = 4, [(64, 128)]
 
 
 def state_and_rows(sweep, mesh, batch):

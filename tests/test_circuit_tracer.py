@@ -64,16 +64,18 @@ def _transcoders():
 
 THEIR_FORWARD = """
 import sys, numpy as np, torch
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from attribute import load_dictionary
-d = load_dictionary(__import__("pathlib").Path(sys.argv[2]), torch.float32)
-x = torch.as_tensor(np.load(sys.argv[3]))
-with torch.no_grad():
-  if type(d).__name__ == "CrossLayerTranscoder":  # encode every layer, decode with its own sparse decoder
-    y = d.decode(d.encode(x))
-  else:  # a transcoder set: each layer's transcoder on its own input
-    y = torch.stack([t(x[i]) for i, t in enumerate(d)])
-np.save(sys.argv[4], y.numpy())
+x = torch.as_tensor(np.load(sys.argv[2]))
+for path in sys.argv[3:]:
+  d = load_dictionary(Path(path), torch.float32)
+  with torch.no_grad():
+    if type(d).__name__ == "CrossLayerTranscoder":  # encode every layer, decode with its own sparse decoder
+      y = d.decode(d.encode(x))
+    else:  # a transcoder set: each layer's transcoder on its own input
+      y = torch.stack([t(x[i]) for i, t in enumerate(d)])
+  np.save(path + ".npy", y.numpy())
 """
 
 
@@ -88,23 +90,16 @@ def test_circuit_tracers_loaders_compute_what_our_forward_computes(venv, tmp_pat
     "clt": np.asarray(forward(clt, x)),
     "set": np.stack([np.asarray(t.decode(t.encode(x[i]))) for i, t in enumerate(transcoders)]),
   }
-  for name in ("clt", "set"):
-    run = subprocess.run(
-      [
-        str(venv / "bin/python"),
-        "-c",
-        THEIR_FORWARD,
-        str(TOOLS),
-        str(tmp_path / name),
-        str(tmp_path / "x.npy"),
-        str(tmp_path / f"{name}.npy"),
-      ],
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), want[name], rtol=1e-4, atol=1e-4, err_msg=name)
+  paths = [str(tmp_path / name) for name in ("clt", "set")]
+  run = subprocess.run(
+    [str(venv / "bin/python"), "-c", THEIR_FORWARD, str(TOOLS), str(tmp_path / "x.npy"), *paths],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  for name, path in zip(("clt", "set"), paths):
+    np.testing.assert_allclose(np.load(path + ".npy"), want[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("kind", ["clt", "set"])

@@ -11,13 +11,14 @@ weighting of Anthropic's CLTs: the decoders are free, not unit-norm, so a latent
 penalty by shrinking its activation and growing its decoder) and H the Heaviside step with the
 pseudo-derivatives of docs/recipe.md §1: the L0 term trains θ and the decoder norms.
 
-The step, per device, under `shard_map`: the local latents' share of every ŷ^t (dense, or from
-each row's active latents only: `sparse_write`), summed over `model`; the residual's gradient
-`2 r / B` is then exact on every device and is pulled back through the local forward with
-`jax.vjp` (no collective is differentiated), the penalty's gradient likewise, and the gradients
-are summed over `data`. Adam (train/optim.py, clipping on the global norm across devices) and
-θ ≥ 0 as for SAEs. The sparse path is exact: where any row of a layer has more active latents
-than the capacity the whole step takes the dense path (`lax.cond`), as train/sparse.py does.
+The step, per device, under `shard_map`: the encoder once, then the local latents' share of every
+ŷ^t (dense, or from each row's slots only: `sparse_write`), summed over `model`; the residual's
+gradient `2 r / B` is then exact on every device and is pulled back through the local forward
+with `jax.vjp` (no collective is differentiated), the penalty's gradient likewise, and the
+gradients are summed over `data`. Adam (train/optim.py; dense, clipping on the global norm across
+devices) and θ ≥ 0 as for SAEs. The sparse path is exact: a source layer where a local row has
+more slots than the capacity takes the dense path on that device (`lax.cond`). Each CLT of the
+stack is a loop iteration, not a `vmap` lane, so that the `cond` stays a branch.
 """
 
 from __future__ import annotations
