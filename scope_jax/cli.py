@@ -201,6 +201,10 @@ def stage_browse(config, workdir, redo=()) -> None:
   """Writes the feature browser of the export, unless one of it with these fields exists."""
   from scope_jax.browse import browse_identity, run_browse
 
+  if config.kind == "clt":
+    sys.exit(
+      "scope-jax browse: the feature browser shows SAEs' and transcoders' latents; a CLT's span layers (kind = 'clt')"
+    )
   layout = RunLayout(workdir)
   if not layout.to_do("browse", browse_identity(config, layout), redo):
     print(f"browse: {layout.browse / 'index.html'} is up to date; skipped")
@@ -260,6 +264,8 @@ def stage_train_plan(config, workdir, target: str) -> None:
   """What the trainer job of `config` needs on the slice `target` (the sweep's plan for one job)."""
   from scope_jax import grid
 
+  if config.kind == "clt":
+    sys.exit("scope-jax train --dry_run --target: planning a CLT job on a slice is not supported (kind = 'clt')")
   if config.site is None:
     raise ValueError("config.site is unset: name the site to train on")
   job = grid.Job("train", f"train/{config.site}", str(workdir), config, (config.site,), tuple(config.sweep.widths))

@@ -115,3 +115,14 @@ def test_bad_clt_configs_name_the_field():
   with pytest.raises(ValueError, match=r"a CLT sweep trains one width") as e:
     validate(c)
   assert "needs ['mlp.1'] in the store too" in str(e.value)
+
+
+def test_browse_and_slice_planning_refuse_a_clt_run_naming_the_kind(tmp_path):
+  from scope_jax import cli
+
+  c = default_config()
+  c.kind = "clt"
+  with pytest.raises(SystemExit, match=r"a CLT's span layers \(kind = 'clt'\)"):
+    cli.stage_browse(c, tmp_path)
+  with pytest.raises(SystemExit, match=r"planning a CLT job on a slice is not supported \(kind = 'clt'\)"):
+    cli.stage_train_plan(c, tmp_path, "v4-8")
