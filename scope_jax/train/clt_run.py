@@ -19,13 +19,14 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from scope_jax.core.kinds import clt_layers, clt_sites
-from scope_jax.data.source import LayerStackSource, open_source
+from scope_jax.data.source import LayerStackSource
 from scope_jax.parallel.dispatch import settle
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import checkpoints
 from scope_jax.train.checkpoints import Checkpointer, Preemption, restore_or_init
 from scope_jax.train.clt import CLTSweep, initializer, make_step
 from scope_jax.train.health import MetricWriter, check_finite
+from scope_jax.train.run import site_opener
 from scope_jax.train.stacked import recipe_from
 
 
@@ -55,18 +56,11 @@ def open_clt_source(config: ml_collections.ConfigDict, workdir: str | Path, mesh
       f"store {path}: the CLT of layers {config.clt.first_layer}-{config.clt.last_layer} needs sites {missing}, "
       f"which it does not hold (it holds {sorted(store.sites)}); extract them (config.sites) or change clt.*_layer"
     )
-  mesh = mesh or make_mesh(data=config.mesh.data, model=config.mesh.model or 1)
-  normalize = config.recipe.normalize if config.data.normalize else None
-  options = dict(
-    window_chunks=config.data.window_chunks,
-    streams=config.data.streams,
-    nonfinite=config.data.nonfinite,
-    workers=config.data.workers,
-  )
+  open_site = site_opener(config, path, mesh or make_mesh(data=config.mesh.data, model=config.mesh.model or 1))
   opened = []
   try:
     for site in inputs + targets:
-      opened.append(open_source(path, config.train.batch_size, mesh, config.seed, normalize, site=site, **options))
+      opened.append(open_site(site))
     return LayerStackSource(opened[: len(inputs)], opened[len(inputs) :])
   except BaseException:
     for source in opened:

@@ -32,12 +32,10 @@ def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return make_mesh(data=config.mesh.data, model=model)
 
 
-def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
-  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config; for a
-  transcoder, its input and target sites of that store read as pairs (data/source.py `PairedSource`)."""
-  from scope_jax.activations.extract import store_root
-
-  path = config.data.path or store_root(config, workdir)
+def site_opener(config: ml_collections.ConfigDict, path: str, mesh) -> Callable[..., BatchSource]:
+  """`open_site(site, expected_width=None)`: a source of one site of `path` read as the config's
+  `data.*`, `train.batch_size`, `seed` and normalization say (every site of a run alike, so that
+  their rows pair up)."""
   normalize = config.recipe.normalize if config.data.normalize else None
   options = dict(
     window_chunks=config.data.window_chunks,
@@ -45,9 +43,18 @@ def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, m
     nonfinite=config.data.nonfinite,
     workers=config.data.workers,
   )
-  open_site = lambda site, width: open_source(
-    path, config.train.batch_size, mesh, config.seed, normalize, site=site, expected_width=width, **options
+  return lambda site, expected_width=None: open_source(
+    path, config.train.batch_size, mesh, config.seed, normalize, site=site, expected_width=expected_width, **options
   )
+
+
+def source_from_config(config: ml_collections.ConfigDict, workdir: str | Path, mesh) -> BatchSource:
+  """`data.path` (a store or .npy), else the store `scope-jax extract` wrote for this config; for a
+  transcoder, its input and target sites of that store read as pairs (data/source.py `PairedSource`)."""
+  from scope_jax.activations.extract import store_root
+
+  path = config.data.path or store_root(config, workdir)
+  open_site = site_opener(config, path, mesh)
   kind = kind_named(config.kind)
   if not kind.transcoder:
     return open_site(config.site, config.data.width)
