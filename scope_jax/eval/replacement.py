@@ -94,9 +94,17 @@ def _sequence_sums(losses_bt, pred_bt: np.ndarray) -> np.ndarray:
   return np.sum(host_array(losses_bt)[: len(pred_bt)] * pred_bt, axis=1, dtype=np.float64)
 
 
-def evaluate_replacement(lm, clt: CLT, first_layer: int, token_batches: list, layer_batches: list, bar=None) -> dict:
+def clean_sums(lm, token_batches: list) -> list[np.ndarray]:
+  """Each batch's per-sequence sums of the clean forward's next-token losses (every dictionary's reference)."""
+  return [_sequence_sums(lm.token_losses(batch.tokens), batch.keep[:, 1:]) for batch in token_batches]
+
+
+def evaluate_replacement(
+  lm, clt: CLT, first_layer: int, token_batches: list, clean: list[np.ndarray], layer_batches: int, bar=None
+) -> dict:
   """The replacement model of `clt` (released units, layers `first_layer` …) on `token_batches`
-  (all at once) and `layer_batches` (one layer at a time)."""
+  (all at once) and their first `layer_batches` (one layer at a time); `clean`: `clean_sums` of
+  `token_batches`."""
   clt = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), clt)
   L = clt.layers
   if first_layer + L > lm.config.n_layers:
@@ -104,10 +112,9 @@ def evaluate_replacement(lm, clt: CLT, first_layer: int, token_batches: list, la
       f"a dictionary of layers {first_layer}-{first_layer + L - 1}; model {lm.source} has layers "
       f"0-{lm.config.n_layers - 1}"
     )
-  clean, spliced, counts, all_sums = [], [], [], _LayerSums(L)
+  spliced, counts, all_sums = [], [], _LayerSums(L)
   for batch in token_batches:
     pred_bt = batch.keep[:, 1:]
-    clean.append(_sequence_sums(lm.token_losses(batch.tokens), pred_bt))
     losses = replaced_forward(lm, clt, first_layer, batch.tokens, None, all_sums, batch.keep)
     spliced.append(_sequence_sums(losses, pred_bt))
     counts.append(pred_bt.sum(axis=1).astype(np.float64))
@@ -125,11 +132,10 @@ def evaluate_replacement(lm, clt: CLT, first_layer: int, token_batches: list, la
     "l0_per_layer_replaced": all_sums.l0(),
   }
   single_sums, deltas, ses = _LayerSums(L), [], []
-  layer_clean = np.concatenate([_sequence_sums(lm.token_losses(b.tokens), b.keep[:, 1:]) for b in layer_batches])
-  layer_count = np.concatenate([b.keep[:, 1:].sum(axis=1).astype(np.float64) for b in layer_batches])
+  layer_clean, layer_count = np.concatenate(clean[:layer_batches]), np.concatenate(counts[:layer_batches])
   for i in range(L):
     spliced_i = []
-    for batch in layer_batches:
+    for batch in token_batches[:layer_batches]:
       losses = replaced_forward(lm, clt, first_layer, batch.tokens, {i}, single_sums, batch.keep)
       spliced_i.append(_sequence_sums(losses, batch.keep[:, 1:]))
       if bar is not None:
@@ -173,14 +179,15 @@ def run_clt_eval(config, workdir, lm=None, progress: bool = True) -> dict:
     layout.unmark("eval")
   lm = lm or load_extraction_model(config)
   token_batches = eval_batches(config, lm.tokenizer)
-  layer_batches = token_batches[: -(-config.eval.replacement_layer_sequences // config.eval.batch_size)]
+  layer_batches = -(-config.eval.replacement_layer_sequences // config.eval.batch_size)
+  clean = clean_sums(lm, token_batches)
   results = {}
   for name, path in dictionaries.items():
     clt, info, kind = load_replacement(path)
-    steps = len(token_batches) + clt.layers * len(layer_batches)
+    steps = len(token_batches) + clt.layers * min(layer_batches, len(token_batches))
     with tqdm(total=steps, desc=f"eval {name} as the replacement model", disable=not progress) as bar:
       results[name] = {"kind": kind, "path": str(path)} | evaluate_replacement(
-        lm, clt, info.first_layer, token_batches, layer_batches, bar
+        lm, clt, info.first_layer, token_batches, clean, layer_batches, bar
       )
   files = {}
   if jax.process_index() == 0:
