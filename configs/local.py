@@ -5,7 +5,8 @@ machine trains to a usable quality in about 14 minutes end to end (AMD EPYC, 2 c
     scope-jax run --config configs/local.py --workdir runs/local
 
 Arguments (`configs/local.py:tokens=20000,steps=300`): tokens (extraction budget, 0 = all the
-text), steps, widths, l1, site, kind. Warm-ups and the decay scale with `steps`. Every choice below
+text), steps, widths, l1, site, kind, finetune (KL-finetune every SAE after export: `run` takes
+about 25 minutes longer). Warm-ups and the decay scale with `steps`. Every choice below
 was measured: docs/local_recipe.md.
 
 `kind=transcoder` (or `skip_transcoder`) trains MLP transcoders of layer 6 instead (input
@@ -22,7 +23,9 @@ from scope_jax.core.kinds import TRANSCODER_KINDS, clt_sites, transcoder_sites
 def get_config(arg=None):
   raw = arg
   widths, l1, k = [1_024, 2_048], [2e-4, 4.5e-4, 1e-3], [25, 50, 100]
-  arg = parse_arg(arg, tokens=0, steps=2_000, widths=widths, l1=l1, k=k, site="res.6", kind="sae", layers="0-17")
+  arg = parse_arg(
+    arg, tokens=0, steps=2_000, widths=widths, l1=l1, k=k, site="res.6", kind="sae", layers="0-17", finetune=False
+  )
   c = default_config()
   c.model = "gemma3-270m"
   c.sites = (arg.site,)
@@ -83,6 +86,14 @@ def get_config(arg=None):
   c.eval.domain_sequences = 16  # one batch per domain: Δ loss ± ~0.02-0.04 (the main set's 64 decide the table)
   c.eval.quantize = ("bfloat16", "float8_e4m3", "int8")
   c.eval.quantize_sequences = 16
+  # KL finetuning (scope-jax finetune, or `finetune` to make it a stage of `run`): 40 steps of 8 × 128
+  # tokens, 2% of training's rows, about 4 minutes per SAE on 2 cores (benchmarks/README.md)
+  c.finetune.enabled = arg.finetune
+  c.finetune.tokens = 40 * 8 * 128
+  c.finetune.batch_size, c.finetune.seq_len = 8, 128
+  c.finetune.lr = 3e-4
+  c.finetune.checkpoint_every = 10
+  c.finetune.log_every = 1
   if arg.kind == "clt":
     clt_sizes(c, given={item.partition("=")[0] for item in (raw or "").split(",")})
   return c

@@ -1,7 +1,7 @@
 """The `scope-jax` command.
 
     scope-jax demo [--model ...]
-    scope-jax extract|train|export|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+    scope-jax extract|train|export|finetune|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
     scope-jax sweep --config configs/FILE.py[:ARGS] --workdir DIR [--dry_run [--target SLICE]] [--jobs PATTERNS]
     scope-jax transcoder-set TRANSCODER... --out DIR      (circuit-tracer's transcoder set: tools/circuit_tracer)
 
@@ -25,10 +25,10 @@ import numpy as np
 from scope_jax.layout import RUN_NAMES, NotOurs, RunLayout, open_workdir, set_storage_policy
 from scope_jax.parallel.mesh import use_xnnpack_on_cpu
 
-REDO_STAGES = ("export", "eval", "browse")  # finished stages --redo may replace
+REDO_STAGES = ("export", "finetune", "eval", "browse")  # finished stages --redo may replace
 # OS errors that are the user's to fix (full disk, permissions): one line, no traceback
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
-CONFIG_COMMANDS = ("extract", "train", "export", "eval", "browse", "run", "sweep")
+CONFIG_COMMANDS = ("extract", "train", "export", "finetune", "eval", "browse", "run", "sweep")
 PLANNED_COMMANDS = ("sweep", "train")  # with --dry_run --target: what each job needs on a slice
 
 
@@ -164,6 +164,26 @@ def stage_export(config, workdir, redo=()) -> None:
   )
 
 
+def stage_finetune(config, workdir, redo=()) -> None:
+  """KL-finetunes the export's SAEs, unless a finetune of this export with these fields exists
+  (changed finetune fields are refused, as for export, unless --redo=finetune)."""
+  from scope_jax.finetune import run_finetune
+  from scope_jax.layout import finetune_identity
+
+  layout = RunLayout(workdir)
+  if not layout.to_do("finetune", finetune_identity(config, layout), redo):
+    print(f"finetune: {layout.finetune_export} is up to date; skipped")
+    return
+  out = run_finetune(config, workdir)
+  for e in out["entries"]:
+    print(f"{e.name:>24}  L0 {e.l0:8.1f}  dead {e.dead_fraction:.1%}  {e.sae_file}")
+  resumed = f", resumed at step {out['resumed_at']}" if out["resumed_at"] else ""
+  print(
+    f"finetune: {len(out['entries'])} SAEs, {out['steps']} steps of {out['tokens'] // out['steps']:,} tokens "
+    f"({out['tokens']:,} tokens each) in {out['seconds']:.0f}s{resumed}; index in {layout.finetune_index}"
+  )
+
+
 def stage_eval(config, workdir, redo=()) -> None:
   """Evaluates the export, unless a report of it with these fields exists (as for export)."""
   from scope_jax.eval import run_eval
@@ -215,9 +235,11 @@ def stage_browse(config, workdir, redo=()) -> None:
 
 
 def stage_train_export_eval(config, workdir, redo=()) -> None:
-  """train -> export -> eval (-> browse); a stage already run on the same inputs is skipped."""
+  """train -> export (-> finetune) -> eval (-> browse); a stage already run on the same inputs is skipped."""
   stage_train(config, workdir)
   stage_export(config, workdir, redo)
+  if config.finetune.enabled:
+    stage_finetune(config, workdir, redo)
   stage_eval(config, workdir, redo)
   if config.browse.enabled:
     stage_browse(config, workdir, redo)
@@ -272,11 +294,12 @@ def stage_train_plan(config, workdir, target: str) -> None:
   print(grid.cost_table([job], target))
 
 
-# Every stage takes (config, workdir, redo); only export and eval have anything to redo.
+# Every stage takes (config, workdir, redo); only export, finetune, eval and browse have anything to redo.
 STAGES = {
   "extract": stage_extract,
   "train": stage_train,
   "export": stage_export,
+  "finetune": stage_finetune,
   "eval": stage_eval,
   "browse": stage_browse,
   "run": stage_run,

@@ -11,12 +11,15 @@ import ml_collections
 
 from scope_jax.core.choices import (
   ACTIVATIONS,
+  ALPHA_RULES,
   DTYPES,
   EXTRACT_BY,
   MODES,
   NONFINITE,
   NORMALIZATIONS,
+  SCHEDULES,
   SPARSITY_LOSSES,
+  SPARSITY_RULES,
   TRAIN_STEPS,
 )
 from scope_jax.core.kinds import KINDS, TRANSCODER_KINDS, config_target_site, topk_problem
@@ -122,6 +125,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.replacement_layer_sequences = 16  # kind "clt": sequences of the one-layer-at-a-time replacement
   # (one forward per layer per batch; eval/replacement.py)
   c.eval.compare_with = ()  # kind "clt": transcoder sets or CLT directories evaluated as replacement models beside it
+  c.finetune = ml_collections.ConfigDict()  # KL finetuning of the exported SAEs (scope_jax/finetune)
+  c.finetune.enabled = False  # `run` includes the stage (after export, before eval)
+  c.finetune.tokens = 10_000_000  # tokens of training text each SAE is finetuned on
+  c.finetune.batch_size = 8  # sequences per step
+  c.finetune.seq_len = 1024
+  c.finetune.lr = 5e-5  # Adam's rate in training units (recipe.adam_b1 / adam_b2)
+  c.finetune.warmup_steps = 0  # linear warm-up from 0.1 lr
+  c.finetune.schedule = "linear"  # linear: decay to 0 at the last step | constant
+  c.finetune.alpha = "batch"  # α = stopgrad(MSE / KL): batch (every step) | first (the first step's, held)
+  c.finetune.sparsity = "keep"  # keep: training's λ | hold_l0: λ steered to the first step's L0
+  c.finetune.l0_gain = 0.05  # hold_l0: λ *= exp(gain · (L0 / L0₀ - 1)) per step
+  c.finetune.clip_grad_norm = 0.0  # clip the gradient's global norm; 0 = off
+  c.finetune.saes = ()  # fnmatch patterns of the export's names to finetune; () = all
+  c.finetune.text = ()  # text sources; () = data.text's training documents (never evaluation text)
+  c.finetune.checkpoint_every = 100
+  c.finetune.log_every = 10
+  c.finetune.measure_batches = 4  # batches after the last step on which L0 and densities are measured
   c.grid = ml_collections.ConfigDict()  # `scope-jax sweep` (scope_jax/grid.py); other commands ignore it
   c.grid.layers = ()  # layers to train SAEs at
   c.grid.kinds = ("res",)  # site kinds at every layer: res | mlp | att | mlp_in
@@ -166,6 +186,13 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "data.streams": 0,
   "data.workers": 0,
   "train.batch_size": 1,
+  "finetune.tokens": 1,
+  "finetune.batch_size": 1,
+  "finetune.seq_len": 2,
+  "finetune.warmup_steps": 0,
+  "finetune.checkpoint_every": 1,
+  "finetune.log_every": 1,
+  "finetune.measure_batches": 1,
   "train.steps": 1,
   "train.latent_block": 0,
   "train.capacity": 0,
@@ -200,8 +227,17 @@ AT_LEAST = {  # integer fields and their smallest allowed value
   "recipe.dead_window_steps": 1,
   "recipe.auxk_k": 0,
 }
-POSITIVE = ("recipe.lr", "recipe.adam_eps", "recipe.bandwidth", "storage.timeout_s", "storage.max_retry_delay_s")
+POSITIVE = (
+  "finetune.lr",
+  "finetune.l0_gain",
+  "recipe.lr",
+  "recipe.adam_eps",
+  "recipe.bandwidth",
+  "storage.timeout_s",
+  "storage.max_retry_delay_s",
+)
 NON_NEGATIVE = (
+  "finetune.clip_grad_norm",
   "recipe.clip_grad_norm",
   "recipe.dead_latent_loss",
   "recipe.init_threshold",
@@ -252,6 +288,9 @@ def choices() -> dict[str, tuple[str, ...]]:
     "train.step": TRAIN_STEPS,
     "kind": tuple(KINDS),
     "sweep.activation": ACTIVATIONS,
+    "finetune.alpha": ALPHA_RULES,
+    "finetune.sparsity": SPARSITY_RULES,
+    "finetune.schedule": SCHEDULES,
   }
 
 

@@ -35,7 +35,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-STAGES = ("export", "eval", "browse")
+STAGES = ("export", "finetune", "eval", "browse")
+FINETUNED_SUFFIX = "-kl"  # a KL-finetuned SAE's name (finetune/export/index.json): its export's name + this
 
 
 # How gs:// is reached: tensorstore's retries of a failed request and the time a root has to answer
@@ -104,7 +105,7 @@ OWNER_FILE = ".scope_jax.json"  # what scope_jax made here: this folder whole, o
 # A workdir's own names: what a run writes at its top level (an adopted folder must not hold them already)
 RUN_NAMES = (
   *("activations", "checkpoints", "metrics.jsonl", "tensorboard", "train_health.json"),
-  *("export", "report", "browse", "stages", "LEASE"),
+  *("export", "finetune", "report", "browse", "stages", "LEASE"),
 )
 # Signs of a run written before scope_jax marked its folders (OWNER_FILE): any of them makes it one
 _OLD_RUN_SIGNS = ("stages/*.json", "metrics.jsonl", "activations/config.json", "train/*/stages/*.json")
@@ -174,6 +175,17 @@ def _write_owner_record(folder: Path, record: dict) -> None:
   tmp = folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
   tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
   os.replace(tmp, folder / OWNER_FILE)
+
+
+def own_folder(folder: Path, what: str) -> Path:
+  """`folder`, made (and marked as scope_jax's) when absent; a non-empty folder scope_jax did not make
+  is refused (NotOurs)."""
+  check_replaceable(folder)
+  mine = owned(folder)  # before it exists: inside a run's workdir, every folder is the run's
+  folder.mkdir(parents=True, exist_ok=True)
+  if not mine:
+    _write_owner_record(folder, {"folder": True, "what": what})
+  return folder
 
 
 def new_staging(target: Path, what: str) -> Path:
@@ -268,6 +280,11 @@ class RunLayout:
     self.health = self.root / "train_health.json"
     self.export = self.root / "export"
     self.export_index = self.export / "index.json"
+    self.finetune = self.root / "finetune"  # KL finetuning (scope_jax/finetune): checkpoints, metrics, export
+    self.finetune_checkpoints = self.finetune / "checkpoints"
+    self.finetune_metrics = self.finetune / "metrics.jsonl"
+    self.finetune_export = self.finetune / "export"
+    self.finetune_index = self.finetune_export / "index.json"
     self.report = self.root / "report"
     self.report_metrics = self.report / "metrics.json"
     self.browse = self.root / "browse"
@@ -324,6 +341,16 @@ def export_identity(config, layout: RunLayout) -> dict:
   return {"checkpoint": layout.latest_checkpoint(), "precision": config.precision, "export": config.export.to_dict()}
 
 
+def finetune_identity(config, layout: RunLayout) -> dict:
+  """What a KL finetuning is made from: the export, the model, the text and the finetune fields."""
+  text = {"data.text": list(config.data.text), "data.holdout_every": config.data.holdout_every}
+  return {"export": export_identity(config, layout), "model": config.model, "text": text} | {
+    "finetune": config.finetune.to_dict()
+  }
+
+
 def eval_identity(config, layout: RunLayout) -> dict:
-  """What an evaluation is made from: the export and the eval fields."""
-  return {"export": export_identity(config, layout), "eval": config.eval.to_dict()}
+  """What an evaluation is made from: the export, the finetuned SAEs (when there are) and the eval fields."""
+  identity = {"export": export_identity(config, layout), "eval": config.eval.to_dict()}
+  finetuned = layout.marker("finetune")
+  return identity | ({"finetuned": json.loads(finetuned.read_text())} if finetuned.exists() else {})

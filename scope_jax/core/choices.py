@@ -9,3 +9,6 @@ SPARSITY_LOSSES = ("l0", "quadratic")  # recipe.sparsity_loss (sae/loss.py)
 TRAIN_STEPS = ("auto", "dense", "sparse")  # train.step: which step runs (train/selection.py)
 EXTRACT_BY = ("layer", "site", "all")  # grid.extract_by: one store per layer, per site, or one for all
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk")  # sweep.activation: θ per latent, k per token, k per token on average
+ALPHA_RULES = ("batch", "first")  # finetune.alpha: α = stopgrad(MSE / KL) every step, or the first step's held
+SPARSITY_RULES = ("keep", "hold_l0")  # finetune.sparsity: training's λ, or λ steered to hold L0 (finetune/kl.py)
+SCHEDULES = ("linear", "constant")  # finetune.schedule: the rate decays linearly to 0, or stays

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
 from scope_jax.export.entries import read_index
-from scope_jax.layout import RunLayout, check_replaceable, eval_identity, staged_directory
+from scope_jax.layout import FINETUNED_SUFFIX, RunLayout, check_replaceable, eval_identity, staged_directory
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.parallel.precision import traced_at
@@ -278,6 +278,7 @@ class EvalEntry:
   dead_export: float | None = None  # dead on the export's measurement rows (exports only)
   prefix: int | None = None  # a Matryoshka prefix: its first `prefix` latents
   k: int | None = None  # a TopK or BatchTopK SAE's k (its λ is None)
+  finetuned: bool = False  # KL-finetuned (finetune/export/index.json)
 
   def about(self) -> dict:
     """What the report shows of it beside its results."""
@@ -287,25 +288,30 @@ class EvalEntry:
       "k": self.k,
       "path": self.path,
       "dead_export": self.dead_export,
+      "finetuned": self.finetuned,
     }
 
 
 def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, EvalEntry]:
-  """The run's exports (export/index.json) and `eval.saes` paths, by name."""
+  """The run's exports (export/index.json), its KL-finetuned SAEs (finetune/export/index.json,
+  named NAME-kl) and `eval.saes` paths, by name."""
   entries = {}
-  index = RunLayout(workdir).export_index
-  if index.exists():
-    for e in read_index(index):
-      entries[e.name] = EvalEntry(
-        e.sae_file,
-        e.input_site or config.site,
-        e.output_site or config.site,
-        e.width,
-        e.l1_coefficient,
-        e.dead_fraction,
-        k=e.k,
-      )
-      for m in e.prefixes[:-1]:  # a Matryoshka SAE's narrower prefixes, each on its own
+  layout = RunLayout(workdir)
+  index = layout.export_index
+  finetuned = read_index(layout.finetune_index) if layout.finetune_index.exists() else []
+  for e in (read_index(index) if index.exists() else []) + finetuned:
+    entries[e.name] = EvalEntry(
+      e.sae_file,
+      e.input_site or config.site,
+      e.output_site or config.site,
+      e.width,
+      e.l1_coefficient,
+      e.dead_fraction,
+      k=e.k,
+      finetuned=e in finetuned,
+    )
+    if e not in finetuned:  # a Matryoshka SAE's narrower prefixes, each on its own (finetuning trains the whole width)
+      for m in e.prefixes[:-1]:
         entries[f"{e.name}@{m}"] = dataclasses.replace(entries[e.name], prefix=m, width=m, dead_export=None)
   for path in config.eval.saes:
     sae = load_sae(path)
@@ -357,7 +363,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
   from jax.experimental import multihost_utils
 
   from scope_jax.activations.extract import load_extraction_model
-  from scope_jax.eval.report import domain_section, quantization_section, write_report
+  from scope_jax.eval.report import domain_section, finetune_section, quantization_section, write_report
   from scope_jax.sae.quantize import quantized
 
   layout = RunLayout(workdir)
@@ -397,6 +403,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, lm=None, pr
       for domain, source in config.eval.domains
     }
     sections.append(domain_section(per_domain, dict(config.eval.domains)))
+  if any(e.finetuned for e in entries.values()):
+    sections.append(finetune_section(results, FINETUNED_SUFFIX))
   if config.eval.quantize:
     q_batches = token_batches[: -(-config.eval.quantize_sequences // config.eval.batch_size) or None]
     variants = dict(saes)

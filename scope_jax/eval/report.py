@@ -58,13 +58,20 @@ def _safe(name: str) -> str:
 
 
 def pareto_plot(results: dict, y: str, ylabel: str, path: Path) -> None:
-  """`y` against L0, one curve per width, with error bars of one standard error (`{y}_se`)."""
+  """`y` against L0, one curve per width (and per width of KL-finetuned SAEs, dashed), with error
+  bars of one standard error (`{y}_se`)."""
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-  widths = sorted({r["width"] for r in results.values()})
-  for width in widths:
-    points = sorted((r["l0"], r[y], r[f"{y}_se"]) for r in results.values() if r["width"] == width)
-    l0, value, se = zip(*points)
-    ax.errorbar(l0, value, yerr=se, marker="o", capsize=3, label=f"width {width}")
+  curve_of = lambda r: (r["width"], bool(r.get("finetuned")))  # KL-finetuned SAEs get their own curves
+  for width, finetuned in sorted({curve_of(r) for r in results.values()}):
+    l0, value, se = zip(
+      *sorted((r["l0"], r[y], r[f"{y}_se"]) for r in results.values() if curve_of(r) == (width, finetuned))
+    )
+    style = (
+      dict(linestyle="--", marker="s", label=f"width {width}, KL-finetuned")
+      if finetuned
+      else dict(marker="o", label=f"width {width}")
+    )
+    ax.errorbar(l0, value, yerr=se, capsize=3, **style)
   ax.set_xscale("log")
   ax.set_xlabel("L0 (active latents per token)")
   ax.set_ylabel(ylabel)
@@ -188,6 +195,29 @@ def quantization_section(results: dict[str, dict], names: list[str], formats: tu
       data[name][fmt] = {"delta_loss": r["delta_loss"], "fvu": r["fvu"], "l0": r["l0"], "delta_loss_diff": d_loss}
   header = ["SAE", "weights", "Δ loss", "− float32", "FVU", "− float32", "L0"]
   return Section("quantization", "Quantized SAE weights (model in float32)", header, rows, data)
+
+
+def finetune_section(results: dict[str, dict], suffix: str) -> Section:
+  """Each KL-finetuned SAE (named NAME + `suffix`) beside its original: L0, Δ LM loss ± SE, FVU, and
+  the change in Δ loss."""
+  rows, data = [], {}
+  for name in sorted(n for n in results if n.endswith(suffix) and n[: -len(suffix)] in results):
+    before, after = results[name[: -len(suffix)]], results[name]
+    change = after["delta_loss"] / before["delta_loss"] - 1 if before["delta_loss"] else float("nan")
+    rows.append(
+      [name[: -len(suffix)]]
+      + [f"{before['l0']:.1f} → {after['l0']:.1f}"]
+      + [f"{r['delta_loss']:.4f} ± {r['delta_loss_se']:.4f}" for r in (before, after)]
+      + [f"{change:+.1%}", f"{before['fvu']:.4f} → {after['fvu']:.4f}"]
+    )
+    keep = ("l0", "delta_loss", "delta_loss_se", "fvu", "fvu_se")
+    data[name] = {
+      "before": {k: before[k] for k in keep},
+      "after": {k: after[k] for k in keep},
+      "delta_loss_change": change,
+    }
+  header = ["SAE", "L0 before → after", "Δ loss before", "Δ loss after", "change", "FVU before → after"]
+  return Section("finetune", "KL finetuning: each SAE before and after", header, rows, data)
 
 
 def _table(results: dict) -> list[list[str]]:

@@ -107,6 +107,17 @@ def jumprelu_files(
   return files
 
 
+def write_exports(root: Path, files_to_write: list, progress: bool = True) -> None:
+  """Writes `(released SAE, entry, log10 densities)` in every format of each entry and the index
+  of the entries, replacing `root` whole (no file of an older export survives outside the index)."""
+  with staged_directory(root, "export") as staging:
+    for released, e, density_log10 in tqdm(files_to_write, desc="write exports", disable=not progress):
+      for key, where in e.files.items():
+        sparsity = {"sparsity_log10": density_log10} if key == "saelens" else {}
+        save_sae(released, staging / Path(where).relative_to(root), format=FORMAT_OF_KEY[key], **sparsity)
+    (staging / "index.json").write_text(index_json([e for _, e, _ in files_to_write]))
+
+
 def export(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
@@ -184,12 +195,7 @@ def export(
       files_to_write.append((released, entries[-1], np.log10(density_m + 1e-10)))
   if jax.process_index() == 0:
     layout.unmark("export")
-    with staged_directory(root, "export") as staging:  # no file of an older export survives outside the index
-      for released, e, density_log10 in tqdm(files_to_write, desc="write exports", disable=not progress):
-        for key, where in e.files.items():
-          sparsity = {"sparsity_log10": density_log10} if key == "saelens" else {}
-          save_sae(released, staging / Path(where).relative_to(root), format=FORMAT_OF_KEY[key], **sparsity)
-      (staging / layout.export_index.relative_to(root)).write_text(index_json(entries))
+    write_exports(root, files_to_write, progress)
     layout.mark_finished("export", export_identity(config, layout))
   multihost_utils.sync_global_devices("scope_jax export: files written")  # the next stage reads them
   return entries

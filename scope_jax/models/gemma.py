@@ -290,9 +290,9 @@ class Gemma(nnx.Module):
         resid_btd, act = self.layers[layer].advance(kind, resid_btd, act, positions_bt)
     return resid_btd, act
 
-  def losses_from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site, tokens_bt: jax.Array) -> jax.Array:
+  def resid_from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site) -> jax.Array:
     """The forward from `site` on, given `to_site`'s residual and a (replaced) activation: the
-    next-token losses `[B, T-1]`."""
+    residual after the last layer `[B, T, d]` (before the final norm)."""
     positions_bt = self._positions(resid_btd[..., 0])
     block = self.layers[site.layer]
     for kind in BLOCK_SITES[BLOCK_SITES.index(site.kind) + 1 :]:
@@ -300,4 +300,8 @@ class Gemma(nnx.Module):
     x_btd = act
     for i in range(site.layer + 1, self.config.n_layers):
       x_btd, _ = self.layers[i](x_btd, positions_bt, set(), {})
-    return self.next_token_losses(x_btd, tokens_bt)
+    return x_btd
+
+  def losses_from_site(self, resid_btd: jax.Array, act: jax.Array, site: Site, tokens_bt: jax.Array) -> jax.Array:
+    """The forward from `site` on (`resid_from_site`): the next-token losses `[B, T-1]`."""
+    return self.next_token_losses(self.resid_from_site(resid_btd, act, site), tokens_bt)

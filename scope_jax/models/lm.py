@@ -87,6 +87,12 @@ class LanguageModel:
       static_argnums=(4, 5),
     )
 
+  def parts(self) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model as (graphdef, parameters on the mesh) for programs of its own that run it
+    (`nnx.merge`), such as the KL finetuning step that differentiates through the layers after a
+    site (finetune/kl.py). The parameters are the model's own: never donate or update them."""
+    return self._graphdef, self._state
+
   def between(self, resid: jax.Array, act: jax.Array, start: str, stop: str) -> tuple[jax.Array, jax.Array]:
     """The forward from site `start` (`to_site`'s residual, `act` in place of its activation) to the
     later site `stop`: (the residual there, `stop`'s activation), on the devices."""
