@@ -59,3 +59,10 @@ def test_the_clt_step_benchmark_measures_dense_sparse_and_the_roofline(tmp_path)
   (row,) = r["rows"]
   assert all(positive(row[k]) for k in ("dense_tok_s", "sparse_tok_s", "roofline_tok_s", "matmul_gflops"))
   assert row["sparse_layers_fraction"] > 0  # the sparse path ran, not only its dense fallback
+
+
+def test_the_finetune_step_benchmark_measures_the_step_beside_its_bound(tmp_path):
+  r = run_benchmark("benchmarks.finetune_step", tmp_path)
+  keys = ("shared_tok_s", "sae_step_tok_s", "bound_tok_s", "step_vs_bound", "gflop_per_token", "matmul_gflops")
+  assert all(positive(r[k]) for k in keys)
+  assert 0.5 < r["unembedding_share_of_flops"] < 1  # two layers after res.15: the 262K-row unembedding dominates

@@ -274,7 +274,7 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str | Path, lm=None
     flat = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     states = jax.tree.unflatten(jax.tree.structure(states), [flat[k] for k in sorted(flat)])
   parts = lm.parts()
-  step_fns = {m.name: kl.jitted_step(m.spec, tx, lm.precision, parts[0]) for m in group}
+  step_fns = {spec: kl.jitted_step(spec, tx, lm.precision, parts[0]) for spec in {m.spec for m in group}}
   by_site: dict[str, list[Member]] = {}
   for m in group:
     by_site.setdefault(m.entry.output_site, []).append(m)
@@ -290,7 +290,7 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str | Path, lm=None
         shared, input_acts = _site_batch(lm, parts, clean_fns, batch.tokens, batch.keep, site, inputs)
         for m in at_site:
           rows = kl.Batch(input_btd=input_acts.get(m.entry.input_site, shared["act_btd"]), **shared)
-          states[m.name], last_terms[m.name] = step_fns[m.name](states[m.name], parts[1], rows)
+          states[m.name], last_terms[m.name] = step_fns[m.spec](states[m.name], parts[1], rows)
       if (s + 1) % f.log_every == 0 or s + 1 == steps:
         terms = {name: {k: float(v) for k, v in t.items()} for name, t in last_terms.items()}
         log.write(json.dumps({"step": s + 1, "saes": terms}) + "\n")
