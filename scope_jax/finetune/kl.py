@@ -34,6 +34,7 @@ from scope_jax.core.choices import SCHEDULES
 from scope_jax.models.sites import Site
 from scope_jax.parallel.precision import at_precision
 from scope_jax.sae.jumprelu import heaviside, jumprelu
+from scope_jax.sae.loss import LossSpec
 from scope_jax.sae.model import SAE, training_pre
 from scope_jax.sae.topk import topk_mask
 
@@ -108,7 +109,7 @@ def kl_loss(
   a = measured if spec.alpha_rule == "batch" else jnp.where(first, measured, alpha)
   loss = 0.5 * (a * kl + mse)
   if spec.k is None:
-    penalty_bt = l0_bt if spec.sparsity_loss == "l0" else (2.0 / spec.target_l0) * jnp.square(l0_bt - spec.target_l0)
+    penalty_bt = LossSpec(sparsity_loss=spec.sparsity_loss, target_l0=spec.target_l0).penalty(l0_bt)  # training's S
     loss = loss + lam * _masked_mean(penalty_bt, batch.keep_bt)
   terms = {"loss": loss, "kl": kl, "mse": mse, "l0": _masked_mean(jax.lax.stop_gradient(l0_bt), batch.keep_bt)}
   return loss, terms | {"alpha": a, "lambda": lam}

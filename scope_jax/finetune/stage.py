@@ -40,6 +40,7 @@ from scope_jax.export.exporter import jumprelu_files, write_exports
 from scope_jax.finetune import kl
 from scope_jax.layout import FINETUNED_SUFFIX, RunLayout, check_replaceable, finetune_identity, own_folder
 from scope_jax.models.sites import parse_site
+from scope_jax.parallel.dispatch import settle
 from scope_jax.parallel.mesh import host_array
 from scope_jax.parallel.precision import at_precision
 from scope_jax.sae.io import load_sae
@@ -193,27 +194,28 @@ def _checkpoints(layout: RunLayout, identity: dict) -> ocp.CheckpointManager:
   if layout.finetune_checkpoints.exists() and (not saved.exists() or json.loads(saved.read_text()) != identity):
     shutil.rmtree(layout.finetune_checkpoints)
     layout.finetune_metrics.unlink(missing_ok=True)
-  saved.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+  if jax.process_index() == 0:
+    saved.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
   return ocp.CheckpointManager(layout.finetune_checkpoints.absolute(), options=options)
 
 
-def _site_batch(lm, parts, clean_fns: dict, tokens_bt: np.ndarray, keep_bt: np.ndarray, site: str, inputs: set):
-  """{input site: (residual, activation)} and the kl.Batch fields shared by every SAE at `site`."""
-  resid, act, _ = lm.to_site(tokens_bt, site)
-  rows = act.shape[0]
-  keep = np.zeros((rows, keep_bt.shape[1]), np.float32)
-  keep[: len(keep_bt)] = keep_bt
+def _site_batch(lm, clean_fn, batch: TokenBatch, site: str, inputs: set[str]) -> tuple[dict, dict]:
+  """(the kl.Batch fields every SAE at `site` shares, {input site: its activation} for transcoders):
+  the forward up to `site` and the clean forward from it run once here."""
+  resid, act, _ = lm.to_site(batch.tokens, site)
+  keep = np.zeros(act.shape[:2], np.float32)  # the batch padded to the mesh: padded rows count for nothing
+  keep[: len(batch.keep)] = batch.keep
   keep[:, 0] = 0.0  # BOS is never spliced
   sharding = NamedSharding(lm.mesh, P("data"))
   shared = {
     "resid_btd": resid,
     "act_btd": act,
-    "clean_logp_btv": clean_fns[site](parts[1], resid, act),
+    "clean_logp_btv": clean_fn(lm.parts()[1], resid, act),
     "keep_bt": jax.device_put(keep, sharding),
     "pred_bt": jax.device_put(keep[:, 1:], sharding),
   }
-  return shared, {s: lm.to_site(tokens_bt, s)[1] for s in inputs}
+  return shared, {s: lm.to_site(batch.tokens, s)[1] for s in inputs}
 
 
 def _clean_fn(lm, site: str):
@@ -270,53 +272,60 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str | Path, lm=None
   manager = _checkpoints(layout, identity)
   start = manager.latest_step() or 0
   if start:
-    abstract = _flat(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states))
-    flat = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-    states = jax.tree.unflatten(jax.tree.structure(states), [flat[k] for k in sorted(flat)])
-  parts = lm.parts()
-  step_fns = {spec: kl.jitted_step(spec, tx, lm.precision, parts[0]) for spec in {m.spec for m in group}}
-  by_site: dict[str, list[Member]] = {}
-  for m in group:
-    by_site.setdefault(m.entry.output_site, []).append(m)
-  clean_fns = {site: _clean_fn(lm, site) for site in by_site}
+    states = _restore(manager, start, states)
   text = text_batches(config, lm.tokenizer, skip=start)
-  began, last_terms = time.perf_counter(), {}
-  bar = tqdm(total=steps, initial=start, desc=f"KL finetune {len(group)} SAEs", unit="step", disable=not progress)
-  with bar, open(layout.finetune_metrics, "a") as log:
-    for s in range(start, steps):
-      batch = next(text)
-      for site, at_site in by_site.items():
-        inputs = {m.entry.input_site for m in at_site if m.spec.transcoder}
-        shared, input_acts = _site_batch(lm, parts, clean_fns, batch.tokens, batch.keep, site, inputs)
-        for m in at_site:
-          rows = kl.Batch(input_btd=input_acts.get(m.entry.input_site, shared["act_btd"]), **shared)
-          states[m.name], last_terms[m.name] = step_fns[m.spec](states[m.name], parts[1], rows)
-      if (s + 1) % f.log_every == 0 or s + 1 == steps:
-        terms = {name: {k: float(v) for k, v in t.items()} for name, t in last_terms.items()}
-        log.write(json.dumps({"step": s + 1, "saes": terms}) + "\n")
-        log.flush()
-        bar.set_postfix(kl=np.mean([t["kl"] for t in terms.values()]), l0=np.mean([t["l0"] for t in terms.values()]))
-      if (s + 1) % f.checkpoint_every == 0 or s + 1 == steps:
-        manager.save(s + 1, args=ocp.args.StandardSave(_flat(states)))
-        manager.wait_until_finished()
-      bar.update(1)
+  began = time.perf_counter()
+  try:
+    states = _steps(config, layout, lm, group, tx, states, text, range(start, steps), manager, progress)
+  finally:
+    manager.close()
   seconds = time.perf_counter() - began
-  manager.close()
-  measure_batches = [next(text) for _ in range(f.measure_batches)]
-  densities, measured = {}, 0
-  for at_site in by_site.values():
-    d, measured = _measure(lm, at_site, states, measure_batches)
-    densities |= d
+  densities, measured = _measure(lm, group, states, [next(text) for _ in range(f.measure_batches)])
   out = _export(config, layout, group, states, densities, measured, progress)
   if jax.process_index() == 0:
     layout.mark_finished("finetune", identity)
-  return {
-    "entries": out,
-    "steps": steps,
-    "resumed_at": start,
-    "seconds": seconds,
-    "tokens": steps * f.batch_size * f.seq_len,
-  }
+  tokens = steps * f.batch_size * f.seq_len
+  return {"entries": out, "steps": steps, "resumed_at": start, "seconds": seconds, "tokens": tokens}
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, states: dict) -> dict:
+  """`states` as checkpoint `step` holds them, placed as `states` is."""
+  abstract = _flat(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states))
+  flat = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return jax.tree.unflatten(jax.tree.structure(states), [flat[k] for k in sorted(flat)])
+
+
+def _steps(config, layout: RunLayout, lm, group: list[Member], tx, states: dict, text, steps: range, manager, progress):
+  """The finetuning steps `steps` on `text`'s batches: per site, the shared forward once, then each
+  SAE's step; logged and checkpointed on schedule. Returns the states after the last."""
+  f, parts, by_site = config.finetune, lm.parts(), {}
+  for m in group:
+    by_site.setdefault(m.entry.output_site, []).append(m)
+  step_fns = {spec: kl.jitted_step(spec, tx, lm.precision, parts[0]) for spec in {m.spec for m in group}}
+  clean_fns = {site: _clean_fn(lm, site) for site in by_site}
+  last, terms = steps.stop, {}
+  bar = tqdm(total=last, initial=steps.start, desc=f"KL finetune {len(group)} SAEs", unit="step", disable=not progress)
+  with bar, open(layout.finetune_metrics, "a") as log:
+    for s in steps:
+      batch = next(text)
+      for site, at_site in by_site.items():
+        inputs = {m.entry.input_site for m in at_site if m.spec.transcoder}
+        shared, input_acts = _site_batch(lm, clean_fns[site], batch, site, inputs)
+        for m in at_site:
+          rows = kl.Batch(input_btd=input_acts.get(m.entry.input_site, shared["act_btd"]), **shared)
+          states[m.name], terms[m.name] = step_fns[m.spec](states[m.name], parts[1], rows)
+          settle(states[m.name], lm.mesh)  # one program in flight on a multi-device CPU mesh (parallel/dispatch.py)
+      if (s + 1) % f.log_every == 0 or s + 1 == last:
+        logged = {name: {k: float(v) for k, v in t.items()} for name, t in terms.items()}
+        if jax.process_index() == 0:
+          log.write(json.dumps({"step": s + 1, "saes": logged}) + "\n")
+          log.flush()
+        bar.set_postfix(kl=np.mean([t["kl"] for t in logged.values()]), l0=np.mean([t["l0"] for t in logged.values()]))
+      if (s + 1) % f.checkpoint_every == 0 or s + 1 == last:
+        manager.save(s + 1, args=ocp.args.StandardSave(_flat(states)))
+        manager.wait_until_finished()
+      bar.update(1)
+  return states
 
 
 def _export(config, layout: RunLayout, group: list[Member], states: dict, densities: dict, measured: int, progress):
@@ -328,13 +337,22 @@ def _export(config, layout: RunLayout, group: list[Member], states: dict, densit
     files = {"saelens": str(root / "saelens" / f"{m.entry.input_site}-{m.name}")}
     if m.entry.activation != "topk":
       files |= jumprelu_files(root, config, m.entry.width, l0, kind_named(config.kind), m.name, entries)
+    lam = m.entry.l1_coefficient
+    if lam is not None and m.spec.sparsity_rule == "hold_l0":  # the λ it ended with
+      lam = float(states[m.name]["lambda"])
     entry = dataclasses.replace(
-      m.entry, name=m.name, l0=l0, dead_fraction=float(np.mean(density_m == 0)), measured_rows=measured, files=files
+      m.entry,
+      name=m.name,
+      l1_coefficient=lam,
+      l0=l0,
+      dead_fraction=float(np.mean(density_m == 0)),
+      measured_rows=measured,
+      files=files,
     )
     entries.append(entry)
-    files_to_write.append(
-      (m.release(jax.tree.map(np.asarray, states[m.name]["sae"])), entry, np.log10(density_m + 1e-10))
-    )
+    released = m.release(jax.tree.map(np.asarray, states[m.name]["sae"]))
+    released = released.replace(info=dataclasses.replace(released.info, l1_coefficient=lam))
+    files_to_write.append((released, entry, np.log10(density_m + 1e-10)))
   if jax.process_index() == 0:
     write_exports(root, files_to_write, progress)
   return entries

@@ -16,6 +16,7 @@ from scope_jax.models.gemma import FromSite
 from scope_jax.models.sites import Site, parse_site
 from scope_jax.sae.jumprelu import heaviside, jumprelu
 from scope_jax.sae.model import init_sae, init_transcoder
+from scope_jax.sae.topk import topk_mask
 from tests.helpers import tiny_gemma2, tiny_gemma3
 
 BANDWIDTH, LAMBDA = 0.05, 2e-3
@@ -55,7 +56,11 @@ def _reference(sae, model, tokens, keep, spec: kl.KLSpec, input_site: Site, alph
   clean_logits, acts = model(jnp.asarray(tokens), capture=(input_site, site))
   x = acts[input_site] / spec.scale
   pre = (x if spec.transcoder else x - sae.b_dec) @ sae.W_enc + sae.b_enc
-  recon = jumprelu(pre, sae.threshold, BANDWIDTH) @ sae.W_dec + sae.b_dec + sae.skip(x)
+  if spec.k is None:
+    f = jumprelu(pre, sae.threshold, BANDWIDTH)
+  else:  # TopK: each position's k largest pre-activations, no sparsity term
+    f = jnp.where(topk_mask(pre.reshape(-1, pre.shape[-1]), spec.k).reshape(pre.shape), jax.nn.relu(pre), 0.0)
+  recon = f @ sae.W_dec + sae.b_dec + sae.skip(x)
   splice = lambda act: act.at[:, 1:].set(recon[:, 1:] * spec.target_scale)
   replace = {site: FromSite(input_site, lambda _, act: splice(act)) if spec.transcoder else splice}
   spliced_logits, _ = model(jnp.asarray(tokens), replace=replace)
@@ -68,7 +73,7 @@ def _reference(sae, model, tokens, keep, spec: kl.KLSpec, input_site: Site, alph
   mse = jnp.sum(jnp.sum(jnp.square(recon - acts[site] / spec.target_scale), -1) * text) / text.sum()
   l0 = jnp.sum(jnp.sum(heaviside(pre, sae.threshold, BANDWIDTH), -1) * text) / text.sum()
   a = jax.lax.stop_gradient(mse / kl_value) if alpha is None else alpha
-  return 0.5 * (a * kl_value + mse) + LAMBDA * l0, (kl_value, mse)
+  return 0.5 * (a * kl_value + mse) + (LAMBDA * l0 if spec.k is None else 0.0), (kl_value, mse)
 
 
 def _batch(lm, tokens, keep, spec: kl.KLSpec, input_site: Site) -> kl.Batch:
@@ -85,17 +90,19 @@ def _batch(lm, tokens, keep, spec: kl.KLSpec, input_site: Site) -> kl.Batch:
   )
 
 
-def _case(lm, transcoder: bool):
-  if transcoder:
+def _case(kind: str):
+  if kind == "skip-transcoder":
     spec = kl.KLSpec(parse_site("mlp.2"), scale=3.0, target_scale=2.0, transcoder=True, bandwidth=BANDWIDTH)
     return spec, parse_site("mlp_in.2")
-  return kl.KLSpec(parse_site("res.2"), scale=2.0, target_scale=2.0, bandwidth=BANDWIDTH), parse_site("res.2")
+  spec = kl.KLSpec(parse_site("res.2"), scale=2.0, target_scale=2.0, bandwidth=BANDWIDTH)
+  return dataclasses.replace(spec, k=8 if kind == "topk" else None), parse_site("res.2")
 
 
-@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "skip-transcoder"])
-def test_the_kl_loss_gradient_equals_jax_grad_through_the_whole_forward(lm, transcoder):
+@pytest.mark.parametrize("kind", ["sae", "skip-transcoder", "topk"])
+def test_the_kl_loss_gradient_equals_jax_grad_through_the_whole_forward(lm, kind):
+  transcoder = kind == "skip-transcoder"
   tokens, keep = _tokens_and_keep(lm.config.vocab_size)
-  spec, input_site = _case(lm, transcoder)
+  spec, input_site = _case(kind)
   sae, model = _sae(lm.config.d_model, transcoder), nnx.merge(*lm.parts())
   (loss, terms), grads = jax.value_and_grad(kl.kl_loss, has_aux=True)(
     sae, model, spec, _batch(lm, tokens, keep, spec, input_site), jnp.float32(LAMBDA), jnp.float32(0), True
@@ -106,8 +113,10 @@ def test_the_kl_loss_gradient_equals_jax_grad_through_the_whole_forward(lm, tran
   assert float(terms["mse"]) == pytest.approx(float(ref_mse), rel=1e-5)
   assert float(terms["alpha"]) == pytest.approx(float(ref_mse / ref_kl), rel=1e-4)  # α = MSE / KL
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
-  assert 0 < float(terms["l0"]) < 48
+  assert float(terms["l0"]) == pytest.approx(8) if kind == "topk" else 0 < float(terms["l0"]) < 48
   for name in sae.names:
+    if kind == "topk" and name == "threshold":
+      continue  # TopK reads no threshold
     g, r = np.asarray(getattr(grads, name)), np.asarray(getattr(ref_grads, name))
     assert np.abs(r).max() > 0, name  # every parameter is trained by the loss
     np.testing.assert_allclose(g, r, rtol=2e-3, atol=2e-4 * np.abs(r).max(), err_msg=name)
@@ -117,7 +126,7 @@ def test_alpha_rules_and_the_model_left_untouched(lm):
   """ "batch": α is each step's MSE / KL; "first": the first step's, held. The model's parameters
   are bit-identical after the steps (they are read, never donated or updated)."""
   tokens, keep = _tokens_and_keep(lm.config.vocab_size)
-  spec, input_site = _case(lm, False)
+  spec, input_site = _case("sae")
   params_before = [np.array(x) for x in jax.tree.leaves(lm.parts()[1])]
   model, batch = nnx.merge(*lm.parts()), _batch(lm, tokens, keep, spec, input_site)
   tx = kl.optimizer(1e-2, 4, 0, "constant", 0.0, 0.999, 0.0)
@@ -140,3 +149,21 @@ def test_alpha_rules_and_the_model_left_untouched(lm):
     np.testing.assert_allclose(np.linalg.norm(state["sae"].W_dec, axis=-1), 1.0, rtol=1e-5)  # training's constraint
   for before, after in zip(params_before, jax.tree.leaves(lm.parts()[1])):
     np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_hold_l0_steers_lambda_toward_the_first_steps_l0(lm):
+  """λ ← λ · exp(gain · (L0 / L0₁ − 1)) each step: up while L0 is above the first step's, down below."""
+  tokens, keep = _tokens_and_keep(lm.config.vocab_size)
+  spec, input_site = _case("sae")
+  spec = dataclasses.replace(spec, sparsity_rule="hold_l0", l0_gain=0.5)
+  tx = kl.optimizer(3e-2, 6, 0, "constant", 0.0, 0.999, 0.0)
+  step = kl.jitted_step(spec, tx, lm.precision, lm.parts()[0])
+  state, batch = kl.init_state(_sae(lm.config.d_model, False), tx, LAMBDA), _batch(lm, tokens, keep, spec, input_site)
+  l0s, lambdas = [], [LAMBDA]
+  for _ in range(5):
+    state, terms = step(state, lm.parts()[1], batch)
+    l0s.append(float(terms["l0"]))
+    lambdas.append(float(state["lambda"]))
+  assert float(state["l0_target"]) == l0s[0] and len(set(l0s)) > 1  # L0 moved under the KL gradient
+  for l0, before, after in zip(l0s, lambdas, lambdas[1:]):
+    assert after == pytest.approx(before * np.exp(0.5 * (l0 / l0s[0] - 1)), rel=1e-5)

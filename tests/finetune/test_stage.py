@@ -134,6 +134,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_finetune_and_eval_reports_bo
   assert "finetune.lr: 0.001 -> 0.002" in changed.stderr and "finetune.alpha: 'batch' -> 'first'" in changed.stderr
   assert "--redo=finetune" in changed.stderr
   assert _finetuned_params(straight)["w64-l0.001-s0-kl"]["W_enc"].tobytes() == a["w64-l0.001-s0-kl"]["W_enc"].tobytes()
+  redone = _run(
+    _cmd(
+      "finetune", tiny_model, straight, "--config.finetune.lr=2e-3", "--config.finetune.alpha=first", "--redo=finetune"
+    )
+  )
+  assert redone.returncode == 0 and "resumed at step" not in redone.stdout, redone.stderr[-3000:]  # from the start
+  assert not np.array_equal(_finetuned_params(straight)["w64-l0.001-s0-kl"]["W_enc"], a["w64-l0.001-s0-kl"]["W_enc"])
 
 
 def _config(tiny_model, **finetune):
