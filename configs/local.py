@@ -93,6 +93,7 @@ def get_config(arg=None):
   c.finetune.batch_size, c.finetune.seq_len = 8, 128
   c.finetune.lr = 3e-4
   c.finetune.checkpoint_every = 10
+  c.finetune.measure_batches = 32  # L0 and densities of the finetuned SAEs on 32,768 tokens
   c.finetune.log_every = 1
   if arg.kind == "clt":
     clt_sizes(c, given={item.partition("=")[0] for item in (raw or "").split(",")})

@@ -230,17 +230,17 @@ def _clean_fn(lm, site: str):
 
 def _measure(lm, group: list[Member], states: dict, token_batches: list[TokenBatch]) -> tuple[dict, int]:
   """({name: firing densities `[M]`} of the finetuned SAEs (released form), text positions counted)
-  on `token_batches`, BOS excluded."""
-  fires = {m.name: 0.0 for m in group}
-  tokens = 0
+  on `token_batches`, BOS excluded; the forward up to each site runs once per batch."""
+  released = {m.name: m.release(states[m.name]["sae"]) for m in group}
+  sites = {s for m in group for s in (m.entry.input_site, m.entry.output_site)}
+  fires, tokens = {m.name: 0.0 for m in group}, 0
   for batch in token_batches:
+    acts = {site: lm.to_site(batch.tokens, site)[1] for site in sites}
+    keep = np.zeros(next(iter(acts.values())).shape[:2], bool)  # the batch padded to the mesh
+    keep[: len(batch.keep), 1:] = batch.keep[:, 1:]
     for m in group:
-      sae = m.release(states[m.name]["sae"])
-      _, act, _ = lm.to_site(batch.tokens, m.entry.output_site)
-      keep = np.zeros(act.shape[:2], bool)
-      keep[: len(batch.keep), 1:] = batch.keep[:, 1:]
-      inp = lm.to_site(batch.tokens, m.entry.input_site)[1] if m.spec.transcoder else None
-      _, sums = sae_batch(sae, act, jnp.asarray(keep), inp)
+      inputs = acts[m.entry.input_site] if m.spec.transcoder else None
+      _, sums = sae_batch(released[m.name], acts[m.entry.output_site], jnp.asarray(keep), inputs)
       fires[m.name] = fires[m.name] + host_array(sums["fires_m"]).astype(np.float64)
     tokens += int(keep.sum())
   return {name: f / max(tokens, 1) for name, f in fires.items()}, tokens
