@@ -1,7 +1,7 @@
 """The `scope-jax` command.
 
     scope-jax demo [--model ...]
-    scope-jax extract|train|export|finetune|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+    scope-jax extract|train|export|finetune|eval|run --config configs/FILE.py[:ARGS] --workdir DIR [--config.F=V ...]
     scope-jax sweep --config configs/FILE.py[:ARGS] --workdir DIR [--dry_run [--target SLICE]] [--jobs PATTERNS]
     scope-jax transcoder-set TRANSCODER... --out DIR      (circuit-tracer's transcoder set: tools/circuit_tracer)
 
@@ -253,6 +253,8 @@ def stage_run(config, workdir, redo=()) -> None:
   formats = "circuit-tracer and Gemma Scope 2" if config.kind == "clt" else "Gemma Scope npz and SAELens"
   report = layout.report / ("report.md" if config.kind == "clt" else "report.html")
   print(f"\ndone: exports in {layout.export} ({formats}), report in {report}")
+  if config.finetune.enabled:
+    print(f"KL-finetuned SAEs (NAME-kl, the same formats): {layout.finetune_export}")
   if config.browse.enabled:
     print(f"feature browser: {layout.browse / 'index.html'} (opens from the file system)")
 
