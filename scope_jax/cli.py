@@ -174,7 +174,13 @@ def stage_finetune(config, workdir, redo=()) -> None:
   if not layout.to_do("finetune", finetune_identity(config, layout), redo):
     print(f"finetune: {layout.finetune_export} is up to date; skipped")
     return
-  out = run_finetune(config, workdir)
+  from scope_jax.train import Preempted
+
+  try:
+    out = run_finetune(config, workdir)
+  except Preempted as e:
+    print(f"scope-jax finetune: {e}", file=sys.stderr)
+    sys.exit(128 + e.signal)
   for e in out["entries"]:
     print(f"{e.name:>24}  L0 {e.l0:8.1f}  dead {e.dead_fraction:.1%}  {e.sae_file}")
   resumed = f", resumed at step {out['resumed_at']}" if out["resumed_at"] else ""

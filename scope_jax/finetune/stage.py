@@ -47,6 +47,7 @@ from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE, fold, unfold
 from scope_jax.text.sequences import TokenBatch, batches, sequences
 from scope_jax.text.sources import iter_documents
+from scope_jax.train.checkpoints import Preemption
 
 
 def check_text(config: ml_collections.ConfigDict) -> None:
@@ -288,6 +289,20 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str | Path, lm=None
   return {"entries": out, "steps": steps, "resumed_at": start, "seconds": seconds, "tokens": tokens}
 
 
+def _step_all(lm, by_site: dict, step_fns: dict, clean_fns: dict, states: dict, batch: TokenBatch) -> dict:
+  """One step of every SAE on `batch` (`states` updated in place): per site the forward up to it
+  and the clean forward once, then each SAE's step. Returns each SAE's loss terms."""
+  terms = {}
+  for site, at_site in by_site.items():
+    inputs = {m.entry.input_site for m in at_site if m.spec.transcoder}
+    shared, input_acts = _site_batch(lm, clean_fns[site], batch, site, inputs)
+    for m in at_site:
+      rows = kl.Batch(input_btd=input_acts.get(m.entry.input_site, shared["act_btd"]), **shared)
+      states[m.name], terms[m.name] = step_fns[m.spec](states[m.name], lm.parts()[1], rows)
+      settle(states[m.name], lm.mesh)  # one program in flight on a multi-device CPU mesh (parallel/dispatch.py)
+  return terms
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, states: dict) -> dict:
   """`states` as checkpoint `step` holds them, placed as `states` is."""
   abstract = _flat(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states))
@@ -298,33 +313,34 @@ def _restore(manager: ocp.CheckpointManager, step: int, states: dict) -> dict:
 def _steps(config, layout: RunLayout, lm, group: list[Member], tx, states: dict, text, steps: range, manager, progress):
   """The finetuning steps `steps` on `text`'s batches: per site, the shared forward once, then each
   SAE's step; logged and checkpointed on schedule. Returns the states after the last."""
-  f, parts, by_site = config.finetune, lm.parts(), {}
+  f, by_site = config.finetune, {}
   for m in group:
     by_site.setdefault(m.entry.output_site, []).append(m)
-  step_fns = {spec: kl.jitted_step(spec, tx, lm.precision, parts[0]) for spec in {m.spec for m in group}}
+  step_fns = {spec: kl.jitted_step(spec, tx, lm.precision, lm.parts()[0]) for spec in {m.spec for m in group}}
   clean_fns = {site: _clean_fn(lm, site) for site in by_site}
-  last, terms = steps.stop, {}
+  last, preemption = steps.stop, Preemption()
   bar = tqdm(total=last, initial=steps.start, desc=f"KL finetune {len(group)} SAEs", unit="step", disable=not progress)
-  with bar, open(layout.finetune_metrics, "a") as log:
-    for s in steps:
-      batch = next(text)
-      for site, at_site in by_site.items():
-        inputs = {m.entry.input_site for m in at_site if m.spec.transcoder}
-        shared, input_acts = _site_batch(lm, clean_fns[site], batch, site, inputs)
-        for m in at_site:
-          rows = kl.Batch(input_btd=input_acts.get(m.entry.input_site, shared["act_btd"]), **shared)
-          states[m.name], terms[m.name] = step_fns[m.spec](states[m.name], parts[1], rows)
-          settle(states[m.name], lm.mesh)  # one program in flight on a multi-device CPU mesh (parallel/dispatch.py)
-      if (s + 1) % f.log_every == 0 or s + 1 == last:
-        logged = {name: {k: float(v) for k, v in t.items()} for name, t in terms.items()}
-        if jax.process_index() == 0:
-          log.write(json.dumps({"step": s + 1, "saes": logged}) + "\n")
-          log.flush()
-        bar.set_postfix(kl=np.mean([t["kl"] for t in logged.values()]), l0=np.mean([t["l0"] for t in logged.values()]))
-      if (s + 1) % f.checkpoint_every == 0 or s + 1 == last:
-        manager.save(s + 1, args=ocp.args.StandardSave(_flat(states)))
-        manager.wait_until_finished()
-      bar.update(1)
+  try:
+    with bar, open(layout.finetune_metrics, "a") as log:
+      for s in steps:
+        terms = _step_all(lm, by_site, step_fns, clean_fns, states, next(text))
+        if (s + 1) % f.log_every == 0 or s + 1 == last:
+          logged = {name: {k: float(v) for k, v in t.items()} for name, t in terms.items()}
+          if jax.process_index() == 0:
+            log.write(json.dumps({"step": s + 1, "saes": logged}) + "\n")
+            log.flush()
+          bar.set_postfix(
+            kl=np.mean([t["kl"] for t in logged.values()]), l0=np.mean([t["l0"] for t in logged.values()])
+          )
+        stopping = preemption.reached(s + 1)  # SIGTERM or Ctrl-C: save this step and stop
+        if (s + 1) % f.checkpoint_every == 0 or s + 1 == last or stopping:
+          manager.save(s + 1, args=ocp.args.StandardSave(_flat(states)))
+          manager.wait_until_finished()
+        if stopping:
+          raise preemption.stopped(s + 1)
+        bar.update(1)
+  finally:
+    preemption.restore()  # the previous SIGTERM and Ctrl-C handlers
   return states
 
 

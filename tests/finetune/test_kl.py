@@ -22,11 +22,15 @@ from tests.helpers import tiny_gemma2, tiny_gemma3
 BANDWIDTH, LAMBDA = 0.05, 2e-3
 
 
-@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
-def lm(request, tmp_path_factory):
-  path = tmp_path_factory.mktemp(request.param)
-  (tiny_gemma2 if request.param == "gemma2" else tiny_gemma3)(path, seed=3)
-  return sj.load_model(path)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """A tiny random Gemma 2 and Gemma 3, loaded."""
+  out = {}
+  for family, make in (("gemma2", tiny_gemma2), ("gemma3", tiny_gemma3)):
+    path = tmp_path_factory.mktemp(family)
+    make(path, seed=3)
+    out[family] = sj.load_model(path)
+  return out
 
 
 def _tokens_and_keep(vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +102,11 @@ def _case(kind: str):
   return dataclasses.replace(spec, k=8 if kind == "topk" else None), parse_site("res.2")
 
 
-@pytest.mark.parametrize("kind", ["sae", "skip-transcoder", "topk"])
-def test_the_kl_loss_gradient_equals_jax_grad_through_the_whole_forward(lm, kind):
-  transcoder = kind == "skip-transcoder"
+@pytest.mark.parametrize(
+  "family, kind", [("gemma2", "sae"), ("gemma3", "sae"), ("gemma3", "skip-transcoder"), ("gemma3", "topk")]
+)
+def test_the_kl_loss_gradient_equals_jax_grad_through_the_whole_forward(models, family, kind):
+  lm, transcoder = models[family], kind == "skip-transcoder"
   tokens, keep = _tokens_and_keep(lm.config.vocab_size)
   spec, input_site = _case(kind)
   sae, model = _sae(lm.config.d_model, transcoder), nnx.merge(*lm.parts())
@@ -122,9 +128,10 @@ def test_the_kl_loss_gradient_equals_jax_grad_through_the_whole_forward(lm, kind
     np.testing.assert_allclose(g, r, rtol=2e-3, atol=2e-4 * np.abs(r).max(), err_msg=name)
 
 
-def test_alpha_rules_and_the_model_left_untouched(lm):
+def test_alpha_rules_and_the_model_left_untouched(models):
   """ "batch": α is each step's MSE / KL; "first": the first step's, held. The model's parameters
   are bit-identical after the steps (they are read, never donated or updated)."""
+  lm = models["gemma2"]
   tokens, keep = _tokens_and_keep(lm.config.vocab_size)
   spec, input_site = _case("sae")
   params_before = [np.array(x) for x in jax.tree.leaves(lm.parts()[1])]
@@ -151,8 +158,9 @@ def test_alpha_rules_and_the_model_left_untouched(lm):
     np.testing.assert_array_equal(before, np.asarray(after))
 
 
-def test_hold_l0_steers_lambda_toward_the_first_steps_l0(lm):
+def test_hold_l0_steers_lambda_toward_the_first_steps_l0(models):
   """λ ← λ · exp(gain · (L0 / L0₁ − 1)) each step: up while L0 is above the first step's, down below."""
+  lm = models["gemma3"]
   tokens, keep = _tokens_and_keep(lm.config.vocab_size)
   spec, input_site = _case("sae")
   spec = dataclasses.replace(spec, sparsity_rule="hold_l0", l0_gain=0.5)

@@ -87,29 +87,49 @@ def _finetuned_params(workdir: Path) -> dict[str, dict[str, np.ndarray]]:
   return out
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_finetune_and_eval_reports_both(tiny_model, trained, tmp_path):
-  straight, killed = _copy(trained, tmp_path / "straight"), _copy(trained, tmp_path / "killed")
-  done = _run(_cmd("finetune", tiny_model, straight))
+@pytest.fixture(scope="module")
+def straight(tiny_model, trained, tmp_path_factory) -> tuple[Path, dict]:
+  """The finetune run straight through (and its parameters as it left them)."""
+  workdir = _copy(trained, tmp_path_factory.mktemp("straight") / "run")
+  done = _run(_cmd("finetune", tiny_model, workdir))
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"{STEPS} steps of 384 tokens" in done.stdout
+  return workdir, _finetuned_params(workdir)
 
+
+def _interrupt_and_resume(tiny_model, trained, where: Path, sig: int) -> subprocess.Popen:
+  killed = _copy(trained, where)
   proc = subprocess.Popen(
-    _cmd("finetune", tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    _cmd("finetune", tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
   checkpoint, deadline = killed / "finetune" / "checkpoints" / "25", time.time() + 300
   while not checkpoint.is_dir():
-    assert proc.poll() is None and time.time() < deadline, "the finetune ended before it could be killed"
+    assert proc.poll() is None and time.time() < deadline, "the finetune ended before it could be stopped"
     time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -9
+  proc.send_signal(sig)
+  code, stderr = proc.wait(), proc.stderr.read()
+  assert code == (-9 if sig == signal.SIGKILL else 128 + sig), stderr[-3000:]
+  if sig == signal.SIGTERM:
+    assert "SIGTERM: saved a checkpoint at step" in stderr
   assert not (killed / "stages" / "finetune.json").exists()
   resumed = _run(_cmd("finetune", tiny_model, killed))
   assert resumed.returncode == 0 and "resumed at step" in resumed.stdout, resumed.stderr[-3000:]
-  a, b = _finetuned_params(straight), _finetuned_params(killed)
+  return killed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
+def test_an_interrupted_finetune_resumes_to_the_uninterrupted_ones_parameters(
+  tiny_model, trained, straight, sig, tmp_path
+):
+  a, b = straight[1], _finetuned_params(_interrupt_and_resume(tiny_model, trained, tmp_path / "killed", sig))
   assert sorted(a) == ["w64-l0.001-s0-kl", "w64-l0.03-s0-kl"]
   for name in a:
     for k in a[name]:
       np.testing.assert_array_equal(a[name][k], b[name][k], err_msg=f"{name} {k}")
+
+
+def test_eval_reports_the_finetuned_saes_beside_the_originals_and_a_changed_rerun_is_refused(tiny_model, straight):
+  straight, a = straight
   originals = {e.name: e for e in read_index(straight / "export" / "index.json")}
   for name, params in a.items():  # the finetune moved every SAE, and wrote it where eval finds it
     with np.load(originals[name.removesuffix("-kl")].files["gemma_scope"]) as z:
