@@ -349,6 +349,13 @@ def finetune_identity(config, layout: RunLayout) -> dict:
   }
 
 
+def finetune_is_current(config, layout: RunLayout) -> bool:
+  """Whether the finetuned SAEs (finetune/export/) are of the current export: the finetune finished
+  on it. After a new export they are not, until `scope-jax finetune` runs again."""
+  marker = layout.marker("finetune")
+  return marker.exists() and not differences(json.loads(marker.read_text())["export"], export_identity(config, layout))
+
+
 def eval_identity(config, layout: RunLayout) -> dict:
   """What an evaluation is made from: the export, the finetuned SAEs (when there are) and the eval fields."""
   identity = {"export": export_identity(config, layout), "eval": config.eval.to_dict()}

@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 
 from scope_jax.eval.statistics import SAEStats, SiteStats, ratio_and_standard_error, sae_batch
 from scope_jax.export.entries import read_index
-from scope_jax.layout import FINETUNED_SUFFIX, RunLayout, check_replaceable, eval_identity, staged_directory
+from scope_jax.layout import (
+  FINETUNED_SUFFIX,
+  RunLayout,
+  check_replaceable,
+  eval_identity,
+  finetune_is_current,
+  staged_directory,
+)
 from scope_jax.models.sites import parse_site, site_width
 from scope_jax.parallel.mesh import host_array
 from scope_jax.parallel.precision import traced_at
@@ -298,7 +305,15 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
   entries = {}
   layout = RunLayout(workdir)
   index = layout.export_index
-  finetuned = read_index(layout.finetune_index) if layout.finetune_index.exists() else []
+  finetuned = []
+  if layout.finetune_index.exists() and finetune_is_current(config, layout):
+    finetuned = read_index(layout.finetune_index)
+  elif layout.finetune_index.exists():
+    warnings.warn(
+      f"{layout.finetune_export} holds KL-finetuned SAEs of an older export (or an unfinished finetune); they are "
+      "not evaluated: run `scope-jax finetune` on this export",
+      stacklevel=2,
+    )
   for e in (read_index(index) if index.exists() else []) + finetuned:
     entries[e.name] = EvalEntry(
       e.sae_file,

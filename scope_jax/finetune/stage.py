@@ -91,7 +91,8 @@ def text_batches(config: ml_collections.ConfigDict, tokenizer, skip: int = 0) ->
   f = config.finetune
   while True:
     count = 0
-    for batch in batches(sequences(finetune_documents(config), tokenizer, f.seq_len, "pack"), f.batch_size, 0):
+    seqs = sequences(finetune_documents(config), tokenizer, f.seq_len, "pack")
+    for batch in batches(seqs, f.batch_size, tokenizer.pad_id):
       count += 1
       if count > skip:
         yield batch

@@ -18,7 +18,7 @@ import pytest
 
 import scope_jax as sj
 from scope_jax.config import validate
-from scope_jax.eval.evaluate import OverlapError
+from scope_jax.eval.evaluate import OverlapError, saes_to_evaluate
 from scope_jax.export.entries import index_json, read_index
 from scope_jax.finetune import run_finetune
 from scope_jax.finetune.stage import check_fields, check_text
@@ -146,6 +146,11 @@ def test_eval_reports_the_finetuned_saes_beside_the_originals_and_a_changed_reru
     assert pair["before"]["delta_loss"] == report["float32"][name.removesuffix("-kl")]["delta_loss"]
     assert pair["after"]["delta_loss"] == report["float32"][name]["delta_loss"]
   assert "KL finetuning: each SAE before and after" in (straight / "report" / "report.md").read_text()
+  c = _config(tiny_model)  # export.batches 128, not the run's 4: another export's finetune is not evaluated
+  with pytest.warns(UserWarning, match="KL-finetuned SAEs of an older export"):
+    assert not any(name.endswith("-kl") for name in saes_to_evaluate(c, straight))
+  c.export.batches = 4
+  assert {name for name in saes_to_evaluate(c, straight) if name.endswith("-kl")} == set(a)
   sae = sj.load_sae(straight / "finetune" / "export" / "saelens" / "res.1-w64-l0.001-s0-kl")
   np.testing.assert_allclose(np.asarray(sae.W_enc), a["w64-l0.001-s0-kl"]["W_enc"], rtol=1e-6)
 
