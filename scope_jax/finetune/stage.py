@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -286,6 +287,7 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: str | Path, lm=None
   out = _export(config, layout, group, states, densities, measured, progress)
   if jax.process_index() == 0:
     layout.mark_finished("finetune", identity)
+  multihost_utils.sync_global_devices("scope_jax finetune: files written")  # eval reads them next
   tokens = steps * f.batch_size * f.seq_len
   return {"entries": out, "steps": steps, "resumed_at": start, "seconds": seconds, "tokens": tokens}
 
