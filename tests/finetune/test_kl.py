@@ -53,7 +53,7 @@ def _sae(d: int, transcoder: bool):
   return sae.replace(b_enc=0.02 * jax.random.normal(jax.random.key(3), (48,)), b_dec=jnp.full((d,), 0.1))
 
 
-def _reference(sae, model, tokens, keep, spec: kl.KLSpec, input_site: Site, alpha=None):
+def _reference(sae, model, tokens, keep, spec: kl.KLSpec, input_site: Site):
   """The loss written on the whole forward: the clean and the spliced forward from the tokens
   (`replace`), the full logits; returns (loss, (KL, MSE))."""
   site = spec.site
@@ -76,7 +76,7 @@ def _reference(sae, model, tokens, keep, spec: kl.KLSpec, input_site: Site, alph
   text[:, 0] = False
   mse = jnp.sum(jnp.sum(jnp.square(recon - acts[site] / spec.target_scale), -1) * text) / text.sum()
   l0 = jnp.sum(jnp.sum(heaviside(pre, sae.threshold, BANDWIDTH), -1) * text) / text.sum()
-  a = jax.lax.stop_gradient(mse / kl_value) if alpha is None else alpha
+  a = jax.lax.stop_gradient(mse / kl_value)
   return 0.5 * (a * kl_value + mse) + (LAMBDA * l0 if spec.k is None else 0.0), (kl_value, mse)
 
 

@@ -97,7 +97,8 @@ def straight(tiny_model, trained, tmp_path_factory) -> tuple[Path, dict]:
   return workdir, _finetuned_params(workdir)
 
 
-def _interrupt_and_resume(tiny_model, trained, where: Path, sig: int) -> subprocess.Popen:
+def _interrupt_and_resume(tiny_model, trained, where: Path, sig: int) -> Path:
+  """A copy of the trained run at `where`, its finetune stopped by `sig` after a checkpoint, then resumed."""
   killed = _copy(trained, where)
   proc = subprocess.Popen(
     _cmd("finetune", tiny_model, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
