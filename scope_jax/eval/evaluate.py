@@ -314,7 +314,8 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
       "not evaluated: run `scope-jax finetune` on this export",
       stacklevel=2,
     )
-  for e in (read_index(index) if index.exists() else []) + finetuned:
+  exported = read_index(index) if index.exists() else []
+  for e, tuned in [(e, False) for e in exported] + [(e, True) for e in finetuned]:
     entries[e.name] = EvalEntry(
       e.sae_file,
       e.input_site or config.site,
@@ -323,9 +324,9 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
       e.l1_coefficient,
       e.dead_fraction,
       k=e.k,
-      finetuned=e in finetuned,
+      finetuned=tuned,
     )
-    if e not in finetuned:  # a Matryoshka SAE's narrower prefixes, each on its own (finetuning trains the whole width)
+    if not tuned:  # a Matryoshka SAE's narrower prefixes, each on its own (finetuning trains the whole width)
       for m in e.prefixes[:-1]:
         entries[f"{e.name}@{m}"] = dataclasses.replace(entries[e.name], prefix=m, width=m, dead_export=None)
   for path in config.eval.saes:
@@ -341,11 +342,18 @@ def saes_to_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> 
   return entries
 
 
+def sited_sae(path: str, input_site: str, output_site: str) -> SAE:
+  """The SAE file at `path` read as reading `input_site` and writing `output_site` (a transcoder's
+  target, when the two differ)."""
+  sae = load_sae(path, site=input_site)
+  if output_site != input_site:
+    sae = sae.replace(info=dataclasses.replace(sae.info, target_site=output_site))
+  return sae
+
+
 def entry_sae(entry: EvalEntry) -> SAE:
   """The SAE of a `saes_to_evaluate` entry: its file read with its sites, cut to its prefix."""
-  sae = load_sae(entry.path, site=entry.input_site)
-  if entry.output_site != entry.input_site:
-    sae = sae.replace(info=dataclasses.replace(sae.info, target_site=entry.output_site))
+  sae = sited_sae(entry.path, entry.input_site, entry.output_site)
   return prefix_sae(sae, entry.prefix) if entry.prefix else sae
 
 

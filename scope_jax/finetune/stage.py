@@ -34,17 +34,23 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from scope_jax.core.kinds import kind_named
-from scope_jax.eval.evaluate import OverlapError, check_sae
+from scope_jax.eval.evaluate import OverlapError, check_sae, sited_sae
 from scope_jax.eval.statistics import sae_batch
 from scope_jax.export.entries import ExportEntry, read_index
 from scope_jax.export.exporter import jumprelu_files, write_exports
 from scope_jax.finetune import kl
-from scope_jax.layout import FINETUNED_SUFFIX, RunLayout, check_replaceable, finetune_identity, own_folder
+from scope_jax.layout import (
+  FINETUNED_SUFFIX,
+  RunLayout,
+  check_replaceable,
+  differences,
+  finetune_identity,
+  own_folder,
+)
 from scope_jax.models.sites import parse_site
 from scope_jax.parallel.dispatch import settle
 from scope_jax.parallel.mesh import host_array
 from scope_jax.parallel.precision import at_precision
-from scope_jax.sae.io import load_sae
 from scope_jax.sae.model import SAE, fold, unfold
 from scope_jax.text.sequences import TokenBatch, batches, sequences
 from scope_jax.text.sources import iter_documents
@@ -160,9 +166,7 @@ def members(config: ml_collections.ConfigDict, entries: list[ExportEntry], lm) -
   out = []
   f, r = config.finetune, config.recipe
   for e in entries:
-    sae = load_sae(e.sae_file, site=e.input_site)
-    if e.output_site != e.input_site:
-      sae = sae.replace(info=dataclasses.replace(sae.info, target_site=e.output_site))
+    sae = sited_sae(e.sae_file, e.input_site, e.output_site)
     try:
       check_sae(sae, e.output_site, lm, e.name)
       site = parse_site(e.output_site, lm.config)
@@ -193,8 +197,10 @@ def _flat(state: dict) -> dict:
 def _checkpoints(layout: RunLayout, identity: dict) -> ocp.CheckpointManager:
   """The finetune's checkpoints; those of another finetuning (other SAEs or fields: a redo) are
   removed first (they are this stage's own files, and resuming from them would be wrong)."""
-  saved, identity = own_folder(layout.finetune, "finetune") / "identity.json", json.loads(json.dumps(identity))
-  if layout.finetune_checkpoints.exists() and (not saved.exists() or json.loads(saved.read_text()) != identity):
+  saved = own_folder(layout.finetune, "finetune") / "identity.json"
+  if layout.finetune_checkpoints.exists() and (
+    not saved.exists() or differences(json.loads(saved.read_text()), identity)
+  ):
     shutil.rmtree(layout.finetune_checkpoints)
     layout.finetune_metrics.unlink(missing_ok=True)
   if jax.process_index() == 0:
