@@ -218,3 +218,10 @@ def tree_hashes(root) -> dict[str, str]:
   return {
     str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
   }
+
+
+def cli_command(command: str, config: str, workdir, *extra: str) -> list[str]:
+  """`scope-jax COMMAND --config CONFIG --workdir WORKDIR EXTRA...` as this interpreter runs it."""
+  import sys
+
+  return [sys.executable, "-m", "scope_jax.cli", command, "--config", config, "--workdir", str(workdir), *extra]

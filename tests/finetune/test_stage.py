@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,21 +21,17 @@ from scope_jax.eval.evaluate import OverlapError, saes_to_evaluate
 from scope_jax.export.entries import index_json, read_index
 from scope_jax.finetune import run_finetune
 from scope_jax.finetune.stage import check_fields, check_text
+from tests.helpers import cli_command
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 150
 
 
 def _cmd(command: str, model, workdir, *extra) -> list[str]:
-  return [
-    sys.executable,
-    "-m",
-    "scope_jax.cli",
+  return cli_command(
     command,
-    "--config",
     f"{REPO}/configs/local.py:steps=40,widths=64,l1=1e-3+3e-2,site=res.1",
-    "--workdir",
-    str(workdir),
+    workdir,
     f"--config.model={model}",
     "--config.extract.tokens=6000",
     "--config.extract.seq_len=48",
@@ -58,7 +53,7 @@ def _cmd(command: str, model, workdir, *extra) -> list[str]:
     "--config.finetune.checkpoint_every=25",
     "--config.finetune.measure_batches=1",
     *extra,
-  ]
+  )
 
 
 def _run(*args, **kwargs) -> subprocess.CompletedProcess:

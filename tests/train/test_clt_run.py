@@ -6,7 +6,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from scope_jax.config import default_config
 from scope_jax.train.clt_run import open_clt_source
+from tests.helpers import cli_command
 from tests.train.test_trainer import _checkpoints, _final_state, _run_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,15 +22,10 @@ STEPS = 60
 
 def _cli(command, workdir, model, *extra, layers="0-2"):
   config = f"{REPO}/configs/local.py:kind=clt,layers={layers},tokens=6000,steps={STEPS},widths=48,l1=0.0003+0.001"
-  return [
-    sys.executable,
-    "-m",
-    "scope_jax.cli",
+  return cli_command(
     command,
-    "--config",
     config,
-    "--workdir",
-    str(workdir),
+    workdir,
     f"--config.model={model}",
     "--config.train.batch_size=128",
     "--config.train.checkpoint_every=10",
@@ -40,7 +35,7 @@ def _cli(command, workdir, model, *extra, layers="0-2"):
     "--config.eval.seq_len=64",
     "--config.eval.replacement_layer_sequences=8",
     *extra,
-  ]
+  )
 
 
 @pytest.fixture(scope="module")

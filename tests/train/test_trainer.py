@@ -25,25 +25,14 @@ from scope_jax.data.batch import Batch
 from scope_jax.layout import open_workdir
 from scope_jax.parallel.mesh import make_mesh
 from scope_jax.train import TrainingDiverged, checkpoints, train
-from tests.helpers import tree_hashes
+from tests.helpers import cli_command, tree_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(workdir, npy, *extra, command="train"):
   cfg = f"{REPO}/configs/sweep_from_npy.py:path={npy},widths=1024+2048,l1=0.001+0.01,steps=60,batch_size=512,runlocal"
-  return [
-    sys.executable,
-    "-m",
-    "scope_jax.cli",
-    command,
-    "--config",
-    cfg,
-    "--workdir",
-    str(workdir),
-    "--config.train.checkpoint_every=10",
-    *extra,
-  ]
+  return cli_command(command, cfg, workdir, "--config.train.checkpoint_every=10", *extra)
 
 
 def _checkpoints(workdir) -> list[int]:
