@@ -164,6 +164,18 @@ def test_eval_reports_the_finetuned_saes_beside_the_originals_and_a_changed_reru
   assert not np.array_equal(_finetuned_params(straight)["w64-l0.001-s0-kl"]["W_enc"], a["w64-l0.001-s0-kl"]["W_enc"])
 
 
+def test_run_with_finetune_enabled_finetunes_between_export_and_eval(tiny_model, tmp_path):
+  done = _run(
+    _cmd("run", tiny_model, tmp_path / "run", "--config.finetune.enabled=True", "--config.finetune.tokens=384")
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = done.stdout
+  assert out.index("export: 2 SAEs") < out.index("finetune: 2 SAEs, 1 steps") < out.index("eval: report in")
+  assert "KL-finetuned SAEs (NAME-kl, the same formats)" in out
+  report = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+  assert set(report["finetune"]) == {"w64-l0.001-s0-kl", "w64-l0.03-s0-kl"}
+
+
 def _config(tiny_model, **finetune):
   """configs/local.py as `_cmd` sets it, with `finetune` fields."""
   spec = importlib.util.spec_from_file_location("local_config", REPO / "configs" / "local.py")
